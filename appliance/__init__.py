@@ -1,0 +1,20 @@
+"""knockgate: a port-knocking appliance.
+
+Data flow (each arrow is plain data)::
+
+    knockgate.yaml / knockd.conf --config--> Config (frozen dataclasses)
+                                                 |
+    frames (AF_PACKET, pcap) --capture.decode--> Packet events
+                                                 v
+                          core.engine.KnockEngine.handle(event) -> [Command]
+                                                 |
+        Grant / Revoke / RunCommand / MarkSequenceUsed / log records / SetTimer
+                                                 v
+               adapters: firewall backend, command runner, one-time file, logger
+
+``appliance.core`` is pure (standard library, no I/O, no clock): it is what the
+unit tests drive with scripted events. Everything with a side effect lives at
+the edges and is driven by the commands the core returns.
+"""
+
+__version__ = "0.1.0"

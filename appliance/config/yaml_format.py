@@ -1,0 +1,376 @@
+"""Reads knockgate's native YAML configuration into the model.
+
+The YAML is composed into nodes (not loaded into plain dicts) so that every
+problem can name its line, duplicate keys are caught (PyYAML silently keeps the
+last) and unknown keys are reported with what was expected. Schema::
+
+    interfaces: [eth0]            # or a single name
+    log: {file: PATH, syslog: false, format: text|json, level: info}
+    pid_file: PATH
+    max_attempts: 100000
+    duplicates: ignore|reset      # default for every door
+    doors:
+      NAME:
+        knock:
+          sequence: [7113/tcp, 2231/udp, 9157]   # or one_time_sequences: FILE
+          seq_timeout: 5          # seconds, fractions allowed
+          tcpflags: syn,!ack
+          target: 198.18.0.1
+          duplicates: ignore|reset
+        open: {ports: [22/tcp], duration: 30}
+        close: [OTHER_DOOR, ...]
+        start_command / start_command_6 / stop_command / stop_command_6: "... %IP% ..."
+        cmd_timeout: 10
+        service: reserved for on-demand service containers (a later version)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode
+
+from appliance.config.lint import lint_sequence
+from appliance.config.onetime import read_one_time_file
+from appliance.config.problems import Problems
+from appliance.config.values import (
+    Invalid,
+    parse_address,
+    parse_bool,
+    parse_count,
+    parse_door_name,
+    parse_interface,
+    parse_seconds,
+    parse_sequence,
+    parse_tcpflags,
+    split_flags,
+)
+from appliance.core.model import (
+    DEFAULT_CMD_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OPEN_DURATION,
+    DEFAULT_SEQ_TIMEOUT,
+    Commands,
+    Config,
+    Door,
+    DuplicatePolicy,
+    Knock,
+    LogSettings,
+    OneTimeFile,
+    OpenPorts,
+    Origin,
+    Settings,
+    Step,
+    TcpFlags,
+)
+
+TOP_KEYS = ("interfaces", "log", "pid_file", "max_attempts", "duplicates", "doors")
+LOG_KEYS = ("file", "syslog", "format", "level")
+DOOR_KEYS = (
+    "knock",
+    "open",
+    "close",
+    "start_command",
+    "start_command_6",
+    "stop_command",
+    "stop_command_6",
+    "cmd_timeout",
+    "service",
+    "description",
+)
+KNOCK_KEYS = ("sequence", "one_time_sequences", "seq_timeout", "tcpflags", "target", "duplicates")
+OPEN_KEYS = ("ports", "duration")
+SECONDS_LIMIT = 86_400.0
+MAX_OPEN_DURATION = 7 * 86_400.0
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+class _Map:
+    """A YAML mapping with its keys' lines, checked against the keys it may have."""
+
+    def __init__(
+        self,
+        node: MappingNode,
+        path: str,
+        allowed: tuple[str, ...],
+        problems: Problems,
+        line: int | None = None,
+    ) -> None:
+        self.path = path
+        self.line = _line(node) if line is None else line  # the line of the key naming it
+        self.problems = problems
+        self.items: dict[str, tuple[Node, int]] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            where = _join(path, str(key))
+            if not isinstance(key, str):
+                problems.error(_line(key_node), path or "(top)", "keys must be plain names")
+            elif key in self.items:
+                first = self.items[key][1]
+                problems.error(
+                    _line(key_node), where, f"given twice (first on line {first}; expected once)"
+                )
+            elif allowed and key not in allowed:
+                problems.error(
+                    _line(key_node), where, f"unknown key (expected one of {', '.join(allowed)})"
+                )
+            else:
+                self.items[key] = (value_node, _line(key_node))
+
+    def key(self, name: str) -> str:
+        return _join(self.path, name)
+
+    def get(self, name: str, parser: Callable[[Any], Any]) -> Any:
+        """Parse the value of ``name`` with ``parser``; ``None`` when absent or invalid."""
+        if name not in self.items:
+            return None
+        node, line = self.items[name]
+        try:
+            return parser(_plain(node))
+        except Invalid as problem:
+            self.problems.error(line, self.key(name), str(problem))
+            return None
+
+    def line_of(self, name: str) -> int:
+        return self.items[name][1] if name in self.items else self.line
+
+    def mapping(self, name: str, allowed: tuple[str, ...]) -> _Map | None:
+        if name not in self.items:
+            return None
+        node, line = self.items[name]
+        if not isinstance(node, MappingNode):
+            self.problems.error(line, self.key(name), "expected a mapping of keys to values")
+            return None
+        return _Map(node, self.key(name), allowed, self.problems, line)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _plain(node: Node) -> Any:
+    """A node as plain Python data (scalars typed by YAML's rules)."""
+    return SafeConstructor().construct_object(node, deep=True)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"{value!r} is not text (expected a string)")
+    return value
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise Invalid(f"{value!r} is not allowed (expected one of {', '.join(options)})")
+        return str(value)
+
+    return parse
+
+
+def _list_of(parser: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+    def parse(value: Any) -> tuple[Any, ...]:
+        items = value if isinstance(value, list) else [value]
+        return tuple(parser(item) for item in items)
+
+    return parse
+
+
+def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = int(mark.line) + 1 if mark is not None else 1
+        what = getattr(error, "problem", None) or str(error)
+        problems.error(line, "(yaml)", f"not valid YAML: {what}")
+        return None
+    if root is None:
+        problems.error(1, "(top)", "the file is empty (expected a mapping with doors)")
+        return None
+    if not isinstance(root, MappingNode):
+        problems.error(_line(root), "(top)", "expected a mapping with doors at the top level")
+        return None
+    top = _Map(root, "", TOP_KEYS, problems)
+    settings = _settings(top)
+    default_duplicates: DuplicatePolicy = (
+        "reset" if top.get("duplicates", _choice("ignore", "reset")) == "reset" else "ignore"
+    )
+    doors: list[Door] = []
+    doors_map = top.mapping("doors", ())
+    if doors_map is None:
+        if "doors" not in top.items:
+            problems.error(top.line, "doors", "missing (expected a mapping of door names to doors)")
+    else:
+        names = tuple(doors_map.items)
+        for name, (node, line) in doors_map.items.items():
+            door = _door(name, node, line, default_duplicates, names, path, problems)
+            if door is not None:
+                doors.append(door)
+        if not doors_map.items:
+            problems.error(doors_map.line, "doors", "no door is defined (expected at least one)")
+    if problems.errors:
+        return None
+    return Config(path, "yaml", settings, tuple(doors))
+
+
+def _settings(top: _Map) -> Settings:
+    interfaces = top.get("interfaces", _list_of(parse_interface)) or ()
+    pid_file = top.get("pid_file", _string)
+    max_attempts = top.get("max_attempts", lambda v: parse_count(v, minimum=1, maximum=10_000_000))
+    log = LogSettings()
+    log_map = top.mapping("log", LOG_KEYS)
+    if log_map is not None:
+        log = LogSettings(
+            file=log_map.get("file", _string),
+            syslog=bool(log_map.get("syslog", parse_bool)),
+            format=log_map.get("format", _choice("text", "json")) or "text",
+            level=log_map.get("level", _choice("debug", "info", "warning", "error")) or "info",
+        )
+    return Settings(
+        interfaces=interfaces,
+        log=log,
+        pid_file=pid_file,
+        max_attempts=DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
+    )
+
+
+def _door(
+    name: str,
+    node: Node,
+    line: int,
+    default_duplicates: DuplicatePolicy,
+    names: tuple[str, ...],
+    path: str,
+    problems: Problems,
+) -> Door | None:
+    where = f"doors.{name}"
+    errors_before = len(problems.errors)
+    try:
+        parse_door_name(name)
+    except Invalid as problem:
+        problems.error(line, where, str(problem))
+    if not isinstance(node, MappingNode):
+        problems.error(line, where, "expected a mapping with knock and an action")
+        return None
+    door = _Map(node, where, DOOR_KEYS, problems, line)
+    if "service" in door.items:
+        problems.error(
+            door.line_of("service"),
+            door.key("service"),
+            "service containers are not supported by this version (expected open, close or "
+            "start_command)",
+        )
+    door.get("description", _string)
+    knock = _knock(door, default_duplicates, path, problems)
+    open_ports = _open(door, problems)
+    close = door.get("close", _list_of(_choice(*names))) or ()
+    seconds = door.get(
+        "cmd_timeout",
+        lambda v: parse_seconds(v, minimum=0.0, maximum=SECONDS_LIMIT, what="seconds, 0 or more"),
+    )
+    commands = Commands(
+        start=door.get("start_command", _string),
+        start6=door.get("start_command_6", _string),
+        stop=door.get("stop_command", _string),
+        stop6=door.get("stop_command_6", _string),
+        cmd_timeout=DEFAULT_CMD_TIMEOUT if seconds is None else seconds,
+    )
+    if (commands.stop or commands.stop6) and not (commands.start or commands.start6):
+        key = "stop_command" if "stop_command" in door.items else "stop_command_6"
+        problems.error(
+            door.line_of(key),
+            door.key(key),
+            "a stop command needs a start command (expected start_command too)",
+        )
+    does_something = open_ports or close or commands.start or commands.start6
+    if not does_something and "service" not in door.items:
+        problems.warn(door.line, where, "the door has no action: a completed knock is only logged")
+    if knock is None or len(problems.errors) != errors_before:
+        return None
+    return Door(
+        name=name,
+        knock=knock,
+        open=open_ports,
+        close=tuple(close),
+        commands=commands,
+        origin=Origin(path, line),
+    )
+
+
+def _knock(
+    door: _Map, default_duplicates: DuplicatePolicy, path: str, problems: Problems
+) -> Knock | None:
+    knock = door.mapping("knock", KNOCK_KEYS)
+    if knock is None:
+        if "knock" not in door.items:
+            problems.error(
+                door.line, door.key("knock"), "missing (expected knock: {sequence: ...})"
+            )
+        return None
+    sequence: tuple[Step, ...] | None = None
+    one_time: OneTimeFile | None = None
+    if "sequence" in knock.items and "one_time_sequences" in knock.items:
+        problems.error(
+            knock.line_of("one_time_sequences"),
+            knock.key("one_time_sequences"),
+            "cannot be combined with sequence (expected one of the two)",
+        )
+    elif "one_time_sequences" in knock.items:
+        file = knock.get("one_time_sequences", _string)
+        if file is not None:
+            if not os.path.isabs(file):
+                file = os.path.join(os.path.dirname(path) or ".", file)
+            one_time = read_one_time_file(
+                file, problems, knock.key("one_time_sequences"), knock.line_of("one_time_sequences")
+            )
+    elif "sequence" in knock.items:
+        sequence = knock.get("sequence", parse_sequence)
+        if sequence is not None:
+            lint_sequence(sequence, problems, knock.line_of("sequence"), knock.key("sequence"))
+    else:
+        problems.error(knock.line, knock.key("sequence"), "missing (expected a list of steps)")
+    seq_timeout = knock.get(
+        "seq_timeout",
+        lambda v: parse_seconds(
+            v, minimum=0.001, maximum=SECONDS_LIMIT, what="seconds, more than 0"
+        ),
+    )
+    tcpflags = knock.get("tcpflags", lambda v: parse_tcpflags(split_flags(v)))
+    target = knock.get("target", parse_address)
+    duplicates = knock.get("duplicates", _choice("ignore", "reset"))
+    if sequence is None and one_time is None:
+        return None
+    return Knock(
+        sequence=sequence or (),
+        seq_timeout=DEFAULT_SEQ_TIMEOUT if seq_timeout is None else seq_timeout,
+        tcpflags=tcpflags or TcpFlags(),
+        target=target,
+        duplicates=duplicates or default_duplicates,
+        one_time=one_time,
+    )
+
+
+def _open(door: _Map, problems: Problems) -> OpenPorts | None:
+    spec = door.mapping("open", OPEN_KEYS)
+    if spec is None:
+        return None
+    ports = spec.get("ports", parse_sequence)
+    if "ports" not in spec.items:
+        problems.error(spec.line, spec.key("ports"), "missing (expected a list like [22/tcp])")
+    duration = spec.get(
+        "duration",
+        lambda v: parse_seconds(
+            v, minimum=1.0, maximum=MAX_OPEN_DURATION, what="seconds, from 1 to 604800"
+        ),
+    )
+    if ports is None:
+        return None
+    return OpenPorts(ports, DEFAULT_OPEN_DURATION if duration is None else duration)

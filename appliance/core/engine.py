@@ -1,0 +1,370 @@
+"""The knock engine: events in, commands out.
+
+Pure and single-threaded: no sockets, clocks, threads or subprocesses. Time comes
+only from the events, so a capture file replays exactly as it happened.
+
+State is kept per (source address, door) as an attempt. Each door keeps
+its attempts in an insertion-ordered dict, oldest first; since a door's
+``seq_timeout`` is fixed, that order is also the order of their deadlines, so
+expiry pops from the front (amortised O(1)) and eviction of the oldest attempt
+looks only at the front of each door. A packet costs a dict lookup for its
+(port, protocol) plus a dict lookup per door that uses that pair.
+
+Rules (knockd's, with its defects fixed):
+
+* A packet counts for a door only if its (port, protocol) is one of the door's
+  steps, its destination matches the door's ``target`` (when set) and, for TCP,
+  its flags pass the door's ``tcpflags`` filter (a non-matching packet is
+  ignored, not a reset).
+* The expected next step advances the attempt; the whole sequence must arrive
+  within ``seq_timeout`` of the first knock (sub-second precision; a knock at
+  exactly first + seq_timeout is too late).
+* Any other counted packet resets the attempt, and starts a fresh one when it is
+  the door's first step (knockd drops it). With ``duplicates: ignore`` a repeat of
+  the step just taken, within one second, is a retransmission, not a reset.
+* Attempts of different sources, and of different doors, never disturb each
+  other; several doors may complete on one packet and each fires once.
+* At most ``max_attempts`` attempts are kept; the oldest is evicted first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from appliance.core.events import (
+    TCP,
+    Command,
+    DoorExhausted,
+    Event,
+    Grant,
+    MarkSequenceUsed,
+    OneTimeAdvanced,
+    Opened,
+    Packet,
+    Revoke,
+    RunCommand,
+    SequenceReset,
+    SequenceTimeout,
+    SetTimer,
+    StageReached,
+)
+from appliance.core.model import DEFAULT_MAX_ATTEMPTS, Door, Step
+
+RETRANSMIT_WINDOW = 1.0  # seconds within which a repeated step counts as a retransmission
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the engine has seen since it started (for ``knockgate status``)."""
+
+    packets: int = 0
+    ignored: int = 0
+    stages: int = 0
+    opened: int = 0
+    resets: int = 0
+    retransmissions: int = 0
+    timeouts: int = 0
+    evictions: int = 0
+    malformed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# An attempt is one source's progress through one door's sequence, kept as a
+# three-item list rather than an object: one is created per first knock, and a
+# list is built five times faster than a slotted object (0.06 us against 0.3 us
+# here), which is what a flood of spoofed first knocks costs.
+#   [STAGE]     steps taken so far (>= 1)
+#   [LAST]      time of the step just taken
+#   [DEADLINE]  first knock + seq_timeout
+Attempt = list[Any]
+STAGE, LAST, DEADLINE = 0, 1, 2
+
+
+class DoorState:
+    """A door's runtime state: its active sequence and its attempts."""
+
+    __slots__ = (
+        "attempts",
+        "door",
+        "enabled",
+        "flags_clear",
+        "flags_set",
+        "ignore_duplicates",
+        "length",
+        "name",
+        "next_one_time",
+        "sequence",
+        "target",
+        "timeout",
+    )
+
+    def __init__(self, door: Door) -> None:
+        knock = door.knock
+        self.door = door
+        self.name = door.name
+        self.timeout = knock.seq_timeout
+        self.target = knock.target
+        self.flags_set = knock.tcpflags.must_set
+        self.flags_clear = knock.tcpflags.must_clear
+        self.ignore_duplicates = knock.duplicates == "ignore"
+        # OrderedDict, not dict: popping the oldest entry and peeking at the front
+        # stay O(1) after many deletions (a plain dict's iteration has to skip the
+        # deleted slots at its front, which made eviction O(n) under a flood).
+        self.attempts: OrderedDict[str, Attempt] = OrderedDict()
+        self.next_one_time = 0
+        self.enabled = True
+        self.sequence: tuple[Step, ...] = knock.sequence
+        self.length = len(self.sequence)
+        if knock.one_time is not None:
+            self._load_one_time(0)
+
+    def _load_one_time(self, index: int) -> None:
+        one_time = self.door.knock.one_time
+        assert one_time is not None
+        if index < len(one_time.sequences):
+            self.sequence = one_time.sequences[index].steps
+            self.next_one_time = index + 1
+        else:
+            self.sequence = ()
+        self.length = len(self.sequence)
+        if not self.length:
+            self.next_one_time = index
+            self.enabled = False
+
+    def advance_one_time(self) -> int:
+        """Move to the next one-time sequence; return how many remain after it."""
+        assert self.door.knock.one_time is not None
+        self._load_one_time(self.next_one_time)
+        self.attempts.clear()
+        return len(self.door.knock.one_time.sequences) - self.next_one_time + self.enabled
+
+
+class KnockEngine:
+    """Decides, per source address, when a knock is complete."""
+
+    def __init__(self, doors: Sequence[Door], *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.doors = [DoorState(door) for door in doors]
+        self.by_name = {state.door.name: state for state in self.doors}
+        self.max_attempts = max_attempts
+        self.counters = Counters()
+        self.now = -math.inf
+        self._count = 0  # attempts held, all doors
+        self._next_expiry = math.inf  # earliest attempt deadline (may be early, never late)
+        self._armed = math.inf  # the timer we last asked for
+        self._stops: list[tuple[float, int, RunCommand]] = []  # heap of pending stop commands
+        self._stop_seq = 0
+        self._index: dict[tuple[int, str], tuple[DoorState, ...]] = {}
+        self._reindex()
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def attempt_count(self) -> int:
+        return self._count
+
+    def next_deadline(self) -> float | None:
+        """When the engine next needs a :class:`Tick` (``None``: nothing pending)."""
+        due = min(self._next_expiry, self._stops[0][0] if self._stops else math.inf)
+        return None if due == math.inf else due
+
+    def active_sequence(self, door: str) -> tuple[Step, ...]:
+        return self.by_name[door].sequence
+
+    # ----------------------------------------------------------------- events
+
+    def handle(self, event: Event) -> list[Command]:
+        """Feed one event; return the commands it causes, in order."""
+        ts = event.ts
+        if not -math.inf < ts < math.inf:  # NaN or infinite: malformed
+            self.counters.malformed += 1
+            return []
+        if ts < self.now:  # the clock never goes back; late events count as "now"
+            ts = self.now
+        else:
+            self.now = ts
+        out: list[Command] = []
+        if ts >= self._next_expiry:
+            self._expire(ts, out)
+        stops = self._stops
+        if stops and ts >= stops[0][0]:
+            self._run_due_stops(ts, out)
+        if type(event) is Packet:
+            self._packet(event, ts, out)
+        # Ask for a timer when the next deadline is earlier than the one we asked
+        # for, or when that one has passed (inlined: this runs for every packet).
+        due = self._next_expiry
+        if stops and stops[0][0] < due:
+            due = stops[0][0]
+        if due < self._armed or (self._armed <= ts and due != math.inf):
+            self._armed = due
+            out.append(SetTimer(due))
+        return out
+
+    def drain(self) -> list[Command]:
+        """Shutdown: every pending stop command, now, so no hole stays open."""
+        out: list[Command] = [entry[2] for entry in sorted(self._stops)]
+        self._stops.clear()
+        return out
+
+    # ----------------------------------------------------------------- packets
+
+    def _packet(self, pkt: Packet, ts: float, out: list[Command]) -> None:
+        """One packet against every door that uses its (port, protocol).
+
+        The per-door step is written inline: this is the hot path.
+        """
+        counters = self.counters
+        counters.packets += 1
+        key = (pkt.dport, pkt.proto)
+        states = self._index.get(key)
+        if states is None:
+            counters.ignored += 1
+            return
+        src = pkt.src
+        flags = pkt.flags if pkt.proto == TCP else None
+        counted = False
+        for state in states:
+            if state.target is not None and pkt.dst != state.target:
+                continue
+            if flags is not None and (
+                (flags & state.flags_set) != state.flags_set or flags & state.flags_clear
+            ):
+                continue  # TCP flags do not pass the door's filter: ignored, not a reset
+            counted = True
+            sequence = state.sequence
+            attempts = state.attempts
+            attempt = attempts.get(src)
+            if attempt is not None and ts >= attempt[DEADLINE]:
+                self._drop(state, src, attempt, ts, out)
+                attempt = None
+            if attempt is not None:
+                stage = attempt[STAGE]
+                if sequence[stage] == key:  # the expected next step
+                    counters.stages += 1
+                    if stage + 1 == state.length:
+                        del attempts[src]
+                        self._count -= 1
+                        self._complete(state, src, ts, out)
+                    else:
+                        attempt[STAGE] = stage + 1
+                        attempt[LAST] = ts
+                        out.append(StageReached(ts, state.name, src, stage + 1, state.length))
+                    continue
+                if (
+                    state.ignore_duplicates
+                    and sequence[stage - 1] == key
+                    and ts - attempt[LAST] <= RETRANSMIT_WINDOW
+                ):
+                    counters.retransmissions += 1
+                    continue
+                del attempts[src]
+                self._count -= 1
+                counters.resets += 1
+                out.append(SequenceReset(ts, state.name, src, stage, pkt.dport, pkt.proto))
+            if sequence[0] != key:
+                continue
+            counters.stages += 1  # a first step: a new attempt (or a one-step door opens)
+            if state.length == 1:
+                self._complete(state, src, ts, out)
+                continue
+            if self._count >= self.max_attempts:
+                self._evict_oldest()
+            deadline = ts + state.timeout
+            attempts[src] = [1, ts, deadline]
+            self._count += 1
+            if deadline < self._next_expiry:
+                self._next_expiry = deadline
+            out.append(StageReached(ts, state.name, src, 1, state.length))
+        if not counted:
+            counters.ignored += 1
+
+    def _complete(self, state: DoorState, src: str, ts: float, out: list[Command]) -> None:
+        door = state.door
+        self.counters.opened += 1
+        out.append(Opened(ts, door.name, src))
+        if door.open is not None:
+            out.append(Grant(ts, door.name, src, door.open.ports, ts + door.open.duration))
+        out.extend(Revoke(ts, closed, src, door.name) for closed in door.close)
+        ipv6 = ":" in src
+        start = door.commands.start_for(ipv6)
+        if start is not None:
+            out.append(RunCommand(ts, door.name, src, "start", start.replace("%IP%", src)))
+            stop = door.commands.stop_for(ipv6)
+            if stop is not None:
+                due = ts + door.commands.cmd_timeout
+                command = RunCommand(due, door.name, src, "stop", stop.replace("%IP%", src))
+                self._stop_seq += 1
+                heapq.heappush(self._stops, (due, self._stop_seq, command))
+        one_time = door.knock.one_time
+        if one_time is not None:
+            used = one_time.sequences[state.next_one_time - 1]
+            out.append(MarkSequenceUsed(ts, door.name, one_time.path, used.line, used.offset))
+            self._count -= len(state.attempts)
+            remaining = state.advance_one_time()
+            out.append(OneTimeAdvanced(ts, door.name, remaining))
+            if not state.enabled:
+                out.append(DoorExhausted(ts, door.name, one_time.path))
+            self._reindex()
+
+    # ----------------------------------------------------------------- expiry
+
+    def _drop(
+        self, state: DoorState, src: str, attempt: Attempt, ts: float, out: list[Command]
+    ) -> None:
+        """Remove an attempt whose time ran out."""
+        del state.attempts[src]
+        self._count -= 1
+        self.counters.timeouts += 1
+        if attempt[STAGE] >= 2:  # a lone first knock is noise (scans, floods): counted only
+            out.append(SequenceTimeout(ts, state.door.name, src, attempt[STAGE]))
+
+    def _expire(self, now: float, out: list[Command]) -> None:
+        earliest = math.inf
+        for state in self.doors:
+            attempts = state.attempts
+            while attempts:
+                src = next(iter(attempts))
+                attempt = attempts[src]
+                if attempt[DEADLINE] > now:
+                    earliest = min(earliest, attempt[DEADLINE])
+                    break
+                self._drop(state, src, attempt, now, out)
+        self._next_expiry = earliest
+
+    def _evict_oldest(self) -> None:
+        oldest: DoorState | None = None
+        oldest_start = math.inf
+        for state in self.doors:
+            if state.attempts:
+                first = next(iter(state.attempts.values()))
+                start = first[DEADLINE] - state.timeout
+                if start < oldest_start:
+                    oldest, oldest_start = state, start
+        if oldest is not None:
+            oldest.attempts.popitem(last=False)
+            self._count -= 1
+            self.counters.evictions += 1
+
+    def _run_due_stops(self, now: float, out: list[Command]) -> None:
+        while self._stops and self._stops[0][0] <= now:
+            out.append(heapq.heappop(self._stops)[2])
+
+    # ----------------------------------------------------------------- index
+
+    def _reindex(self) -> None:
+        index: dict[tuple[int, str], list[DoorState]] = {}
+        for state in self.doors:
+            if not state.enabled:
+                continue
+            for step in dict.fromkeys(state.sequence):
+                index.setdefault((step.port, step.proto), []).append(state)
+        self._index = {key: tuple(states) for key, states in index.items()}

@@ -1,0 +1,183 @@
+"""The validated configuration as frozen data.
+
+Both configuration formats (native YAML and knockd.conf) become these objects;
+everything after the config layer (engine, client, runtime) reads only these.
+Pure: standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+Proto = Literal["tcp", "udp"]
+DuplicatePolicy = Literal["ignore", "reset"]
+
+MAX_STEPS = 32
+DEFAULT_SEQ_TIMEOUT = 25.0
+DEFAULT_CMD_TIMEOUT = 10.0
+DEFAULT_MAX_ATTEMPTS = 100_000
+DEFAULT_OPEN_DURATION = 30.0
+
+# TCP flag bits as they appear in byte 13 of the TCP header.
+TCP_FLAG_BITS: dict[str, int] = {
+    "fin": 0x01,
+    "syn": 0x02,
+    "rst": 0x04,
+    "psh": 0x08,
+    "ack": 0x10,
+    "urg": 0x20,
+}
+
+
+class Step(NamedTuple):
+    """One knock: a destination port and protocol. Compares equal to ``(port, proto)``."""
+
+    port: int
+    proto: Proto
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.proto}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFlags:
+    """A TCP flag filter: bits that must be set and bits that must be clear.
+
+    The empty filter matches every TCP packet (knockd's behaviour without TCPFlags).
+    """
+
+    must_set: int = 0
+    must_clear: int = 0
+
+    def matches(self, flags: int) -> bool:
+        return (flags & self.must_set) == self.must_set and not (flags & self.must_clear)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.must_set or self.must_clear)
+
+    def __str__(self) -> str:
+        parts = []
+        for name, bit in TCP_FLAG_BITS.items():
+            if self.must_set & bit:
+                parts.append(name)
+            if self.must_clear & bit:
+                parts.append("!" + name)
+        return ",".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a piece of configuration was written: for messages."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class OneTimeSequence:
+    """One usable line of a knockd one-time-sequences file.
+
+    ``offset`` is the byte offset of the line's first byte: marking the line used
+    overwrites that byte with ``#`` (knockd's own convention).
+    """
+
+    steps: tuple[Step, ...]
+    line: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class OneTimeFile:
+    path: str
+    sequences: tuple[OneTimeSequence, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Knock:
+    """How a door is knocked."""
+
+    sequence: tuple[Step, ...]
+    seq_timeout: float = DEFAULT_SEQ_TIMEOUT
+    tcpflags: TcpFlags = field(default_factory=TcpFlags)
+    target: str | None = None
+    duplicates: DuplicatePolicy = "ignore"
+    one_time: OneTimeFile | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPorts:
+    """Action: open these ports for the knocker's address, for ``duration`` seconds."""
+
+    ports: tuple[Step, ...]
+    duration: float = DEFAULT_OPEN_DURATION
+
+
+@dataclass(frozen=True, slots=True)
+class Commands:
+    """Action: knockd-style shell commands, ``%IP%`` replaced by the knocker's address.
+
+    ``None`` means not given; for the ``_6`` variants ``None`` falls back to the IPv4
+    command and the empty string means "nothing for IPv6" (knockd's rules).
+    """
+
+    start: str | None = None
+    start6: str | None = None
+    stop: str | None = None
+    stop6: str | None = None
+    cmd_timeout: float = DEFAULT_CMD_TIMEOUT
+
+    def start_for(self, ipv6: bool) -> str | None:
+        return _pick(self.start, self.start6, ipv6)
+
+    def stop_for(self, ipv6: bool) -> str | None:
+        return _pick(self.stop, self.stop6, ipv6)
+
+
+def _pick(v4: str | None, v6: str | None, ipv6: bool) -> str | None:
+    command = (v4 if v6 is None else v6) if ipv6 else v4
+    return command or None
+
+
+@dataclass(frozen=True, slots=True)
+class Door:
+    name: str
+    knock: Knock
+    open: OpenPorts | None = None
+    close: tuple[str, ...] = ()
+    commands: Commands = field(default_factory=Commands)
+    origin: Origin | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    file: str | None = None
+    syslog: bool = False
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    interfaces: tuple[str, ...] = ()
+    log: LogSettings = field(default_factory=LogSettings)
+    pid_file: str | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    format: Literal["yaml", "knockd"]
+    settings: Settings
+    doors: tuple[Door, ...]
+
+    def door(self, name: str) -> Door:
+        for door in self.doors:
+            if door.name == name:
+                return door
+        raise KeyError(name)

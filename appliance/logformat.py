@@ -1,0 +1,72 @@
+"""Turns engine commands into log lines: knockd-style text or JSON records.
+
+knockd's wording is kept (``IP: door: Stage N``, ``OPEN SESAME``, ``running
+command``, ``sequence timeout``) so log watchers written for knockd keep working.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from appliance.core.events import (
+    Command,
+    DoorExhausted,
+    Grant,
+    MarkSequenceUsed,
+    OneTimeAdvanced,
+    Opened,
+    Revoke,
+    RunCommand,
+    SequenceReset,
+    SequenceTimeout,
+    SetTimer,
+    StageReached,
+)
+
+
+def clock(ts: float) -> str:
+    """A timestamp as UTC wall-clock time with milliseconds."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def describe(command: Command) -> str | None:
+    """One knockd-style line for a command, or ``None`` for internal ones (timers)."""
+    match command:
+        case StageReached(door=door, address=address, stage=stage, total=total):
+            return f"{address}: {door}: Stage {stage} of {total}"
+        case Opened(door=door, address=address):
+            return f"{address}: {door}: OPEN SESAME"
+        case Grant(door=door, address=address, ports=ports, until=until):
+            opened = ", ".join(str(port) for port in ports)
+            return f"{address}: {door}: open {opened} until {clock(until)}"
+        case Revoke(door=door, address=address, by=by):
+            return f"{address}: {door}: close (knock on {by})"
+        case RunCommand(door=door, phase=phase, command=text):
+            return f"{door}: running {phase} command: {text}"
+        case SequenceReset(door=door, address=address, stage=stage, dport=dport, proto=proto):
+            return f"{address}: {door}: sequence reset at stage {stage} by {dport}/{proto}"
+        case SequenceTimeout(door=door, address=address, stage=stage):
+            return f"{address}: {door}: sequence timeout (stage {stage})"
+        case MarkSequenceUsed(door=door, path=path, line=line):
+            return f"{door}: one-time sequence on line {line} of {path} used"
+        case OneTimeAdvanced(door=door, remaining=remaining):
+            return f"{door}: {remaining} one-time sequence(s) left"
+        case DoorExhausted(door=door, path=path):
+            return f"{door}: no more sequences left in {path}: door disabled"
+        case SetTimer():
+            return None
+    raise TypeError(f"unknown command {command!r}")
+
+
+def record(command: Command) -> dict[str, Any]:
+    """A command as a JSON-ready mapping: ``event`` names it, fields as they are."""
+    data: dict[str, Any] = {"event": type(command).__name__, **command._asdict()}
+    if "ports" in data:
+        data["ports"] = [str(port) for port in data["ports"]]
+    return data
+
+
+def json_line(command: Command) -> str:
+    return json.dumps(record(command), sort_keys=False)

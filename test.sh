@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need, then runs
+# ruff, mypy (on appliance/) and pytest. Exits non-zero when anything fails.
+#
+#   ./test.sh                 everything
+#   ./test.sh tests/unit -k engine    extra arguments go to pytest
+#
+# As root it installs the real peers the integration tests use (Debian's knockd for
+# its `knock` client, tcpdump). Under CI=true an integration test whose prerequisite
+# is missing fails instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(knockd tcpdump)
+
+install_peers() {
+    local missing=()
+    for package in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
+            || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        echo "test.sh: not root or no apt-get: not installing ${missing[*]} (those tests skip)" >&2
+        return 0
+    fi
+    echo "test.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # knockd's package would start nothing (START_KNOCKD=0), but keep services off anyway.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup_venv() {
+    local venv=.venv stamp
+    stamp=$(sha256sum pyproject.toml | cut -c1-16)
+    if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        echo "test.sh: preparing $venv" >&2
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --upgrade pip >/dev/null
+        "$venv/bin/pip" install -q -e '.[test]'
+        echo "$stamp" > "$venv/.stamp"
+    fi
+}
+
+install_peers
+setup_venv
+PY=.venv/bin
+
+echo "== ruff" >&2
+"$PY/ruff" check appliance tests testbed
+"$PY/ruff" format --check appliance tests testbed
+echo "== mypy" >&2
+"$PY/mypy" appliance
+echo "== pytest" >&2
+"$PY/python" -m pytest "$@"

@@ -1,0 +1,194 @@
+"""The command line: exit codes, one-line errors without tracebacks, simulate output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.utils import wrpcap
+
+from appliance.cli import main
+
+CONFIG = """\
+doors:
+  ssh:
+    knock:
+      sequence: [7113, 2231/udp, 9157]
+      seq_timeout: 1.5
+      tcpflags: syn,!ack
+    open: {ports: [22/tcp], duration: 60}
+    start_command: allow %IP%
+    stop_command: deny %IP%
+    cmd_timeout: 5
+"""
+
+KNOCKER, OTHER, HOST = "198.18.3.7", "198.18.3.8", "198.18.0.1"
+
+
+def frame(src: str, port: int, ts: float, proto: str = "tcp", flags: str = "S") -> Ether:
+    ip = IPv6(src=src, dst="2001:db8::1") if ":" in src else IP(src=src, dst=HOST)
+    l4 = TCP(dport=port, flags=flags) if proto == "tcp" else UDP(dport=port)
+    packet = Ether() / ip / l4
+    packet.time = ts
+    return packet
+
+
+def capture(tmp_path: Path) -> str:
+    frames = [
+        frame(KNOCKER, 7113, 1000.0),
+        frame(OTHER, 7113, 1000.1),
+        frame(KNOCKER, 2231, 1000.2, "udp"),
+        frame(OTHER, 9157, 1000.3),  # OTHER skips a step: reset
+        frame(KNOCKER, 9157, 1000.4, flags="SA"),  # wrong flags: ignored
+        frame(KNOCKER, 9157, 1000.5),  # opens
+        frame("2001:db8::99", 7113, 1001.0),
+        frame("2001:db8::99", 2231, 1001.1, "udp"),
+        frame("2001:db8::99", 9157, 1003.0),  # 2 s after the first knock: too late
+    ]
+    path = tmp_path / "knocks.pcap"
+    wrpcap(str(path), frames)
+    return str(path)
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_simulate_prints_what_opens_for_whom_and_when(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path, "k.yaml", CONFIG)
+    assert main(["simulate", "--config", config, "--pcap", capture(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "1970-01-01 00:16:40.500  198.18.3.7: ssh: OPEN SESAME" in out
+    assert (
+        "1970-01-01 00:16:40.500  198.18.3.7: ssh: open 22/tcp until 1970-01-01 00:17:40.500" in out
+    )
+    assert "1970-01-01 00:16:40.500  ssh: running start command: allow 198.18.3.7" in out
+    assert "1970-01-01 00:16:45.500  ssh: running stop command: deny 198.18.3.7" in out
+    assert "1970-01-01 00:16:40.300  198.18.3.8: ssh: sequence reset at stage 1 by 9157/tcp" in out
+    assert "1970-01-01 00:16:42.500  2001:db8::99: ssh: sequence timeout (stage 2)" in out
+    assert out[-2:] == [
+        "summary: 9 frame(s), 0 not TCP/UDP over IP, 0 to other hosts, 1 door(s) opened",
+        "  1970-01-01 00:16:40.500  ssh opened for 198.18.3.7",
+    ]
+
+
+def test_simulate_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write(tmp_path, "k.yaml", CONFIG)
+    assert main(["simulate", "--config", config, "--pcap", capture(tmp_path), "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    grants = [r for r in records if r["event"] == "Grant"]
+    assert grants == [
+        {
+            "event": "Grant",
+            "at": 1000.5,
+            "door": "ssh",
+            "address": KNOCKER,
+            "ports": ["22/tcp"],
+            "until": 1060.5,
+        }
+    ]
+    assert records[-1] == {
+        "event": "Summary",
+        "frames": 9,
+        "undecoded": 0,
+        "skipped_destination": 0,
+        "opened": 1,
+    }
+
+
+def test_simulate_host_filter_skips_other_destinations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path, "k.yaml", CONFIG)
+    args = ["simulate", "--config", config, "--pcap", capture(tmp_path), "--host", "198.18.0.2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "OPEN SESAME" not in out
+    assert "9 to other hosts, 0 door(s) opened" in out
+
+
+def test_check_valid_config_exits_0_and_warns_on_stderr(tmp_path: Path) -> None:
+    config = write(tmp_path, "k.yaml", CONFIG.replace("7113, 2231/udp, 9157", "7000, 8000, 9000"))
+    result = run("check", config)
+    assert result.returncode == 0
+    assert result.stdout == f"{config}: valid yaml configuration, 1 door(s)\n"
+    assert "published example sequence" in result.stderr
+    assert run("check", "--strict", config).returncode == 2
+
+
+def test_check_bad_config_exits_2_one_line_per_problem_no_traceback(tmp_path: Path) -> None:
+    config = write(tmp_path, "bad.conf", "[d]\nsequence = 7000,abc\nseq_timeout = x\ncommand = y\n")
+    result = run("check", config)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{config}:2: d.sequence: 'abc' is not a port (expected a number from 1 to 65535)",
+        f"{config}:3: d.seq_timeout: 'x' is not a number of seconds (expected seconds, more than 0)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "/nonexistent/knockgate.yaml"],
+        ["simulate", "--config", "/nonexistent.yaml", "--pcap", "/nonexistent.pcap"],
+        ["import-knockd", "/nonexistent.conf"],
+    ],
+)
+def test_missing_files_exit_2_without_traceback(args: list[str]) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_simulate_rejects_a_file_that_is_not_a_capture(tmp_path: Path) -> None:
+    config = write(tmp_path, "k.yaml", CONFIG)
+    result = run("simulate", "--config", config, "--pcap", config)
+    assert result.returncode == 2
+    assert "not a pcap or pcapng file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_import_knockd_prints_yaml_that_checks(tmp_path: Path) -> None:
+    knockd = write(
+        tmp_path, "knockd.conf", "[d]\nsequence = 7113,2231:udp,9157\ncommand = x %IP%\n"
+    )
+    result = run("import-knockd", knockd)
+    assert result.returncode == 0, result.stderr
+    converted = write(tmp_path, "converted.yaml", result.stdout)
+    assert run("check", converted).returncode == 0
+
+
+def test_import_knockd_refuses_yaml(tmp_path: Path) -> None:
+    result = run("import-knockd", write(tmp_path, "k.yaml", CONFIG))
+    assert result.returncode == 2
+    assert "this is knockgate YAML already" in result.stderr
+
+
+def test_knock_argument_errors_exit_1_with_a_message(tmp_path: Path) -> None:
+    result = run("knock", "127.0.0.1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("knockgate knock: no ports given")
+    assert run("knock", "127.0.0.1", "7000", "--delay=-5").returncode == 1
+    result = run(
+        "knock", "127.0.0.1", "--door", "nope", "--config", write(tmp_path, "k.yaml", CONFIG)
+    )
+    assert result.returncode == 1
+    assert "nope" in result.stderr

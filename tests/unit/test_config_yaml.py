@@ -1,0 +1,280 @@
+"""Native YAML configuration: every key, every error, and the knockd.conf round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import detect_format, load_config
+from appliance.config.export import to_yaml
+from appliance.core.model import Commands, Config, OpenPorts, Step, TcpFlags
+from appliance.errors import ConfigError
+
+FULL = """\
+interfaces: [eth0, eth1]
+log: {file: /var/log/knockgate.log, syslog: true, format: json, level: debug}
+pid_file: /run/knockgate.pid
+max_attempts: 5000
+duplicates: reset
+doors:
+  ssh:
+    description: SSH for the admins
+    knock:
+      sequence: [7113/tcp, "2231:udp", 9157]
+      seq_timeout: 2.5
+      tcpflags: syn,!ack
+      target: 2001:DB8::1
+      duplicates: ignore
+    open: {ports: [22/tcp, 2222], duration: 45}
+    start_command: logger open %IP%
+    start_command_6: logger open6 %IP%
+    stop_command: logger close %IP%
+    stop_command_6: ""
+    cmd_timeout: 0.5
+  close-ssh:
+    knock: {sequence: "9157,2231:udp,7113", tcpflags: [syn]}
+    close: ssh
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "knockgate.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_key_is_read(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, FULL))
+    config = loaded.config
+    assert config.format == "yaml"
+    settings = config.settings
+    assert settings.interfaces == ("eth0", "eth1")
+    assert (settings.log.file, settings.log.syslog) == ("/var/log/knockgate.log", True)
+    assert (settings.log.format, settings.log.level) == ("json", "debug")
+    assert settings.pid_file == "/run/knockgate.pid"
+    assert settings.max_attempts == 5000
+    ssh, close = config.doors
+    assert ssh.knock.sequence == (Step(7113, "tcp"), Step(2231, "udp"), Step(9157, "tcp"))
+    assert ssh.knock.seq_timeout == 2.5
+    assert ssh.knock.tcpflags == TcpFlags(0x02, 0x10)
+    assert ssh.knock.target == "2001:db8::1"  # canonical form
+    assert ssh.knock.duplicates == "ignore"
+    assert ssh.open == OpenPorts((Step(22, "tcp"), Step(2222, "tcp")), 45.0)
+    assert ssh.commands == Commands(
+        start="logger open %IP%",
+        start6="logger open6 %IP%",
+        stop="logger close %IP%",
+        stop6="",
+        cmd_timeout=0.5,
+    )
+    assert close.close == ("ssh",)
+    assert close.knock.duplicates == "reset"  # the top-level default
+    assert close.open is None
+    assert loaded.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "key", "message"),
+    [
+        (
+            "doors:\n  d:\n    knock: {sequence: [7113, abc]}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.sequence",
+            "'abc' is not a port",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [7113, 99999]}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.sequence",
+            "port 99999 is out of range",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1/icmp]}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.sequence",
+            "expected tcp or udp",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: []}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.sequence",
+            "the sequence is empty",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1], seq_timeout: -1}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.seq_timeout",
+            "out of range",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1], seq_timeout: soon}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.seq_timeout",
+            "not a number of seconds",
+        ),
+        (
+            'doors:\n  d:\n    knock: {sequence: [1], tcpflags: "syn,bogus"}\n    open: {ports: [22]}\n',
+            3,
+            "doors.d.knock.tcpflags",
+            "unknown TCP flag 'bogus'",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1], target: nowhere}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.target",
+            "not an address",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1], duplicates: maybe}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.duplicates",
+            "expected one of ignore, reset",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1], speed: 3}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.speed",
+            "unknown key",
+        ),
+        (
+            "doors:\n  d:\n    knock: {seq_timeout: 3}\n    open: {ports: [22]}\n",
+            3,
+            "doors.d.knock.sequence",
+            "missing",
+        ),
+        ("doors:\n  d:\n    open: {ports: [22]}\n", 2, "doors.d.knock", "missing"),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1]}\n    open: {duration: 5}\n",
+            4,
+            "doors.d.open.ports",
+            "missing",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1]}\n    open: {ports: [22], duration: 0}\n",
+            4,
+            "doors.d.open.duration",
+            "out of range",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1]}\n    close: nobody\n",
+            4,
+            "doors.d.close",
+            "expected one of d",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1]}\n    stop_command: x\n",
+            4,
+            "doors.d.stop_command",
+            "needs a start command",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1]}\n    start_command: [a]\n",
+            4,
+            "doors.d.start_command",
+            "expected a string",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1]}\n    service: ssh\n",
+            4,
+            "doors.d.service",
+            "not supported by this version",
+        ),
+        (
+            "doors:\n  d:\n    knock: {sequence: [1]}\n    open: {ports: [22]}\n    open: {}\n",
+            5,
+            "doors.d.open",
+            "given twice (first on line 4",
+        ),
+        (
+            "doors:\n  'bad name':\n    knock: {sequence: [1]}\n    open: {ports: [22]}\n",
+            2,
+            "doors.bad name",
+            "not a door name",
+        ),
+        ("doors:\n  d: [1, 2]\n", 2, "doors.d", "expected a mapping"),
+        ("doors: {}\n", 1, "doors", "no door is defined"),
+        ("interfaces: [eth0]\n", 1, "doors", "missing"),
+        ("max_attempts: 0\ndoors: {}\n", 1, "max_attempts", "out of range"),
+        ("interfaces: ['eth 0']\ndoors: {}\n", 1, "interfaces", "not an interface name"),
+        ("log: {format: xml}\ndoors: {}\n", 1, "log.format", "expected one of text, json"),
+        ("log: {colour: red}\ndoors: {}\n", 1, "log.colour", "unknown key"),
+        ("dors: {}\n", 1, "dors", "unknown key (expected one of interfaces"),
+        ("- a\n- b\n", 1, "(top)", "expected a mapping"),
+        ("", 1, "(top)", "the file is empty"),
+        ("doors: {d: [\n", 2, "(yaml)", "not valid YAML"),
+    ],
+)
+def test_errors_name_file_line_key_and_expectation(
+    tmp_path: Path, body: str, line: int, key: str, message: str
+) -> None:
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = caught.value.problems
+    assert any(p.startswith(f"{path}:{line}: {key}: ") and message in p for p in problems), problems
+
+
+def test_door_without_action_only_warns(tmp_path: Path) -> None:
+    loaded = load_config(
+        write(tmp_path, "doors:\n  d:\n    knock: {sequence: [7113, 2231, 9157]}\n")
+    )
+    assert loaded.warnings == (
+        f"{tmp_path}/knockgate.yaml:2: doors.d: warning: the door has no action: "
+        "a completed knock is only logged",
+    )
+
+
+def test_weak_sequences_warn_with_their_line(tmp_path: Path) -> None:
+    text = "doors:\n  d:\n    open: {ports: [22]}\n    knock:\n      sequence: [7000, 8000, 9000]\n"
+    warnings = load_config(write(tmp_path, text)).warnings
+    assert (
+        f"{tmp_path}/knockgate.yaml:5: doors.d.knock.sequence: warning: 7000,8000,9000 is a "
+        "published example sequence: choose your own" in warnings
+    )
+    assert any("only go up" in w for w in warnings)
+
+
+def test_format_is_detected_by_extension_then_content() -> None:
+    assert detect_format("x.yaml", "[d]\n") == "yaml"
+    assert detect_format("x.conf", "doors: {}") == "knockd"
+    assert detect_format("knockd", "# c\n[options]\n") == "knockd"
+    assert detect_format("config", "doors:\n  a: {}\n") == "yaml"
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "absent.yaml"))
+
+
+KNOCKD = """\
+[options]
+    UseSyslog
+    Interface = eth0
+[openSSH]
+    sequence    = 7113,2231:udp,9157
+    seq_timeout = 5.5
+    command     = /sbin/iptables -A INPUT -s %IP% -p tcp --dport 22 -j ACCEPT
+    command_6   =
+    tcpflags    = syn,!ack
+    stop_command = /sbin/iptables -D INPUT -s %IP% -p tcp --dport 22 -j ACCEPT
+    cmd_timeout = 20
+    target = 198.18.0.9
+[closeSSH]
+    sequence    = 9157,2231:udp,7113
+    command     = /sbin/iptables -D INPUT -s %IP% -p tcp --dport 22 -j ACCEPT
+"""
+
+
+def behaviour(config: Config) -> list[tuple[object, ...]]:
+    """What a door does, without where it was written."""
+    return [(d.name, d.knock, d.open, d.close, d.commands) for d in config.doors]
+
+
+def test_import_knockd_round_trips_to_the_same_doors(tmp_path: Path) -> None:
+    original = load_config(write(tmp_path, KNOCKD, "knockd.conf")).config
+    text = to_yaml(original)
+    assert "sequence: [7113/tcp, 2231/udp, 9157/tcp]" in text
+    converted = load_config(write(tmp_path, text, "converted.yaml")).config
+    assert behaviour(converted) == behaviour(original)
+    assert converted.settings == original.settings
