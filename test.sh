@@ -5,13 +5,15 @@
 #   ./test.sh                 everything
 #   ./test.sh tests/unit -k engine    extra arguments go to pytest
 #
-# As root it installs the real peers the integration tests use (Debian's knockd for
-# its `knock` client, tcpdump). Under CI=true an integration test whose prerequisite
+# As root it installs the real peers and firewalls the integration tests use (apt). Under CI=true an integration test whose prerequisite
 # is missing fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(knockd tcpdump)
+# Real peers and real firewalls: knockd (its knock client and, for the benchmark, the
+# daemon), tcpdump and libpcap, nftables, iptables and ipset, nmap, hping3, iproute2,
+# curl, conntrack.
+APT_PACKAGES=(knockd tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack)
 
 install_peers() {
     local missing=()

@@ -8,7 +8,10 @@ arguments) and 1 when sending knocks fails. No traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Literal
@@ -52,6 +55,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--json", action="store_true", help="JSON lines instead of text")
 
+    run = commands.add_parser("run", help="the daemon: sniff knocks, open and close ports")
+    run.add_argument(
+        "--config", required=True, metavar="FILE", help="knockgate.yaml or knockd.conf"
+    )
+    run.add_argument(
+        "--status-socket", metavar="PATH", help="override the status socket path of the config"
+    )
+    run.add_argument(
+        "--i-know",
+        action="store_true",
+        help="start even when this SSH session's port is protected and its address not allowed",
+    )
+
+    status = commands.add_parser("status", help="ask the running daemon for its state")
+    status.add_argument("--config", metavar="FILE", help="take the socket path from this config")
+    status.add_argument("--socket", metavar="PATH", help="the daemon's status socket")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    teardown = commands.add_parser(
+        "teardown", help="remove knockgate's firewall rules and grants (opens protected ports)"
+    )
+    teardown.add_argument("--config", required=True, metavar="FILE")
+
     knock = commands.add_parser(
         "knock",
         help="send a knock sequence (accepts what knockd's knock accepts)",
@@ -84,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args.config, args.pcap, args.host, args.json)
         if args.command == "knock":
             return _knock(args)
+        if args.command == "run":
+            return _run(args.config, args.i_know, args.status_socket)
+        if args.command == "status":
+            return _status(args.config, args.socket, args.json)
+        if args.command == "teardown":
+            return _teardown(args.config)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -187,6 +219,83 @@ def _knock(args: argparse.Namespace) -> int:
     address_family, address = resolve_host(args.host, family)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
     send_knocks(address_family, address, steps, args.delay, verbose)
+    return 0
+
+
+def _run(path: str, i_know: bool, status_socket: str | None) -> int:
+    import os
+
+    from appliance.firewall.choose import choose_backend
+    from appliance.runtime.daemon import Daemon, ssh_lockout
+    from appliance.runtime.logs import configure
+
+    loaded = load_config(path)
+    if status_socket is not None:
+        config = loaded.config
+        settings = dataclasses.replace(config.settings, status_socket=status_socket)
+        loaded = dataclasses.replace(loaded, config=dataclasses.replace(config, settings=settings))
+    settings = loaded.config.settings
+    configure(settings.log)
+    log = logging.getLogger("knockgate")
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    reason = ssh_lockout(loaded.config, dict(os.environ))
+    if reason is not None and not i_know:
+        print(f"knockgate run: refusing to start: {reason}", file=sys.stderr)
+        return 2
+    backend = choose_backend(settings.firewall.backend)
+    daemon = Daemon(loaded, backend)
+    daemon.install_signal_handlers()
+    if settings.pid_file:
+        with open(settings.pid_file, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+    try:
+        daemon.start()
+        daemon.run()
+    finally:
+        if settings.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(settings.pid_file)
+    return 0
+
+
+def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
+    from appliance.core.model import DEFAULT_STATUS_SOCKET
+    from appliance.runtime.status import query
+
+    if socket_path is None:
+        socket_path = (
+            load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
+        )
+    data = query(socket_path)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0 if "error" not in data else 1
+    if "error" in data:
+        print(f"knockgate status: {data['error']}", file=sys.stderr)
+        return 1
+    print(
+        f"knockgate pid {data['pid']}, up {data['uptime']} s, {data['config']}, "
+        f"firewall {data['backend']}"
+    )
+    print("doors:")
+    for door in data["doors"]:
+        opens = ", ".join(door["open"]) or "(commands only)"
+        print(f"  {door['name']}: {door['steps']} step(s), opens {opens}")
+    print(f"open grants: {len(data['grants'])}")
+    for grant in data["grants"]:
+        print(f"  {grant.get('address')} {grant.get('port')} for {grant.get('expires_in')} s")
+    print(f"attempts in progress: {data['attempts']}")
+    print("counters: " + ", ".join(f"{k} {v}" for k, v in data["counters"].items()))
+    return 0
+
+
+def _teardown(path: str) -> int:
+    from appliance.firewall.choose import choose_backend
+
+    backend = choose_backend(load_config(path).config.settings.firewall.backend)
+    backend.teardown()
+    print(f"knockgate: {backend.name} rules and grants removed")
     return 0
 
 

@@ -52,3 +52,12 @@ def parse_one_time_lines(
         # line with a space for that reason); so do we.
         sequences.append(OneTimeSequence(steps, number, start))
     return sequences
+
+
+def mark_line_used(path: str, offset: int) -> None:
+    """Overwrite the byte at ``offset`` (a line's first byte) with ``#``, as knockd does."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"#")
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -176,3 +176,13 @@ def parse_bool(value: object) -> bool:
         if word in ("no", "false", "off", "0"):
             return False
     raise Invalid(f"{value!r} is not a yes/no value (expected yes or no)")
+
+
+def parse_network(value: object) -> str:
+    """An IPv4 or IPv6 network in CIDR form (an address alone is a /32 or /128)."""
+    if not isinstance(value, str):
+        raise Invalid(f"{value!r} is not a network (expected CIDR like 198.18.0.0/24)")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise Invalid(f"{value!r} is not a network (expected CIDR like 198.18.0.0/24)") from None

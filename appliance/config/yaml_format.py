@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -44,6 +44,7 @@ from appliance.config.values import (
     parse_count,
     parse_door_name,
     parse_interface,
+    parse_network,
     parse_seconds,
     parse_sequence,
     parse_tcpflags,
@@ -54,21 +55,36 @@ from appliance.core.model import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OPEN_DURATION,
     DEFAULT_SEQ_TIMEOUT,
+    DEFAULT_STATUS_SOCKET,
     Commands,
     Config,
     Door,
     DuplicatePolicy,
+    FirewallSettings,
     Knock,
     LogSettings,
     OneTimeFile,
     OpenPorts,
     Origin,
+    ScanPolicy,
     Settings,
     Step,
     TcpFlags,
 )
 
-TOP_KEYS = ("interfaces", "log", "pid_file", "max_attempts", "duplicates", "doors")
+TOP_KEYS = (
+    "interfaces",
+    "log",
+    "pid_file",
+    "max_attempts",
+    "duplicates",
+    "firewall",
+    "on_shutdown",
+    "status_socket",
+    "doors",
+)
+FIREWALL_KEYS = ("backend", "always_allow", "scan")
+SCAN_KEYS = ("ports", "window", "hold")
 LOG_KEYS = ("file", "syslog", "format", "level")
 DOOR_KEYS = (
     "knock",
@@ -239,7 +255,46 @@ def _settings(top: _Map) -> Settings:
         log=log,
         pid_file=pid_file,
         max_attempts=DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
+        firewall=_firewall(top),
+        on_shutdown="revoke"
+        if top.get("on_shutdown", _choice("keep", "revoke")) == "revoke"
+        else "keep",
+        status_socket=top.get("status_socket", _string) or DEFAULT_STATUS_SOCKET,
     )
+
+
+def _firewall(top: _Map) -> FirewallSettings:
+    spec = top.mapping("firewall", FIREWALL_KEYS)
+    if spec is None:
+        return FirewallSettings()
+    backends: dict[Any, Literal["auto", "nftables", "iptables"]] = {
+        "nftables": "nftables",
+        "iptables": "iptables",
+    }
+    backend = backends.get(spec.get("backend", _choice("auto", "nftables", "iptables")), "auto")
+    always_allow = spec.get("always_allow", _list_of(parse_network)) or ()
+    scan: ScanPolicy | None = ScanPolicy()
+    if "scan" in spec.items and _plain(spec.items["scan"][0]) is False:
+        scan = None
+    else:
+        scan_map = spec.mapping("scan", SCAN_KEYS)
+        if scan_map is not None:
+            ports = scan_map.get("ports", lambda v: parse_count(v, minimum=2, maximum=65535))
+            window = scan_map.get(
+                "window",
+                lambda v: parse_seconds(v, minimum=0.1, maximum=3600.0, what="0.1 to 3600 seconds"),
+            )
+            hold = scan_map.get(
+                "hold",
+                lambda v: parse_seconds(v, minimum=1.0, maximum=86400.0, what="1 to 86400 seconds"),
+            )
+            default = ScanPolicy()
+            scan = ScanPolicy(
+                ports=default.ports if ports is None else ports,
+                window=default.window if window is None else window,
+                hold=default.hold if hold is None else hold,
+            )
+    return FirewallSettings(backend=backend, always_allow=tuple(always_allow), scan=scan)
 
 
 def _door(

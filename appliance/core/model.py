@@ -162,11 +162,34 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ScanPolicy:
+    """A source hitting more than ``ports`` distinct new ports within ``window``
+    seconds is held off (cannot complete a knock) for ``hold`` seconds."""
+
+    ports: int = 10
+    window: float = 2.0
+    hold: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallSettings:
+    backend: Literal["auto", "nftables", "iptables"] = "auto"
+    always_allow: tuple[str, ...] = ()  # networks (CIDR) never locked out
+    scan: ScanPolicy | None = field(default_factory=ScanPolicy)  # None: no scan detection
+
+
+DEFAULT_STATUS_SOCKET = "/run/knockgate/status.sock"
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     interfaces: tuple[str, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
     pid_file: str | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    firewall: FirewallSettings = field(default_factory=FirewallSettings)
+    on_shutdown: Literal["keep", "revoke"] = "keep"
+    status_socket: str = DEFAULT_STATUS_SOCKET
 
 
 @dataclass(frozen=True, slots=True)

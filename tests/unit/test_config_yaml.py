@@ -8,7 +8,15 @@ import pytest
 
 from appliance.config import detect_format, load_config
 from appliance.config.export import to_yaml
-from appliance.core.model import Commands, Config, OpenPorts, Step, TcpFlags
+from appliance.core.model import (
+    Commands,
+    Config,
+    FirewallSettings,
+    OpenPorts,
+    ScanPolicy,
+    Step,
+    TcpFlags,
+)
 from appliance.errors import ConfigError
 
 FULL = """\
@@ -17,6 +25,12 @@ log: {file: /var/log/knockgate.log, syslog: true, format: json, level: debug}
 pid_file: /run/knockgate.pid
 max_attempts: 5000
 duplicates: reset
+firewall:
+  backend: iptables
+  always_allow: [198.18.200.0/24, "2001:2::1"]
+  scan: {ports: 20, window: 1.5, hold: 120}
+on_shutdown: revoke
+status_socket: /tmp/kg.sock
 doors:
   ssh:
     description: SSH for the admins
@@ -54,6 +68,13 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert (settings.log.format, settings.log.level) == ("json", "debug")
     assert settings.pid_file == "/run/knockgate.pid"
     assert settings.max_attempts == 5000
+    assert settings.firewall == FirewallSettings(
+        backend="iptables",
+        always_allow=("198.18.200.0/24", "2001:2::1/128"),
+        scan=ScanPolicy(ports=20, window=1.5, hold=120.0),
+    )
+    assert settings.on_shutdown == "revoke"
+    assert settings.status_socket == "/tmp/kg.sock"
     ssh, close = config.doors
     assert ssh.knock.sequence == (Step(7113, "tcp"), Step(2231, "udp"), Step(9157, "tcp"))
     assert ssh.knock.seq_timeout == 2.5
@@ -200,6 +221,21 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         ("log: {format: xml}\ndoors: {}\n", 1, "log.format", "expected one of text, json"),
         ("log: {colour: red}\ndoors: {}\n", 1, "log.colour", "unknown key"),
         ("dors: {}\n", 1, "dors", "unknown key (expected one of interfaces"),
+        (
+            "firewall: {backend: pf}\ndoors: {}\n",
+            1,
+            "firewall.backend",
+            "expected one of auto, nftables, iptables",
+        ),
+        (
+            "firewall: {always_allow: [300.0.0.0/8]}\ndoors: {}\n",
+            1,
+            "firewall.always_allow",
+            "not a network",
+        ),
+        ("firewall: {scan: {ports: 1}}\ndoors: {}\n", 1, "firewall.scan.ports", "out of range"),
+        ("firewall: {scan: {speed: 1}}\ndoors: {}\n", 1, "firewall.scan.speed", "unknown key"),
+        ("on_shutdown: later\ndoors: {}\n", 1, "on_shutdown", "expected one of keep, revoke"),
         ("- a\n- b\n", 1, "(top)", "expected a mapping"),
         ("", 1, "(top)", "the file is empty"),
         ("doors: {d: [\n", 2, "(yaml)", "not valid YAML"),
@@ -278,3 +314,13 @@ def test_import_knockd_round_trips_to_the_same_doors(tmp_path: Path) -> None:
     converted = load_config(write(tmp_path, text, "converted.yaml")).config
     assert behaviour(converted) == behaviour(original)
     assert converted.settings == original.settings
+
+
+def test_scan_detection_can_be_turned_off_and_defaults_apply(tmp_path: Path) -> None:
+    base = "doors:\n  d:\n    knock: {sequence: [7113, 2231, 9157]}\n    open: {ports: [22]}\n"
+    off = load_config(write(tmp_path, "firewall: {scan: false}\n" + base)).config
+    assert off.settings.firewall.scan is None
+    default = load_config(write(tmp_path, base)).config.settings
+    assert default.firewall == FirewallSettings()
+    assert default.firewall.scan == ScanPolicy(10, 2.0, 60.0)
+    assert (default.on_shutdown, default.status_socket) == ("keep", "/run/knockgate/status.sock")

@@ -1,0 +1,80 @@
+"""Firewall backends: one small protocol, one module per backend.
+
+The daemon protects the ports that doors open (TCP answered with a reset, UDP
+dropped, so a scanner sees "closed"), grants (address, port) pairs with a
+kernel-side timeout so that a grant closes at its deadline even if knockgate is
+killed, and keeps a scan detector in the kernel whose verdict the daemon reads
+before granting.
+
+* :mod:`appliance.firewall.nftables` — default: one table ``inet knockgate``.
+* :mod:`appliance.firewall.iptables` — iptables-nft chains and ipsets.
+* :mod:`appliance.firewall.memory` — in memory, for unit tests.
+
+Every backend's ``setup`` is idempotent and keeps the grants that are still
+within their deadline (reconcile after a restart); ``teardown`` removes all
+that knockgate created and nothing else. Stopping the daemon does not tear
+down: the ports stay closed and the grants expire on their own (fail closed).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from appliance.core.model import ScanPolicy, Step
+
+__all__ = ["FirewallBackend", "FirewallPlan", "GrantEntry", "ScanPolicy"]
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallPlan:
+    """Everything a backend needs to build its rules: pure data."""
+
+    protected: tuple[Step, ...]
+    always_allow: tuple[str, ...] = ()  # networks in CIDR form
+    scan: ScanPolicy | None = field(default_factory=ScanPolicy)
+
+    def ports(self, proto: str) -> tuple[int, ...]:
+        return tuple(sorted({step.port for step in self.protected if step.proto == proto}))
+
+    def networks(self, version: int) -> tuple[str, ...]:
+        return tuple(
+            net for net in self.always_allow if ipaddress.ip_network(net).version == version
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GrantEntry:
+    """A grant as the kernel holds it."""
+
+    address: str
+    step: Step
+    expires_in: float  # seconds
+
+
+class FirewallBackend(Protocol):
+    """What the daemon needs from a firewall."""
+
+    name: str
+
+    def setup(self, plan: FirewallPlan) -> None:
+        """Create or update knockgate's rules atomically; keep live grants."""
+
+    def grant(self, address: str, ports: tuple[Step, ...], seconds: float) -> None:
+        """Let ``address`` reach ``ports`` for ``seconds`` (never longer)."""
+
+    def revoke(self, address: str, ports: tuple[Step, ...]) -> None:
+        """Close what was granted to ``address`` on ``ports`` (absent: no error)."""
+
+    def is_held(self, address: str) -> bool:
+        """True while the scan detector holds ``address`` off."""
+
+    def grants(self) -> list[GrantEntry]:
+        """The grants the kernel holds now."""
+
+    def check(self) -> bool:
+        """True when knockgate's rules are in place (False: flushed by someone)."""
+
+    def teardown(self) -> None:
+        """Remove everything knockgate created; idempotent."""

@@ -1,0 +1,555 @@
+"""iptables backend: three chains in the ``filter`` table and eight ipsets.
+
+The same gate as the nftables backend, built from iptables (nf_tables backend)
+and ipset, for both IPv4 (``iptables``) and IPv6 (``ip6tables``)::
+
+    INPUT ──(rule 1, the only rule added to a chain knockgate does not own)──> KNOCKGATE
+      KNOCKGATE       -i lo                               RETURN
+                      -p tcp|udp, ct state NEW            KNOCKGATE-SCAN   (only with a ScanPolicy)
+                      -p tcp, --dports <protected tcp>    KNOCKGATE-GATE   (≤ 15 ports a rule)
+                      -p udp, --dports <protected udp>    KNOCKGATE-GATE
+      KNOCKGATE-SCAN  (src, dport) in seen4               RETURN
+                      add (src, dport) to seen4           (entries live <window> s)
+                      hashlimit above R/s burst B by src  add src to held4 (lives <hold> s)
+      KNOCKGATE-GATE  ct state ESTABLISHED,RELATED        RETURN
+                      src in allow4                       RETURN
+                      (src, proto:dport) in grants4       RETURN
+                      -p tcp                              REJECT tcp-reset   (scanners see "closed")
+                                                          DROP
+
+"Let through" is ``RETURN``, not ``ACCEPT``: the nftables backend accepts in a
+table of its own, which ends only its own chain, and the host's other rules
+still run; an ``ACCEPT`` here would end the whole INPUT chain and skip them.
+
+Grants live in ``hash:ip,port`` sets whose default timeout is 0 so that every
+element carries its own kernel-side deadline; ``setup`` never flushes them, so a
+restart keeps the live grants. The hashlimit table's name carries the scan
+parameters: the kernel reuses a hashlimit table by name *with the parameters it
+was created with*, so a changed policy under an unchanged name would keep the
+old rate.
+
+Everything that turns a :class:`FirewallPlan` into text or commands is a pure
+function below, golden-tested without root; :class:`IptablesBackend` only runs
+them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from appliance.core.model import Proto, Step
+from appliance.errors import FirewallError
+from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
+
+Version = Literal[4, 6]
+SetKind = Literal["grants", "allow", "seen", "held"]
+
+VERSIONS: tuple[Version, ...] = (4, 6)
+SET_KINDS: tuple[SetKind, ...] = ("grants", "allow", "seen", "held")
+COMMAND_TIMEOUT = 10.0  # seconds, for every subprocess
+MULTIPORT_MAX = 15  # ports in one ``-m multiport --dports`` list
+IPSET_MAX_TIMEOUT = 2_147_483  # seconds: the largest timeout ipset accepts
+PREFIX_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,18}")  # chain ≤ 28, set name ≤ 31
+DESTROY_RETRIES = 5  # an ipset whose last rule just went may be busy for a moment
+
+
+# -- names ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The chain and set names derived from one prefix (``KNOCKGATE``)."""
+
+    prefix: str
+
+    @property
+    def chain(self) -> str:
+        return self.prefix
+
+    @property
+    def scan_chain(self) -> str:
+        return f"{self.prefix}-SCAN"
+
+    @property
+    def gate_chain(self) -> str:
+        return f"{self.prefix}-GATE"
+
+    @property
+    def chains(self) -> tuple[str, str, str]:
+        return (self.chain, self.scan_chain, self.gate_chain)
+
+    def set(self, kind: SetKind, version: Version) -> str:
+        return f"{self.prefix.lower()}-{kind}{version}"
+
+    def all_sets(self) -> tuple[str, ...]:
+        return tuple(self.set(kind, version) for version in VERSIONS for kind in SET_KINDS)
+
+    @property
+    def jump(self) -> str:
+        """The INPUT rule as ``iptables -S`` prints it."""
+        return f"-A INPUT -j {self.chain}"
+
+
+def temporary(name: str) -> str:
+    """The name a set is built under before it is swapped in."""
+    return f"{name}-tmp"
+
+
+def make_names(prefix: str) -> Names:
+    if not PREFIX_PATTERN.fullmatch(prefix):
+        raise FirewallError(
+            f"iptables: bad prefix {prefix!r} (expected a letter, then up to 18 of "
+            "letters, digits, '_' and '-')"
+        )
+    return Names(prefix)
+
+
+# -- scan parameters -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScanLimits:
+    """A :class:`ScanPolicy` in the units iptables and ipset take (whole seconds, ms)."""
+
+    burst: int  # distinct new ports a source may hit at once
+    rate: int  # ports per second refilled
+    seen_timeout: int  # seconds a (source, port) counts as seen
+    hold_timeout: int  # seconds a source is held
+    expire_ms: int  # hashlimit entry lifetime, like the nft scan_rate set's timeout
+
+    def hashlimit_name(self, names: Names, version: Version) -> str:
+        return f"{names.prefix.lower()}-scan{version}-b{self.burst}r{self.rate}e{self.expire_ms}"
+
+
+def scan_limits(policy: ScanPolicy) -> ScanLimits:
+    """Durations round down like the nft backend's (never longer), to at least 1 unit."""
+    return ScanLimits(
+        burst=max(1, policy.ports),
+        rate=max(1, math.ceil(policy.ports / policy.window)),
+        seen_timeout=max(1, math.floor(policy.window)),
+        hold_timeout=max(1, math.floor(policy.hold)),
+        expire_ms=max(1, math.floor(policy.window * 1000)),
+    )
+
+
+# -- ipsets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetHeader:
+    """What decides whether an existing set can be kept: type, family, default timeout."""
+
+    type: str
+    family: str
+    timeout: int | None  # None: the set has no timeout support
+
+
+@dataclass(frozen=True, slots=True)
+class SetSpec:
+    name: str
+    header: SetHeader
+
+    def create(self, name: str | None = None) -> str:
+        """An ``ipset restore`` create line (for ``name``, default the set's own)."""
+        line = f"create {name or self.name} {self.header.type} family {self.header.family}"
+        if self.header.timeout is not None:
+            line += f" timeout {self.header.timeout}"
+        return line
+
+
+def _family(version: Version) -> str:
+    return "inet" if version == 4 else "inet6"
+
+
+def set_specs(names: Names, plan: FirewallPlan, version: Version) -> tuple[SetSpec, ...]:
+    """The four sets of one family, in the order ``SET_KINDS``.
+
+    Without a scan policy the scan sets still exist (``is_held`` reads them) with the
+    default policy's timeouts.
+    """
+    limits = scan_limits(plan.scan or ScanPolicy())
+    family = _family(version)
+    return (
+        SetSpec(names.set("grants", version), SetHeader("hash:ip,port", family, 0)),
+        SetSpec(names.set("allow", version), SetHeader("hash:net", family, None)),
+        SetSpec(names.set("seen", version), SetHeader("hash:ip,port", family, limits.seen_timeout)),
+        SetSpec(names.set("held", version), SetHeader("hash:ip", family, limits.hold_timeout)),
+    )
+
+
+def allow_elements(plan: FirewallPlan, version: Version) -> tuple[str, ...]:
+    """The always-allowed networks of one family as hash:net elements.
+
+    hash:net refuses a /0, so "everything" becomes its two halves.
+    """
+    elements: list[str] = []
+    for text in plan.networks(version):
+        net = ipaddress.ip_network(text, strict=False)
+        parts = net.subnets(prefixlen_diff=1) if net.prefixlen == 0 else (net,)
+        elements.extend(str(part) for part in parts)
+    return tuple(elements)
+
+
+def parse_set_headers(text: str) -> dict[str, SetHeader]:
+    """Parse ``ipset list -t`` (every set's header) into name -> header."""
+    headers: dict[str, SetHeader] = {}
+    name = kind = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "Name":
+            name, kind = value, ""
+        elif key == "Type":
+            kind = value
+        elif key == "Header" and name:
+            words = value.split()
+            options = dict(zip(words[::2], words[1::2], strict=False))
+            timeout = options.get("timeout")
+            headers[name] = SetHeader(
+                kind, options.get("family", ""), int(timeout) if timeout is not None else None
+            )
+    return headers
+
+
+def ipset_setup_batch(names: Names, plan: FirewallPlan, existing: Mapping[str, SetHeader]) -> str:
+    """The ``ipset restore`` input that brings the sets in line with ``plan``.
+
+    Missing sets are created; a set whose type, family or timeout differs is
+    rebuilt under a temporary name and swapped in (swap works while rules use
+    it); the allow sets are refilled the same way, so the swap is their only
+    visible change. Grants in a matching grants set are kept.
+    """
+    lines: list[str] = []
+    for version in VERSIONS:
+        for spec in set_specs(names, plan, version):
+            tmp = temporary(spec.name)
+            if tmp in existing:  # left over from an interrupted setup
+                lines.append(f"destroy {tmp}")
+            is_allow = spec.name == names.set("allow", version)
+            current = existing.get(spec.name)
+            if current is None:
+                lines.append(spec.create())
+                if is_allow:
+                    lines.extend(f"add {spec.name} {e}" for e in allow_elements(plan, version))
+            elif current != spec.header or is_allow:
+                lines.append(spec.create(tmp))
+                if is_allow:
+                    lines.extend(f"add {tmp} {e}" for e in allow_elements(plan, version))
+                lines += [f"swap {tmp} {spec.name}", f"destroy {tmp}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def grant_timeout(seconds: float) -> int:
+    """Whole seconds for ipset: floor (never past the deadline), at least 1 (0 = forever)."""
+    if math.isinf(seconds):
+        return IPSET_MAX_TIMEOUT
+    return min(IPSET_MAX_TIMEOUT, max(1, math.floor(seconds)))
+
+
+def _element(address: str, step: Step) -> str:
+    return f"{address},{step.proto}:{step.port}"
+
+
+def grant_batch(names: Names, address: str, ports: Sequence[Step], seconds: float) -> str:
+    """``ipset -exist restore`` input; re-adding an element resets its timeout."""
+    ip = _ip(address)
+    name = names.set("grants", _version(ip))
+    timeout = grant_timeout(seconds)
+    return "".join(f"add {name} {_element(str(ip), step)} timeout {timeout}\n" for step in ports)
+
+
+def revoke_batch(names: Names, address: str, ports: Sequence[Step]) -> str:
+    """``ipset -exist restore`` input; an absent element is no error."""
+    ip = _ip(address)
+    name = names.set("grants", _version(ip))
+    return "".join(f"del {name} {_element(str(ip), step)}\n" for step in ports)
+
+
+def parse_grants(save_text: str) -> list[GrantEntry]:
+    """Parse ``ipset save SET`` of a grants set."""
+    entries: list[GrantEntry] = []
+    for line in save_text.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "add":
+            continue
+        address, _, target = words[2].partition(",")
+        proto, _, port = target.partition(":")
+        options = dict(zip(words[3::2], words[4::2], strict=False))
+        if proto not in ("tcp", "udp") or not port.isdigit():
+            continue
+        step_proto: Proto = "tcp" if proto == "tcp" else "udp"
+        entries.append(
+            GrantEntry(
+                address=str(ipaddress.ip_address(address)),
+                step=Step(int(port), step_proto),
+                expires_in=float(options.get("timeout", "0")),
+            )
+        )
+    return entries
+
+
+# -- iptables rules ------------------------------------------------------------------------
+
+
+def _chunks(ports: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
+    for start in range(0, len(ports), MULTIPORT_MAX):
+        yield ports[start : start + MULTIPORT_MAX]
+
+
+def rule_lines(names: Names, plan: FirewallPlan, version: Version) -> list[str]:
+    """The ``-A`` rules of the three chains, exactly as ``iptables -S`` prints them."""
+    chain, scan, gate = names.chains
+    rules = [f"-A {chain} -i lo -j RETURN"]
+    if plan.scan is not None:
+        rules += [f"-A {chain} -p {p} -m conntrack --ctstate NEW -j {scan}" for p in ("tcp", "udp")]
+    for proto in ("tcp", "udp"):
+        for chunk in _chunks(plan.ports(proto)):
+            dports = ",".join(str(port) for port in chunk)
+            rules.append(f"-A {chain} -p {proto} -m multiport --dports {dports} -j {gate}")
+    if plan.scan is not None:
+        limits = scan_limits(plan.scan)
+        seen, held = names.set("seen", version), names.set("held", version)
+        rules += [
+            f"-A {scan} -m set --match-set {seen} src,dst -j RETURN",
+            f"-A {scan} -j SET --add-set {seen} src,dst --exist",
+            f"-A {scan} -m hashlimit --hashlimit-above {limits.rate}/sec"
+            f" --hashlimit-burst {limits.burst} --hashlimit-mode srcip"
+            f" --hashlimit-name {limits.hashlimit_name(names, version)}"
+            f" --hashlimit-htable-expire {limits.expire_ms}"
+            # No --exist: like nft's "add @held4", a hold is not extended while it lasts.
+            f" -j SET --add-set {held} src",
+        ]
+    rules += [
+        f"-A {gate} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        f"-A {gate} -m set --match-set {names.set('allow', version)} src -j RETURN",
+        f"-A {gate} -m set --match-set {names.set('grants', version)} src,dst -j RETURN",
+        f"-A {gate} -p tcp -j REJECT --reject-with tcp-reset",
+        f"-A {gate} -j DROP",
+    ]
+    return rules
+
+
+def restore_text(names: Names, plan: FirewallPlan, version: Version) -> str:
+    """One ``iptables-restore --noflush`` input: declaring a chain flushes it."""
+    lines = ["*filter"]
+    lines += [f":{chain} - [0:0]" for chain in names.chains]
+    lines += rule_lines(names, plan, version)
+    lines.append("COMMIT")
+    return "".join(line + "\n" for line in lines)
+
+
+def chain_rules(listing: Iterable[str], chain: str) -> list[str]:
+    """The ``-A CHAIN`` lines of an ``iptables -S`` listing."""
+    return [line for line in listing if line.startswith(f"-A {chain} ")]
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        raise FirewallError(f"iptables: not an IP address: {address!r}") from None
+
+
+def _version(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Version:
+    return 4 if ip.version == 4 else 6
+
+
+def _iptables(version: Version) -> str:
+    return "iptables" if version == 4 else "ip6tables"
+
+
+def _one_line(text: str) -> str:
+    """A tool's message as one line, without its "Try `iptables -h'" advice."""
+    lines = (line.strip() for line in text.splitlines())
+    return "; ".join(line for line in lines if line and not line.startswith("Try `"))
+
+
+def _culprit(stderr: str, stdin: str | None) -> str:
+    """The input line a restore tool complains about ("Error occurred at line: 8",
+    "Error in line 3:"), quoted for the message."""
+    match = re.search(r"line:? (\d+)", stderr)
+    if stdin is None or match is None:
+        return ""
+    lines = stdin.splitlines()
+    number = int(match.group(1))
+    return f" (input line {number}: {lines[number - 1]!r})" if 0 < number <= len(lines) else ""
+
+
+# -- the backend ---------------------------------------------------------------------------
+
+
+class IptablesBackend:
+    """knockgate's gate with iptables (nf_tables backend) and ipset."""
+
+    name = "iptables"
+
+    def __init__(self, netns: str | None = None, prefix: str = "KNOCKGATE") -> None:
+        self.netns = netns
+        self.names = make_names(prefix)
+        self._plan: FirewallPlan | None = None
+
+    # running commands
+
+    def _run(
+        self, argv: Sequence[str], stdin: str | None = None, ok: tuple[int, ...] = (0,)
+    ) -> subprocess.CompletedProcess[str]:
+        full = [*(("ip", "netns", "exec", self.netns) if self.netns else ()), *argv]
+        shown = shlex.join(full)
+        try:
+            proc = subprocess.run(
+                full,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise FirewallError(f"{shown}: no answer within {COMMAND_TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise FirewallError(f"{shown}: {exc}") from None
+        if proc.returncode not in ok:
+            detail = _one_line(proc.stderr) or _one_line(proc.stdout) or "no output"
+            raise FirewallError(
+                f"{shown}: exit status {proc.returncode}: {detail}{_culprit(proc.stderr, stdin)}"
+            )
+        return proc
+
+    def _listing(self, version: Version) -> list[str]:
+        return self._run([_iptables(version), "-w", "-S"]).stdout.splitlines()
+
+    def _set_names(self) -> set[str]:
+        return set(self._run(["ipset", "list", "-n"]).stdout.split())
+
+    # the protocol
+
+    def setup(self, plan: FirewallPlan) -> None:
+        existing = parse_set_headers(self._run(["ipset", "list", "-t"]).stdout)
+        self._run(["ipset", "restore"], stdin=ipset_setup_batch(self.names, plan, existing))
+        for version in VERSIONS:
+            self._run(
+                [f"{_iptables(version)}-restore", "-w", "--noflush"],
+                stdin=restore_text(self.names, plan, version),
+            )
+        for version in VERSIONS:
+            self._ensure_jump(version)
+        self._plan = plan
+
+    def _ensure_jump(self, version: Version) -> None:
+        """Exactly one INPUT jump: insert it at the top when missing, drop extra ones."""
+        command = _iptables(version)
+        rules = self._run([command, "-w", "-S", "INPUT"]).stdout.splitlines()
+        count = rules.count(self.names.jump)
+        if count == 0:
+            self._run([command, "-w", "-I", "INPUT", "1", "-j", self.names.chain])
+        for _ in range(count - 1):
+            self._run([command, "-w", "-D", "INPUT", "-j", self.names.chain])
+
+    def grant(self, address: str, ports: tuple[Step, ...], seconds: float) -> None:
+        """Grant for ``max(1, floor(seconds))`` kernel seconds; ``seconds <= 0`` revokes."""
+        if not seconds > 0:
+            self.revoke(address, ports)
+            return
+        if ports:
+            batch = grant_batch(self.names, address, ports, seconds)
+            self._run(["ipset", "-exist", "restore"], stdin=batch)
+
+    def revoke(self, address: str, ports: tuple[Step, ...]) -> None:
+        if ports:
+            batch = revoke_batch(self.names, address, ports)
+            self._run(["ipset", "-exist", "restore"], stdin=batch)
+
+    def is_held(self, address: str) -> bool:
+        ip = _ip(address)
+        name = self.names.set("held", _version(ip))
+        proc = self._run(["ipset", "test", name, str(ip)], ok=(0, 1))
+        if proc.returncode == 0:
+            return True
+        if "is NOT in set" in proc.stderr:
+            return False
+        argv = shlex.join(["ipset", "test", name, str(ip)])
+        raise FirewallError(f"{argv}: exit status 1: {proc.stderr.strip()}")
+
+    def grants(self) -> list[GrantEntry]:
+        entries: list[GrantEntry] = []
+        for version in VERSIONS:
+            save = self._run(["ipset", "save", self.names.set("grants", version)]).stdout
+            entries.extend(parse_grants(save))
+        return entries
+
+    def check(self) -> bool:
+        if not set(self.names.all_sets()) <= self._set_names():
+            return False
+        for version in VERSIONS:
+            listing = self._listing(version)
+            if self.names.jump not in listing:
+                return False
+            if any(f"-N {chain}" not in listing for chain in self.names.chains):
+                return False
+            if self._plan is not None:
+                expected = rule_lines(self.names, self._plan, version)
+                for chain in self.names.chains:
+                    if chain_rules(listing, chain) != chain_rules(expected, chain):
+                        return False
+        return True
+
+    def teardown(self) -> None:
+        """Undo everything, one guarded step at a time; report what failed at the end."""
+        errors: list[str] = []
+
+        def attempt(argv: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
+            try:
+                return self._run(argv)
+            except FirewallError as exc:
+                errors.append(str(exc))
+                return None
+
+        for version in VERSIONS:
+            command = _iptables(version)
+            listed = attempt([command, "-w", "-S"])
+            if listed is None:
+                continue
+            listing = listed.stdout.splitlines()
+            for _ in range(listing.count(self.names.jump)):
+                attempt([command, "-w", "-D", "INPUT", "-j", self.names.chain])
+            present = [chain for chain in self.names.chains if f"-N {chain}" in listing]
+            for chain in present:
+                attempt([command, "-w", "-F", chain])
+            for chain in present:
+                attempt([command, "-w", "-X", chain])
+
+        listed = attempt(["ipset", "list", "-n"])
+        if listed is not None:
+            present_sets = set(listed.stdout.split())
+            ours = self.names.all_sets()
+            for name in (*ours, *(temporary(name) for name in ours)):
+                if name in present_sets:
+                    error = self._destroy_set(name)
+                    if error:
+                        errors.append(error)
+        self._plan = None
+        if errors:
+            raise FirewallError("iptables teardown incomplete: " + "; ".join(errors))
+
+    def _destroy_set(self, name: str) -> str | None:
+        """Destroy one set, waiting briefly while the kernel still holds the last reference."""
+        for attempt in range(DESTROY_RETRIES):
+            try:
+                self._run(["ipset", "destroy", name])
+                return None
+            except FirewallError as exc:
+                if "in use" not in str(exc) or attempt == DESTROY_RETRIES - 1:
+                    return str(exc)
+                time.sleep(0.1 * (attempt + 1))
+        return None

@@ -1,0 +1,220 @@
+"""The daemon's loop with an in-memory firewall: commands carried out, failures contained."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.core.events import Packet
+from appliance.core.model import Step
+from appliance.firewall.memory import MemoryBackend
+from appliance.runtime.daemon import Daemon, firewall_plan, ssh_lockout
+
+CONFIG = """\
+status_socket: {socket}
+firewall:
+  always_allow: [198.18.200.0/24]
+  scan: {{ports: 10, window: 2, hold: 60}}
+doors:
+  ssh:
+    knock: {{sequence: [7113, 2231/udp, 9157], seq_timeout: 5}}
+    open: {{ports: [22/tcp], duration: 30}}
+  close:
+    knock: {{sequence: [9157, 2231/udp, 7113], seq_timeout: 5}}
+    close: [ssh]
+  cmd:
+    knock: {{sequence: [4001, 4002, 4003]}}
+    start_command: echo start %IP% >> {marks}
+    stop_command: echo stop %IP% >> {marks}
+    cmd_timeout: 1
+"""
+
+A = "198.18.5.1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Daemon, MemoryBackend, Clock, Path]:
+    marks = tmp_path / "marks"
+    path = tmp_path / "k.yaml"
+    path.write_text(CONFIG.format(socket=tmp_path / "status.sock", marks=marks))
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    daemon = Daemon(load_config(str(path)), backend, clock=clock, capture=False)
+    daemon.start()
+    yield daemon, backend, clock, marks
+    daemon.shutdown()
+
+
+def knock(daemon: Daemon, clock: Clock, src: str, *steps: str) -> None:
+    for step in steps:
+        port, _, proto = step.partition("/")
+        clock.now += 0.1
+        daemon._item(Packet(clock.now, src, "198.18.0.1", proto or "tcp", int(port), 0x02))
+
+
+def test_start_sets_up_the_plan(setup: tuple[Daemon, MemoryBackend, Clock, Path]) -> None:
+    daemon, backend, _, _ = setup
+    assert backend.plan == firewall_plan(daemon.config)
+    assert backend.plan.protected == (Step(22, "tcp"),)
+    assert backend.plan.always_allow == ("198.18.200.0/24",)
+
+
+def test_knock_grants_until_the_deadline_and_close_revokes(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path],
+) -> None:
+    daemon, backend, clock, _ = setup
+    knock(daemon, clock, A, "7113", "2231/udp", "9157")
+    assert backend.is_open(A, Step(22, "tcp"))
+    assert not backend.is_open("198.18.5.2", Step(22, "tcp"))
+    clock.now += 29.9
+    assert backend.is_open(A, Step(22, "tcp"))
+    clock.now += 0.2
+    assert not backend.is_open(A, Step(22, "tcp"))  # the kernel timeout did it
+    knock(daemon, clock, A, "7113", "2231/udp", "9157")
+    knock(daemon, clock, A, "9157", "2231/udp", "7113")
+    assert not backend.is_open(A, Step(22, "tcp"))
+
+
+def test_a_held_scanner_gets_no_grant_and_no_command(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path],
+) -> None:
+    daemon, backend, clock, marks = setup
+    backend.held.add(A)
+    knock(daemon, clock, A, "7113", "2231/udp", "9157")
+    knock(daemon, clock, A, "4001", "4002", "4003")
+    assert not backend.is_open(A, Step(22, "tcp"))
+    assert daemon.stats.held_off == 1
+    clock.now += 5
+    daemon._item(("signal", "TERM"))
+    daemon.shutdown()
+    daemon.runner.shutdown()
+    assert not marks.exists()  # neither the start nor the stop command ran
+
+
+def test_grant_failure_leaves_the_door_closed_and_keeps_serving(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon, backend, clock, _ = setup
+    backend.fail = "grant"
+    with caplog.at_level(logging.ERROR, logger="knockgate"):
+        knock(daemon, clock, A, "7113", "2231/udp", "9157")
+    assert "grant failed, door stays closed" in caplog.text
+    assert daemon.stats.grant_failures == 1
+    backend.fail = None
+    knock(daemon, clock, "198.18.5.2", "7113", "2231/udp", "9157")
+    assert backend.is_open("198.18.5.2", Step(22, "tcp"))
+
+
+def test_commands_run_and_pending_stops_run_at_shutdown(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path],
+) -> None:
+    daemon, _, clock, marks = setup
+    knock(daemon, clock, A, "4001", "4002", "4003")
+    daemon.shutdown()  # the stop is due in 1 s: shutdown runs it now
+    assert marks.read_text().splitlines() == [f"start {A}", f"stop {A}"]
+
+
+def test_on_shutdown_revoke_closes_every_grant(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path], tmp_path: Path
+) -> None:
+    daemon, backend, clock, _ = setup
+    knock(daemon, clock, A, "7113", "2231/udp", "9157")
+    daemon.shutdown()
+    assert backend.is_open(A, Step(22, "tcp"))  # default: keep, the deadline closes it
+    path = Path(daemon.config.path)
+    path.write_text(path.read_text().replace("doors:", "on_shutdown: revoke\ndoors:"))
+    daemon.reload()
+    daemon.shutdown()
+    assert not backend.is_open(A, Step(22, "tcp"))
+
+
+def test_bad_reload_keeps_the_running_config(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon, _, _, _ = setup
+    path = Path(daemon.config.path)
+    good = path.read_text()
+    path.write_text(good.replace("9157]", "abc]", 1))
+    with caplog.at_level(logging.ERROR, logger="knockgate"):
+        daemon.reload()
+    assert "reload refused, keeping the running configuration" in caplog.text
+    assert "'abc' is not a port" in caplog.text
+    assert daemon.stats.reload_failures == 1
+    assert [d.name for d in daemon.config.doors] == ["ssh", "close", "cmd"]
+    path.write_text(good.replace("duration: 30", "duration: 60"))
+    daemon.reload()
+    assert daemon.config.doors[0].open is not None
+    assert daemon.config.doors[0].open.duration == 60.0
+    assert daemon.stats.reloads == 1
+
+
+def test_flushed_firewall_is_detected_and_repaired(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path],
+) -> None:
+    daemon, backend, _, _ = setup
+    backend.plan = None  # someone flushed the ruleset
+    daemon._check_firewall()
+    assert backend.plan == firewall_plan(daemon.config)
+    assert daemon.stats.firewall_repairs == 1
+
+
+def test_status_snapshot(setup: tuple[Daemon, MemoryBackend, Clock, Path]) -> None:
+    daemon, _, clock, _ = setup
+    knock(daemon, clock, A, "7113", "2231/udp", "9157", "4001")
+    snapshot = daemon.snapshot()
+    assert snapshot["backend"] == "memory"
+    assert snapshot["grants"] == [{"address": A, "port": "22/tcp", "expires_in": 29.9}]
+    assert snapshot["attempts"] == 2  # 9157 also began door close; 4001 began door cmd
+    assert snapshot["counters"]["opened"] == 1
+    assert [d["name"] for d in snapshot["doors"]] == ["ssh", "close", "cmd"]
+
+
+def test_status_over_the_socket(setup: tuple[Daemon, MemoryBackend, Clock, Path]) -> None:
+    import threading
+
+    from appliance.runtime.status import query
+
+    daemon, _, _, _ = setup
+    answered = threading.Event()
+
+    def serve() -> None:  # the loop's side: answer one status request
+        item = daemon.queue.get(timeout=5)
+        daemon._item(item)
+        answered.set()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    data = query(daemon.config.settings.status_socket)
+    server.join()
+    assert answered.is_set()
+    assert data["config"] == daemon.config.path
+
+
+@pytest.mark.parametrize(
+    ("connection", "refused"),
+    [
+        ("198.18.7.7 50000 198.18.0.1 22", True),
+        ("198.18.200.9 50000 198.18.0.1 22", False),  # in always_allow
+        ("198.18.7.7 50000 198.18.0.1 2222", False),  # sshd on a port knockgate leaves alone
+        ("", False),
+    ],
+)
+def test_ssh_lockout(tmp_path: Path, connection: str, refused: bool) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text(CONFIG.format(socket=tmp_path / "s", marks=tmp_path / "m"))
+    config = load_config(str(path)).config
+    reason = ssh_lockout(config, {"SSH_CONNECTION": connection} if connection else {})
+    assert (reason is not None) == refused
+    if refused:
+        assert "198.18.7.7" in reason and "--i-know" in reason

@@ -1,0 +1,345 @@
+"""Golden tests of what the iptables backend feeds iptables-restore and ipset (no root)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from appliance.core.model import Step
+from appliance.errors import FirewallError
+from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
+from appliance.firewall.iptables import (
+    IptablesBackend,
+    SetHeader,
+    allow_elements,
+    chain_rules,
+    grant_batch,
+    grant_timeout,
+    ipset_setup_batch,
+    make_names,
+    parse_grants,
+    parse_set_headers,
+    restore_text,
+    revoke_batch,
+    rule_lines,
+    scan_limits,
+)
+
+NAMES = make_names("KNOCKGATE")
+PLAN = FirewallPlan(
+    protected=(Step(8080, "tcp"), Step(22, "tcp"), Step(5353, "udp"), Step(22, "tcp")),
+    always_allow=("198.18.50.0/24", "2001:2:0:1::/64"),
+    scan=ScanPolicy(ports=10, window=2.0, hold=60.0),
+)
+NO_SCAN = FirewallPlan(protected=PLAN.protected, always_allow=PLAN.always_allow, scan=None)
+
+RESTORE_V4 = """\
+*filter
+:KNOCKGATE - [0:0]
+:KNOCKGATE-SCAN - [0:0]
+:KNOCKGATE-GATE - [0:0]
+-A KNOCKGATE -i lo -j RETURN
+-A KNOCKGATE -p tcp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
+-A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
+-A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
+-A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
+-A KNOCKGATE-SCAN -m set --match-set knockgate-seen4 src,dst -j RETURN
+-A KNOCKGATE-SCAN -j SET --add-set knockgate-seen4 src,dst --exist
+-A KNOCKGATE-SCAN -m hashlimit --hashlimit-above 5/sec --hashlimit-burst 10 --hashlimit-mode srcip --hashlimit-name knockgate-scan4-b10r5e2000 --hashlimit-htable-expire 2000 -j SET --add-set knockgate-held4 src
+-A KNOCKGATE-GATE -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+-A KNOCKGATE-GATE -m set --match-set knockgate-allow4 src -j RETURN
+-A KNOCKGATE-GATE -m set --match-set knockgate-grants4 src,dst -j RETURN
+-A KNOCKGATE-GATE -p tcp -j REJECT --reject-with tcp-reset
+-A KNOCKGATE-GATE -j DROP
+COMMIT
+"""
+
+RESTORE_V6 = """\
+*filter
+:KNOCKGATE - [0:0]
+:KNOCKGATE-SCAN - [0:0]
+:KNOCKGATE-GATE - [0:0]
+-A KNOCKGATE -i lo -j RETURN
+-A KNOCKGATE -p tcp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
+-A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
+-A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
+-A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
+-A KNOCKGATE-SCAN -m set --match-set knockgate-seen6 src,dst -j RETURN
+-A KNOCKGATE-SCAN -j SET --add-set knockgate-seen6 src,dst --exist
+-A KNOCKGATE-SCAN -m hashlimit --hashlimit-above 5/sec --hashlimit-burst 10 --hashlimit-mode srcip --hashlimit-name knockgate-scan6-b10r5e2000 --hashlimit-htable-expire 2000 -j SET --add-set knockgate-held6 src
+-A KNOCKGATE-GATE -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+-A KNOCKGATE-GATE -m set --match-set knockgate-allow6 src -j RETURN
+-A KNOCKGATE-GATE -m set --match-set knockgate-grants6 src,dst -j RETURN
+-A KNOCKGATE-GATE -p tcp -j REJECT --reject-with tcp-reset
+-A KNOCKGATE-GATE -j DROP
+COMMIT
+"""
+
+RESTORE_V4_NO_SCAN = """\
+*filter
+:KNOCKGATE - [0:0]
+:KNOCKGATE-SCAN - [0:0]
+:KNOCKGATE-GATE - [0:0]
+-A KNOCKGATE -i lo -j RETURN
+-A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
+-A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
+-A KNOCKGATE-GATE -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+-A KNOCKGATE-GATE -m set --match-set knockgate-allow4 src -j RETURN
+-A KNOCKGATE-GATE -m set --match-set knockgate-grants4 src,dst -j RETURN
+-A KNOCKGATE-GATE -p tcp -j REJECT --reject-with tcp-reset
+-A KNOCKGATE-GATE -j DROP
+COMMIT
+"""
+
+IPSET_FRESH = """\
+create knockgate-grants4 hash:ip,port family inet timeout 0
+create knockgate-allow4 hash:net family inet
+add knockgate-allow4 198.18.50.0/24
+create knockgate-seen4 hash:ip,port family inet timeout 2
+create knockgate-held4 hash:ip family inet timeout 60
+create knockgate-grants6 hash:ip,port family inet6 timeout 0
+create knockgate-allow6 hash:net family inet6
+add knockgate-allow6 2001:2:0:1::/64
+create knockgate-seen6 hash:ip,port family inet6 timeout 2
+create knockgate-held6 hash:ip family inet6 timeout 60
+"""
+
+# ``ipset list -t`` as ipset 7.17 prints it, after a setup with hold=30 and a crash
+# that left a temporary set behind.
+HEADERS = """\
+Name: knockgate-grants4
+Type: hash:ip,port
+Revision: 7
+Header: family inet hashsize 1024 maxelem 65536 timeout 0 bucketsize 12 initval 0xab130b79
+Size in memory: 216
+References: 1
+Number of entries: 2
+
+Name: knockgate-allow4
+Type: hash:net
+Revision: 7
+Header: family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0xeda9a6a7
+Size in memory: 504
+References: 1
+Number of entries: 1
+
+Name: knockgate-allow4-tmp
+Type: hash:net
+Revision: 7
+Header: family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x01020304
+Size in memory: 504
+References: 0
+Number of entries: 0
+
+Name: knockgate-seen4
+Type: hash:ip,port
+Revision: 7
+Header: family inet hashsize 1024 maxelem 65536 timeout 2 bucketsize 12 initval 0xff552e07
+Size in memory: 216
+References: 2
+Number of entries: 0
+
+Name: knockgate-held4
+Type: hash:ip
+Revision: 6
+Header: family inet hashsize 1024 maxelem 65536 timeout 30 bucketsize 12 initval 0x15da9178
+Size in memory: 216
+References: 1
+Number of entries: 0
+
+Name: someone-else
+Type: bitmap:port
+Revision: 3
+Header: range 0-1023
+Size in memory: 264
+References: 0
+Number of entries: 0
+"""
+
+IPSET_UPDATE = """\
+destroy knockgate-allow4-tmp
+create knockgate-allow4-tmp hash:net family inet
+add knockgate-allow4-tmp 198.18.50.0/24
+swap knockgate-allow4-tmp knockgate-allow4
+destroy knockgate-allow4-tmp
+create knockgate-held4-tmp hash:ip family inet timeout 60
+swap knockgate-held4-tmp knockgate-held4
+destroy knockgate-held4-tmp
+create knockgate-grants6 hash:ip,port family inet6 timeout 0
+create knockgate-allow6 hash:net family inet6
+add knockgate-allow6 2001:2:0:1::/64
+create knockgate-seen6 hash:ip,port family inet6 timeout 2
+create knockgate-held6 hash:ip family inet6 timeout 60
+"""
+
+
+def test_restore_text_ipv4_with_scan() -> None:
+    assert restore_text(NAMES, PLAN, 4) == RESTORE_V4
+
+
+def test_restore_text_ipv6_with_scan() -> None:
+    assert restore_text(NAMES, PLAN, 6) == RESTORE_V6
+
+
+def test_restore_text_without_scan_declares_but_never_jumps_to_scan_chain() -> None:
+    assert restore_text(NAMES, NO_SCAN, 4) == RESTORE_V4_NO_SCAN
+
+
+def test_restore_text_other_prefix() -> None:
+    text = restore_text(make_names("KG2"), PLAN, 4)
+    assert ":KG2-GATE - [0:0]" in text
+    assert "-A KG2 -p tcp -m multiport --dports 22,8080 -j KG2-GATE" in text
+    assert "--match-set kg2-grants4 src,dst" in text
+    assert "--hashlimit-name kg2-scan4-b10r5e2000" in text
+
+
+def test_no_protected_ports_still_builds_the_gate() -> None:
+    text = restore_text(NAMES, FirewallPlan(protected=(), scan=None), 4)
+    assert "multiport" not in text
+    assert text.endswith("-A KNOCKGATE-GATE -j DROP\nCOMMIT\n")
+
+
+def test_multiport_lists_hold_at_most_15_ports() -> None:
+    plan = FirewallPlan(protected=tuple(Step(port, "tcp") for port in range(100, 120)), scan=None)
+    gate_jumps = [line for line in rule_lines(NAMES, plan, 4) if "multiport" in line]
+    assert gate_jumps == [
+        "-A KNOCKGATE -p tcp -m multiport --dports "
+        + ",".join(str(port) for port in range(100, 115))
+        + " -j KNOCKGATE-GATE",
+        "-A KNOCKGATE -p tcp -m multiport --dports 115,116,117,118,119 -j KNOCKGATE-GATE",
+    ]
+
+
+def test_scan_limits_round_to_what_ipset_and_hashlimit_take() -> None:
+    limits = scan_limits(ScanPolicy(ports=10, window=2.0, hold=60.0))
+    assert (limits.burst, limits.rate, limits.seen_timeout, limits.hold_timeout) == (10, 5, 2, 60)
+    limits = scan_limits(ScanPolicy(ports=5, window=1.5, hold=0.5))
+    assert (limits.burst, limits.rate, limits.seen_timeout, limits.hold_timeout) == (5, 4, 1, 1)
+    assert limits.expire_ms == 1500
+    assert scan_limits(ScanPolicy(ports=3, window=10.0)).rate == 1
+
+
+def test_hashlimit_name_changes_with_the_policy() -> None:
+    """The kernel reuses a hashlimit table by name with its first parameters."""
+    one = scan_limits(ScanPolicy(ports=10, window=2.0)).hashlimit_name(NAMES, 4)
+    two = scan_limits(ScanPolicy(ports=20, window=2.0)).hashlimit_name(NAMES, 4)
+    assert one != two
+
+
+def test_ipset_batch_on_a_fresh_system() -> None:
+    assert ipset_setup_batch(NAMES, PLAN, {}) == IPSET_FRESH
+
+
+def test_ipset_batch_keeps_grants_and_swaps_what_changed() -> None:
+    assert ipset_setup_batch(NAMES, PLAN, parse_set_headers(HEADERS)) == IPSET_UPDATE
+
+
+def test_ipset_batch_without_scan_uses_default_timeouts() -> None:
+    batch = ipset_setup_batch(NAMES, NO_SCAN, {})
+    assert "create knockgate-seen4 hash:ip,port family inet timeout 2\n" in batch
+    assert "create knockgate-held6 hash:ip family inet6 timeout 60\n" in batch
+
+
+def test_parse_set_headers() -> None:
+    headers = parse_set_headers(HEADERS)
+    assert headers["knockgate-grants4"] == SetHeader("hash:ip,port", "inet", 0)
+    assert headers["knockgate-allow4"] == SetHeader("hash:net", "inet", None)
+    assert headers["knockgate-held4"] == SetHeader("hash:ip", "inet", 30)
+    assert headers["someone-else"] == SetHeader("bitmap:port", "", None)
+
+
+def test_allow_elements_split_the_whole_internet() -> None:
+    plan = FirewallPlan(protected=(), always_allow=("0.0.0.0/0", "::/0", "198.18.0.0/15"))
+    assert allow_elements(plan, 4) == ("0.0.0.0/1", "128.0.0.0/1", "198.18.0.0/15")
+    assert allow_elements(plan, 6) == ("::/1", "8000::/1")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "timeout"),
+    [
+        (2.0, 2),
+        (2.9, 2),
+        (0.3, 1),
+        (1.0, 1),
+        (30.0, 30),
+        (1e12, 2_147_483),
+        (float("inf"), 2_147_483),
+    ],
+)
+def test_grant_timeout_is_whole_seconds_never_zero(seconds: float, timeout: int) -> None:
+    assert grant_timeout(seconds) == timeout
+
+
+def test_grant_batch_ipv4() -> None:
+    batch = grant_batch(NAMES, "198.18.1.7", (Step(22, "tcp"), Step(5353, "udp")), 30.5)
+    assert batch == (
+        "add knockgate-grants4 198.18.1.7,tcp:22 timeout 30\n"
+        "add knockgate-grants4 198.18.1.7,udp:5353 timeout 30\n"
+    )
+
+
+def test_grant_batch_ipv6_is_normalised() -> None:
+    batch = grant_batch(NAMES, "2001:0002:0000::0007", (Step(22, "tcp"),), 2)
+    assert batch == "add knockgate-grants6 2001:2::7,tcp:22 timeout 2\n"
+
+
+def test_revoke_batch() -> None:
+    assert revoke_batch(NAMES, "198.18.1.7", (Step(22, "tcp"), Step(53, "udp"))) == (
+        "del knockgate-grants4 198.18.1.7,tcp:22\ndel knockgate-grants4 198.18.1.7,udp:53\n"
+    )
+
+
+def test_bad_address_is_a_firewall_error() -> None:
+    with pytest.raises(FirewallError, match="not an IP address"):
+        grant_batch(NAMES, "198.18.1.300", (Step(22, "tcp"),), 2)
+
+
+def test_parse_grants() -> None:
+    save = (
+        "create knockgate-grants6 hash:ip,port family inet6 hashsize 1024 maxelem 65536 timeout 0\n"
+        "add knockgate-grants6 2001:2::1,tcp:22 timeout 6\n"
+        "add knockgate-grants6 2001:2::1,udp:53 timeout 0\n"
+        "add knockgate-grants6 2001:2::9,icmpv6:128/0 timeout 3\n"
+    )
+    assert parse_grants(save) == [
+        GrantEntry("2001:2::1", Step(22, "tcp"), 6.0),
+        GrantEntry("2001:2::1", Step(53, "udp"), 0.0),
+    ]
+
+
+def test_chain_rules_picks_one_chain() -> None:
+    lines = rule_lines(NAMES, PLAN, 4)
+    assert chain_rules(lines, "KNOCKGATE-GATE")[-1] == "-A KNOCKGATE-GATE -j DROP"
+    assert all(line.startswith("-A KNOCKGATE ") for line in chain_rules(lines, "KNOCKGATE"))
+
+
+@pytest.mark.parametrize("prefix", ["", "1KG", "KG GATE", "K" * 20, "KG;rm"])
+def test_bad_prefix(prefix: str) -> None:
+    with pytest.raises(FirewallError, match="bad prefix"):
+        IptablesBackend(prefix=prefix)
+
+
+def test_backend_name() -> None:
+    assert IptablesBackend().name == "iptables"
+
+
+def test_a_hanging_tool_is_a_firewall_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("appliance.firewall.iptables.COMMAND_TIMEOUT", 0.2)
+    with pytest.raises(FirewallError, match=r"^sleep 5: no answer within 0.2 s$"):
+        IptablesBackend()._run(["sleep", "5"])
+
+
+def test_a_missing_tool_is_a_firewall_error() -> None:
+    with pytest.raises(FirewallError, match=r"^knockgate-no-such-tool -S: "):
+        IptablesBackend()._run(["knockgate-no-such-tool", "-S"])
+
+
+def test_a_failing_tool_keeps_argv_stderr_and_the_culprit_line() -> None:
+    script = "echo 'iptables-restore: oops' >&2; echo 'Error occurred at line: 2' >&2; echo \"Try \\`iptables-restore -h'\" >&2; exit 2"
+    with pytest.raises(FirewallError) as caught:
+        IptablesBackend()._run(["sh", "-c", script], stdin="*filter\n-A BAD\nCOMMIT\n")
+    assert str(caught.value) == (
+        f"sh -c {shlex.quote(script)}: exit status 2: iptables-restore: oops; "
+        "Error occurred at line: 2 (input line 2: '-A BAD')"
+    )
