@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 # Real peers and real firewalls: knockd (its knock client and, for the benchmark, the
 # daemon), tcpdump and libpcap, nftables, iptables and ipset, nmap, hping3, iproute2,
 # curl, conntrack.
-APT_PACKAGES=(knockd tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack)
+APT_PACKAGES=(knockd tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client)
 
 install_peers() {
     local missing=()
@@ -46,7 +46,19 @@ setup_venv() {
     fi
 }
 
+setup_docker() {
+    # The Docker tests (tests/testbed) need an engine, the debian:bookworm-slim base
+    # image and Compose v2; testbed/setup-docker.sh provides them (as root).
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        eval "$(testbed/setup-docker.sh)"
+        export KG_DOCKER
+    else
+        echo "test.sh: not root: not setting up Docker (the Docker tests skip)" >&2
+    fi
+}
+
 install_peers
+setup_docker
 setup_venv
 PY=.venv/bin
 

@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", metavar="PATH", help="the daemon's status socket")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    init = commands.add_parser(
+        "init", help="write a first configuration with a random knock, unless one exists"
+    )
+    init.add_argument("--config", required=True, metavar="FILE")
+
     teardown = commands.add_parser(
         "teardown", help="remove knockgate's firewall rules and grants (opens protected ports)"
     )
@@ -116,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args.config, args.socket, args.json)
         if args.command == "teardown":
             return _teardown(args.config)
+        if args.command == "init":
+            return _init(args.config)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -244,7 +251,16 @@ def _run(path: str, i_know: bool, status_socket: str | None) -> int:
         print(f"knockgate run: refusing to start: {reason}", file=sys.stderr)
         return 2
     backend = choose_backend(settings.firewall.backend)
-    daemon = Daemon(loaded, backend)
+    launcher = None
+    if loaded.config.services:
+        import hashlib
+
+        from appliance.services.docker_runtime import DockerRuntime
+        from appliance.services.launcher import ServiceLauncher
+
+        owner = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+        launcher = ServiceLauncher(DockerRuntime(), loaded.config.services, owner)
+    daemon = Daemon(loaded, backend, launcher=launcher)
     daemon.install_signal_handlers()
     if settings.pid_file:
         with open(settings.pid_file, "w") as handle:
@@ -287,6 +303,29 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         print(f"  {grant.get('address')} {grant.get('port')} for {grant.get('expires_in')} s")
     print(f"attempts in progress: {data['attempts']}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in data["counters"].items()))
+    return 0
+
+
+def _init(path: str) -> int:
+    import os
+
+    from appliance.config.initial import initial_config
+
+    if os.path.exists(path):
+        load_config(path)  # an existing config must be valid; never overwritten
+        print(f"knockgate: using {path}")
+        return 0
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    text = initial_config(os.path.join(os.path.dirname(path) or ".", "ssh-keys"))
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    door = load_config(path).config.door("ssh")
+    steps = " ".join(f"{s.port}:{s.proto}" for s in door.knock.sequence)
+    print(f"knockgate: wrote {path} with a new random knock sequence.")
+    print(f"knockgate: knock with:  knockgate knock HOST --door ssh --config {path}")
+    print(f"knockgate:          or:  knock HOST {steps}")
+    print("knockgate: then:  ssh -p 2222 root@HOST  (keys: ssh-keys/authorized_keys)")
     return 0
 
 

@@ -1,11 +1,16 @@
-"""Live capture: AF_PACKET sockets with a kernel BPF filter, one thread per interface.
+"""Live capture: AF_PACKET sockets with a kernel BPF filter, read by the daemon's loop.
 
 scapy compiles the pcap filter (through libpcap) and attaches it to our own
-AF_PACKET socket; after that, no scapy code runs per packet: frames are read
-with ``recvfrom_into`` and decoded with :mod:`appliance.capture.decode`. A
-thread only hands decoded packets to ``deliver`` (the daemon's queue).
+AF_PACKET socket; after that no scapy code runs per packet: frames are read in
+non-blocking batches with ``recvfrom_into`` and decoded with
+:mod:`appliance.capture.decode`.
 
-An interface that goes down or disappears is waited for and re-opened; the
+The sockets are read by the loop that owns the engine (a selector), not by
+threads: a thread per interface would hand every packet across the GIL, which
+costs more than deciding on it. A backlog therefore waits in the kernel's
+socket buffer (bounded), never in Python memory.
+
+An interface that goes down or disappears is closed and re-opened later; the
 daemon keeps running (knockd exits).
 """
 
@@ -14,7 +19,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,8 +31,9 @@ log = logging.getLogger("knockgate.capture")
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SNAPLEN = 256  # headers only: Ethernet + VLAN + IPv6 with extension headers + TCP
+RECEIVE_BUFFER = 4 << 20
+BATCH = 256  # frames read per wake-up at most, so other events are not starved
 RETRY_SECONDS = 0.5
-POLL_SECONDS = 0.25
 
 
 class CaptureError(KnockgateError):
@@ -57,125 +62,101 @@ def check_filter(expression: str) -> None:
 
 
 class InterfaceReader:
-    """Reads one interface until stopped; re-opens it after it goes away."""
+    """One interface's socket; opened, read and re-opened by the loop."""
 
     def __init__(
-        self,
-        interface: str,
-        expression: str,
-        deliver: Callable[[Packet], None],
-        clock: Callable[[], float] = time.time,
+        self, interface: str, expression: str, clock: Callable[[], float] = time.time
     ) -> None:
         self.interface = interface
         self.expression = expression
-        self.deliver = deliver
         self.clock = clock
-        self.stopping = threading.Event()
         self.sock: socket.socket | None = None
         self.frames = 0
         self.undecoded = 0
         self.reopened = 0
-        self.thread = threading.Thread(target=self._run, name=f"capture-{interface}", daemon=True)
-        self._lock = threading.Lock()
+        self.retry_at = 0.0
+        self._was_open = False
+        self._buffer = bytearray(SNAPLEN)
+        self._view = memoryview(self._buffer)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
-
-    def set_filter(self, expression: str) -> None:
-        with self._lock:
-            self.expression = expression
-            if self.sock is not None:
-                _attach(self.sock, expression, self.interface)
-
-    def _open(self) -> socket.socket:
+    def open(self) -> bool:
+        """Try to open the socket; on failure log once and retry after RETRY_SECONDS."""
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             # Filter before bind: no unfiltered packet is ever queued on the socket.
             _attach(sock, self.expression, self.interface)
             sock.bind((self.interface, ETH_P_ALL))
-            sock.settimeout(POLL_SECONDS)
-        except BaseException:
+            sock.setblocking(False)
+        except (OSError, CaptureError) as error:
             sock.close()
-            raise
-        return sock
-
-    def _run(self) -> None:
-        waiting_logged = False
-        while not self.stopping.is_set():
-            try:
-                with self._lock:
-                    self.sock = self._open()
-            except OSError as error:
-                if not waiting_logged:
-                    log.warning("%s: cannot capture (%s); waiting for it", self.interface, error)
-                    waiting_logged = True
-                self.stopping.wait(RETRY_SECONDS)
-                continue
-            except CaptureError as error:
-                log.error("%s", error)
-                self.stopping.wait(RETRY_SECONDS * 4)
-                continue
-            if waiting_logged:
-                log.warning("%s: capturing again", self.interface)
-                self.reopened += 1
-            waiting_logged = False
+            if self.retry_at == 0.0 or self._was_open:
+                log.warning("%s: cannot capture (%s); waiting for it", self.interface, error)
+            self._was_open = False
+            self.retry_at = self.clock() + RETRY_SECONDS
+            return False
+        if self.retry_at:
+            self.reopened += 1
+            log.warning("%s: capturing again", self.interface)
+        else:
             log.info("%s: capturing", self.interface)
-            try:
-                self._read(self.sock)
-            except OSError as error:
-                if error.errno not in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.EBADF):
-                    log.warning("%s: capture error: %s", self.interface, error)
-                else:
-                    log.warning(
-                        "%s: interface went away (%s); waiting for it",
-                        self.interface,
-                        error.strerror,
-                    )
-                waiting_logged = True
-            finally:
-                with self._lock:
-                    sock, self.sock = self.sock, None
-                if sock is not None:
-                    sock.close()
+        self.sock, self._was_open, self.retry_at = sock, True, 0.0
+        return True
 
-    def _read(self, sock: socket.socket) -> None:
-        buffer = bytearray(SNAPLEN)
-        view = memoryview(buffer)
-        deliver = self.deliver
-        clock = self.clock
-        stopping = self.stopping
-        while not stopping.is_set():
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def set_filter(self, expression: str) -> None:
+        self.expression = expression
+        if self.sock is not None:
+            _attach(self.sock, expression, self.interface)
+
+    def read(self) -> list[Packet]:
+        """Every frame waiting (up to BATCH), decoded; OSError when the interface failed."""
+        sock = self.sock
+        assert sock is not None
+        packets: list[Packet] = []
+        buffer, view, now = self._buffer, self._view, self.clock()
+        for _ in range(BATCH):
             try:
                 size, address = sock.recvfrom_into(buffer, SNAPLEN)
-            except TimeoutError:
-                continue
+            except BlockingIOError:
+                break
             if address[2] == PACKET_OUTGOING:
                 continue
             self.frames += 1
-            packet = decode_ethernet(bytes(view[:size]), clock())
+            packet = decode_ethernet(bytes(view[:size]), now)
             if packet is None:
                 self.undecoded += 1
             else:
-                deliver(packet)
+                packets.append(packet)
+        return packets
+
+    def failed(self, error: OSError) -> None:
+        """The socket reported an error: close it and come back for it later."""
+        if error.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.EBADF):
+            log.warning(
+                "%s: interface went away (%s); waiting for it", self.interface, error.strerror
+            )
+        else:
+            log.warning("%s: capture error: %s", self.interface, error)
+        self.close()
+        self.retry_at = self.clock() + RETRY_SECONDS
 
 
 class Sniffer:
     """All configured interfaces; the filter can be replaced while running."""
 
     def __init__(
-        self, interfaces: Sequence[str], expression: str, deliver: Callable[[Packet], None]
+        self,
+        interfaces: Sequence[str],
+        expression: str,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         check_filter(expression)
-        self.readers = [InterfaceReader(name, expression, deliver) for name in interfaces]
-
-    def start(self) -> None:
-        for reader in self.readers:
-            reader.start()
+        self.readers = [InterfaceReader(name, expression, clock) for name in interfaces]
 
     def set_filter(self, expression: str) -> None:
         check_filter(expression)
@@ -185,11 +166,9 @@ class Sniffer:
             except CaptureError as error:
                 log.error("%s", error)
 
-    def stop(self) -> None:
+    def close(self) -> None:
         for reader in self.readers:
-            reader.stopping.set()
-        for reader in self.readers:
-            reader.stop()
+            reader.close()
 
     @property
     def frames(self) -> int:

@@ -45,6 +45,8 @@ from appliance.config.values import (
     parse_door_name,
     parse_interface,
     parse_network,
+    parse_port,
+    parse_proto,
     parse_seconds,
     parse_sequence,
     parse_tcpflags,
@@ -66,7 +68,10 @@ from appliance.core.model import (
     OneTimeFile,
     OpenPorts,
     Origin,
+    Proto,
+    Readiness,
     ScanPolicy,
+    Service,
     Settings,
     Step,
     TcpFlags,
@@ -81,8 +86,25 @@ TOP_KEYS = (
     "firewall",
     "on_shutdown",
     "status_socket",
+    "services",
     "doors",
 )
+SERVICE_KEYS = (
+    "image",
+    "build",
+    "container_port",
+    "host_port",
+    "protocol",
+    "environment",
+    "volumes",
+    "command",
+    "ready",
+    "idle_timeout",
+    "max_lifetime",
+    "keep_warm",
+)
+READY_KEYS = ("tcp", "banner", "http", "healthcheck", "timeout")
+DOOR_SERVICE_KEYS = ("name", "duration")
 FIREWALL_KEYS = ("backend", "always_allow", "scan")
 SCAN_KEYS = ("ports", "window", "hold")
 LOG_KEYS = ("file", "syslog", "format", "level")
@@ -219,6 +241,7 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
     default_duplicates: DuplicatePolicy = (
         "reset" if top.get("duplicates", _choice("ignore", "reset")) == "reset" else "ignore"
     )
+    services = _services(top, path, problems)
     doors: list[Door] = []
     doors_map = top.mapping("doors", ())
     if doors_map is None:
@@ -227,14 +250,14 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
     else:
         names = tuple(doors_map.items)
         for name, (node, line) in doors_map.items.items():
-            door = _door(name, node, line, default_duplicates, names, path, problems)
+            door = _door(name, node, line, default_duplicates, names, services, path, problems)
             if door is not None:
                 doors.append(door)
         if not doors_map.items:
             problems.error(doors_map.line, "doors", "no door is defined (expected at least one)")
     if problems.errors:
         return None
-    return Config(path, "yaml", settings, tuple(doors))
+    return Config(path, "yaml", settings, tuple(doors), tuple(services.values()))
 
 
 def _settings(top: _Map) -> Settings:
@@ -303,6 +326,7 @@ def _door(
     line: int,
     default_duplicates: DuplicatePolicy,
     names: tuple[str, ...],
+    services: dict[str, Service],
     path: str,
     problems: Problems,
 ) -> Door | None:
@@ -316,16 +340,19 @@ def _door(
         problems.error(line, where, "expected a mapping with knock and an action")
         return None
     door = _Map(node, where, DOOR_KEYS, problems, line)
-    if "service" in door.items:
-        problems.error(
-            door.line_of("service"),
-            door.key("service"),
-            "service containers are not supported by this version (expected open, close or "
-            "start_command)",
-        )
+    service = _door_service(door, services)
     door.get("description", _string)
     knock = _knock(door, default_duplicates, path, problems)
     open_ports = _open(door, problems)
+    if service is not None:
+        served, duration = service
+        if open_ports is not None:
+            problems.error(
+                door.line_of("open"),
+                door.key("open"),
+                "a service door opens its service's port (expected service: {name, duration})",
+            )
+        open_ports = OpenPorts((served.step,), duration)
     close = door.get("close", _list_of(_choice(*names))) or ()
     seconds = door.get(
         "cmd_timeout",
@@ -346,7 +373,7 @@ def _door(
             "a stop command needs a start command (expected start_command too)",
         )
     does_something = open_ports or close or commands.start or commands.start6
-    if not does_something and "service" not in door.items:
+    if not does_something:
         problems.warn(door.line, where, "the door has no action: a completed knock is only logged")
     if knock is None or len(problems.errors) != errors_before:
         return None
@@ -357,6 +384,7 @@ def _door(
         close=tuple(close),
         commands=commands,
         origin=Origin(path, line),
+        service=service[0].name if service is not None else None,
     )
 
 
@@ -429,3 +457,175 @@ def _open(door: _Map, problems: Problems) -> OpenPorts | None:
     if ports is None:
         return None
     return OpenPorts(ports, DEFAULT_OPEN_DURATION if duration is None else duration)
+
+
+def _door_service(door: _Map, services: dict[str, Service]) -> tuple[Service, float] | None:
+    """``service: NAME`` or ``service: {name: NAME, duration: SECONDS}``."""
+    if "service" not in door.items:
+        return None
+    node, line = door.items["service"]
+    key = door.key("service")
+    known = ", ".join(services) or "none defined under services:"
+    duration = DEFAULT_OPEN_DURATION
+    if isinstance(node, MappingNode):
+        spec = _Map(node, key, DOOR_SERVICE_KEYS, door.problems, line)
+        name = spec.get("name", _string)
+        if "name" not in spec.items:
+            door.problems.error(line, key + ".name", "missing (expected a service name)")
+        seconds = spec.get(
+            "duration",
+            lambda v: parse_seconds(
+                v, minimum=1.0, maximum=MAX_OPEN_DURATION, what="seconds, from 1 to 604800"
+            ),
+        )
+        duration = duration if seconds is None else seconds
+    else:
+        name = door.get("service", _string)
+    if name is None:
+        return None
+    if name not in services:
+        door.problems.error(line, key, f"no service named {name!r} (expected one of {known})")
+        return None
+    return services[name], duration
+
+
+def _services(top: _Map, path: str, problems: Problems) -> dict[str, Service]:
+    services: dict[str, Service] = {}
+    catalogue = top.mapping("services", ())
+    if catalogue is None:
+        return services
+    for name, (node, line) in catalogue.items.items():
+        where = f"services.{name}"
+        try:
+            parse_door_name(name)
+        except Invalid as problem:
+            problems.error(line, where, str(problem).replace("door name", "service name"))
+            continue
+        if not isinstance(node, MappingNode):
+            problems.error(line, where, "expected a mapping with image and ports")
+            continue
+        service = _service(name, _Map(node, where, SERVICE_KEYS, problems, line), path)
+        if service is not None:
+            services[name] = service
+    return services
+
+
+def _service(name: str, spec: _Map, path: str) -> Service | None:
+    problems = spec.problems
+    errors_before = len(problems.errors)
+    image = spec.get("image", _string)
+    build = spec.get("build", _string)
+    if build is not None and not os.path.isabs(build):
+        build = os.path.normpath(os.path.join(os.path.dirname(path) or ".", build))
+    if image is None and build is None and "image" not in spec.items:
+        problems.error(spec.line, spec.key("image"), "missing (expected image or build)")
+    for key in ("container_port", "host_port"):
+        if key not in spec.items:
+            problems.error(spec.line, spec.key(key), "missing (expected a port number)")
+    container_port = spec.get("container_port", parse_port)
+    host_port = spec.get("host_port", parse_port)
+    proto: Proto = (
+        "udp" if spec.get("protocol", lambda v: parse_proto(_string(v))) == "udp" else "tcp"
+    )
+    environment = spec.get("environment", _environment) or ()
+    volumes = spec.get("volumes", _list_of(_volume)) or ()
+    command = spec.get("command", _command)
+    ready = _ready(spec)
+    idle = spec.get(
+        "idle_timeout",
+        lambda v: parse_seconds(
+            v, minimum=1.0, maximum=SECONDS_LIMIT * 7, what="seconds, 1 or more"
+        ),
+    )
+    lifetime = spec.get(
+        "max_lifetime",
+        lambda v: parse_seconds(
+            v, minimum=1.0, maximum=SECONDS_LIMIT * 365, what="seconds, 1 or more"
+        ),
+    )
+    keep_warm = spec.get("keep_warm", parse_bool)
+    if len(problems.errors) != errors_before or container_port is None or host_port is None:
+        return None
+    default = Service(name, "", 1, 1)
+    return Service(
+        name=name,
+        image=image or f"knockgate-service-{name}:local",
+        container_port=container_port,
+        host_port=host_port,
+        proto=proto,
+        build=build,
+        environment=environment,
+        volumes=tuple(volumes),
+        command=command,
+        ready=ready or Readiness(),
+        idle_timeout=default.idle_timeout if idle is None else idle,
+        max_lifetime=default.max_lifetime if lifetime is None else lifetime,
+        keep_warm=bool(keep_warm),
+    )
+
+
+def _environment(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise Invalid("expected a mapping of NAME: value")
+    out = []
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or "=" in key:
+            raise Invalid(f"{key!r} is not a variable name (expected NAME: value)")
+        if isinstance(item, bool | int | float | str):
+            out.append((key, str(item).lower() if isinstance(item, bool) else str(item)))
+        else:
+            raise Invalid(f"{key}: {item!r} is not a plain value (expected text or a number)")
+    return tuple(out)
+
+
+def _volume(value: Any) -> str:
+    if not isinstance(value, str) or value.count(":") not in (1, 2):
+        raise Invalid(f"{value!r} is not a volume (expected SOURCE:TARGET or SOURCE:TARGET:ro)")
+    source, target, *mode = value.split(":")
+    if not source or not target.startswith("/") or mode not in ([], ["ro"], ["rw"]):
+        raise Invalid(f"{value!r} is not a volume (expected SOURCE:/TARGET[:ro|rw])")
+    return value
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return ("/bin/sh", "-c", value)
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise Invalid("expected a list of arguments or a shell command string")
+
+
+def _ready(spec: _Map) -> Readiness | None:
+    ready = spec.mapping("ready", READY_KEYS)
+    if ready is None:
+        return None
+    timeout = ready.get(
+        "timeout", lambda v: parse_seconds(v, minimum=0.1, maximum=600.0, what="0.1 to 600 seconds")
+    )
+    kinds = [kind for kind in ("tcp", "banner", "http", "healthcheck") if kind in ready.items]
+    if len(kinds) != 1:
+        spec.problems.error(
+            ready.line, ready.key("tcp"), "expected exactly one of tcp, banner, http, healthcheck"
+        )
+        return None
+    kind = kinds[0]
+    base = Readiness(timeout=Readiness().timeout if timeout is None else timeout)
+    if kind == "banner":
+        expect = ready.get("banner", _string) or ""
+        return Readiness("banner", expect=expect, timeout=base.timeout)
+    if kind == "http":
+        node, line = ready.items["http"]
+        http = (
+            _Map(node, ready.key("http"), ("path", "status"), spec.problems, line)
+            if isinstance(node, MappingNode)
+            else None
+        )
+        if http is None:
+            spec.problems.error(line, ready.key("http"), "expected {path: /, status: 200}")
+            return None
+        path = http.get("path", _string) or "/"
+        status = http.get("status", lambda v: parse_count(v, minimum=100, maximum=599))
+        return Readiness("http", path=path, status=status or 200, timeout=base.timeout)
+    if kind == "healthcheck":
+        return Readiness("healthcheck", timeout=base.timeout)
+    return Readiness("tcp", timeout=base.timeout)

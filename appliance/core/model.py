@@ -144,6 +144,46 @@ def _pick(v4: str | None, v6: str | None, ipv6: bool) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Readiness:
+    """How to tell that a started service answers.
+
+    ``tcp``: a connection is accepted; ``banner``: the first bytes it sends start
+    with ``expect``; ``http``: ``GET path`` answers ``status``; ``healthcheck``: the
+    image's own HEALTHCHECK reports healthy. A paused container still completes
+    TCP handshakes, so only an application-level answer proves readiness.
+    """
+
+    kind: Literal["tcp", "banner", "http", "healthcheck"] = "tcp"
+    expect: str = ""
+    path: str = "/"
+    status: int = 200
+    timeout: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A container started on demand by a knock (the ``services:`` catalogue)."""
+
+    name: str
+    image: str
+    container_port: int
+    host_port: int
+    proto: Proto = "tcp"
+    build: str | None = None  # a build context directory; ``image`` is then its tag
+    environment: tuple[tuple[str, str], ...] = ()
+    volumes: tuple[str, ...] = ()  # "SOURCE:TARGET[:ro]"; SOURCE a path or a volume name
+    command: tuple[str, ...] | None = None
+    ready: Readiness = field(default_factory=Readiness)
+    idle_timeout: float = 300.0
+    max_lifetime: float = 86_400.0
+    keep_warm: bool = False
+
+    @property
+    def step(self) -> Step:
+        return Step(self.host_port, self.proto)
+
+
+@dataclass(frozen=True, slots=True)
 class Door:
     name: str
     knock: Knock
@@ -151,6 +191,7 @@ class Door:
     close: tuple[str, ...] = ()
     commands: Commands = field(default_factory=Commands)
     origin: Origin | None = None
+    service: str | None = None  # a service door also has ``open`` = the service's host port
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +239,13 @@ class Config:
     format: Literal["yaml", "knockd"]
     settings: Settings
     doors: tuple[Door, ...]
+    services: tuple[Service, ...] = ()
+
+    def service(self, name: str) -> Service:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(name)
 
     def door(self, name: str) -> Door:
         for door in self.doors:

@@ -73,6 +73,9 @@ class FirewallBackend(Protocol):
     def grants(self) -> list[GrantEntry]:
         """The grants the kernel holds now."""
 
+    def set_direct(self, entries: tuple[tuple[str, Step], ...]) -> None:
+        """The service containers' own (address, port): gated like their published port."""
+
     def check(self) -> bool:
         """True when knockgate's rules are in place (False: flushed by someone)."""
 

@@ -1,9 +1,10 @@
-"""iptables backend: three chains in the ``filter`` table and eight ipsets.
+"""iptables backend: five chains in ``filter``, one in ``mangle``, and ten ipsets.
 
 The same gate as the nftables backend, built from iptables (nf_tables backend)
-and ipset, for both IPv4 (``iptables``) and IPv6 (``ip6tables``)::
+and ipset, for both IPv4 (``iptables``) and IPv6 (``ip6tables``). Three jumps
+are the only rules added to chains knockgate does not own::
 
-    INPUT ──(rule 1, the only rule added to a chain knockgate does not own)──> KNOCKGATE
+    filter INPUT ──(rule 1)──> KNOCKGATE
       KNOCKGATE       -i lo                               RETURN
                       -p tcp|udp, ct state NEW            KNOCKGATE-SCAN   (only with a ScanPolicy)
                       -p tcp, --dports <protected tcp>    KNOCKGATE-GATE   (≤ 15 ports a rule)
@@ -17,16 +18,48 @@ and ipset, for both IPv4 (``iptables``) and IPv6 (``ip6tables``)::
                       -p tcp                              REJECT tcp-reset   (scanners see "closed")
                                                           DROP
 
+    mangle PREROUTING ──(rule 1)──> KNOCKGATE-MARK        (before any DNAT rewrites the port)
+      KNOCKGATE-MARK  ct state NEW, (src, proto:dport) in grants4
+                                                          connmark |= 0x4b000000
+
+    filter DOCKER-USER (when Docker made it) or else FORWARD ──(rule 1)──> KNOCKGATE-FWD
+      KNOCKGATE-FWD   -p P, ct state NEW, ct original dport D   KNOCKGATE-SVC  (each protected P/D)
+                      (dst, proto:dport) in direct4             KNOCKGATE-SVC
+      KNOCKGATE-SVC   ct state ESTABLISHED,RELATED        RETURN
+                      src in allow4                       RETURN
+                      connmark & 0x4b000000               RETURN   (granted before the DNAT)
+                      -p tcp                              REJECT tcp-reset
+                                                          DROP
+
+The forward path covers Docker-published ports: Docker DNATs them in ``nat
+PREROUTING`` and routes them through FORWARD, past INPUT, with the port
+rewritten; so the grant is looked up (and remembered in the connection's mark)
+in ``mangle PREROUTING``, which runs before NAT, and the forward gate matches
+the connection's *original* destination port. The ``direct`` sets hold the
+service containers' own (address, proto:port), which a routed peer could reach
+without any DNAT (:meth:`IptablesBackend.set_direct`).
+
+Where the forward jump goes: Docker inserts ``-j DOCKER-USER`` at the top of
+FORWARD and re-inserts its own accepts above anything else there whenever it
+starts, so a FORWARD rule 1 would not stay first; ``DOCKER-USER`` is the chain
+Docker leaves to the administrator and runs first. The jump goes into
+``DOCKER-USER`` when that chain exists *and* FORWARD jumps to it (a stray
+``DOCKER-USER`` that nothing reaches would gate nothing), else into FORWARD at
+position 1. :meth:`IptablesBackend.check` is False while the jump is not where
+it belongs (Docker started, restarted or re-created its chain), so the daemon's
+periodic check re-runs ``setup``, which moves it.
+
 "Let through" is ``RETURN``, not ``ACCEPT``: the nftables backend accepts in a
 table of its own, which ends only its own chain, and the host's other rules
-still run; an ``ACCEPT`` here would end the whole INPUT chain and skip them.
+(Docker's included) still run; an ``ACCEPT`` here would end the whole built-in
+chain and skip them.
 
 Grants live in ``hash:ip,port`` sets whose default timeout is 0 so that every
 element carries its own kernel-side deadline; ``setup`` never flushes them, so a
-restart keeps the live grants. The hashlimit table's name carries the scan
-parameters: the kernel reuses a hashlimit table by name *with the parameters it
-was created with*, so a changed policy under an unchanged name would keep the
-old rate.
+restart keeps the live grants (and the direct sets' contents). The hashlimit
+table's name carries the scan parameters: the kernel reuses a hashlimit table by
+name *with the parameters it was created with*, so a changed policy under an
+unchanged name would keep the old rate.
 
 Everything that turns a :class:`FirewallPlan` into text or commands is a pure
 function below, golden-tested without root; :class:`IptablesBackend` only runs
@@ -50,15 +83,20 @@ from appliance.errors import FirewallError
 from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
 
 Version = Literal[4, 6]
-SetKind = Literal["grants", "allow", "seen", "held"]
+SetKind = Literal["grants", "allow", "seen", "held", "direct"]
 
 VERSIONS: tuple[Version, ...] = (4, 6)
-SET_KINDS: tuple[SetKind, ...] = ("grants", "allow", "seen", "held")
+SET_KINDS: tuple[SetKind, ...] = ("grants", "allow", "seen", "held", "direct")
 COMMAND_TIMEOUT = 10.0  # seconds, for every subprocess
 MULTIPORT_MAX = 15  # ports in one ``-m multiport --dports`` list
 IPSET_MAX_TIMEOUT = 2_147_483  # seconds: the largest timeout ipset accepts
 PREFIX_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,18}")  # chain ≤ 28, set name ≤ 31
 DESTROY_RETRIES = 5  # an ipset whose last rule just went may be busy for a moment
+# A connection whose first packet matched a grant, before a DNAT rewrote its port
+# (the nftables backend's GRANTED_MARK).
+GRANTED_MARK = "0x4b000000"
+DOCKER_USER = "DOCKER-USER"  # created (and re-created) by dockerd, never by knockgate
+DOCKER_USER_JUMP = "-A FORWARD -j DOCKER-USER"  # as dockerd inserts it, as -S prints it
 
 
 # -- names ---------------------------------------------------------------------------------
@@ -83,8 +121,28 @@ class Names:
         return f"{self.prefix}-GATE"
 
     @property
-    def chains(self) -> tuple[str, str, str]:
-        return (self.chain, self.scan_chain, self.gate_chain)
+    def forward_chain(self) -> str:
+        return f"{self.prefix}-FWD"
+
+    @property
+    def service_chain(self) -> str:
+        return f"{self.prefix}-SVC"
+
+    @property
+    def mark_chain(self) -> str:
+        """In the ``mangle`` table; all the others are in ``filter``."""
+        return f"{self.prefix}-MARK"
+
+    @property
+    def chains(self) -> tuple[str, str, str, str, str]:
+        """knockgate's chains in the ``filter`` table."""
+        return (
+            self.chain,
+            self.scan_chain,
+            self.gate_chain,
+            self.forward_chain,
+            self.service_chain,
+        )
 
     def set(self, kind: SetKind, version: Version) -> str:
         return f"{self.prefix.lower()}-{kind}{version}"
@@ -96,6 +154,15 @@ class Names:
     def jump(self) -> str:
         """The INPUT rule as ``iptables -S`` prints it."""
         return f"-A INPUT -j {self.chain}"
+
+    @property
+    def mark_jump(self) -> str:
+        """The ``mangle`` PREROUTING rule as ``iptables -t mangle -S`` prints it."""
+        return f"-A PREROUTING -j {self.mark_chain}"
+
+    def forward_jump(self, anchor: str) -> str:
+        """The jump to the forward gate from ``anchor`` (FORWARD or DOCKER-USER)."""
+        return f"-A {anchor} -j {self.forward_chain}"
 
 
 def temporary(name: str) -> str:
@@ -170,7 +237,7 @@ def _family(version: Version) -> str:
 
 
 def set_specs(names: Names, plan: FirewallPlan, version: Version) -> tuple[SetSpec, ...]:
-    """The four sets of one family, in the order ``SET_KINDS``.
+    """The five sets of one family, in the order ``SET_KINDS``.
 
     Without a scan policy the scan sets still exist (``is_held`` reads them) with the
     default policy's timeouts.
@@ -182,7 +249,13 @@ def set_specs(names: Names, plan: FirewallPlan, version: Version) -> tuple[SetSp
         SetSpec(names.set("allow", version), SetHeader("hash:net", family, None)),
         SetSpec(names.set("seen", version), SetHeader("hash:ip,port", family, limits.seen_timeout)),
         SetSpec(names.set("held", version), SetHeader("hash:ip", family, limits.hold_timeout)),
+        direct_spec(names, version),
     )
+
+
+def direct_spec(names: Names, version: Version) -> SetSpec:
+    """The service containers' (address, proto:port): no timeout, set_direct replaces them."""
+    return SetSpec(names.set("direct", version), SetHeader("hash:ip,port", _family(version), None))
 
 
 def allow_elements(plan: FirewallPlan, version: Version) -> tuple[str, ...]:
@@ -219,13 +292,20 @@ def parse_set_headers(text: str) -> dict[str, SetHeader]:
     return headers
 
 
-def ipset_setup_batch(names: Names, plan: FirewallPlan, existing: Mapping[str, SetHeader]) -> str:
+def ipset_setup_batch(
+    names: Names,
+    plan: FirewallPlan,
+    existing: Mapping[str, SetHeader],
+    direct: Sequence[tuple[str, Step]] = (),
+) -> str:
     """The ``ipset restore`` input that brings the sets in line with ``plan``.
 
     Missing sets are created; a set whose type, family or timeout differs is
     rebuilt under a temporary name and swapped in (swap works while rules use
     it); the allow sets are refilled the same way, so the swap is their only
-    visible change. Grants in a matching grants set are kept.
+    visible change. Grants in a matching grants set are kept, and so are the
+    entries of a matching direct set; a direct set that is created or rebuilt
+    gets ``direct`` (what :meth:`IptablesBackend.set_direct` last set).
     """
     lines: list[str] = []
     for version in VERSIONS:
@@ -233,17 +313,49 @@ def ipset_setup_batch(names: Names, plan: FirewallPlan, existing: Mapping[str, S
             tmp = temporary(spec.name)
             if tmp in existing:  # left over from an interrupted setup
                 lines.append(f"destroy {tmp}")
-            is_allow = spec.name == names.set("allow", version)
+            if spec.name == names.set("allow", version):
+                elements = allow_elements(plan, version)
+            elif spec.name == names.set("direct", version):
+                elements = direct_elements(direct, version)
+            else:
+                elements = ()
             current = existing.get(spec.name)
             if current is None:
                 lines.append(spec.create())
-                if is_allow:
-                    lines.extend(f"add {spec.name} {e}" for e in allow_elements(plan, version))
-            elif current != spec.header or is_allow:
+                lines.extend(f"add {spec.name} {element}" for element in elements)
+            elif current != spec.header or spec.name == names.set("allow", version):
                 lines.append(spec.create(tmp))
-                if is_allow:
-                    lines.extend(f"add {tmp} {e}" for e in allow_elements(plan, version))
+                lines.extend(f"add {tmp} {element}" for element in elements)
                 lines += [f"swap {tmp} {spec.name}", f"destroy {tmp}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def direct_elements(entries: Sequence[tuple[str, Step]], version: Version) -> tuple[str, ...]:
+    """The (address, port) pairs of one family as hash:ip,port elements, without repeats."""
+    elements: dict[str, None] = {}
+    for address, step in entries:
+        ip = _ip(address)
+        if ip.version == version:
+            elements[_element(str(ip), step)] = None
+    return tuple(elements)
+
+
+def direct_batch(names: Names, entries: Sequence[tuple[str, Step]]) -> str:
+    """``ipset -exist restore`` input that replaces both direct sets' contents.
+
+    Each set is filled under a temporary name and swapped in, so a packet sees
+    the old contents or the new, never a partial set. ``-exist`` plus the flush
+    make a temporary set left over by an interrupted call harmless.
+    """
+    for address, _ in entries:  # every address checked before anything is sent
+        _ip(address)
+    lines: list[str] = []
+    for version in VERSIONS:
+        spec = direct_spec(names, version)
+        tmp = temporary(spec.name)
+        lines += [spec.create(tmp), f"flush {tmp}"]
+        lines.extend(f"add {tmp} {element}" for element in direct_elements(entries, version))
+        lines += [f"swap {tmp} {spec.name}", f"destroy {tmp}"]
     return "".join(line + "\n" for line in lines)
 
 
@@ -305,8 +417,9 @@ def _chunks(ports: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
 
 
 def rule_lines(names: Names, plan: FirewallPlan, version: Version) -> list[str]:
-    """The ``-A`` rules of the three chains, exactly as ``iptables -S`` prints them."""
-    chain, scan, gate = names.chains
+    """The ``-A`` rules of the ``filter`` chains, exactly as ``iptables -S`` prints them."""
+    chain, scan, gate, forward, service = names.chains
+    allow = names.set("allow", version)
     rules = [f"-A {chain} -i lo -j RETURN"]
     if plan.scan is not None:
         rules += [f"-A {chain} -p {p} -m conntrack --ctstate NEW -j {scan}" for p in ("tcp", "udp")]
@@ -329,12 +442,45 @@ def rule_lines(names: Names, plan: FirewallPlan, version: Version) -> list[str]:
         ]
     rules += [
         f"-A {gate} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-        f"-A {gate} -m set --match-set {names.set('allow', version)} src -j RETURN",
+        f"-A {gate} -m set --match-set {allow} src -j RETURN",
         f"-A {gate} -m set --match-set {names.set('grants', version)} src,dst -j RETURN",
         f"-A {gate} -p tcp -j REJECT --reject-with tcp-reset",
         f"-A {gate} -j DROP",
     ]
+    # Forwarded (Docker-published) ports: by the port the client asked for, before the
+    # DNAT. --ctorigdstport takes one port (or a range), not a list: one rule a port.
+    # Only connections that were rewritten (ctstate DNAT): a container's own outgoing
+    # connection to some remote port 443 must not be gated because 443 is protected here.
+    # (Established ones return first in the service chain, so NEW is implied.)
+    for proto in ("tcp", "udp"):
+        rules += [
+            f"-A {forward} -p {proto} -m conntrack --ctstate DNAT --ctorigdstport {port}"
+            f" -j {service}"
+            for port in plan.ports(proto)
+        ]
+    rules += [
+        # dst,dst: the destination's address and the destination's port.
+        f"-A {forward} -m set --match-set {names.set('direct', version)} dst,dst -j {service}",
+        f"-A {service} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        f"-A {service} -m set --match-set {allow} src -j RETURN",
+        f"-A {service} -m connmark --mark {GRANTED_MARK}/{GRANTED_MARK} -j RETURN",
+        f"-A {service} -p tcp -j REJECT --reject-with tcp-reset",
+        f"-A {service} -j DROP",
+    ]
     return rules
+
+
+def mark_rule_lines(names: Names, version: Version) -> list[str]:
+    """The ``mangle`` chain's rule, as ``iptables -t mangle -S`` prints it.
+
+    ``-j CONNMARK --or-mark M`` is stored, and printed, as its equivalent
+    ``--set-xmark M/M`` (clear the bits of M, then xor M: set them).
+    """
+    grants = names.set("grants", version)
+    return [
+        f"-A {names.mark_chain} -m conntrack --ctstate NEW -m set --match-set {grants} src,dst"
+        f" -j CONNMARK --set-xmark {GRANTED_MARK}/{GRANTED_MARK}"
+    ]
 
 
 def restore_text(names: Names, plan: FirewallPlan, version: Version) -> str:
@@ -342,8 +488,61 @@ def restore_text(names: Names, plan: FirewallPlan, version: Version) -> str:
     lines = ["*filter"]
     lines += [f":{chain} - [0:0]" for chain in names.chains]
     lines += rule_lines(names, plan, version)
+    lines += ["COMMIT", "*mangle", f":{names.mark_chain} - [0:0]"]
+    lines += mark_rule_lines(names, version)
     lines.append("COMMIT")
     return "".join(line + "\n" for line in lines)
+
+
+def forward_anchor(listing: Iterable[str]) -> str:
+    """Where the forward jump belongs, from an ``iptables -S`` listing of ``filter``.
+
+    ``DOCKER-USER`` when dockerd made it and FORWARD jumps to it, else FORWARD.
+    """
+    lines = set(listing)
+    if f"-N {DOCKER_USER}" in lines and DOCKER_USER_JUMP in lines:
+        return DOCKER_USER
+    return "FORWARD"
+
+
+def structure_problems(
+    names: Names,
+    plan: FirewallPlan | None,
+    version: Version,
+    filter_listing: Sequence[str],
+    mangle_listing: Sequence[str],
+) -> list[str]:
+    """What is not in place in one family's tables (empty: all is).
+
+    Without a plan (a process that did not run ``setup``) only the chains and
+    jumps are checked, not the rules in the chains.
+    """
+    problems: list[str] = []
+    anchor = forward_anchor(filter_listing)
+    jumps = [
+        (filter_listing, "filter", names.jump),
+        (filter_listing, "filter", names.forward_jump(anchor)),
+        (mangle_listing, "mangle", names.mark_jump),
+    ]
+    for listing, table, jump in jumps:
+        if jump not in listing:
+            problems.append(f"{table}: no {jump!r}")
+    for other in ("FORWARD", DOCKER_USER):
+        if other != anchor and names.forward_jump(other) in filter_listing:
+            problems.append(f"filter: {names.forward_jump(other)!r} instead of in {anchor}")
+    chains = [(filter_listing, "filter", chain) for chain in names.chains]
+    chains.append((mangle_listing, "mangle", names.mark_chain))
+    for listing, table, chain in chains:
+        if f"-N {chain}" not in listing:
+            problems.append(f"{table}: no chain {chain}")
+    if plan is not None:
+        expected = rule_lines(names, plan, version)
+        for chain in names.chains:
+            if chain_rules(filter_listing, chain) != chain_rules(expected, chain):
+                problems.append(f"filter: chain {chain} differs")
+        if chain_rules(mangle_listing, names.mark_chain) != mark_rule_lines(names, version):
+            problems.append(f"mangle: chain {names.mark_chain} differs")
+    return problems
 
 
 def chain_rules(listing: Iterable[str], chain: str) -> list[str]:
@@ -398,6 +597,7 @@ class IptablesBackend:
         self.netns = netns
         self.names = make_names(prefix)
         self._plan: FirewallPlan | None = None
+        self._direct: tuple[tuple[str, Step], ...] = ()  # refilled if setup recreates the set
 
     # running commands
 
@@ -426,8 +626,8 @@ class IptablesBackend:
             )
         return proc
 
-    def _listing(self, version: Version) -> list[str]:
-        return self._run([_iptables(version), "-w", "-S"]).stdout.splitlines()
+    def _listing(self, version: Version, table: str = "filter") -> list[str]:
+        return self._run([_iptables(version), "-w", "-t", table, "-S"]).stdout.splitlines()
 
     def _set_names(self) -> set[str]:
         return set(self._run(["ipset", "list", "-n"]).stdout.split())
@@ -436,25 +636,45 @@ class IptablesBackend:
 
     def setup(self, plan: FirewallPlan) -> None:
         existing = parse_set_headers(self._run(["ipset", "list", "-t"]).stdout)
-        self._run(["ipset", "restore"], stdin=ipset_setup_batch(self.names, plan, existing))
+        batch = ipset_setup_batch(self.names, plan, existing, self._direct)
+        self._run(["ipset", "restore"], stdin=batch)
         for version in VERSIONS:
             self._run(
                 [f"{_iptables(version)}-restore", "-w", "--noflush"],
                 stdin=restore_text(self.names, plan, version),
             )
         for version in VERSIONS:
-            self._ensure_jump(version)
+            self._ensure_jumps(version)
         self._plan = plan
 
-    def _ensure_jump(self, version: Version) -> None:
-        """Exactly one INPUT jump: insert it at the top when missing, drop extra ones."""
+    def _ensure_jumps(self, version: Version) -> None:
+        """Exactly one jump to each entry chain, at rule 1 of where it belongs.
+
+        A missing jump is inserted at the top; extra ones are dropped, and so is a
+        forward jump left in the chain that is no longer the anchor (Docker started
+        or stopped managing FORWARD) — after the new one is in, so no packet slips
+        through between the two.
+        """
         command = _iptables(version)
-        rules = self._run([command, "-w", "-S", "INPUT"]).stdout.splitlines()
-        count = rules.count(self.names.jump)
-        if count == 0:
-            self._run([command, "-w", "-I", "INPUT", "1", "-j", self.names.chain])
-        for _ in range(count - 1):
-            self._run([command, "-w", "-D", "INPUT", "-j", self.names.chain])
+        filter_listing = self._listing(version)
+        mangle_listing = self._listing(version, "mangle")
+        anchor = forward_anchor(filter_listing)
+        names = self.names
+        wanted = (
+            ("filter", "INPUT", names.chain, filter_listing),
+            ("mangle", "PREROUTING", names.mark_chain, mangle_listing),
+            ("filter", anchor, names.forward_chain, filter_listing),
+        )
+        for table, chain, target, listing in wanted:
+            count = listing.count(f"-A {chain} -j {target}")
+            if count == 0:
+                self._run([command, "-w", "-t", table, "-I", chain, "1", "-j", target])
+            for _ in range(count - 1):
+                self._run([command, "-w", "-t", table, "-D", chain, "-j", target])
+        for other in ("FORWARD", DOCKER_USER):
+            if other != anchor:
+                for _ in range(filter_listing.count(names.forward_jump(other))):
+                    self._run([command, "-w", "-D", other, "-j", names.forward_chain])
 
     def grant(self, address: str, ports: tuple[Step, ...], seconds: float) -> None:
         """Grant for ``max(1, floor(seconds))`` kernel seconds; ``seconds <= 0`` revokes."""
@@ -488,24 +708,44 @@ class IptablesBackend:
             entries.extend(parse_grants(save))
         return entries
 
+    def set_direct(self, entries: tuple[tuple[str, Step], ...]) -> None:
+        """Replace both direct sets' contents, each in one swap.
+
+        On failure (no ``setup`` yet, a set someone else changed) the temporary
+        sets are removed and the old contents stay in force.
+        """
+        batch = direct_batch(self.names, entries)  # a bad address: nothing is sent
+        self._direct = tuple(entries)
+        try:
+            self._run(["ipset", "-exist", "restore"], stdin=batch)
+        except FirewallError:
+            for version in VERSIONS:
+                tmp = temporary(self.names.set("direct", version))
+                self._run(["ipset", "destroy", tmp], ok=(0, 1))
+            raise
+
     def check(self) -> bool:
+        """All sets, chains and jumps in place (and, after ``setup``, the rules).
+
+        False also while the forward jump is not where :func:`forward_anchor` says
+        (Docker started or re-created ``DOCKER-USER``): ``setup`` moves it.
+        """
         if not set(self.names.all_sets()) <= self._set_names():
             return False
         for version in VERSIONS:
-            listing = self._listing(version)
-            if self.names.jump not in listing:
+            filter_listing = self._listing(version)
+            mangle_listing = self._listing(version, "mangle")
+            if structure_problems(self.names, self._plan, version, filter_listing, mangle_listing):
                 return False
-            if any(f"-N {chain}" not in listing for chain in self.names.chains):
-                return False
-            if self._plan is not None:
-                expected = rule_lines(self.names, self._plan, version)
-                for chain in self.names.chains:
-                    if chain_rules(listing, chain) != chain_rules(expected, chain):
-                        return False
         return True
 
     def teardown(self) -> None:
-        """Undo everything, one guarded step at a time; report what failed at the end."""
+        """Undo everything, one guarded step at a time; report what failed at the end.
+
+        Jumps go first, then knockgate's chains (flushed, then deleted: the forward
+        chain refers to the service chain), then the sets, which only then are
+        unreferenced. ``DOCKER-USER`` itself is Docker's and stays.
+        """
         errors: list[str] = []
 
         def attempt(argv: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
@@ -515,24 +755,41 @@ class IptablesBackend:
                 errors.append(str(exc))
                 return None
 
+        names = self.names
+        # table: (the (chain, target) jumps into knockgate's chains, knockgate's chains)
+        layout: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {
+            "filter": (
+                (
+                    ("INPUT", names.chain),
+                    ("FORWARD", names.forward_chain),
+                    (DOCKER_USER, names.forward_chain),
+                ),
+                names.chains,
+            ),
+            "mangle": ((("PREROUTING", names.mark_chain),), (names.mark_chain,)),
+        }
         for version in VERSIONS:
             command = _iptables(version)
-            listed = attempt([command, "-w", "-S"])
-            if listed is None:
-                continue
-            listing = listed.stdout.splitlines()
-            for _ in range(listing.count(self.names.jump)):
-                attempt([command, "-w", "-D", "INPUT", "-j", self.names.chain])
-            present = [chain for chain in self.names.chains if f"-N {chain}" in listing]
-            for chain in present:
-                attempt([command, "-w", "-F", chain])
-            for chain in present:
-                attempt([command, "-w", "-X", chain])
+            tables: list[tuple[str, list[str], tuple[tuple[str, str], ...], tuple[str, ...]]] = []
+            for table, (jumps, chains) in layout.items():
+                listed = attempt([command, "-w", "-t", table, "-S"])
+                if listed is not None:
+                    tables.append((table, listed.stdout.splitlines(), jumps, chains))
+            for table, listing, jumps, _ in tables:
+                for chain, target in jumps:
+                    for _ in range(listing.count(f"-A {chain} -j {target}")):
+                        attempt([command, "-w", "-t", table, "-D", chain, "-j", target])
+            for table, listing, _, chains in tables:
+                present = [chain for chain in chains if f"-N {chain}" in listing]
+                for chain in present:
+                    attempt([command, "-w", "-t", table, "-F", chain])
+                for chain in present:
+                    attempt([command, "-w", "-t", table, "-X", chain])
 
         listed = attempt(["ipset", "list", "-n"])
         if listed is not None:
             present_sets = set(listed.stdout.split())
-            ours = self.names.all_sets()
+            ours = names.all_sets()
             for name in (*ours, *(temporary(name) for name in ours)):
                 if name in present_sets:
                     error = self._destroy_set(name)

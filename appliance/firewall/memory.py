@@ -19,6 +19,7 @@ class MemoryBackend:
         self.table: dict[tuple[str, Step], float] = {}  # (address, step) -> deadline
         self.held: set[str] = set()
         self.calls: list[str] = []
+        self.direct: tuple[tuple[str, Step], ...] = ()
         self.fail: str | None = None  # name of a method that raises FirewallError
 
     def _call(self, name: str) -> None:
@@ -56,6 +57,10 @@ class MemoryBackend:
 
     def is_open(self, address: str, step: Step) -> bool:
         return self.table.get((address, step), 0.0) > self.clock()
+
+    def set_direct(self, entries: tuple[tuple[str, Step], ...]) -> None:
+        self._call("set_direct")
+        self.direct = entries
 
     def check(self) -> bool:
         return self.plan is not None

@@ -28,6 +28,13 @@ GRANT_SETS = {
     4: ("grants4", "ipv4_addr . inet_proto . inet_service"),
     6: ("grants6", "ipv6_addr . inet_proto . inet_service"),
 }
+# Service containers' own (address . protocol . port): reached directly, past the host port.
+DIRECT_SETS = {
+    4: ("direct4", "ipv4_addr . inet_proto . inet_service"),
+    6: ("direct6", "ipv6_addr . inet_proto . inet_service"),
+}
+# A connection whose first packet matched a grant, before Docker's DNAT rewrote its port.
+GRANTED_MARK = "0x4b000000"
 
 
 def _family(address: str) -> int:
@@ -64,9 +71,16 @@ def setup_script(plan: FirewallPlan) -> str:
     lines = [f"add table {t}"]
     for name, kind in GRANT_SETS.values():
         lines.append(f"add set {t} {name} {{ type {kind}; flags timeout; }}")
+    for name, kind in DIRECT_SETS.values():
+        lines.append(f"add set {t} {name} {{ type {kind}; }}")
     # Chains first emptied, so the sets their rules use can be replaced below.
-    hook = "{ type filter hook input priority filter - 10; policy accept; }"
-    for chain, spec in (("input", f" {hook}"), ("scan", ""), ("gate", "")):
+    hooks = {
+        "input": " { type filter hook input priority filter - 10; policy accept; }",
+        "mark_grants": " { type filter hook prerouting priority dstnat - 10; policy accept; }",
+        "forward_gate": " { type filter hook forward priority filter - 10; policy accept; }",
+    }
+    for chain in ("input", "scan", "gate", "mark_grants", "forward_gate", "service_gate"):
+        spec = hooks.get(chain, "")
         lines.append(f"add chain {t} {chain}{spec}")
         lines.append(f"flush chain {t} {chain}")
     rebuilt: list[tuple[str, str]] = [
@@ -112,6 +126,28 @@ def setup_script(plan: FirewallPlan) -> str:
         f"add rule {t} gate ip6 saddr . meta l4proto . th dport @grants6 accept",
         f"add rule {t} gate meta l4proto tcp reject with tcp reset",
         f"add rule {t} gate drop",
+        # Published container ports: Docker DNATs them in prerouting and routes them
+        # through FORWARD, past INPUT. Mark granted connections before the DNAT, then
+        # gate forwarded traffic by its original port, and direct traffic to the
+        # service containers' own addresses, on that mark.
+        f"add rule {t} mark_grants ct state new ip saddr . meta l4proto . th dport @grants4 "
+        f"ct mark set ct mark | {GRANTED_MARK}",
+        f"add rule {t} mark_grants ct state new ip6 saddr . meta l4proto . th dport @grants6 "
+        f"ct mark set ct mark | {GRANTED_MARK}",
+        # Only rewritten connections (ct status dnat): a container's own outgoing connection
+        # to a remote port that happens to be protected here is not ours to gate.
+        f"add rule {t} forward_gate meta l4proto tcp ct status dnat "
+        "ct original proto-dst @protected_tcp jump service_gate",
+        f"add rule {t} forward_gate meta l4proto udp ct status dnat "
+        "ct original proto-dst @protected_udp jump service_gate",
+        f"add rule {t} forward_gate ip daddr . meta l4proto . th dport @direct4 jump service_gate",
+        f"add rule {t} forward_gate ip6 daddr . meta l4proto . th dport @direct6 jump service_gate",
+        f"add rule {t} service_gate ct state established,related accept",
+        f"add rule {t} service_gate ip saddr @allow4 accept",
+        f"add rule {t} service_gate ip6 saddr @allow6 accept",
+        f"add rule {t} service_gate ct mark & {GRANTED_MARK} == {GRANTED_MARK} accept",
+        f"add rule {t} service_gate meta l4proto tcp reject with tcp reset",
+        f"add rule {t} service_gate drop",
     ]
     return "\n".join(lines) + "\n"
 
@@ -145,3 +181,18 @@ def revoke_script(address: str, ports: tuple[Step, ...]) -> str:
 def teardown_script() -> str:
     """Idempotent: adding the table first makes the delete succeed when it is absent."""
     return f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+
+
+def direct_script(entries: tuple[tuple[str, Step], ...]) -> str:
+    """Replace the service containers' addresses (both families) in one batch."""
+    t = f"{FAMILY} {TABLE}"
+    lines = [f"flush set {t} {name}" for name, _ in DIRECT_SETS.values()]
+    for version, (name, _) in DIRECT_SETS.items():
+        items = tuple(
+            f"{address} . {step.proto} . {step.port}"
+            for address, step in entries
+            if _family(address) == version
+        )
+        if items:
+            lines.append(f"add element {t} {name} {_elements(items)}")
+    return "\n".join(lines) + "\n"

@@ -14,11 +14,14 @@ SIGHUP: read the config again; a bad one is logged and the old one kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import queue
+import selectors
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +29,12 @@ from typing import Any
 
 from appliance.capture.addresses import AddressWatcher
 from appliance.capture.bpf import capture_filter
-from appliance.capture.sniffer import Sniffer, default_interfaces
+from appliance.capture.sniffer import (
+    RETRY_SECONDS,
+    InterfaceReader,
+    Sniffer,
+    default_interfaces,
+)
 from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
 from appliance.core.engine import KnockEngine
@@ -41,16 +49,19 @@ from appliance.core.events import (
     SetTimer,
     Tick,
 )
-from appliance.core.model import Config, Step
+from appliance.core.model import Config, Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.logs import configure, log_command
+from appliance.runtime.services import ServiceManager
 from appliance.runtime.status import StatusServer
+from appliance.services.launcher import ServiceLauncher
 
 log = logging.getLogger("knockgate")
 
 CHECK_SECONDS = 5.0  # how often the firewall rules are verified (and repaired)
+SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
 
 
 def firewall_plan(config: Config) -> FirewallPlan:
@@ -80,13 +91,20 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.time,
         capture: bool = True,
+        launcher: ServiceLauncher | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = loaded.config
         self.backend = backend
         self.clock = clock
         self.capture = capture
+        # Other threads (status socket, address watcher, service launches, signal
+        # handlers) hand items over through this queue and wake the loop with a byte
+        # on the pipe; packets never go through it (the loop reads the sockets).
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.engine = self._engine(self.config)
         self.runner = CommandRunner()
         self.stats = Stats()
@@ -98,6 +116,7 @@ class Daemon:
         self.status: StatusServer | None = None
         self.suppressed: set[tuple[str, str, float]] = set()  # stop commands not to run
         self._held: dict[tuple[str, str], bool] = {}
+        self.services = ServiceManager(launcher, backend, self.enqueue, clock) if launcher else None
 
     @staticmethod
     def _engine(config: Config) -> KnockEngine:
@@ -105,41 +124,79 @@ class Daemon:
 
     # ----------------------------------------------------------------- life cycle
 
+    def enqueue(self, item: Any) -> None:
+        """From any thread (or a signal handler): hand ``item`` to the loop and wake it."""
+        self.queue.put(item)
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the loop
+            os.write(self._wake_w, b"\0")
+
     def start(self) -> None:
         """Firewall first (reconcile: stale rules replaced, live grants kept), then capture."""
         self.backend.setup(firewall_plan(self.config))
         log.info("firewall: %s rules in place", self.backend.name)
-        self.status = StatusServer(self.config.settings.status_socket, self.queue.put)
+        self.status = StatusServer(self.config.settings.status_socket, self.enqueue)
         self.status.start()
+        if self.services is not None:
+            self.services.start()
         if self.capture:
-            self.watcher = AddressWatcher(lambda now: self.queue.put(("addresses", now)))
+            self.watcher = AddressWatcher(lambda now: self.enqueue(("addresses", now)))
             self.addresses = self.watcher.current
             interfaces = list(self.config.settings.interfaces) or default_interfaces()
             self.sniffer = Sniffer(
-                interfaces, capture_filter(self.config.doors, self.addresses), self.queue.put
+                interfaces, capture_filter(self.config.doors, self.addresses), self.clock
             )
-            self.sniffer.start()
+            for reader in self.sniffer.readers:
+                reader.open()
             self.watcher.start()
             log.info("starting up, listening on %s", ", ".join(interfaces))
         self.running = True
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.queue.put(("signal", "TERM")))
-        signal.signal(signal.SIGINT, lambda *_: self.queue.put(("signal", "TERM")))
-        signal.signal(signal.SIGHUP, lambda *_: self.queue.put(("signal", "HUP")))
+        signal.signal(signal.SIGTERM, lambda *_: self.enqueue(("signal", "TERM")))
+        signal.signal(signal.SIGINT, lambda *_: self.enqueue(("signal", "TERM")))
+        signal.signal(signal.SIGHUP, lambda *_: self.enqueue(("signal", "HUP")))
 
     def run(self) -> None:
-        """Process the queue until SIGTERM; then shut down in order."""
+        """Read packets and queued items until SIGTERM; then shut down in order."""
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
+        registered: dict[InterfaceReader, socket.socket] = {}
+        readers = self.sniffer.readers if self.sniffer is not None else []
         next_check = self.clock() + CHECK_SECONDS
+        next_tick = self.clock() + SERVICE_TICK
+        handle, commands = self.engine.handle, self._commands
         while self.running:
+            for reader in readers:  # (re-)register sockets; re-open closed ones when due
+                sock = registered.get(reader)
+                if reader.sock is not sock:
+                    if sock is not None:
+                        selector.unregister(sock)
+                        del registered[reader]
+                    if reader.sock is not None:
+                        selector.register(reader.sock, selectors.EVENT_READ, reader)
+                        registered[reader] = reader.sock
+                if reader.sock is None and self.clock() >= reader.retry_at:
+                    reader.open()
             now = self.clock()
-            timeout = min(self.wake, next_check) - now
-            try:
-                item = self.queue.get(timeout=max(0.0, timeout)) if timeout > 0 else None
-            except queue.Empty:
-                item = None
-            if item is not None:
-                self._item(item)
+            due = min(self.wake, next_check, next_tick)
+            if any(reader.sock is None for reader in readers):
+                due = min(due, now + RETRY_SECONDS)
+            for key, _ in selector.select(max(0.0, due - now)):
+                reader = key.data
+                if reader is None:
+                    self._drain_queue()
+                    continue
+                try:
+                    packets = reader.read()
+                except OSError as error:
+                    reader.failed(error)
+                    continue
+                if self.engine.handle is not handle:  # replaced by a reload
+                    handle = self.engine.handle
+                for packet in packets:
+                    out = handle(packet)
+                    if out:
+                        commands(out)
             now = self.clock()
             if now >= self.wake:
                 self.wake = math.inf
@@ -147,7 +204,23 @@ class Daemon:
             if now >= next_check:
                 next_check = now + CHECK_SECONDS
                 self._check_firewall()
+            if now >= next_tick:
+                next_tick = now + SERVICE_TICK
+                if self.services is not None:
+                    self.services.tick()
+        selector.close()
         self.shutdown()
+
+    def _drain_queue(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            self._item(item)
 
     def _item(self, item: Any) -> None:
         if type(item) is Packet:
@@ -162,16 +235,23 @@ class Daemon:
             self._addresses(item[1])
         elif item[0] == "status":
             item[1](self.snapshot())
+        elif item[0] == "service-ready" and self.services is not None:
+            if self.services.ready(item[1], item[2], item[3]):
+                log_command(item[1])
+        elif item[0] == "services-prepared" and self.services is not None:
+            self.services.prepared()
         else:
             raise TypeError(f"unknown queue item {item!r}")
 
     def shutdown(self) -> None:
         if self.sniffer is not None:
-            self.sniffer.stop()
+            self.sniffer.close()
         if self.watcher is not None:
             self.watcher.stop()
         if self.config.settings.on_shutdown == "revoke":
             self._revoke_all()
+        if self.services is not None:
+            self.services.shutdown()
         self.runner.shutdown()  # start commands still running finish before their stops
         for command in self.engine.drain():
             if isinstance(command, RunCommand) and not self._suppressed(command):
@@ -215,6 +295,13 @@ class Daemon:
             self.stats.held_off += 1
             log.warning("%s: %s: held off as a port scanner: no access", grant.address, grant.door)
             return
+        door = self._door(grant.door)
+        if door is not None and door.service is not None:
+            if self.services is None:
+                log.error("%s: %s: no container runtime, no access", grant.address, grant.door)
+                return
+            self.services.request(grant, self.config.service(door.service))
+            return
         seconds = grant.until - self.clock()
         try:
             self.backend.grant(grant.address, grant.ports, seconds)
@@ -226,8 +313,11 @@ class Daemon:
             return
         log_command(grant)
 
+    def _door(self, name: str) -> Door | None:
+        return next((door for door in self.config.doors if door.name == name), None)
+
     def _revoke(self, revoke: Revoke) -> None:
-        door = next((d for d in self.config.doors if d.name == revoke.door), None)
+        door = self._door(revoke.door)
         if door is None or door.open is None:
             return
         try:
@@ -236,6 +326,8 @@ class Daemon:
             log.error("%s: %s: revoke failed: %s", revoke.address, revoke.door, error)
             return
         log_command(revoke)
+        if door.service is not None and self.services is not None:
+            self.services.revoked(door.service, revoke.address)
 
     def _run(self, command: RunCommand) -> None:
         if command.phase == "start":
@@ -316,6 +408,12 @@ class Daemon:
                 str(error).replace("\n", "; "),
             )
             return
+        if loaded.config.services != self.config.services:
+            self.stats.reload_failures += 1
+            log.error(
+                "reload refused: the services catalogue changed (restart knockgate to apply it)"
+            )
+            return
         try:
             self.backend.setup(firewall_plan(loaded.config))
         except FirewallError as error:
@@ -360,6 +458,7 @@ class Daemon:
                 for door in self.config.doors
             ],
             "grants": grants,
+            "services": self.services.snapshot() if self.services is not None else [],
             "attempts": self.engine.attempt_count,
             "counters": {
                 **self.engine.counters.as_dict(),
@@ -369,6 +468,8 @@ class Daemon:
                 "firewall_repairs": self.stats.firewall_repairs,
                 "reloads": self.stats.reloads,
                 "reload_failures": self.stats.reload_failures,
+                "service_launches": self.services.launches if self.services else 0,
+                "service_failures": self.services.failures if self.services else 0,
             },
         }
 

@@ -8,6 +8,15 @@ veth pair, and removes both in the fixture's ``finally``. Addresses:
     client  198.18.77.2/24   2001:2::2/64   (primary: nmap's source)
             198.18.77.9/24                  (a second client address)
 
+The forward-path tests add a third namespace, ``kgipt<pid><n>k``, a "service
+container" behind the server (the server forwards, the only namespace that
+does; the client routes 198.18.78.0/24 and 2001:2:0:78::/64 through it), and
+mimic a Docker-published port with a DNAT in the server's ``nat`` table:
+
+    server    198.18.78.1/24   2001:2:0:78::1/64
+    container 198.18.78.2/24   2001:2:0:78::2/64   TCP 22 (banner), UDP 53 (echo)
+    server:2222/tcp -> container:22     server:5300/udp -> container:53
+
 Needs root, iptables/ip6tables (+ -restore), ipset and nmap.
 """
 
@@ -45,6 +54,16 @@ OPEN_UDP_PORT = 5354  # not protected, nothing listening: ICMP port unreachable
 WEB = Step(TCP_PORT, "tcp")
 ECHO = Step(UDP_PORT, "udp")
 PLAN = FirewallPlan(protected=(WEB, ECHO), scan=ScanPolicy(ports=10, window=2.0, hold=60.0))
+CONTAINER = "198.18.78.2"
+CONTAINER6 = "2001:2:0:78::2"
+PUBLISHED = Step(2222, "tcp")  # DNATed to the container's SSH
+PUBLISHED_UDP = Step(5300, "udp")  # DNATed to the container's DNS
+SSH = Step(22, "tcp")  # the container's own port (not protected on the host)
+DNS = Step(53, "udp")
+FORWARD_PLAN = FirewallPlan(
+    protected=(WEB, ECHO, PUBLISHED, PUBLISHED_UDP),
+    scan=ScanPolicy(ports=10, window=2.0, hold=60.0),
+)
 COMMAND_WAIT = 30.0  # seconds: the longest any one command of a test may take
 TOOLS = ("ip", "iptables", "ip6tables", "iptables-restore", "ip6tables-restore", "ipset", "nmap")
 
@@ -131,12 +150,20 @@ class Lab:
             for port, state, proto in re.findall(r"(\d+)/([a-z|]+)/(tcp|udp)/", out)
         }
 
-    def snapshot(self) -> tuple[str, str, str]:
+    def snapshot(self) -> tuple[str, ...]:
         return (
-            self.server("iptables", "-S"),
-            self.server("ip6tables", "-S"),
+            *(
+                self.server(command, "-t", table, "-S")
+                for command in ("iptables", "ip6tables")
+                for table in ("filter", "mangle", "nat")
+            ),
             self.server("ipset", "list", "-n"),
         )
+
+    def rules(self, chain: str, command: str = "iptables", table: str = "filter") -> list[str]:
+        """The ``-A`` rules of one chain in the server namespace."""
+        listing = self.server(command, "-t", table, "-S", chain).splitlines()
+        return [line for line in listing if line.startswith("-A ")]
 
     def backend(self) -> IptablesBackend:
         return IptablesBackend(netns=self.server_ns)
@@ -152,6 +179,12 @@ def _wait_ready(server: subprocess.Popen[str], limit: float = 5.0) -> None:
     line = server.stdout.readline() if ready else ""
     if line.strip() != "ready":
         raise AssertionError(f"echo server did not start within {limit} s: {line!r}")
+
+
+def _serve(ns: str, host4: str, host6: str, tcp: int, udp: int) -> subprocess.Popen[str]:
+    """The TCP banner / UDP echo server in ``ns``; the caller kills it."""
+    argv = [sys.executable, "-c", SERVER_SCRIPT, host4, host6, str(tcp), str(udp)]
+    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE, text=True)
 
 
 @pytest.fixture
@@ -188,23 +221,7 @@ def lab() -> Iterator[Lab]:
                 _ip("-n", ns, "addr", "add", address, "dev", link, *extra)
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", link, "up")
-        server = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                lab.server_ns,
-                sys.executable,
-                "-c",
-                SERVER_SCRIPT,
-                SERVER,
-                SERVER6,
-                str(TCP_PORT),
-                str(UDP_PORT),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        server = _serve(lab.server_ns, SERVER, SERVER6, TCP_PORT, UDP_PORT)
         _wait_ready(server)
         yield lab
     finally:
@@ -215,6 +232,94 @@ def lab() -> Iterator[Lab]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=COMMAND_WAIT)
         names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert tag not in names, f"namespaces left behind: {names}"
+
+
+@pytest.fixture
+def routed(lab: Lab) -> Iterator[Lab]:
+    """``lab`` plus a service container behind the server and a DNAT that publishes it."""
+    tag = lab.server_ns[:-1]
+    container_ns = f"{tag}k"
+    listener: subprocess.Popen[str] | None = None
+    try:
+        _ip("netns", "add", container_ns)
+        _ip(
+            "link",
+            "add",
+            f"{tag}d",
+            "netns",
+            lab.server_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"{tag}e",
+            "netns",
+            container_ns,
+        )
+        for ns, link, addresses in (
+            (lab.server_ns, f"{tag}d", ("198.18.78.1/24", "2001:2:0:78::1/64")),
+            (container_ns, f"{tag}e", (f"{CONTAINER}/24", f"{CONTAINER6}/64")),
+        ):
+            # A router sends neighbour solicitations for forwarded packets from its
+            # link-local address only, none while that is tentative: without this the
+            # first forwarded IPv6 packet waits ~1 s for DAD (the SYN is retransmitted).
+            _ip("netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{link}.accept_dad=0")
+            for address in addresses:
+                extra = ("nodad",) if ":" in address else ()
+                _ip("-n", ns, "addr", "add", address, "dev", link, *extra)
+            _ip("-n", ns, "link", "set", link, "up")
+        _ip("-n", container_ns, "link", "set", "lo", "up")
+        _ip("-n", container_ns, "route", "add", "default", "via", "198.18.78.1")
+        _ip("-n", container_ns, "-6", "route", "add", "default", "via", "2001:2:0:78::1")
+        _ip("-n", lab.client_ns, "route", "add", "198.18.78.0/24", "via", SERVER)
+        _ip("-n", lab.client_ns, "-6", "route", "add", "2001:2:0:78::/64", "via", SERVER6)
+        lab.server("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        for command, destination in (("iptables", CONTAINER), ("ip6tables", f"[{CONTAINER6}]")):
+            for published, target in ((PUBLISHED, SSH), (PUBLISHED_UDP, DNS)):
+                lab.server(
+                    command,
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-p",
+                    published.proto,
+                    "--dport",
+                    str(published.port),
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    f"{destination}:{target.port}",
+                )
+        listener = _serve(container_ns, CONTAINER, CONTAINER6, SSH.port, DNS.port)
+        _wait_ready(listener)
+        yield lab
+    finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait(timeout=5)
+        subprocess.run(["ip", "netns", "del", container_ns], capture_output=True, timeout=30)
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert container_ns not in names, f"namespace left behind: {names}"
+
+
+def _docker_starts(lab: Lab, command: str = "iptables") -> None:
+    """What dockerd does to ``filter`` at start: its chain, jumped to from FORWARD's top."""
+    lab.server(command, "-N", "DOCKER-USER")
+    lab.server(command, "-A", "DOCKER-USER", "-j", "RETURN")
+    lab.server(command, "-I", "FORWARD", "-j", "DOCKER-USER")
+
+
+def _docker_accepts_the_container(lab: Lab) -> None:
+    """Docker's own accept for a published port, inserted above what FORWARD had."""
+    argv = ["-d", f"{CONTAINER}/32", "-p", "tcp", "--dport", str(SSH.port), "-j", "ACCEPT"]
+    lab.server("iptables", "-I", "FORWARD", "2", *argv)
+
+
+def _docker_user_gone(lab: Lab, command: str = "iptables") -> None:
+    lab.server(command, "-D", "FORWARD", "-j", "DOCKER-USER")
+    lab.server(command, "-F", "DOCKER-USER")
+    lab.server(command, "-X", "DOCKER-USER")
 
 
 @pytest.fixture
@@ -302,7 +407,9 @@ def test_setup_twice_is_idempotent_and_keeps_grants(lab: Lab, gate: IptablesBack
     gate.setup(PLAN)
     assert lab.snapshot() == before
     for command in ("iptables", "ip6tables"):
-        assert lab.server(command, "-S", "INPUT").splitlines().count("-A INPUT -j KNOCKGATE") == 1
+        assert lab.rules("INPUT", command) == ["-A INPUT -j KNOCKGATE"]
+        assert lab.rules("FORWARD", command) == ["-A FORWARD -j KNOCKGATE-FWD"]
+        assert lab.rules("PREROUTING", command, "mangle") == ["-A PREROUTING -j KNOCKGATE-MARK"]
     assert lab.probe(WEB) == "open"
     assert gate.check()
 
@@ -393,6 +500,19 @@ def test_check_notices_a_flushed_chain_and_a_missing_jump(lab: Lab) -> None:
     assert not backend.check()
     backend.setup(PLAN)
     assert backend.check()
+    lab.server("ip6tables", "-t", "mangle", "-D", "PREROUTING", "-j", "KNOCKGATE-MARK")
+    assert not backend.check()
+    backend.setup(PLAN)
+    assert backend.check()
+    lab.server("iptables", "-D", "FORWARD", "-j", "KNOCKGATE-FWD")
+    assert not backend.check()
+    backend.setup(PLAN)
+    assert backend.check()
+    lab.server("iptables", "-F", "KNOCKGATE-SVC")
+    assert not backend.check()
+    assert IptablesBackend(netns=lab.server_ns).check()  # structure only: chain still there
+    backend.setup(PLAN)
+    assert backend.check()
 
 
 def test_teardown_restores_the_firewall_exactly(lab: Lab) -> None:
@@ -430,3 +550,182 @@ def test_failures_keep_argv_and_stderr(lab: Lab) -> None:
         backend.is_held(CLIENT)
     with pytest.raises(FirewallError, match="Cannot open network namespace"):
         IptablesBackend(netns=f"{lab.server_ns}x").check()
+
+
+# -- the forward path: Docker-published ports and the containers' own addresses ----------
+
+
+def test_routed_lab_reaches_the_container_without_the_backend(routed: Lab) -> None:
+    """The DNAT and the route work: the container answers both ways, on both families."""
+    assert routed.probe(PUBLISHED) == "open"
+    assert routed.probe(PUBLISHED_UDP) == "open"
+    assert routed.probe(SSH, dst=CONTAINER) == "open"
+    assert routed.probe(PUBLISHED, src=CLIENT6, dst=SERVER6) == "open"
+
+
+def test_published_port_is_closed_on_the_forward_path(routed: Lab) -> None:
+    """The DNATed connection never reaches INPUT; the forward gate resets it."""
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    assert routed.probe(PUBLISHED) == "refused"  # a reset, de-NATed: from server:2222
+    assert routed.nmap("-sS", "-p", str(PUBLISHED.port), SERVER) == {"2222/tcp": "closed"}
+    assert routed.probe(PUBLISHED_UDP) == "timeout"
+    assert routed.probe(PUBLISHED, src=CLIENT6, dst=SERVER6) == "refused"
+    assert routed.probe(SSH, dst=CONTAINER) == "open"  # not protected, not (yet) direct
+
+
+def test_set_direct_gates_the_containers_own_address(routed: Lab) -> None:
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    backend.set_direct(((CONTAINER, SSH), (CONTAINER6, SSH), (CONTAINER, DNS)))
+    assert routed.probe(SSH, dst=CONTAINER) == "refused"
+    assert routed.probe(DNS, dst=CONTAINER) == "timeout"
+    assert routed.probe(SSH, src=CLIENT6, dst=CONTAINER6) == "refused"
+    assert "knockgate-direct4-tmp" not in routed.server("ipset", "list", "-n")
+    backend.set_direct(((CONTAINER6, SSH),))  # replaced, not added to
+    assert routed.probe(SSH, dst=CONTAINER) == "open"
+    assert routed.probe(SSH, src=CLIENT6, dst=CONTAINER6) == "refused"
+    backend.set_direct(())
+    assert routed.probe(SSH, src=CLIENT6, dst=CONTAINER6) == "open"
+    assert backend.check()
+
+
+def test_grant_opens_the_published_port_for_that_address_only(routed: Lab) -> None:
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    backend.set_direct(((CONTAINER, SSH),))
+    backend.grant(CLIENT, (PUBLISHED, PUBLISHED_UDP), 30)
+    assert routed.probe(PUBLISHED) == "open"  # marked before the DNAT, let through after it
+    assert routed.probe(PUBLISHED_UDP) == "open"
+    assert routed.probe(PUBLISHED, src=SECOND) == "refused"
+    assert routed.probe(PUBLISHED_UDP, src=SECOND) == "timeout"
+    assert routed.probe(PUBLISHED, src=CLIENT6, dst=SERVER6) == "refused"
+    # The grant names the published port; the container's own address stays closed.
+    assert routed.probe(SSH, dst=CONTAINER) == "refused"
+    backend.revoke(CLIENT, (PUBLISHED, PUBLISHED_UDP))
+    assert routed.probe(PUBLISHED) == "refused"
+
+
+def test_grant_ipv6_on_the_forward_path(routed: Lab) -> None:
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    backend.set_direct(((CONTAINER6, SSH),))
+    backend.grant(CLIENT6, (PUBLISHED,), 30)
+    assert routed.probe(PUBLISHED, src=CLIENT6, dst=SERVER6) == "open"
+    assert routed.probe(SSH, src=CLIENT6, dst=CONTAINER6) == "refused"
+    assert routed.probe(PUBLISHED) == "refused"
+
+
+def test_always_allow_covers_the_forward_path(routed: Lab) -> None:
+    backend = routed.backend()
+    backend.setup(FirewallPlan(protected=(PUBLISHED,), always_allow=("198.18.77.8/29",)))
+    backend.set_direct(((CONTAINER, SSH),))
+    assert routed.probe(PUBLISHED, src=SECOND) == "open"
+    assert routed.probe(SSH, src=SECOND, dst=CONTAINER) == "open"
+    assert routed.probe(PUBLISHED) == "refused"
+
+
+def test_docker_user_gets_the_jump_and_docker_rules_still_run(routed: Lab) -> None:
+    """With DOCKER-USER the jump goes there (rule 1), FORWARD gets none; let-through is
+    RETURN, so the rules after it in DOCKER-USER still apply to granted clients."""
+    for command in ("iptables", "ip6tables"):
+        _docker_starts(routed, command)
+    routed.server(
+        "iptables", "-I", "DOCKER-USER", "-s", SECOND, "-p", "tcp", "-j", "REJECT",
+        "--reject-with", "tcp-reset",
+    )  # fmt: skip
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    for command in ("iptables", "ip6tables"):
+        assert routed.rules("FORWARD", command) == ["-A FORWARD -j DOCKER-USER"]
+        assert routed.rules("DOCKER-USER", command)[0] == "-A DOCKER-USER -j KNOCKGATE-FWD"
+    assert backend.check()
+    assert routed.probe(PUBLISHED) == "refused"
+    backend.grant(CLIENT, (PUBLISHED,), 30)
+    backend.grant(SECOND, (PUBLISHED,), 30)
+    assert routed.probe(PUBLISHED) == "open"
+    assert routed.probe(PUBLISHED, src=SECOND) == "refused"  # the host's own rule
+
+
+def test_a_docker_user_chain_nothing_jumps_to_is_not_used(routed: Lab) -> None:
+    routed.server("iptables", "-N", "DOCKER-USER")  # left behind, FORWARD does not reach it
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    assert routed.rules("FORWARD") == ["-A FORWARD -j KNOCKGATE-FWD"]
+    assert routed.rules("DOCKER-USER") == []
+    assert routed.probe(PUBLISHED) == "refused"
+
+
+def test_check_moves_the_jump_when_docker_starts_restarts_and_stops(routed: Lab) -> None:
+    """Docker inserts its accepts above a FORWARD jump; check() notices, setup() moves it."""
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    assert routed.rules("FORWARD") == ["-A FORWARD -j KNOCKGATE-FWD"]
+    _docker_starts(routed)
+    _docker_accepts_the_container(routed)
+    assert routed.probe(PUBLISHED) == "open"  # Docker's accept now runs first: the hole
+    assert not backend.check()
+    backend.setup(FORWARD_PLAN)  # what the daemon's periodic check does
+    assert backend.check()
+    assert routed.rules("DOCKER-USER")[0] == "-A DOCKER-USER -j KNOCKGATE-FWD"
+    assert "-A FORWARD -j KNOCKGATE-FWD" not in routed.rules("FORWARD")
+    assert routed.probe(PUBLISHED) == "refused"
+
+    _docker_user_gone(routed)  # Docker restarts and re-creates its chain, empty
+    _docker_starts(routed)
+    assert routed.probe(PUBLISHED) == "open"
+    assert not backend.check()
+    backend.setup(FORWARD_PLAN)
+    assert backend.check()
+    assert routed.probe(PUBLISHED) == "refused"
+
+    _docker_user_gone(routed)  # Docker's chains removed for good
+    assert not backend.check()
+    backend.setup(FORWARD_PLAN)
+    assert backend.check()
+    assert routed.rules("FORWARD")[0] == "-A FORWARD -j KNOCKGATE-FWD"
+    assert routed.probe(PUBLISHED) == "refused"
+
+
+def test_setup_keeps_and_restores_the_direct_sets(routed: Lab) -> None:
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    backend.set_direct(((CONTAINER, SSH),))
+    backend.setup(FORWARD_PLAN)  # kept
+    assert "add knockgate-direct4 198.18.78.2,tcp:22" in routed.server(
+        "ipset", "save", "knockgate-direct4"
+    )
+    IptablesBackend(netns=routed.server_ns).setup(FORWARD_PLAN)  # a restarted daemon: kept
+    assert routed.probe(SSH, dst=CONTAINER) == "refused"
+    backend.teardown()  # everything gone (a firewall reset) ...
+    assert routed.probe(SSH, dst=CONTAINER) == "open"
+    backend.setup(FORWARD_PLAN)  # ... and the repair brings the last direct entries back
+    assert routed.probe(SSH, dst=CONTAINER) == "refused"
+
+
+def test_set_direct_before_setup_fails_and_leaves_nothing(routed: Lab) -> None:
+    backend = routed.backend()
+    before = routed.snapshot()
+    with pytest.raises(FirewallError, match=r"ipset -exist restore: exit status 1: .*"):
+        backend.set_direct(((CONTAINER, SSH),))
+    assert routed.snapshot() == before
+    with pytest.raises(FirewallError, match="not an IP address"):
+        backend.set_direct((("container", SSH),))
+
+
+def test_teardown_with_docker_restores_the_firewall_exactly(routed: Lab) -> None:
+    for command in ("iptables", "ip6tables"):
+        _docker_starts(routed, command)
+    routed.server("iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "-j", "RETURN")
+    before = routed.snapshot()
+    backend = routed.backend()
+    backend.setup(FORWARD_PLAN)
+    backend.set_direct(((CONTAINER, SSH), (CONTAINER6, SSH)))
+    backend.grant(CLIENT, (PUBLISHED,), 30)
+    assert routed.probe(PUBLISHED) == "open"
+    backend.teardown()
+    assert routed.snapshot() == before
+    backend.teardown()
+    assert routed.snapshot() == before
+    assert routed.probe(PUBLISHED, src=SECOND) == "open"
+    assert routed.probe(SSH, dst=CONTAINER) == "open"

@@ -192,3 +192,19 @@ def test_knock_argument_errors_exit_1_with_a_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "nope" in result.stderr
+
+
+def test_init_writes_a_fresh_random_valid_config_once(tmp_path: Path) -> None:
+    first = tmp_path / "a" / "knockgate.yaml"
+    second = tmp_path / "b" / "knockgate.yaml"
+    result = run("init", "--config", str(first))
+    assert result.returncode == 0, result.stderr
+    assert "knockgate knock HOST --door ssh --config" in result.stdout
+    assert run("init", "--config", str(second)).returncode == 0
+    assert first.read_text() != second.read_text()  # a new sequence every time
+    assert oct(first.stat().st_mode & 0o777) == "0o600"
+    check = run("check", "--strict", str(first))  # no weak-sequence warning
+    assert check.returncode == 0, check.stderr
+    before = first.read_text()
+    assert run("init", "--config", str(first)).returncode == 0
+    assert first.read_text() == before  # never overwritten

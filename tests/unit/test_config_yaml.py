@@ -13,7 +13,9 @@ from appliance.core.model import (
     Config,
     FirewallSettings,
     OpenPorts,
+    Readiness,
     ScanPolicy,
+    Service,
     Step,
     TcpFlags,
 )
@@ -199,7 +201,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
             "doors:\n  d:\n    knock: {sequence: [1]}\n    service: ssh\n",
             4,
             "doors.d.service",
-            "not supported by this version",
+            "no service named 'ssh'",
         ),
         (
             "doors:\n  d:\n    knock: {sequence: [1]}\n    open: {ports: [22]}\n    open: {}\n",
@@ -324,3 +326,91 @@ def test_scan_detection_can_be_turned_off_and_defaults_apply(tmp_path: Path) -> 
     assert default.firewall == FirewallSettings()
     assert default.firewall.scan == ScanPolicy(10, 2.0, 60.0)
     assert (default.on_shutdown, default.status_socket) == ("keep", "/run/knockgate/status.sock")
+
+
+SERVICES = """\
+services:
+  ssh:
+    build: services/ssh
+    container_port: 22
+    host_port: 2222
+    environment: {AUTHORIZED_KEYS: /keys, DEBUG: true}
+    volumes: [knockgate-ssh-hostkeys:/etc/ssh/keys, /srv/keys:/keys:ro]
+    ready: {banner: "SSH-", timeout: 5}
+    idle_timeout: 120
+    max_lifetime: 3600
+    keep_warm: true
+  web:
+    image: nginx:local
+    container_port: 80
+    host_port: 8080
+    command: nginx -g 'daemon off;'
+    ready: {http: {path: /health, status: 204}}
+doors:
+  ssh:
+    knock: {sequence: [7113, 2231/udp, 9157]}
+    service: {name: ssh, duration: 45}
+  web:
+    knock: {sequence: [4001, 4003, 4002]}
+    service: web
+"""
+
+
+def test_services_and_service_doors(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, SERVICES)).config
+    ssh, web = config.services
+    assert ssh == Service(
+        name="ssh",
+        image="knockgate-service-ssh:local",
+        container_port=22,
+        host_port=2222,
+        build=str(tmp_path / "services" / "ssh"),
+        environment=(("AUTHORIZED_KEYS", "/keys"), ("DEBUG", "true")),
+        volumes=("knockgate-ssh-hostkeys:/etc/ssh/keys", "/srv/keys:/keys:ro"),
+        ready=Readiness("banner", expect="SSH-", timeout=5.0),
+        idle_timeout=120.0,
+        max_lifetime=3600.0,
+        keep_warm=True,
+    )
+    assert web.command == ("/bin/sh", "-c", "nginx -g 'daemon off;'")
+    assert web.ready == Readiness("http", path="/health", status=204)
+    door_ssh, door_web = config.doors
+    assert (door_ssh.service, door_ssh.open) == ("ssh", OpenPorts((Step(2222, "tcp"),), 45.0))
+    assert (door_web.service, door_web.open) == ("web", OpenPorts((Step(8080, "tcp"),), 30.0))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "message"),
+    [
+        ("    host_port: 2222\n", "", "services.ssh.host_port", "missing"),
+        ("container_port: 22", "container_port: 0", "services.ssh.container_port", "out of range"),
+        ("/srv/keys:/keys:ro", "/srv/keys", "services.ssh.volumes", "not a volume"),
+        (
+            '{banner: "SSH-", timeout: 5}',
+            "{banner: x, tcp: true}",
+            "services.ssh.ready.tcp",
+            "exactly one",
+        ),
+        ("keep_warm: true", "keep_warm: sometimes", "services.ssh.keep_warm", "yes or no"),
+        (
+            "    service: web\n",
+            "    service: mail\n",
+            "doors.web.service",
+            "no service named 'mail'",
+        ),
+        (
+            "{name: ssh, duration: 45}",
+            "{name: ssh, duration: 0}",
+            "doors.ssh.service.duration",
+            "out of range",
+        ),
+    ],
+)
+def test_service_errors(tmp_path: Path, old: str, new: str, key: str, message: str) -> None:
+    assert old in SERVICES
+    path = write(tmp_path, SERVICES.replace(old, new))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert any(f": {key}: " in p and message in p for p in caught.value.problems), (
+        caught.value.problems
+    )

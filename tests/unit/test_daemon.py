@@ -218,3 +218,48 @@ def test_ssh_lockout(tmp_path: Path, connection: str, refused: bool) -> None:
     assert (reason is not None) == refused
     if refused:
         assert "198.18.7.7" in reason and "--i-know" in reason
+
+
+def test_service_door_grants_only_once_the_service_answers(tmp_path: Path) -> None:
+    import socket
+
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.launcher import ServiceLauncher
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path / 's.sock'}\n"
+        "services:\n"
+        f"  web: {{image: 'web:test', container_port: {port}, host_port: 8080,"
+        " ready: {tcp: true, timeout: 2}}\n"
+        "doors:\n"
+        "  web:\n"
+        "    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+        "    service: {name: web, duration: 30}\n"
+    )
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    loaded = load_config(str(path))
+    runtime = FakeRuntime()
+    launcher = ServiceLauncher(runtime, loaded.config.services, "o1", clock=clock)
+    daemon = Daemon(loaded, backend, clock=clock, capture=False, launcher=launcher)
+    daemon.start()
+    try:
+        knock(daemon, clock, A, "7113", "2231/udp", "9157")
+        assert not backend.is_open(A, Step(8080, "tcp"))  # not before the service answers
+        for _ in range(20):  # the launch reports back through the queue
+            item = daemon.queue.get(timeout=5)
+            daemon._item(item)
+            if item[0] == "service-ready":
+                break
+        assert backend.is_open(A, Step(8080, "tcp"))
+        assert "create" in runtime.calls
+        assert backend.plan is not None and Step(8080, "tcp") in backend.plan.protected
+    finally:
+        daemon.shutdown()
+        listener.close()
+    assert runtime.calls[-1] == "stop web"  # services stop with knockgate

@@ -12,18 +12,24 @@ from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
 from appliance.firewall.iptables import (
     IptablesBackend,
     SetHeader,
+    Version,
     allow_elements,
     chain_rules,
+    direct_batch,
+    direct_elements,
+    forward_anchor,
     grant_batch,
     grant_timeout,
     ipset_setup_batch,
     make_names,
+    mark_rule_lines,
     parse_grants,
     parse_set_headers,
     restore_text,
     revoke_batch,
     rule_lines,
     scan_limits,
+    structure_problems,
 )
 
 NAMES = make_names("KNOCKGATE")
@@ -39,6 +45,8 @@ RESTORE_V4 = """\
 :KNOCKGATE - [0:0]
 :KNOCKGATE-SCAN - [0:0]
 :KNOCKGATE-GATE - [0:0]
+:KNOCKGATE-FWD - [0:0]
+:KNOCKGATE-SVC - [0:0]
 -A KNOCKGATE -i lo -j RETURN
 -A KNOCKGATE -p tcp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
 -A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
@@ -52,6 +60,19 @@ RESTORE_V4 = """\
 -A KNOCKGATE-GATE -m set --match-set knockgate-grants4 src,dst -j RETURN
 -A KNOCKGATE-GATE -p tcp -j REJECT --reject-with tcp-reset
 -A KNOCKGATE-GATE -j DROP
+-A KNOCKGATE-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 22 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8080 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -p udp -m conntrack --ctstate DNAT --ctorigdstport 5353 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -m set --match-set knockgate-direct4 dst,dst -j KNOCKGATE-SVC
+-A KNOCKGATE-SVC -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+-A KNOCKGATE-SVC -m set --match-set knockgate-allow4 src -j RETURN
+-A KNOCKGATE-SVC -m connmark --mark 0x4b000000/0x4b000000 -j RETURN
+-A KNOCKGATE-SVC -p tcp -j REJECT --reject-with tcp-reset
+-A KNOCKGATE-SVC -j DROP
+COMMIT
+*mangle
+:KNOCKGATE-MARK - [0:0]
+-A KNOCKGATE-MARK -m conntrack --ctstate NEW -m set --match-set knockgate-grants4 src,dst -j CONNMARK --set-xmark 0x4b000000/0x4b000000
 COMMIT
 """
 
@@ -60,6 +81,8 @@ RESTORE_V6 = """\
 :KNOCKGATE - [0:0]
 :KNOCKGATE-SCAN - [0:0]
 :KNOCKGATE-GATE - [0:0]
+:KNOCKGATE-FWD - [0:0]
+:KNOCKGATE-SVC - [0:0]
 -A KNOCKGATE -i lo -j RETURN
 -A KNOCKGATE -p tcp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
 -A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
@@ -73,6 +96,19 @@ RESTORE_V6 = """\
 -A KNOCKGATE-GATE -m set --match-set knockgate-grants6 src,dst -j RETURN
 -A KNOCKGATE-GATE -p tcp -j REJECT --reject-with tcp-reset
 -A KNOCKGATE-GATE -j DROP
+-A KNOCKGATE-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 22 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8080 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -p udp -m conntrack --ctstate DNAT --ctorigdstport 5353 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -m set --match-set knockgate-direct6 dst,dst -j KNOCKGATE-SVC
+-A KNOCKGATE-SVC -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+-A KNOCKGATE-SVC -m set --match-set knockgate-allow6 src -j RETURN
+-A KNOCKGATE-SVC -m connmark --mark 0x4b000000/0x4b000000 -j RETURN
+-A KNOCKGATE-SVC -p tcp -j REJECT --reject-with tcp-reset
+-A KNOCKGATE-SVC -j DROP
+COMMIT
+*mangle
+:KNOCKGATE-MARK - [0:0]
+-A KNOCKGATE-MARK -m conntrack --ctstate NEW -m set --match-set knockgate-grants6 src,dst -j CONNMARK --set-xmark 0x4b000000/0x4b000000
 COMMIT
 """
 
@@ -81,6 +117,8 @@ RESTORE_V4_NO_SCAN = """\
 :KNOCKGATE - [0:0]
 :KNOCKGATE-SCAN - [0:0]
 :KNOCKGATE-GATE - [0:0]
+:KNOCKGATE-FWD - [0:0]
+:KNOCKGATE-SVC - [0:0]
 -A KNOCKGATE -i lo -j RETURN
 -A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
 -A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
@@ -89,6 +127,19 @@ RESTORE_V4_NO_SCAN = """\
 -A KNOCKGATE-GATE -m set --match-set knockgate-grants4 src,dst -j RETURN
 -A KNOCKGATE-GATE -p tcp -j REJECT --reject-with tcp-reset
 -A KNOCKGATE-GATE -j DROP
+-A KNOCKGATE-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 22 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8080 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -p udp -m conntrack --ctstate DNAT --ctorigdstport 5353 -j KNOCKGATE-SVC
+-A KNOCKGATE-FWD -m set --match-set knockgate-direct4 dst,dst -j KNOCKGATE-SVC
+-A KNOCKGATE-SVC -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+-A KNOCKGATE-SVC -m set --match-set knockgate-allow4 src -j RETURN
+-A KNOCKGATE-SVC -m connmark --mark 0x4b000000/0x4b000000 -j RETURN
+-A KNOCKGATE-SVC -p tcp -j REJECT --reject-with tcp-reset
+-A KNOCKGATE-SVC -j DROP
+COMMIT
+*mangle
+:KNOCKGATE-MARK - [0:0]
+-A KNOCKGATE-MARK -m conntrack --ctstate NEW -m set --match-set knockgate-grants4 src,dst -j CONNMARK --set-xmark 0x4b000000/0x4b000000
 COMMIT
 """
 
@@ -98,11 +149,13 @@ create knockgate-allow4 hash:net family inet
 add knockgate-allow4 198.18.50.0/24
 create knockgate-seen4 hash:ip,port family inet timeout 2
 create knockgate-held4 hash:ip family inet timeout 60
+create knockgate-direct4 hash:ip,port family inet
 create knockgate-grants6 hash:ip,port family inet6 timeout 0
 create knockgate-allow6 hash:net family inet6
 add knockgate-allow6 2001:2:0:1::/64
 create knockgate-seen6 hash:ip,port family inet6 timeout 2
 create knockgate-held6 hash:ip family inet6 timeout 60
+create knockgate-direct6 hash:ip,port family inet6
 """
 
 # ``ipset list -t`` as ipset 7.17 prints it, after a setup with hold=30 and a crash
@@ -166,11 +219,13 @@ destroy knockgate-allow4-tmp
 create knockgate-held4-tmp hash:ip family inet timeout 60
 swap knockgate-held4-tmp knockgate-held4
 destroy knockgate-held4-tmp
+create knockgate-direct4 hash:ip,port family inet
 create knockgate-grants6 hash:ip,port family inet6 timeout 0
 create knockgate-allow6 hash:net family inet6
 add knockgate-allow6 2001:2:0:1::/64
 create knockgate-seen6 hash:ip,port family inet6 timeout 2
 create knockgate-held6 hash:ip family inet6 timeout 60
+create knockgate-direct6 hash:ip,port family inet6
 """
 
 
@@ -197,7 +252,35 @@ def test_restore_text_other_prefix() -> None:
 def test_no_protected_ports_still_builds_the_gate() -> None:
     text = restore_text(NAMES, FirewallPlan(protected=(), scan=None), 4)
     assert "multiport" not in text
-    assert text.endswith("-A KNOCKGATE-GATE -j DROP\nCOMMIT\n")
+    assert "--ctorigdstport" not in text
+    assert "-A KNOCKGATE-GATE -j DROP\n" in text
+    assert (
+        "-A KNOCKGATE-FWD -m set --match-set knockgate-direct4 dst,dst -j KNOCKGATE-SVC\n" in text
+    )
+    assert "-A KNOCKGATE-SVC -j DROP\nCOMMIT\n*mangle\n" in text
+
+
+def test_forward_gate_has_one_rule_per_port_past_the_multiport_limit() -> None:
+    """--ctorigdstport takes no list: 20 ports are 20 rules (INPUT needs two)."""
+    plan = FirewallPlan(protected=tuple(Step(port, "tcp") for port in range(100, 120)), scan=None)
+    forward = chain_rules(rule_lines(NAMES, plan, 4), "KNOCKGATE-FWD")
+    assert forward[:-1] == [
+        f"-A KNOCKGATE-FWD -p tcp -m conntrack --ctstate DNAT --ctorigdstport {port} -j KNOCKGATE-SVC"
+        for port in range(100, 120)
+    ]
+
+
+def test_mark_rule_is_the_or_mark_as_iptables_prints_it() -> None:
+    assert mark_rule_lines(make_names("KG2"), 6) == [
+        "-A KG2-MARK -m conntrack --ctstate NEW -m set --match-set kg2-grants6 src,dst"
+        " -j CONNMARK --set-xmark 0x4b000000/0x4b000000"
+    ]
+
+
+def test_the_longest_prefix_fits_iptables_and_ipset_limits() -> None:
+    names = make_names("K" * 19)
+    assert max(len(chain) for chain in (*names.chains, names.mark_chain)) <= 28
+    assert max(len(f"{name}-tmp") for name in names.all_sets()) <= 31
 
 
 def test_multiport_lists_hold_at_most_15_ports() -> None:
@@ -233,6 +316,62 @@ def test_ipset_batch_on_a_fresh_system() -> None:
 
 def test_ipset_batch_keeps_grants_and_swaps_what_changed() -> None:
     assert ipset_setup_batch(NAMES, PLAN, parse_set_headers(HEADERS)) == IPSET_UPDATE
+
+
+def test_ipset_batch_fills_a_new_direct_set_and_keeps_an_existing_one() -> None:
+    direct = (("198.18.78.2", Step(22, "tcp")), ("2001:2:0:78::2", Step(53, "udp")))
+    fresh = ipset_setup_batch(NAMES, PLAN, {}, direct)
+    assert (
+        "create knockgate-direct4 hash:ip,port family inet\nadd knockgate-direct4 198.18.78.2,tcp:22\n"
+        in fresh
+    )
+    assert "add knockgate-direct6 2001:2:0:78::2,udp:53\n" in fresh
+    existing = parse_set_headers(HEADERS)
+    existing["knockgate-direct4"] = SetHeader("hash:ip,port", "inet", None)
+    kept = ipset_setup_batch(NAMES, PLAN, existing, direct)
+    assert "knockgate-direct4" not in kept
+    existing["knockgate-direct4"] = SetHeader("hash:ip", "inet", None)  # an old type: rebuilt
+    rebuilt = ipset_setup_batch(NAMES, PLAN, existing, direct)
+    assert (
+        "create knockgate-direct4-tmp hash:ip,port family inet\n"
+        "add knockgate-direct4-tmp 198.18.78.2,tcp:22\n"
+        "swap knockgate-direct4-tmp knockgate-direct4\n"
+        "destroy knockgate-direct4-tmp\n"
+    ) in rebuilt
+
+
+def test_direct_batch_swaps_both_families() -> None:
+    entries = (
+        ("198.18.78.2", Step(22, "tcp")),
+        ("2001:0002:0:78::0002", Step(22, "tcp")),
+        ("198.18.78.3", Step(53, "udp")),
+        ("198.18.78.2", Step(22, "tcp")),  # twice: one element
+    )
+    assert direct_batch(NAMES, entries) == (
+        "create knockgate-direct4-tmp hash:ip,port family inet\n"
+        "flush knockgate-direct4-tmp\n"
+        "add knockgate-direct4-tmp 198.18.78.2,tcp:22\n"
+        "add knockgate-direct4-tmp 198.18.78.3,udp:53\n"
+        "swap knockgate-direct4-tmp knockgate-direct4\n"
+        "destroy knockgate-direct4-tmp\n"
+        "create knockgate-direct6-tmp hash:ip,port family inet6\n"
+        "flush knockgate-direct6-tmp\n"
+        "add knockgate-direct6-tmp 2001:2:0:78::2,tcp:22\n"
+        "swap knockgate-direct6-tmp knockgate-direct6\n"
+        "destroy knockgate-direct6-tmp\n"
+    )
+
+
+def test_direct_batch_empty_empties_both_sets() -> None:
+    batch = direct_batch(NAMES, ())
+    assert "add " not in batch
+    assert batch.count("swap ") == 2
+
+
+def test_direct_batch_refuses_a_bad_address_before_anything_is_sent() -> None:
+    with pytest.raises(FirewallError, match="not an IP address"):
+        direct_batch(NAMES, (("198.18.78.2", Step(22, "tcp")), ("container", Step(22, "tcp"))))
+    assert direct_elements((("198.18.78.2", Step(22, "tcp")),), 6) == ()
 
 
 def test_ipset_batch_without_scan_uses_default_timeouts() -> None:
@@ -312,6 +451,85 @@ def test_chain_rules_picks_one_chain() -> None:
     lines = rule_lines(NAMES, PLAN, 4)
     assert chain_rules(lines, "KNOCKGATE-GATE")[-1] == "-A KNOCKGATE-GATE -j DROP"
     assert all(line.startswith("-A KNOCKGATE ") for line in chain_rules(lines, "KNOCKGATE"))
+
+
+FORWARD_CHAINS = ["-P INPUT ACCEPT", "-P FORWARD ACCEPT", "-P OUTPUT ACCEPT"]
+DOCKER = ["-N DOCKER-USER", "-A FORWARD -j DOCKER-USER", "-A DOCKER-USER -j RETURN"]
+
+
+def listings(
+    version: Version = 4, extra: list[str] | None = None, forward_from: str = "FORWARD"
+) -> tuple[list[str], list[str]]:
+    """``-S`` of filter and mangle as they are right after a setup."""
+    filter_listing = [*FORWARD_CHAINS, *(f"-N {chain}" for chain in NAMES.chains)]
+    filter_listing += [*(extra or []), "-A INPUT -j KNOCKGATE"]
+    filter_listing.append(f"-A {forward_from} -j KNOCKGATE-FWD")
+    filter_listing += rule_lines(NAMES, PLAN, version)
+    mangle_listing = [
+        "-P PREROUTING ACCEPT",
+        "-N KNOCKGATE-MARK",
+        "-A PREROUTING -j KNOCKGATE-MARK",
+    ]
+    return filter_listing, mangle_listing + mark_rule_lines(NAMES, version)
+
+
+def test_forward_anchor() -> None:
+    assert forward_anchor(FORWARD_CHAINS) == "FORWARD"
+    assert forward_anchor([*FORWARD_CHAINS, *DOCKER]) == "DOCKER-USER"
+    # A DOCKER-USER that FORWARD does not reach would gate nothing.
+    assert forward_anchor([*FORWARD_CHAINS, "-N DOCKER-USER"]) == "FORWARD"
+    assert (
+        forward_anchor([*FORWARD_CHAINS, "-N DOCKER-USER", "-A FORWARD -i br0 -j DOCKER-USER"])
+        == "FORWARD"
+    )
+
+
+def test_structure_after_setup_has_no_problems() -> None:
+    for version in (4, 6):
+        assert structure_problems(NAMES, PLAN, version, *listings(version)) == []
+    assert structure_problems(NAMES, PLAN, 4, *listings(4, DOCKER, "DOCKER-USER")) == []
+    assert structure_problems(NAMES, None, 4, *listings(4)) == []
+
+
+def test_structure_notices_docker_arriving_and_leaving() -> None:
+    """Docker started after setup: the jump must move to DOCKER-USER (and back)."""
+    assert structure_problems(NAMES, PLAN, 4, *listings(4, DOCKER)) == [
+        "filter: no '-A DOCKER-USER -j KNOCKGATE-FWD'",
+        "filter: '-A FORWARD -j KNOCKGATE-FWD' instead of in DOCKER-USER",
+    ]
+    dead = ["-N DOCKER-USER"]  # FORWARD no longer jumps to it
+    assert structure_problems(NAMES, PLAN, 4, *listings(4, dead, "DOCKER-USER")) == [
+        "filter: no '-A FORWARD -j KNOCKGATE-FWD'",
+        "filter: '-A DOCKER-USER -j KNOCKGATE-FWD' instead of in FORWARD",
+    ]
+
+
+def test_structure_notices_missing_jumps_chains_and_rules() -> None:
+    filter_listing, mangle_listing = listings(4)
+    no_mark = [line for line in mangle_listing if "PREROUTING -j" not in line]
+    assert structure_problems(NAMES, PLAN, 4, filter_listing, no_mark) == [
+        "mangle: no '-A PREROUTING -j KNOCKGATE-MARK'"
+    ]
+    flushed = [line for line in filter_listing if not line.startswith("-A KNOCKGATE-SVC ")]
+    assert structure_problems(NAMES, PLAN, 4, flushed, mangle_listing) == [
+        "filter: chain KNOCKGATE-SVC differs"
+    ]
+    assert structure_problems(NAMES, None, 4, flushed, mangle_listing) == []
+    other_plan = FirewallPlan(protected=(Step(22, "tcp"),), scan=None)
+    assert "filter: chain KNOCKGATE-FWD differs" in structure_problems(
+        NAMES, other_plan, 4, filter_listing, mangle_listing
+    )
+    assert structure_problems(NAMES, None, 4, FORWARD_CHAINS, ["-P PREROUTING ACCEPT"]) == [
+        "filter: no '-A INPUT -j KNOCKGATE'",
+        "filter: no '-A FORWARD -j KNOCKGATE-FWD'",
+        "mangle: no '-A PREROUTING -j KNOCKGATE-MARK'",
+        "filter: no chain KNOCKGATE",
+        "filter: no chain KNOCKGATE-SCAN",
+        "filter: no chain KNOCKGATE-GATE",
+        "filter: no chain KNOCKGATE-FWD",
+        "filter: no chain KNOCKGATE-SVC",
+        "mangle: no chain KNOCKGATE-MARK",
+    ]
 
 
 @pytest.mark.parametrize("prefix", ["", "1KG", "KG GATE", "K" * 20, "KG;rm"])

@@ -1,0 +1,166 @@
+"""The Docker SDK adapter of :class:`~appliance.services.runtime.ContainerRuntime`.
+
+Every Docker error becomes a :class:`ContainerError` naming the service and the
+call; the daemon logs it and grants nothing (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from appliance.core.model import Service
+from appliance.errors import ContainerError
+from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container, State
+
+T = TypeVar("T")
+STOP_TIMEOUT = 5  # seconds Docker waits before SIGKILL
+API_VERSION = "1.41"  # Docker 20.10 (Debian bookworm's docker.io); newer engines accept it
+
+
+def _state(attrs: dict[str, Any]) -> State:
+    status = str(attrs.get("State", {}).get("Status", "missing"))
+    if status in ("running", "paused", "exited", "created"):
+        return status  # type: ignore[return-value]
+    if status in ("restarting",):
+        return "running"
+    return "exited" if status in ("dead", "removing") else "missing"
+
+
+def _address(attrs: dict[str, Any]) -> str | None:
+    settings = attrs.get("NetworkSettings", {})
+    if settings.get("IPAddress"):
+        return str(settings["IPAddress"])
+    for network in (settings.get("Networks") or {}).values():
+        if network.get("IPAddress"):
+            return str(network["IPAddress"])
+    return None
+
+
+class DockerRuntime:
+    def __init__(self, client: Any = None) -> None:
+        """No connection is made here: an engine that is down now fails each call later
+        (no grant, a clear log line) and is used again once it is back."""
+        if client is None:
+            import docker
+
+            try:  # a fixed API version: the client does not ask the engine at creation
+                client = docker.from_env(version=API_VERSION, timeout=30)
+            except Exception as error:
+                raise ContainerError(f"docker: cannot create a client: {error}") from None
+        self.client = client
+
+    def _call(self, what: str, action: Callable[[], T]) -> T:
+        try:
+            return action()
+        except Exception as error:  # docker.errors.*, requests.*, OSError
+            raise ContainerError(f"docker: {what}: {error}") from None
+
+    def _wrap(self, raw: Any) -> Container:
+        attrs = raw.attrs
+        labels = dict(attrs.get("Config", {}).get("Labels") or {})
+        health = (attrs.get("State", {}).get("Health") or {}).get("Status")
+        return Container(
+            id=raw.id,
+            name=raw.name,
+            service=labels.get(LABEL, ""),
+            state=_state(attrs),
+            address=_address(attrs),
+            labels=labels,
+            health=health,
+        )
+
+    def owned(self, owner: str) -> list[Container]:
+        found = self._call(
+            "list containers",
+            lambda: self.client.containers.list(
+                all=True, filters={"label": [f"{LABEL_OWNER}={owner}"]}
+            ),
+        )
+        return [self._wrap(raw) for raw in found]
+
+    def create(self, service: Service, owner: str, config_hash: str) -> Container:
+        if service.build is not None:
+            self.ensure_image(service)
+        kwargs: dict[str, Any] = {
+            "name": f"knockgate-{service.name}",
+            "detach": True,
+            "labels": {LABEL: service.name, LABEL_OWNER: owner, LABEL_CONFIG: config_hash},
+            "environment": dict(service.environment),
+            "ports": {f"{service.container_port}/{service.proto}": service.host_port},
+        }
+        if service.volumes:
+            kwargs["volumes"] = list(service.volumes)
+        if service.command is not None:
+            kwargs["command"] = list(service.command)
+        self._remove_by_name(kwargs["name"], owner)
+        raw = self._call(
+            f"create {service.name}",
+            lambda: self.client.containers.create(service.image, **kwargs),
+        )
+        return self._wrap(raw)
+
+    def _remove_by_name(self, name: str, owner: str) -> None:
+        """A stale container of ours with the same name would block the create."""
+        for raw in self._call(
+            "list", lambda: self.client.containers.list(all=True, filters={"name": f"^{name}$"})
+        ):
+            labels = raw.attrs.get("Config", {}).get("Labels") or {}
+            if labels.get(LABEL_OWNER) == owner:
+                self._call(f"remove {name}", partial(raw.remove, force=True, v=True))
+            else:
+                raise ContainerError(
+                    f"docker: a container named {name} exists and is not knockgate's: "
+                    "rename it or remove it"
+                )
+
+    def ensure_image(self, service: Service) -> None:
+        def present() -> bool:
+            try:
+                self.client.images.get(service.image)
+                return True
+            except Exception:
+                return False
+
+        if present() or service.build is None:
+            return
+        self._call(
+            f"build {service.image} from {service.build}",
+            lambda: self.client.images.build(path=service.build, tag=service.image, rm=True),
+        )
+
+    def _raw(self, container: Container) -> Any:
+        return self._call(
+            f"inspect {container.name}", lambda: self.client.containers.get(container.id)
+        )
+
+    def start(self, container: Container) -> None:
+        raw = self._raw(container)
+        self._call(f"start {container.name}", raw.start)
+
+    def pause(self, container: Container) -> None:
+        raw = self._raw(container)
+        self._call(f"pause {container.name}", raw.pause)
+
+    def unpause(self, container: Container) -> None:
+        raw = self._raw(container)
+        self._call(f"unpause {container.name}", raw.unpause)
+
+    def stop(self, container: Container) -> None:
+        raw = self._raw(container)
+        self._call(f"stop {container.name}", lambda: raw.stop(timeout=STOP_TIMEOUT))
+
+    def remove(self, container: Container) -> None:
+        raw = self._raw(container)
+        self._call(f"remove {container.name}", lambda: raw.remove(force=True, v=True))
+
+    def refresh(self, container: Container) -> Container:
+        try:
+            raw = self.client.containers.get(container.id)
+        except Exception as error:
+            if type(error).__name__ == "NotFound":
+                container.state = "missing"
+                return container
+            raise ContainerError(f"docker: inspect {container.name}: {error}") from None
+        return self._wrap(raw)

@@ -1,0 +1,47 @@
+"""The container runtime protocol, and an in-memory fake for unit tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from appliance.core.model import Service
+
+State = Literal["running", "paused", "exited", "created", "missing"]
+
+LABEL = "knockgate.service"  # every container knockgate creates carries it
+LABEL_OWNER = "knockgate.owner"  # which knockgate installation (a stable id)
+LABEL_CONFIG = "knockgate.config-hash"  # the service definition it was created from
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    service: str
+    state: State
+    address: str | None = None  # the container's address on its network
+    labels: dict[str, str] = field(default_factory=dict)
+    health: str | None = None
+
+
+class ContainerRuntime(Protocol):
+    """What the launcher needs from Docker."""
+
+    def owned(self, owner: str) -> list[Container]:
+        """Every container labelled as created by ``owner``."""
+
+    def create(self, service: Service, owner: str, config_hash: str) -> Container: ...
+
+    def start(self, container: Container) -> None: ...
+
+    def pause(self, container: Container) -> None: ...
+
+    def unpause(self, container: Container) -> None: ...
+
+    def stop(self, container: Container) -> None: ...
+
+    def remove(self, container: Container) -> None: ...
+
+    def refresh(self, container: Container) -> Container:
+        """The container's current state, address and health."""
