@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 from appliance.core.model import Readiness
 
-POLL = 0.02  # seconds between attempts
+FAST_POLL = 0.002  # seconds between attempts during the first FAST_PERIOD: a refused
+FAST_PERIOD = 0.5  # connect costs under 1 ms, and a service usually answers by then
+POLL = 0.02  # after that
 
 
 def _connect(address: str, port: int, timeout: float) -> socket.socket:
@@ -61,7 +63,8 @@ def wait_ready(
     clock: Callable[[], float] = time.monotonic,
 ) -> bool:
     """Poll until the check passes or ``ready.timeout`` runs out."""
-    deadline = clock() + ready.timeout
+    started = clock()
+    deadline = started + ready.timeout
     while True:
         left = deadline - clock()
         if left <= 0:
@@ -71,4 +74,4 @@ def wait_ready(
                 return True
         elif probe(ready, address, port, per_try=min(1.0, left)):
             return True
-        time.sleep(POLL)
+        time.sleep(FAST_POLL if clock() - started < FAST_PERIOD else POLL)
