@@ -4,13 +4,14 @@ Data flow (each arrow is plain data)::
 
     knockgate.yaml / knockd.conf --config--> Config (frozen dataclasses)
                                                  |
-    frames (AF_PACKET, pcap) --capture.decode--> Packet events
+    AF_PACKET + BPF (capture.sniffer), pcap --capture.decode--> Packet events
                                                  v
-                          core.engine.KnockEngine.handle(event) -> [Command]
+          runtime.daemon loop --> core.engine.KnockEngine.handle(event) -> [Command]
                                                  |
         Grant / Revoke / RunCommand / MarkSequenceUsed / log records / SetTimer
                                                  v
-               adapters: firewall backend, command runner, one-time file, logger
+     adapters: firewall (nftables | iptables | memory), runtime.actions (commands),
+     runtime.services -> services.launcher (Docker), one-time file, runtime.logs
 
 ``appliance.core`` is pure (standard library, no I/O, no clock): it is what the
 unit tests drive with scripted events. Everything with a side effect lives at

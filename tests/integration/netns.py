@@ -187,7 +187,7 @@ def _stale_pattern(prefix: str) -> re.Pattern[str]:
     return re.compile(rf"{re.escape(prefix)}(\d+)t(\d+)(?:b|[scoa](?:[1-9][0-9]?)?)")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -211,7 +211,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     stale = []
     for name in list_namespaces():
         match = pattern.fullmatch(name)
-        if match and not _pid_alive(int(match[1])):
+        if match and not pid_alive(int(match[1])):
             stale.append(name)
     if not stale:
         return []

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.integration.conftest import require
+from tests.integration.netns import pid_alive
 
 pytestmark = pytest.mark.testbed
 
@@ -203,16 +204,6 @@ def prerequisites() -> None:
         f"base image {BASE_IMAGE} is missing (run testbed/setup-docker.sh)",
     )
     require(shutil.which("nft") is not None, "nft is not installed (apt-get install nftables)")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def owned_containers(filters: tuple[str, ...] = ()) -> list[str]:
