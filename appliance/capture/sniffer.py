@@ -73,7 +73,6 @@ class InterfaceReader:
         self.sock: socket.socket | None = None
         self.frames = 0
         self.undecoded = 0
-        self.reopened = 0
         self.retry_at = 0.0
         self._was_open = False
         self._buffer = bytearray(SNAPLEN)
@@ -96,7 +95,6 @@ class InterfaceReader:
             self.retry_at = self.clock() + RETRY_SECONDS
             return False
         if self.retry_at:
-            self.reopened += 1
             log.warning("%s: capturing again", self.interface)
         else:
             log.info("%s: capturing", self.interface)

@@ -14,9 +14,8 @@ def _nftables() -> FirewallBackend:
     from appliance.firewall.nftables import NftablesBackend
 
     backend = NftablesBackend()
-    rc, _, err = backend._run("list tables\n")
-    if rc != 0:
-        raise FirewallError(f"nftables does not answer: {err.strip()}")
+    if not backend.available():
+        raise FirewallError("nftables does not answer (nft list tables failed)")
     return backend
 
 

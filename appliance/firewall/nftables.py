@@ -139,6 +139,11 @@ class NftablesBackend:
     def set_direct(self, entries: tuple[tuple[str, Step], ...]) -> None:
         self._apply(direct_script(entries), "service container addresses")
 
+    def available(self) -> bool:
+        """Does nftables answer here at all (``backend: auto``)?"""
+        rc, _, _ = self._run("list tables\n")
+        return rc == 0
+
     def check(self) -> bool:
         # Cheap on purpose: `list chain` makes nft fetch every set's elements (a second
         # and more once the scan detector's sets are full); listing a small set of ours

@@ -134,7 +134,7 @@ class ServiceManager:
         """A close knock: this address lost its grant; the last one out stops the service."""
         self.grants[name].pop(address, None)
         if not self.grants[name] and self.launcher.running(name):
-            self.launcher.started_at.pop(name, None)  # a launch after this wins the race
+            self.launcher.stopping(name)  # a launch after this wins the race
             self.pool.submit(self.launcher.stop, name, f"close knock from {address}")
 
     def update_direct(self) -> None:
@@ -173,7 +173,7 @@ class ServiceManager:
             since = self.idle_since.setdefault(name, now)
             if now - since >= service.idle_timeout:
                 self.idle_since.pop(name, None)
-                self.launcher.started_at.pop(name, None)  # no second stop from the next tick
+                self.launcher.stopping(name)  # no second stop from the next tick
                 self.pool.submit(self.launcher.stop, name, f"idle for {service.idle_timeout:g} s")
 
     def _retire(self, name: str, service: Service, why: str) -> None:
@@ -183,7 +183,7 @@ class ServiceManager:
             except FirewallError as error:
                 log.error("%s: revoke %s failed: %s", name, address, error)
         self.grants[name].clear()
-        self.launcher.started_at.pop(name, None)
+        self.launcher.stopping(name)
         self.pool.submit(self.launcher.stop, name, why)
 
     def snapshot(self) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from appliance.core.model import Service
 from appliance.errors import ContainerError
 from appliance.services.readiness import wait_ready
-from appliance.services.runtime import LABEL, LABEL_CONFIG, Container, ContainerRuntime
+from appliance.services.runtime import LABEL_CONFIG, Container, ContainerRuntime
 
 log = logging.getLogger("knockgate.services")
 
@@ -159,6 +159,11 @@ class ServiceLauncher:
                 return
         log.info("%s: %s (%s)", name, "paused" if service.keep_warm else "stopped", why)
 
+    def stopping(self, name: str) -> None:
+        """The loop decided to stop ``name``: until a launch marks it started again, a
+        queued :meth:`stop` goes ahead (and one that loses to a new launch is dropped)."""
+        self.started_at.pop(name, None)
+
     def running(self, name: str) -> bool:
         return name in self.started_at
 
@@ -175,6 +180,3 @@ class ServiceLauncher:
             action(container)
         except ContainerError as error:
             log.error("%s: %s", container.name, error)
-
-
-__all__ = ["LABEL", "ServiceLauncher", "config_hash"]

@@ -113,7 +113,7 @@ def test_a_stop_decided_before_a_new_launch_is_dropped(banner_server: int) -> No
     runtime = FakeRuntime()
     launcher = ServiceLauncher(runtime, [ssh_service(banner_server)], "o1")
     launcher.ensure_ready("ssh")
-    launcher.started_at.pop("ssh")  # the loop decided: idle, stop it
+    launcher.stopping("ssh")  # the loop decided: idle, stop it
     launcher.ensure_ready("ssh")  # ...but a knock launched it again first
     launcher.stop("ssh", "idle")
     assert "stop ssh" not in runtime.calls
