@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 # Real peers and real firewalls: knockd (its knock client and, for the benchmark, the
 # daemon), tcpdump and libpcap, nftables, iptables and ipset, nmap, hping3, iproute2,
 # curl, conntrack.
-APT_PACKAGES=(knockd tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client)
+APT_PACKAGES=(knockd fwknop-client tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client)
 
 install_peers() {
     local missing=()

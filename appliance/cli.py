@@ -13,11 +13,21 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Literal
 
 from appliance import __version__
-from appliance.client import parse_target, resolve_host, send_knocks, sequence_for_door
+from appliance.client import (
+    local_address_for,
+    next_one_time,
+    parse_target,
+    resolve_host,
+    send_datagram,
+    send_knocks,
+    sequence_for_door,
+    use_one_time,
+)
 from appliance.config import load_config
 from appliance.config.export import to_yaml
 from appliance.core.events import Command
@@ -63,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         "--status-socket", metavar="PATH", help="override the status socket path of the config"
     )
     run.add_argument(
+        "--state-dir", metavar="DIR", help="override the state directory (SPA replay cache)"
+    )
+    run.add_argument(
         "--i-know",
         action="store_true",
         help="start even when this SSH session's port is protected and its address not allowed",
@@ -99,8 +112,45 @@ def _parser() -> argparse.ArgumentParser:
     family.add_argument("-4", "--ipv4", action="store_const", const=4, dest="family")
     family.add_argument("-6", "--ipv6", action="store_const", const=6, dest="family")
     knock.add_argument("-v", "--verbose", action="store_true")
-    knock.add_argument("--door", metavar="NAME", help="take the sequence of this door")
+    knock.add_argument(
+        "--door", metavar="NAME", help="take the sequence of this door (TOTP: computed now)"
+    )
     knock.add_argument("--config", metavar="FILE", help="the configuration holding --door")
+    knock.add_argument(
+        "--one-time",
+        metavar="FILE",
+        help="send the next unused line of this knockd one-time-sequences file and mark it used",
+    )
+
+    spa = commands.add_parser(
+        "spa",
+        help="send a single packet authorization (fwknop's format) to open a door",
+        description="knockgate spa HOST --door NAME --key-file FILE: the key file is fwknop's "
+        "~/.fwknoprc format ([NAME] stanzas with KEY_BASE64, HMAC_KEY_BASE64, ACCESS, "
+        "SPA_SERVER_PORT, ALLOW_IP, FW_TIMEOUT) or the output of `knockgate keygen`.",
+    )
+    spa.add_argument("host", metavar="HOST")
+    spa.add_argument("--door", metavar="NAME", help="the key file's stanza (and config's door)")
+    spa.add_argument("--key-file", required=True, metavar="FILE")
+    spa.add_argument("--config", metavar="FILE", help="take port and ports from this door")
+    spa.add_argument("--port", type=int, metavar="PORT", help="UDP port (default 62201)")
+    spa.add_argument("-A", "--access", metavar="tcp/22,...", help="the ports to open")
+    who = spa.add_mutually_exclusive_group()
+    who.add_argument("-a", "--allow-ip", metavar="IP", help="the address to let in")
+    who.add_argument(
+        "-s", "--source", action="store_true", help="let in the address the packet comes from"
+    )
+    spa.add_argument("-f", "--fw-timeout", type=int, metavar="SECONDS", help="access time")
+    spa.add_argument("-U", "--user", metavar="NAME", help="the name inside the packet")
+    spa_family = spa.add_mutually_exclusive_group()
+    spa_family.add_argument("-4", "--ipv4", action="store_const", const=4, dest="family")
+    spa_family.add_argument("-6", "--ipv6", action="store_const", const=6, dest="family")
+    spa.add_argument("-v", "--verbose", action="store_true")
+
+    keygen = commands.add_parser(
+        "keygen", help="new SPA keys (fwknop --key-gen's format) or a TOTP secret"
+    )
+    keygen.add_argument("--totp", action="store_true", help="a base32 secret for knock: totp:")
     return parser
 
 
@@ -116,19 +166,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "knock":
             return _knock(args)
         if args.command == "run":
-            return _run(args.config, args.i_know, args.status_socket)
+            return _run(args.config, args.i_know, args.status_socket, args.state_dir)
         if args.command == "status":
             return _status(args.config, args.socket, args.json)
         if args.command == "teardown":
             return _teardown(args.config)
         if args.command == "init":
             return _init(args.config)
+        if args.command == "spa":
+            return _spa(args)
+        if args.command == "keygen":
+            return _keygen(args.totp)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return 2
     except KnockError as error:
-        print(f"knockgate knock: {error}", file=sys.stderr)
+        print(f"knockgate {args.command}: {error}", file=sys.stderr)
         return 1
     except KnockgateError as error:
         print(f"knockgate: {error}", file=sys.stderr)
@@ -206,12 +260,21 @@ def _print_summary(summary: Summary, as_json: bool) -> None:
 
 def _knock(args: argparse.Namespace) -> int:
     default_proto: Proto = "tcp"
-    if args.door is not None or args.config is not None:
+    one_time: tuple[str, int] | None = None
+    if args.one_time is not None:
+        if args.ports or args.door is not None or args.config is not None:
+            raise KnockError("--one-time takes the sequence from its file: no ports or --door")
+        steps, line, offset = next_one_time(args.one_time)
+        one_time = (args.one_time, offset)
+        if args.verbose:
+            print(f"one-time sequence from line {line} of {args.one_time}", flush=True)
+    elif args.door is not None or args.config is not None:
         if args.door is None or args.config is None:
             raise KnockError("--door and --config go together")
         if args.ports:
             raise KnockError("give either ports or --door, not both")
-        steps: tuple[Step, ...] = sequence_for_door(load_config(args.config).config, args.door)
+        config = load_config(args.config).config
+        steps = sequence_for_door(config, args.door, time.time())
     else:
         if not args.ports:
             raise KnockError(
@@ -226,10 +289,79 @@ def _knock(args: argparse.Namespace) -> int:
     address_family, address = resolve_host(args.host, family)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
     send_knocks(address_family, address, steps, args.delay, verbose)
+    if one_time is not None:
+        use_one_time(*one_time)
     return 0
 
 
-def _run(path: str, i_know: bool, status_socket: str | None) -> int:
+def _spa(args: argparse.Namespace) -> int:
+    import getpass
+
+    from appliance.spa.keyfile import read_key_file
+    from appliance.spa.wire import SpaError, new_message, parse_access, seal
+
+    profile = read_key_file(args.key_file, args.door)
+    port, access = args.port, args.access
+    if args.config is not None:
+        if args.door is None:
+            raise KnockError("--config needs --door")
+        config = load_config(args.config).config
+        door = next((door for door in config.doors if door.name == args.door), None)
+        if door is None or door.spa is None:
+            raise KnockError(f"door {args.door!r} in {args.config} is not an SPA door")
+        port = port or door.spa.port
+        if access is None and door.open is not None:
+            access = ",".join(f"{step.proto}/{step.port}" for step in door.open.ports)
+    port = port or profile.port
+    access = access or profile.access
+    if not access:
+        raise KnockError(
+            "no ports to ask for (expected -A tcp/22, ACCESS in the key file, "
+            "or --config with the door)"
+        )
+    family: Literal[4, 6] | None = args.family
+    address_family, address = resolve_host(args.host, family)
+    given: str | None = args.allow_ip or profile.allow_ip
+    if given is not None and given.lower() == "resolve":
+        given = None  # no outside service is asked: the address we leave from is used
+    if args.source or (given is not None and given.lower() == "source"):
+        allow = "0.0.0.0"
+    else:
+        allow = given or local_address_for(address_family, address, port)
+    request = f"{allow},{access}"
+    fw_timeout = args.fw_timeout if args.fw_timeout is not None else profile.fw_timeout
+    username = args.user or profile.username or getpass.getuser()
+    try:
+        parse_access(request)
+        message = new_message(username, int(time.time()), request, fw_timeout)
+        packet = seal(message, profile.keys)
+    except (ValueError, SpaError) as error:
+        raise KnockError(f"cannot build the SPA packet: {error}") from None
+    sent_from = send_datagram(address_family, address, port, packet)
+    if args.verbose:
+        print(
+            f"SPA to {address} port {port}/udp from {sent_from}: open {access} for {allow}"
+            + (f" for {fw_timeout} s" if fw_timeout else "")
+            + f" ({len(packet)} bytes)",
+            flush=True,
+        )
+    return 0
+
+
+def _keygen(totp: bool) -> int:
+    import base64
+    import secrets
+
+    if totp:
+        print(base64.b32encode(secrets.token_bytes(20)).decode())
+        return 0
+    from appliance.spa.keyfile import format_keys, generate_keys
+
+    print(format_keys(*generate_keys()), end="")
+    return 0
+
+
+def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | None) -> int:
     import os
 
     from appliance.firewall.choose import choose_backend
@@ -237,9 +369,13 @@ def _run(path: str, i_know: bool, status_socket: str | None) -> int:
     from appliance.runtime.logs import configure
 
     loaded = load_config(path)
-    if status_socket is not None:
+    if status_socket is not None or state_dir is not None:
         config = loaded.config
-        settings = dataclasses.replace(config.settings, status_socket=status_socket)
+        settings = dataclasses.replace(
+            config.settings,
+            status_socket=status_socket or config.settings.status_socket,
+            state_dir=state_dir or config.settings.state_dir,
+        )
         loaded = dataclasses.replace(loaded, config=dataclasses.replace(config, settings=settings))
     settings = loaded.config.settings
     configure(settings.log)
@@ -297,7 +433,9 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
     print("doors:")
     for door in data["doors"]:
         opens = ", ".join(door["open"]) or "(commands only)"
-        print(f"  {door['name']}: {door['steps']} step(s), opens {opens}")
+        kind = door.get("knock", "sequence")
+        how = kind if kind.startswith("spa") else f"{door['steps']}-step {kind}"
+        print(f"  {door['name']}: {how}, opens {opens}")
     print(f"open grants: {len(data['grants'])}")
     for grant in data["grants"]:
         print(f"  {grant.get('address')} {grant.get('port')} for {grant.get('expires_in')} s")

@@ -31,7 +31,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from appliance.config.onetime import mark_line_used, parse_one_time_lines
 from appliance.core.model import Config, Proto, Step
+from appliance.core.totp import time_step, totp_sequence
 from appliance.errors import KnockError
 
 # The UDP knock's payload: what knockd's ``knock`` sends (one NUL byte).
@@ -182,22 +184,79 @@ def _reason(exc: BaseException) -> str:
 # --- doors -------------------------------------------------------------------
 
 
-def sequence_for_door(config: Config, door_name: str) -> tuple[Step, ...]:
-    """The knock sequence of ``door_name`` in ``config``.
+def sequence_for_door(config: Config, door_name: str, now: float) -> tuple[Step, ...]:
+    """The knock sequence of ``door_name`` in ``config`` at unix time ``now``.
 
-    A one-time door has no fixed sequence: its knocks come from its one-time
-    sequences file, so asking for it is an error, as is an unknown door.
+    A TOTP door's sequence is computed for the current time step. A one-time door
+    has no fixed sequence (``--one-time FILE`` sends its next line) and an SPA door
+    is opened by ``knockgate spa``: asking for either is an error, as is an
+    unknown door.
     """
     try:
         door = config.door(door_name)
     except KeyError:
         raise KnockError(_unknown_door(config, door_name)) from None
+    if door.spa is not None:
+        raise KnockError(
+            f"door {door_name!r} is opened by single packet authorization: "
+            "use knockgate spa (or fwknop)"
+        )
     if door.knock.one_time is not None:
         raise KnockError(
-            f"door {door_name!r} uses one-time sequences: knock with the next unused "
-            f"line of its one-time file {door.knock.one_time.path}"
+            f"door {door_name!r} uses one-time sequences: knock with --one-time FILE "
+            f"(a copy of its one-time file {door.knock.one_time.path})"
         )
+    totp = door.knock.totp
+    if totp is not None:
+        return totp_sequence(totp, time_step(totp, now))
     return door.knock.sequence
+
+
+def next_one_time(path: str) -> tuple[tuple[Step, ...], int, int]:
+    """The first unused sequence of a knockd one-time file: (steps, line, byte offset)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise KnockError(f"cannot read {path}: {error.strerror}") from None
+    sequences = parse_one_time_lines(data, path, None)
+    if not sequences:
+        raise KnockError(f"{path} has no unused sequence left")
+    first = sequences[0]
+    return first.steps, first.line, first.offset
+
+
+def use_one_time(path: str, offset: int) -> None:
+    """Mark a sent line used (``#`` over its first byte), as the server does."""
+    try:
+        mark_line_used(path, offset)
+    except OSError as error:
+        raise KnockError(
+            f"sent, but cannot mark the line used in {path}: {error.strerror} "
+            "(mark it by hand, or the next knock repeats a used sequence)"
+        ) from None
+
+
+def send_datagram(address_family: int, address: str, port: int, payload: bytes) -> str:
+    """Send one UDP datagram; return the local address it left from."""
+    try:
+        with socket.socket(address_family, socket.SOCK_DGRAM) as sock:
+            sock.connect((address, port))
+            local = str(sock.getsockname()[0])
+            sock.send(payload)
+    except OSError as error:
+        raise KnockError(f"cannot send to {address} port {port}/udp: {_reason(error)}") from None
+    return local
+
+
+def local_address_for(address_family: int, address: str, port: int) -> str:
+    """The source address the kernel would pick to reach ``address`` (nothing is sent)."""
+    try:
+        with socket.socket(address_family, socket.SOCK_DGRAM) as sock:
+            sock.connect((address, port))
+            return str(sock.getsockname()[0])
+    except OSError as error:
+        raise KnockError(f"no route to {address}: {_reason(error)}") from None
 
 
 def _unknown_door(config: Config, door_name: str) -> str:

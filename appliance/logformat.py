@@ -22,7 +22,11 @@ from appliance.core.events import (
     SequenceReset,
     SequenceTimeout,
     SetTimer,
+    SpaAccepted,
+    SpaDigestSeen,
+    SpaRefused,
     StageReached,
+    TotpStepUsed,
 )
 
 
@@ -55,7 +59,18 @@ def describe(command: Command) -> str | None:
             return f"{door}: {remaining} one-time sequence(s) left"
         case DoorExhausted(door=door, path=path):
             return f"{door}: no more sequences left in {path}: door disabled"
-        case SetTimer():
+        case SpaAccepted(door=door, address=address, src=src, user=user, ports=ports, until=until):
+            opened = ", ".join(str(port) for port in ports)
+            via = "" if src == address else f" (SPA from {src})"
+            return (
+                f"{address}: {door}: SPA from user {user} accepted{via}: "
+                f"{opened} until {clock(until)}"
+            )
+        case SpaRefused(door=door, src=src, user=user, reason=reason):
+            return f"{src}: {door}: SPA from user {user} refused: {reason}"
+        case TotpStepUsed(door=door, step=step):
+            return f"{door}: time step {step} used; its sequence is refused from now on"
+        case SetTimer() | SpaDigestSeen():
             return None
     raise TypeError(f"unknown command {command!r}")
 
@@ -65,6 +80,8 @@ def record(command: Command) -> dict[str, Any]:
     data: dict[str, Any] = {"event": type(command).__name__, **command._asdict()}
     if "ports" in data:
         data["ports"] = [str(port) for port in data["ports"]]
+    if "digest" in data:
+        data["digest"] = data["digest"].hex()
     return data
 
 

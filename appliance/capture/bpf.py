@@ -1,8 +1,9 @@
 """The kernel capture filter, generated from the doors (pure: text in, text out).
 
 Only packets that can matter reach Python: addressed to the host (or to a door's
-``target``), to a knock port with its protocol, and, for IPv4 TCP, with flags
-that some door using that port accepts. IPv6 packets whose first header is an
+``target``), to a knock port with its protocol (for a TOTP door, its whole port
+range; for an SPA door, its UDP port), and, for IPv4 TCP, with flags that some
+door using that port accepts. IPv6 packets whose first header is an
 extension header are passed whole: classic BPF cannot walk the chain, the
 decoder does. VLAN tags need no clause: on a live interface the kernel strips
 the tag before AF_PACKET sees the frame.
@@ -59,6 +60,16 @@ def capture_filter(doors: Sequence[Door], host_addresses: Iterable[str]) -> str:
                     tcp[step.port].add(TcpFlags())
     clauses = [_tcp_port(port, tcp[port]) for port in sorted(tcp)]
     clauses += [f"udp dst port {port}" for port in sorted(udp)]
+    for door in doors:
+        totp = door.knock.totp
+        if totp is not None:  # every port of the range: the sequence changes with time
+            ports = f"{totp.proto} dst portrange {totp.low}-{totp.high}"
+            flags = door.knock.tcpflags
+            if totp.proto == "tcp" and not flags.empty:
+                ports = f"({ports} and (ip6 or {_flag_test(flags)}))"
+            clauses.append(ports)
+        if door.spa is not None:
+            clauses.append(f"udp dst port {door.spa.port}")
     if not clauses:
         return "less 0"  # matches nothing: no door, no packet
     extension = " or ".join(f"ip6[6] == {header}" for header in IPV6_EXTENSION_HEADERS)

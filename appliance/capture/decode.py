@@ -16,6 +16,7 @@ Choices:
   and CWR are kept). Door filters only test the six classic bits (FIN..URG), so an
   ECN-setup SYN (0xC2) still matches ``syn,!ack``.
 * The L4 header must be complete in the captured bytes (20 bytes for TCP, 8 for UDP).
+  A UDP packet carries its payload (an SPA packet is read from it); TCP's is not kept.
   Length fields (IPv4 total length, IPv6 payload length) and checksums are not
   checked: trailing Ethernet padding and the zeroed lengths of TSO/GRO captures are
   harmless, and the decoder only needs the header it reads.
@@ -83,8 +84,8 @@ _IPV4_HEADER: Final = struct.Struct("!B5xHxB2x4s4s").unpack_from
 _IPV6_HEADER: Final = struct.Struct("!B5xBx16s16s").unpack_from
 # TCP: destination port and flags byte (13), sized as the minimal 20-byte header.
 _TCP_HEADER: Final = struct.Struct("!2xH9xB6x").unpack_from
-# UDP: destination port, sized as the 8-byte header.
-_UDP_HEADER: Final = struct.Struct("!2xH4x").unpack_from
+# UDP: destination port and length, sized as the 8-byte header.
+_UDP_HEADER: Final = struct.Struct("!2xHH2x").unpack_from
 
 _V4_IN_V6_PREFIX: Final = bytes(10)
 
@@ -95,6 +96,14 @@ def _ntop6(packed: bytes) -> str:
     if packed[:10] == _V4_IN_V6_PREFIX:
         return str(IPv6Address(packed))
     return inet_ntop(AF_INET6, packed)
+
+
+def _payload(data: bytes, off: int, length: int) -> bytes:
+    """A UDP payload: as long as the UDP header says (Ethernet padding is not part of
+    it), or everything captured when the length is unusable (0 under UDP GSO)."""
+    if length >= 8:
+        return data[off + 8 : off + length]
+    return data[off + 8 :]
 
 
 # --------------------------------------------------------------------------- layer 3/4
@@ -112,8 +121,10 @@ def _ipv4(data: bytes, ts: float, off: int) -> Packet | None:
         dport, flags = _TCP_HEADER(data, off)
         return Packet(ts, inet_ntoa(src), inet_ntoa(dst), TCP, dport, flags)
     if proto == _IPPROTO_UDP:
-        (dport,) = _UDP_HEADER(data, off)
-        return Packet(ts, inet_ntoa(src), inet_ntoa(dst), UDP, dport, 0)
+        dport, length = _UDP_HEADER(data, off)
+        return Packet(
+            ts, inet_ntoa(src), inet_ntoa(dst), UDP, dport, 0, _payload(data, off, length)
+        )
     return None
 
 
@@ -127,8 +138,9 @@ def _ipv6(data: bytes, ts: float, off: int) -> Packet | None:
             dport, flags = _TCP_HEADER(data, off)
             return Packet(ts, _ntop6(src), _ntop6(dst), TCP, dport, flags)
         if nh == _IPPROTO_UDP:
-            (dport,) = _UDP_HEADER(data, off)
-            return Packet(ts, _ntop6(src), _ntop6(dst), UDP, dport, 0)
+            dport, length = _UDP_HEADER(data, off)
+            payload = _payload(data, off, length)
+            return Packet(ts, _ntop6(src), _ntop6(dst), UDP, dport, 0, payload)
         if nh in _IPV6_EXT_GENERIC:
             nh, size = data[off], data[off + 1]
             off += (size + 1) * 8

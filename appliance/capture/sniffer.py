@@ -30,7 +30,7 @@ log = logging.getLogger("knockgate.capture")
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
-SNAPLEN = 256  # headers only: Ethernet + VLAN + IPv6 with extension headers + TCP
+SNAPLEN = 2048  # a whole SPA packet (fwknop caps them at 1500 bytes) with its headers
 RECEIVE_BUFFER = 4 << 20
 BATCH = 256  # frames read per wake-up at most, so other events are not starved
 RETRY_SECONDS = 0.5

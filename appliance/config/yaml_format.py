@@ -12,7 +12,7 @@ last) and unknown keys are reported with what was expected. Schema::
     doors:
       NAME:
         knock:
-          sequence: [7113/tcp, 2231/udp, 9157]   # or one_time_sequences: FILE
+          sequence: [7113/tcp, 2231/udp, 9157]   # or one_time_sequences: FILE, or totp:
           seq_timeout: 5          # seconds, fractions allowed
           tcpflags: syn,!ack
           target: 198.18.0.1
@@ -21,18 +21,21 @@ last) and unknown keys are reported with what was expected. Schema::
         close: [OTHER_DOOR, ...]
         start_command / start_command_6 / stop_command / stop_command_6: "... %IP% ..."
         cmd_timeout: 10
-        service: reserved for on-demand service containers (a later version)
+        service: NAME or {name: NAME, duration: 30}   # a container from services:
+        spa: {...}                # instead of knock: single packet authorization
+    state_dir: /var/lib/knockgate # the SPA replay cache and used TOTP steps
+    services: {NAME: {image: ..., container_port: 22, host_port: 2222, ...}}
+
+TOTP and SPA are read by :mod:`appliance.config.yaml_auth`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.nodes import MappingNode, Node
 
 from appliance.config.lint import lint_sequence
 from appliance.config.onetime import read_one_time_file
@@ -52,11 +55,14 @@ from appliance.config.values import (
     parse_tcpflags,
     split_flags,
 )
+from appliance.config.yaml_auth import parse_spa, parse_totp
+from appliance.config.yaml_nodes import _choice, _line, _list_of, _Map, _plain, _string
 from appliance.core.model import (
     DEFAULT_CMD_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OPEN_DURATION,
     DEFAULT_SEQ_TIMEOUT,
+    DEFAULT_STATE_DIR,
     DEFAULT_STATUS_SOCKET,
     Commands,
     Config,
@@ -75,6 +81,7 @@ from appliance.core.model import (
     Settings,
     Step,
     TcpFlags,
+    Totp,
 )
 
 TOP_KEYS = (
@@ -86,6 +93,7 @@ TOP_KEYS = (
     "firewall",
     "on_shutdown",
     "status_socket",
+    "state_dir",
     "services",
     "doors",
 )
@@ -118,107 +126,21 @@ DOOR_KEYS = (
     "stop_command_6",
     "cmd_timeout",
     "service",
+    "spa",
     "description",
 )
-KNOCK_KEYS = ("sequence", "one_time_sequences", "seq_timeout", "tcpflags", "target", "duplicates")
+KNOCK_KEYS = (
+    "sequence",
+    "one_time_sequences",
+    "totp",
+    "seq_timeout",
+    "tcpflags",
+    "target",
+    "duplicates",
+)
 OPEN_KEYS = ("ports", "duration")
 SECONDS_LIMIT = 86_400.0
 MAX_OPEN_DURATION = 7 * 86_400.0
-
-
-def _line(node: Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-class _Map:
-    """A YAML mapping with its keys' lines, checked against the keys it may have."""
-
-    def __init__(
-        self,
-        node: MappingNode,
-        path: str,
-        allowed: tuple[str, ...],
-        problems: Problems,
-        line: int | None = None,
-    ) -> None:
-        self.path = path
-        self.line = _line(node) if line is None else line  # the line of the key naming it
-        self.problems = problems
-        self.items: dict[str, tuple[Node, int]] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, ScalarNode) else None
-            where = _join(path, str(key))
-            if not isinstance(key, str):
-                problems.error(_line(key_node), path or "(top)", "keys must be plain names")
-            elif key in self.items:
-                first = self.items[key][1]
-                problems.error(
-                    _line(key_node), where, f"given twice (first on line {first}; expected once)"
-                )
-            elif allowed and key not in allowed:
-                problems.error(
-                    _line(key_node), where, f"unknown key (expected one of {', '.join(allowed)})"
-                )
-            else:
-                self.items[key] = (value_node, _line(key_node))
-
-    def key(self, name: str) -> str:
-        return _join(self.path, name)
-
-    def get(self, name: str, parser: Callable[[Any], Any]) -> Any:
-        """Parse the value of ``name`` with ``parser``; ``None`` when absent or invalid."""
-        if name not in self.items:
-            return None
-        node, line = self.items[name]
-        try:
-            return parser(_plain(node))
-        except Invalid as problem:
-            self.problems.error(line, self.key(name), str(problem))
-            return None
-
-    def line_of(self, name: str) -> int:
-        return self.items[name][1] if name in self.items else self.line
-
-    def mapping(self, name: str, allowed: tuple[str, ...]) -> _Map | None:
-        if name not in self.items:
-            return None
-        node, line = self.items[name]
-        if not isinstance(node, MappingNode):
-            self.problems.error(line, self.key(name), "expected a mapping of keys to values")
-            return None
-        return _Map(node, self.key(name), allowed, self.problems, line)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _plain(node: Node) -> Any:
-    """A node as plain Python data (scalars typed by YAML's rules)."""
-    return SafeConstructor().construct_object(node, deep=True)
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise Invalid(f"{value!r} is not text (expected a string)")
-    return value
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in options:
-            raise Invalid(f"{value!r} is not allowed (expected one of {', '.join(options)})")
-        return str(value)
-
-    return parse
-
-
-def _list_of(parser: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
-    def parse(value: Any) -> tuple[Any, ...]:
-        items = value if isinstance(value, list) else [value]
-        return tuple(parser(item) for item in items)
-
-    return parse
 
 
 def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
@@ -283,6 +205,7 @@ def _settings(top: _Map) -> Settings:
         if top.get("on_shutdown", _choice("keep", "revoke")) == "revoke"
         else "keep",
         status_socket=top.get("status_socket", _string) or DEFAULT_STATUS_SOCKET,
+        state_dir=top.get("state_dir", _string) or DEFAULT_STATE_DIR,
     )
 
 
@@ -342,7 +265,17 @@ def _door(
     door = _Map(node, where, DOOR_KEYS, problems, line)
     service = _door_service(door, services)
     door.get("description", _string)
-    knock = _knock(door, default_duplicates, path, problems)
+    spa = parse_spa(door, path, problems)
+    if "spa" in door.items:
+        knock: Knock | None = Knock(sequence=())
+        if "knock" in door.items:
+            problems.error(
+                door.line_of("spa"),
+                door.key("spa"),
+                "an SPA door is opened by one packet (expected spa: or knock:, not both)",
+            )
+    else:
+        knock = _knock(door, default_duplicates, path, problems)
     open_ports = _open(door, problems)
     if service is not None:
         served, duration = service
@@ -372,6 +305,16 @@ def _door(
             door.key(key),
             "a stop command needs a start command (expected start_command too)",
         )
+    if spa is not None and open_ports is not None:
+        for user in spa.users:
+            beyond = [str(p) for p in user.ports or () if p not in open_ports.ports]
+            if beyond:
+                problems.error(
+                    door.line_of("spa"),
+                    f"{door.key('spa')}.users.{user.name}.ports",
+                    f"{', '.join(beyond)} is not a port of the door (expected some of "
+                    f"{', '.join(str(p) for p in open_ports.ports)})",
+                )
     does_something = open_ports or close or commands.start or commands.start6
     if not does_something:
         problems.warn(door.line, where, "the door has no action: a completed knock is only logged")
@@ -385,6 +328,7 @@ def _door(
         commands=commands,
         origin=Origin(path, line),
         service=service[0].name if service is not None else None,
+        spa=spa,
     )
 
 
@@ -400,12 +344,17 @@ def _knock(
         return None
     sequence: tuple[Step, ...] | None = None
     one_time: OneTimeFile | None = None
-    if "sequence" in knock.items and "one_time_sequences" in knock.items:
+    totp: Totp | None = None
+    given = [key for key in ("sequence", "one_time_sequences", "totp") if key in knock.items]
+    if len(given) > 1:
         problems.error(
-            knock.line_of("one_time_sequences"),
-            knock.key("one_time_sequences"),
-            "cannot be combined with sequence (expected one of the two)",
+            knock.line_of(given[1]),
+            knock.key(given[1]),
+            f"cannot be combined with {given[0]} (expected one of sequence, "
+            "one_time_sequences, totp)",
         )
+    elif "totp" in knock.items:
+        totp = parse_totp(knock, problems)
     elif "one_time_sequences" in knock.items:
         file = knock.get("one_time_sequences", _string)
         if file is not None:
@@ -419,7 +368,11 @@ def _knock(
         if sequence is not None:
             lint_sequence(sequence, problems, knock.line_of("sequence"), knock.key("sequence"))
     else:
-        problems.error(knock.line, knock.key("sequence"), "missing (expected a list of steps)")
+        problems.error(
+            knock.line,
+            knock.key("sequence"),
+            "missing (expected a list of steps, one_time_sequences or totp)",
+        )
     seq_timeout = knock.get(
         "seq_timeout",
         lambda v: parse_seconds(
@@ -429,7 +382,7 @@ def _knock(
     tcpflags = knock.get("tcpflags", lambda v: parse_tcpflags(split_flags(v)))
     target = knock.get("target", parse_address)
     duplicates = knock.get("duplicates", _choice("ignore", "reset"))
-    if sequence is None and one_time is None:
+    if sequence is None and one_time is None and totp is None:
         return None
     return Knock(
         sequence=sequence or (),
@@ -438,6 +391,7 @@ def _knock(
         target=target,
         duplicates=duplicates or default_duplicates,
         one_time=one_time,
+        totp=totp,
     )
 
 

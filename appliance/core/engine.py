@@ -25,6 +25,17 @@ Rules (knockd's, with its defects fixed):
 * Attempts of different sources, and of different doors, never disturb each
   other; several doors may complete on one packet and each fires once.
 * At most ``max_attempts`` attempts are kept; the oldest is evicted first.
+
+A TOTP door (``knock: {totp: ...}``) is run as one door state per accepted time
+step (the current one and ``skew`` either side), each with its own derived
+sequence; they are replaced as time moves on, and a step that opened the door is
+never accepted again (``TotpStepUsed`` lets the runtime keep that across restarts).
+
+An SPA door takes :class:`SpaKnock` events, which the edge produces only for
+packets whose HMAC verified and which decrypted. The engine applies the policy:
+the packet's clock within ``max_age`` of ours, never seen before (the replay cache,
+kept here and written to disk by the runtime through ``SpaDigestSeen``), the
+requested ports within the user's allowance, the time capped.
 """
 
 from __future__ import annotations
@@ -51,9 +62,15 @@ from appliance.core.events import (
     SequenceReset,
     SequenceTimeout,
     SetTimer,
+    SpaAccepted,
+    SpaDigestSeen,
+    SpaKnock,
+    SpaRefused,
     StageReached,
+    TotpStepUsed,
 )
-from appliance.core.model import DEFAULT_MAX_ATTEMPTS, Door, Step
+from appliance.core.model import DEFAULT_MAX_ATTEMPTS, Door, SpaUser, Step
+from appliance.core.totp import time_step, totp_sequence, window
 
 RETRANSMIT_WINDOW = 1.0  # seconds within which a repeated step counts as a retransmission
 
@@ -71,6 +88,8 @@ class Counters:
     timeouts: int = 0
     evictions: int = 0
     malformed: int = 0
+    spa_accepted: int = 0
+    spa_refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -101,11 +120,14 @@ class DoorState:
         "name",
         "next_one_time",
         "sequence",
+        "step",
         "target",
         "timeout",
     )
 
-    def __init__(self, door: Door) -> None:
+    def __init__(
+        self, door: Door, sequence: tuple[Step, ...] | None = None, step: int | None = None
+    ) -> None:
         knock = door.knock
         self.door = door
         self.name = door.name
@@ -120,8 +142,9 @@ class DoorState:
         self.attempts: OrderedDict[str, Attempt] = OrderedDict()
         self.next_one_time = 0
         self.enabled = True
-        self.sequence: tuple[Step, ...] = knock.sequence
+        self.sequence: tuple[Step, ...] = knock.sequence if sequence is None else sequence
         self.length = len(self.sequence)
+        self.step = step  # a TOTP door's time step (None for every other door)
         if knock.one_time is not None:
             self._load_one_time(0)
 
@@ -152,8 +175,23 @@ class KnockEngine:
     def __init__(self, doors: Sequence[Door], *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self.doors = [DoorState(door) for door in doors]
+        self._fixed = [DoorState(door) for door in doors]
+        self.doors = list(self._fixed)
         self.by_name = {state.door.name: state for state in self.doors}
+        # TOTP doors: one state per accepted time step, and the steps already used
+        # (step -> the time it leaves every window).
+        self._totp_doors = {door.name: door for door in doors if door.knock.totp is not None}
+        self._totp: dict[str, dict[int, DoorState]] = {name: {} for name in self._totp_doors}
+        self._totp_used: dict[str, dict[int, float]] = {name: {} for name in self._totp_doors}
+        self._totp_next = -math.inf if self._totp_doors else math.inf
+        # SPA: the users of each door by name, and the replay cache (digest -> until).
+        self._spa_users: dict[str, dict[str, SpaUser]] = {
+            door.name: {user.name: user for user in door.spa.users}
+            for door in doors
+            if door.spa is not None
+        }
+        self._spa_seen: dict[bytes, float] = {}
+        self._spa_expiry: list[tuple[float, bytes]] = []
         self.max_attempts = max_attempts
         self.counters = Counters()
         self.now = -math.inf
@@ -177,7 +215,36 @@ class KnockEngine:
         return None if due == math.inf else due
 
     def active_sequence(self, door: str) -> tuple[Step, ...]:
+        """The sequence a door accepts now (a TOTP door: its current time step's)."""
+        totp = self.by_name[door].door.knock.totp
+        if totp is not None:
+            if self.now == -math.inf:
+                return ()
+            return totp_sequence(totp, time_step(totp, self.now))
         return self.by_name[door].sequence
+
+    def restore(
+        self,
+        spa_seen: Sequence[tuple[bytes, float]] = (),
+        totp_used: Sequence[tuple[str, int, float]] = (),
+    ) -> None:
+        """Load the replay cache and used TOTP steps saved by an earlier run."""
+        for digest, until in spa_seen:
+            self._remember_spa(digest, until)
+        for door, step, until in totp_used:
+            if door in self._totp_used:
+                self._totp_used[door][step] = until
+        self._totp_next = -math.inf if self._totp_doors else math.inf
+
+    def saved_state(self) -> tuple[list[tuple[bytes, float]], list[tuple[str, int, float]]]:
+        """The replay cache and used TOTP steps, for the engine that replaces this one."""
+        spa = list(self._spa_seen.items())
+        totp = [
+            (door, step, until)
+            for door, used in self._totp_used.items()
+            for step, until in used.items()
+        ]
+        return spa, totp
 
     # ----------------------------------------------------------------- events
 
@@ -192,6 +259,8 @@ class KnockEngine:
         else:
             self.now = ts
         out: list[Command] = []
+        if ts >= self._totp_next:
+            self._roll_totp(ts)
         if ts >= self._next_expiry:
             self._expire(ts, out)
         stops = self._stops
@@ -199,6 +268,8 @@ class KnockEngine:
             self._run_due_stops(ts, out)
         if type(event) is Packet:
             self._packet(event, ts, out)
+        elif type(event) is SpaKnock:
+            self._spa(event, ts, out)
         # Ask for a timer when the next deadline is earlier than the one we asked
         # for, or when that one has passed (inlined: this runs for every packet).
         due = self._next_expiry
@@ -292,18 +363,11 @@ class KnockEngine:
         self.counters.opened += 1
         out.append(Opened(ts, door.name, src))
         if door.open is not None:
-            out.append(Grant(ts, door.name, src, door.open.ports, ts + door.open.duration))
-        out.extend(Revoke(ts, closed, src, door.name) for closed in door.close)
-        ipv6 = ":" in src
-        start = door.commands.start_for(ipv6)
-        if start is not None:
-            out.append(RunCommand(ts, door.name, src, "start", start.replace("%IP%", src)))
-            stop = door.commands.stop_for(ipv6)
-            if stop is not None:
-                due = ts + door.commands.cmd_timeout
-                command = RunCommand(due, door.name, src, "stop", stop.replace("%IP%", src))
-                self._stop_seq += 1
-                heapq.heappush(self._stops, (due, self._stop_seq, command))
+            self._act(door, src, door.open.ports, ts + door.open.duration, ts, out)
+        else:
+            self._act(door, src, (), ts, ts, out)
+        if state.step is not None:
+            self._use_totp_step(state, ts, out)
         one_time = door.knock.one_time
         if one_time is not None:
             used = one_time.sequences[state.next_one_time - 1]
@@ -314,6 +378,140 @@ class KnockEngine:
             if not state.enabled:
                 out.append(DoorExhausted(ts, door.name, one_time.path))
             self._reindex()
+
+    def _act(
+        self,
+        door: Door,
+        address: str,
+        ports: tuple[Step, ...],
+        until: float,
+        ts: float,
+        out: list[Command],
+    ) -> None:
+        """A door's actions for ``address``: grant, close other doors, run commands."""
+        if door.open is not None:
+            out.append(Grant(ts, door.name, address, ports, until))
+        out.extend(Revoke(ts, closed, address, door.name) for closed in door.close)
+        ipv6 = ":" in address
+        start = door.commands.start_for(ipv6)
+        if start is not None:
+            out.append(RunCommand(ts, door.name, address, "start", start.replace("%IP%", address)))
+            stop = door.commands.stop_for(ipv6)
+            if stop is not None:
+                due = ts + door.commands.cmd_timeout
+                command = RunCommand(due, door.name, address, "stop", stop.replace("%IP%", address))
+                self._stop_seq += 1
+                heapq.heappush(self._stops, (due, self._stop_seq, command))
+
+    # ----------------------------------------------------------------- SPA
+
+    def _spa(self, knock: SpaKnock, ts: float, out: list[Command]) -> None:
+        counters = self.counters
+        state = self.by_name.get(knock.door)
+        user = self._spa_users.get(knock.door, {}).get(knock.user)
+        if state is None or user is None or state.door.spa is None:
+            counters.malformed += 1  # the edge only sends doors and users it knows
+            return
+        door, spa = state.door, state.door.spa
+        expiry = self._spa_expiry
+        while expiry and expiry[0][0] <= ts:
+            until, digest = heapq.heappop(expiry)
+            if self._spa_seen.get(digest) == until:
+                del self._spa_seen[digest]
+        address = knock.address
+        if address in ("0.0.0.0", "::"):
+            address = knock.src
+        reason = None
+        if knock.msg_type not in (1, 3):  # access, access with a client timeout
+            reason = "message-type"
+        elif knock.timestamp < ts - spa.max_age:
+            reason = "stale"
+        elif knock.timestamp > ts + spa.max_age:
+            reason = "future"
+        elif knock.digest in self._spa_seen:
+            reason = "replay"
+        elif address != knock.address and spa.require_source_address:
+            reason = "address"
+        elif not knock.ports or not self._spa_allowed(door, user, knock.ports):
+            reason = "ports"
+        if reason is not None:
+            counters.spa_refused += 1
+            out.append(SpaRefused(ts, door.name, knock.src, user.name, reason))
+            return
+        counters.spa_accepted += 1
+        # A packet is acceptable while its timestamp is within max_age of our clock:
+        # it must be remembered that long (and a second more against rounding).
+        seen_until = knock.timestamp + spa.max_age + 1.0
+        self._remember_spa(knock.digest, seen_until)
+        out.append(SpaDigestSeen(ts, knock.digest, seen_until))
+        default = door.open.duration if door.open is not None else spa.max_time
+        duration = float(knock.client_timeout) if knock.client_timeout else default
+        duration = min(duration, spa.max_time)
+        if user.max_time is not None:
+            duration = min(duration, user.max_time)
+        ports = knock.ports if door.open is not None else ()
+        out.append(SpaAccepted(ts, door.name, address, knock.src, user.name, ports, ts + duration))
+        self._act(door, address, ports, ts + duration, ts, out)
+
+    @staticmethod
+    def _spa_allowed(door: Door, user: SpaUser, ports: tuple[Step, ...]) -> bool:
+        """Whether every requested port is within the user's allowance (fwknop refuses
+        the whole request when one port is not)."""
+        if user.ports is not None:
+            allowed: tuple[Step, ...] = user.ports
+        elif door.open is not None:
+            allowed = door.open.ports
+        else:
+            return True  # a door that only runs commands opens no port
+        return all(port in allowed for port in ports)
+
+    def _remember_spa(self, digest: bytes, until: float) -> None:
+        self._spa_seen[digest] = until
+        heapq.heappush(self._spa_expiry, (until, digest))
+
+    # ----------------------------------------------------------------- TOTP
+
+    def _roll_totp(self, ts: float) -> None:
+        """Keep one door state per accepted, unused time step of every TOTP door."""
+        changed = False
+        next_roll = math.inf
+        for name, door in self._totp_doors.items():
+            totp = door.knock.totp
+            assert totp is not None
+            steps = window(totp, ts)
+            used = self._totp_used[name]
+            for step in [step for step in used if step < steps.start]:
+                del used[step]
+            variants = self._totp[name]
+            for step in [step for step in variants if step not in steps or step in used]:
+                self._count -= len(variants.pop(step).attempts)
+                changed = True
+            for step in steps:
+                if step not in variants and step not in used:
+                    variants[step] = DoorState(door, totp_sequence(totp, step), step)
+                    changed = True
+            next_roll = min(next_roll, (steps.start + totp.skew + 1) * totp.period)
+        self._totp_next = next_roll
+        if changed:
+            self._rebuild()
+
+    def _use_totp_step(self, state: DoorState, ts: float, out: list[Command]) -> None:
+        door = state.door
+        totp = door.knock.totp
+        assert totp is not None and state.step is not None
+        until = float((state.step + totp.skew + 1) * totp.period)  # out of every window then
+        self._totp_used[door.name][state.step] = until
+        out.append(TotpStepUsed(ts, door.name, state.step, until))
+        variant = self._totp[door.name].pop(state.step, None)
+        if variant is not None:
+            self._count -= len(variant.attempts)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.doors = self._fixed + [
+            state for variants in self._totp.values() for state in variants.values()
+        ]
+        self._reindex()
 
     # ----------------------------------------------------------------- expiry
 

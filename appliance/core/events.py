@@ -27,7 +27,8 @@ class Packet(NamedTuple):
     """A packet seen on the wire, already decoded at the edge.
 
     ``flags`` is the TCP flags byte (0 for UDP). ``src`` and ``dst`` are textual
-    addresses in their canonical form (what :mod:`ipaddress` prints).
+    addresses in their canonical form (what :mod:`ipaddress` prints). ``payload`` is
+    the UDP payload (empty for TCP): an SPA packet is read from it at the edge.
     """
 
     ts: float
@@ -36,6 +37,29 @@ class Packet(NamedTuple):
     proto: str
     dport: int
     flags: int = 0
+    payload: bytes = b""
+
+
+class SpaKnock(NamedTuple):
+    """An SPA packet whose HMAC verified and which decrypted, decoded at the edge.
+
+    ``user`` is the configured user whose keys opened it, ``username`` the name the
+    client wrote inside. ``address`` is the address to let in as the packet says
+    (``0.0.0.0`` or ``::`` for "the sender"), ``timestamp`` the client's clock,
+    ``digest`` what the replay cache keeps.
+    """
+
+    ts: float
+    src: str
+    door: str
+    user: str
+    username: str
+    timestamp: int
+    msg_type: int
+    address: str
+    ports: tuple[Step, ...]
+    client_timeout: int | None
+    digest: bytes
 
 
 class Tick(NamedTuple):
@@ -44,7 +68,7 @@ class Tick(NamedTuple):
     ts: float
 
 
-Event = Packet | Tick
+Event = Packet | Tick | SpaKnock
 
 # --------------------------------------------------------------------------- commands
 
@@ -86,6 +110,23 @@ class MarkSequenceUsed(NamedTuple):
     path: str
     line: int
     offset: int
+
+
+class SpaDigestSeen(NamedTuple):
+    """Remember an accepted SPA packet until ``until`` (the replay cache on disk)."""
+
+    at: float
+    digest: bytes
+    until: float
+
+
+class TotpStepUsed(NamedTuple):
+    """A TOTP door's time step ``step`` was used: its sequence is refused from now on."""
+
+    at: float
+    door: str
+    step: int
+    until: float
 
 
 class SetTimer(NamedTuple):
@@ -133,6 +174,29 @@ class SequenceTimeout(NamedTuple):
     stage: int
 
 
+class SpaAccepted(NamedTuple):
+    """An SPA packet from ``src`` let ``address`` in (``user`` is the key's owner)."""
+
+    at: float
+    door: str
+    address: str
+    src: str
+    user: str
+    ports: tuple[Step, ...]
+    until: float
+
+
+class SpaRefused(NamedTuple):
+    """An authenticated SPA packet was refused: ``reason`` is a short code
+    (``replay``, ``stale``, ``future``, ``ports``, ``address``, ``message-type``)."""
+
+    at: float
+    door: str
+    src: str
+    user: str
+    reason: str
+
+
 class OneTimeAdvanced(NamedTuple):
     """A one-time sequence was used; ``remaining`` usable lines are left."""
 
@@ -161,4 +225,8 @@ Command = (
     | SequenceTimeout
     | OneTimeAdvanced
     | DoorExhausted
+    | SpaAccepted
+    | SpaRefused
+    | SpaDigestSeen
+    | TotpStepUsed
 )

@@ -98,8 +98,27 @@ class OneTimeFile:
 
 
 @dataclass(frozen=True, slots=True)
+class Totp:
+    """A time-based sequence: ``steps`` ports derived from the secret and the time step.
+
+    The time step is ``floor(unix time / period)``; the sequence for step ``c`` is
+    :func:`appliance.core.totp.totp_sequence`. The server accepts the sequences of
+    ``c - skew`` to ``c + skew``, each at most once.
+    """
+
+    secret: bytes
+    steps: int = 4
+    period: int = 30
+    low: int = 1024
+    high: int = 65535
+    proto: Proto = "tcp"
+    skew: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Knock:
-    """How a door is knocked."""
+    """How a door is knocked: a fixed sequence, one-time sequences, a TOTP sequence, or
+    (for an SPA door, ``sequence`` empty) one authenticated packet."""
 
     sequence: tuple[Step, ...]
     seq_timeout: float = DEFAULT_SEQ_TIMEOUT
@@ -107,6 +126,47 @@ class Knock:
     target: str | None = None
     duplicates: DuplicatePolicy = "ignore"
     one_time: OneTimeFile | None = None
+    totp: Totp | None = None
+
+
+DEFAULT_SPA_PORT = 62201  # fwknop's
+DEFAULT_SPA_MAX_AGE = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpaUser:
+    """One key pair allowed to open an SPA door (a stanza of fwknop's access.conf).
+
+    ``sources``: networks the packet may come from (empty: any). ``ports``: what the
+    user may open (``None``: every port of the door). ``max_time``: a cap on the
+    access time this user may ask for (``None``: the door's cap).
+    """
+
+    name: str
+    key: bytes = field(repr=False)
+    hmac_key: bytes = field(repr=False)
+    sources: tuple[str, ...] = ()
+    ports: tuple[Step, ...] | None = None
+    max_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Spa:
+    """Single packet authorization, fwknop's wire format, sniffed on UDP ``port``.
+
+    A packet whose timestamp is more than ``max_age`` seconds from the server's
+    clock (either way) is refused; so is one seen before. Access lasts what the
+    client asks for (fwknop's ``--fw-timeout``), else the door's open duration,
+    capped by ``max_time`` and the user's own cap. ``require_source_address``
+    refuses fwknop's ``-s`` (0.0.0.0: "the address the packet comes from"), which
+    would let a spoofed source choose who is let in.
+    """
+
+    users: tuple[SpaUser, ...]
+    port: int = DEFAULT_SPA_PORT
+    max_age: float = DEFAULT_SPA_MAX_AGE
+    max_time: float = 3600.0
+    require_source_address: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +252,7 @@ class Door:
     commands: Commands = field(default_factory=Commands)
     origin: Origin | None = None
     service: str | None = None  # a service door also has ``open`` = the service's host port
+    spa: Spa | None = None  # an SPA door (its knock has no sequence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +281,7 @@ class FirewallSettings:
 
 
 DEFAULT_STATUS_SOCKET = "/run/knockgate/status.sock"
+DEFAULT_STATE_DIR = "/var/lib/knockgate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +293,7 @@ class Settings:
     firewall: FirewallSettings = field(default_factory=FirewallSettings)
     on_shutdown: Literal["keep", "revoke"] = "keep"
     status_socket: str = DEFAULT_STATUS_SOCKET
+    state_dir: str = DEFAULT_STATE_DIR  # the SPA replay cache and used TOTP steps
 
 
 @dataclass(frozen=True, slots=True)

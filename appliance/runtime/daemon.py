@@ -35,6 +35,7 @@ from appliance.capture.sniffer import (
     Sniffer,
     default_interfaces,
 )
+from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
 from appliance.core.engine import KnockEngine
@@ -47,7 +48,9 @@ from appliance.core.events import (
     Revoke,
     RunCommand,
     SetTimer,
+    SpaDigestSeen,
     Tick,
+    TotpStepUsed,
 )
 from appliance.core.model import Config, Door, Step
 from appliance.errors import FirewallError, KnockgateError
@@ -55,6 +58,7 @@ from appliance.firewall import FirewallBackend, FirewallPlan
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.logs import configure, log_command
 from appliance.runtime.services import ServiceManager
+from appliance.runtime.state import StateStore
 from appliance.runtime.status import StatusServer
 from appliance.services.launcher import ServiceLauncher
 
@@ -105,7 +109,10 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self.state = StateStore(self.config.settings.state_dir)
         self.engine = self._engine(self.config)
+        self.engine.restore(*self.state.load(clock()))
+        self.spa = SpaReader(self.config.doors)
         self.runner = CommandRunner()
         self.stats = Stats()
         self.wake = math.inf
@@ -193,8 +200,15 @@ class Daemon:
                     continue
                 if self.engine.handle is not handle:  # replaced by a reload
                     handle = self.engine.handle
+                spa = self.spa
                 for packet in packets:
-                    out = handle(packet)
+                    if packet.payload and packet.dport in spa.ports:
+                        knock = spa.read(packet)
+                        if knock is None:
+                            continue
+                        out = handle(knock)
+                    else:
+                        out = handle(packet)
                     if out:
                         commands(out)
             now = self.clock()
@@ -224,7 +238,7 @@ class Daemon:
 
     def _item(self, item: Any) -> None:
         if type(item) is Packet:
-            self._commands(self.engine.handle(item))
+            self.packet(item)
         elif item[0] == "signal":
             if item[1] == "TERM":
                 log.info("shutting down")
@@ -243,6 +257,18 @@ class Daemon:
         else:
             raise TypeError(f"unknown queue item {item!r}")
 
+    def packet(self, packet: Packet) -> None:
+        """One packet: an SPA packet goes through the SPA reader first.
+
+        (The capture loop in :meth:`run` does the same, written inline.)
+        """
+        if packet.payload and packet.dport in self.spa.ports:
+            knock = self.spa.read(packet)
+            if knock is not None:
+                self._commands(self.engine.handle(knock))
+        else:
+            self._commands(self.engine.handle(packet))
+
     def shutdown(self) -> None:
         if self.sniffer is not None:
             self.sniffer.close()
@@ -258,6 +284,7 @@ class Daemon:
                 run_command(command)
         if self.status is not None:
             self.status.stop()
+        self.state.close()
         log.info("stopped; grants left in place expire at their own deadline")
 
     # ----------------------------------------------------------------- commands
@@ -277,6 +304,11 @@ class Daemon:
                 self._run(command)
             elif isinstance(command, MarkSequenceUsed):
                 self._mark_used(command)
+            elif isinstance(command, SpaDigestSeen):
+                self.state.spa_seen(command.digest, command.until)
+            elif isinstance(command, TotpStepUsed):
+                log_command(command)
+                self.state.totp_used(command.door, command.step, command.until)
             else:
                 log_command(command)
         self._held.clear()
@@ -424,8 +456,18 @@ class Daemon:
         for command in self.engine.drain():  # pending stops of the old doors still run
             if isinstance(command, RunCommand) and not self._suppressed(command):
                 self.runner.submit(command)
+        saved = self.engine.saved_state()
+        if loaded.config.settings.state_dir != self.config.settings.state_dir:
+            self.state.close()
+            self.state = StateStore(loaded.config.settings.state_dir)
+            for digest, until in saved[0]:
+                self.state.spa_seen(digest, until)
+            for door, step, until in saved[1]:
+                self.state.totp_used(door, step, until)
         self.loaded, self.config = loaded, loaded.config
         self.engine = self._engine(loaded.config)
+        self.engine.restore(*saved)
+        self.spa = SpaReader(loaded.config.doors)
         self.wake = math.inf
         configure(loaded.config.settings.log)
         if self.sniffer is not None:
@@ -452,6 +494,7 @@ class Daemon:
             "doors": [
                 {
                     "name": door.name,
+                    "knock": _knock_kind(door),
                     "steps": len(self.engine.active_sequence(door.name)),
                     "open": [str(p) for p in door.open.ports] if door.open else [],
                 }
@@ -462,6 +505,7 @@ class Daemon:
             "attempts": self.engine.attempt_count,
             "counters": {
                 **self.engine.counters.as_dict(),
+                **self.spa.counters.as_dict(),
                 "frames": self.sniffer.frames if self.sniffer else 0,
                 "held_off": self.stats.held_off,
                 "grant_failures": self.stats.grant_failures,
@@ -472,6 +516,15 @@ class Daemon:
                 "service_failures": self.services.failures if self.services else 0,
             },
         }
+
+
+def _knock_kind(door: Door) -> str:
+    knock = door.knock
+    if door.spa is not None:
+        return f"spa udp/{door.spa.port}"
+    if knock.totp is not None:
+        return "totp"
+    return "one-time" if knock.one_time is not None else "sequence"
 
 
 def ssh_lockout(config: Config, environ: dict[str, str]) -> str | None:

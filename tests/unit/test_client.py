@@ -389,21 +389,21 @@ def _one_time_door() -> Door:
 
 def test_sequence_for_door() -> None:
     config = _config(Door(name="ssh", knock=Knock(sequence=SSH_SEQUENCE)), _one_time_door())
-    assert sequence_for_door(config, "ssh") == SSH_SEQUENCE
+    assert sequence_for_door(config, "ssh", 0.0) == SSH_SEQUENCE
 
 
 def test_sequence_for_one_time_door_points_to_its_file() -> None:
     config = _config(Door(name="ssh", knock=Knock(sequence=SSH_SEQUENCE)), _one_time_door())
     with pytest.raises(KnockError, match=r"door 'vault' .*one-time file /etc/knockgate/vault\.otp"):
-        sequence_for_door(config, "vault")
+        sequence_for_door(config, "vault", 0.0)
 
 
 def test_sequence_for_unknown_door_lists_known_doors() -> None:
     config = _config(Door(name="ssh", knock=Knock(sequence=SSH_SEQUENCE)), _one_time_door())
     with pytest.raises(KnockError, match=r"unknown door 'web'.*known doors: ssh, vault"):
-        sequence_for_door(config, "web")
+        sequence_for_door(config, "web", 0.0)
 
 
 def test_sequence_for_door_without_doors() -> None:
     with pytest.raises(KnockError, match=r"unknown door 'ssh'.*defines no doors"):
-        sequence_for_door(_config(), "ssh")
+        sequence_for_door(_config(), "ssh", 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from appliance.core.events import Packet
 from appliance.core.model import Step
 from appliance.firewall.memory import MemoryBackend
 from appliance.runtime.daemon import Daemon, firewall_plan, ssh_lockout
+from appliance.spa.keyfile import generate_keys
+from appliance.spa.wire import SpaKeys, new_message, seal
 
 CONFIG = """\
 status_socket: {socket}
@@ -263,3 +266,81 @@ def test_service_door_grants_only_once_the_service_answers(tmp_path: Path) -> No
         daemon.shutdown()
         listener.close()
     assert runtime.calls[-1] == "stop web"  # services stop with knockgate
+
+
+# ----------------------------------------------------------------- SPA and TOTP
+
+SPA_CONFIG = """\
+status_socket: {socket}
+state_dir: {state}
+doors:
+  spa:
+    spa:
+      users:
+        alice: {{key_base64: {key}, hmac_key_base64: {hmac}, ports: [22/tcp]}}
+    open: {{ports: [22/tcp, 80/tcp], duration: 30}}
+"""
+
+
+def _spa_daemon(
+    tmp_path: Path, clock: Clock, keys: tuple[str, str] | None = None
+) -> tuple[Daemon, MemoryBackend, SpaKeys]:
+    key, hmac_key = keys or generate_keys()
+    path = tmp_path / "spa.yaml"
+    path.write_text(
+        SPA_CONFIG.format(
+            socket=tmp_path / "status.sock", state=tmp_path / "state", key=key, hmac=hmac_key
+        )
+    )
+    backend = MemoryBackend(clock)
+    daemon = Daemon(load_config(str(path)), backend, clock=clock, capture=False)
+    daemon.start()
+    return daemon, backend, SpaKeys.from_base64(key, hmac_key)
+
+
+def _config_keys(daemon: Daemon) -> tuple[str, str]:
+    spa = daemon.config.doors[0].spa
+    assert spa is not None
+    user = spa.users[0]
+    return base64.b64encode(user.key).decode(), base64.b64encode(user.hmac_key).decode()
+
+
+def _spa_packet(clock: Clock, data: bytes, src: str = A) -> Packet:
+    return Packet(clock.now, src, "198.18.0.1", "udp", 62201, 0, data)
+
+
+def test_spa_packet_grants_and_its_replay_is_refused_across_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    daemon, backend, keys = _spa_daemon(tmp_path, clock)
+    data = seal(new_message("alice", int(clock.now), "198.18.9.9,tcp/22"), keys)
+    daemon._item(_spa_packet(clock, data))
+    assert backend.is_open("198.18.9.9", Step(22, "tcp"))
+    assert not backend.is_open(A, Step(22, "tcp"))
+    clock.now += 31
+    daemon._item(_spa_packet(clock, data))
+    assert not backend.is_open("198.18.9.9", Step(22, "tcp"))
+    assert daemon.snapshot()["counters"]["spa_refused"] == 1
+    daemon.shutdown()
+    assert (tmp_path / "state" / "replay").read_text().startswith("spa ")
+    restarted, backend, _ = _spa_daemon(tmp_path, clock, _config_keys(daemon))
+    try:
+        restarted._item(_spa_packet(clock, data))
+        assert not backend.is_open("198.18.9.9", Step(22, "tcp"))
+        assert restarted.snapshot()["counters"]["spa_refused"] == 1
+    finally:
+        restarted.shutdown()
+
+
+def test_spa_garbage_and_wrong_allowance_are_counted_not_granted(tmp_path: Path) -> None:
+    clock = Clock()
+    daemon, backend, keys = _spa_daemon(tmp_path, clock)
+    try:
+        daemon._item(_spa_packet(clock, b"x" * 200))
+        port80 = seal(new_message("alice", int(clock.now), "198.18.9.9,tcp/80"), keys)
+        daemon._item(_spa_packet(clock, port80))
+        counters = daemon.snapshot()["counters"]
+        assert counters["spa_unauthenticated"] == 1
+        assert counters["spa_refused"] == 1
+        assert backend.grants() == []
+    finally:
+        daemon.shutdown()

@@ -88,8 +88,16 @@ def test_ethernet_ipv4_tcp_syn() -> None:
     assert decode_ethernet(b(ETH / ip4() / syn()), TS) == SYN4
 
 
-def test_ethernet_ipv4_udp_has_no_flags() -> None:
-    assert decode_ethernet(b(ETH / ip4() / udp() / Raw(b"knock")), TS) == UDP4
+def test_ethernet_ipv4_udp_has_no_flags_and_keeps_its_payload() -> None:
+    assert decode_ethernet(b(ETH / ip4() / udp() / Raw(b"knock")), TS) == UDP4._replace(
+        payload=b"knock"
+    )
+
+
+def test_udp_payload_ends_where_the_udp_length_says() -> None:
+    frame = b(ETH / ip4() / udp() / Raw(b"spa"))
+    decoded = decode_ethernet(frame + b"\x00" * 20, TS)
+    assert decoded is not None and decoded.payload == b"spa"
 
 
 @pytest.mark.parametrize(
@@ -144,7 +152,10 @@ def test_ipv4_fragments_only_the_first_decodes() -> None:
     frags = fragment(big, fragsize=1000)  # type: ignore[no-untyped-call]
     assert len(frags) == 3
     decoded = [decode_ethernet(b(ETH / f), TS) for f in frags]
-    assert decoded == [UDP4, None, None]
+    assert decoded[1:] == [None, None]
+    first = decoded[0]
+    assert first is not None and first._replace(payload=b"") == UDP4
+    assert first.payload == b"x" * len(first.payload)  # what the first fragment carries
 
 
 def test_ipv4_first_fragment_with_more_fragments_flag_decodes() -> None:
