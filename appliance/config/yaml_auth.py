@@ -45,7 +45,14 @@ from appliance.config.values import (
     parse_sequence,
 )
 from appliance.config.yaml_nodes import _list_of, _Map, _string
-from appliance.core.model import DEFAULT_SPA_MAX_AGE, DEFAULT_SPA_PORT, Spa, SpaUser, Totp
+from appliance.core.model import (
+    DEFAULT_SPA_MAX_AGE,
+    DEFAULT_SPA_PORT,
+    OpenPorts,
+    Spa,
+    SpaUser,
+    Totp,
+)
 
 TOTP_KEYS = ("secret", "steps", "period", "ports", "protocol", "skew")
 SPA_KEYS = ("port", "max_age", "max_time", "require_source_address", "users")
@@ -129,7 +136,10 @@ def parse_totp(knock: _Map, problems: Problems) -> Totp | None:
     return totp
 
 
-def parse_spa(door: _Map, path: str, problems: Problems) -> Spa | None:
+def parse_spa(
+    door: _Map, path: str, problems: Problems, open_ports: OpenPorts | None
+) -> Spa | None:
+    """The ``spa:`` of a door; ``open_ports`` is what the door opens (users' limit)."""
     spec = door.mapping("spa", SPA_KEYS)
     if spec is None:
         return None
@@ -149,7 +159,7 @@ def parse_spa(door: _Map, path: str, problems: Problems) -> Spa | None:
             problems.error(spec.line, spec.key("users"), "missing (expected users: {NAME: keys})")
     else:
         for name, (node, line) in users_map.items.items():
-            user = _user(name, node, line, users_map.key(name), path, problems)
+            user = _user(name, node, line, users_map.key(name), path, problems, open_ports)
             if user is not None:
                 users.append(user)
         if not users_map.items:
@@ -167,7 +177,13 @@ def parse_spa(door: _Map, path: str, problems: Problems) -> Spa | None:
 
 
 def _user(
-    name: str, node: Any, line: int, where: str, path: str, problems: Problems
+    name: str,
+    node: Any,
+    line: int,
+    where: str,
+    path: str,
+    problems: Problems,
+    open_ports: OpenPorts | None,
 ) -> SpaUser | None:
     from yaml.nodes import MappingNode
 
@@ -202,6 +218,14 @@ def _user(
         )
     sources = user.get("sources", _list_of(parse_network))
     ports = user.get("ports", parse_sequence)
+    beyond = [str(p) for p in ports or () if open_ports is not None and p not in open_ports.ports]
+    if beyond and open_ports is not None:
+        problems.error(
+            user.line_of("ports"),
+            user.key("ports"),
+            f"{', '.join(beyond)} is not a port of the door (expected some of "
+            f"{', '.join(str(p) for p in open_ports.ports)})",
+        )
     max_time = user.get(
         "max_time",
         lambda v: parse_seconds(v, minimum=1.0, maximum=MAX_ACCESS_TIME, what="1 to 604800 s"),

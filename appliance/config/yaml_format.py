@@ -265,7 +265,6 @@ def _door(
     door = _Map(node, where, DOOR_KEYS, problems, line)
     service = _door_service(door, services)
     door.get("description", _string)
-    spa = parse_spa(door, path, problems)
     if "spa" in door.items:
         knock: Knock | None = Knock(sequence=())
         if "knock" in door.items:
@@ -305,16 +304,7 @@ def _door(
             door.key(key),
             "a stop command needs a start command (expected start_command too)",
         )
-    if spa is not None and open_ports is not None:
-        for user in spa.users:
-            beyond = [str(p) for p in user.ports or () if p not in open_ports.ports]
-            if beyond:
-                problems.error(
-                    door.line_of("spa"),
-                    f"{door.key('spa')}.users.{user.name}.ports",
-                    f"{', '.join(beyond)} is not a port of the door (expected some of "
-                    f"{', '.join(str(p) for p in open_ports.ports)})",
-                )
+    spa = parse_spa(door, path, problems, open_ports)
     does_something = open_ports or close or commands.start or commands.start6
     if not does_something:
         problems.warn(door.line, where, "the door has no action: a completed knock is only logged")

@@ -36,3 +36,27 @@ def test_negated_only_flags_compile() -> None:
 def test_no_door_matches_nothing() -> None:
     assert capture_filter([], ["198.18.0.1"]) == "less 0"
     check_filter("less 0")
+
+
+def test_totp_doors_capture_their_port_range_and_spa_doors_their_port() -> None:
+    from appliance.core.model import Door, Knock, OpenPorts, Spa, SpaUser, Step, Totp
+
+    totp = Door(
+        "otp",
+        Knock(
+            sequence=(),
+            tcpflags=TcpFlags(must_set=0x02, must_clear=0x10),
+            totp=Totp(b"s" * 10, low=20000, high=20999),
+        ),
+        OpenPorts((Step(22, "tcp"),)),
+    )
+    spa = Door(
+        "spa",
+        Knock(sequence=()),
+        OpenPorts((Step(22, "tcp"),)),
+        spa=Spa(users=(SpaUser("a", b"k" * 32, b"h" * 32),), port=62201),
+    )
+    expression = capture_filter([totp, spa], ["198.18.0.1"])
+    assert "(tcp dst portrange 20000-20999 and (ip6 or tcp[tcpflags] & " in expression
+    assert "udp dst port 62201" in expression
+    check_filter(expression)

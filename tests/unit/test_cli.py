@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,118 @@ def test_init_writes_a_fresh_random_valid_config_once(tmp_path: Path) -> None:
     before = first.read_text()
     assert run("init", "--config", str(first)).returncode == 0
     assert first.read_text() == before  # never overwritten
+
+
+# --- authenticated knocks: one-time files, TOTP, SPA, keygen ------------------
+
+
+def _udp_listeners(count: int) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(2.0)
+        sockets.append(sock)
+    return sockets
+
+
+def test_knock_one_time_sends_the_next_line_and_marks_it_used(tmp_path: Path) -> None:
+    listeners = _udp_listeners(4)
+    ports = [sock.getsockname()[1] for sock in listeners]
+    try:
+        path = write(
+            tmp_path,
+            "otp.txt",
+            f"#{ports[3]}:udp\n {ports[0]}:udp,{ports[1]}:udp\n {ports[2]}:udp,{ports[3]}:udp\n",
+        )
+        assert main(["knock", "127.0.0.1", "--one-time", path]) == 0
+        assert [listeners[i].recvfrom(64)[1][0] for i in (0, 1)] == ["127.0.0.1"] * 2
+        assert Path(path).read_text().splitlines()[1].startswith("#")
+        assert main(["knock", "127.0.0.1", "--one-time", path]) == 0
+        listeners[2].recvfrom(64)
+        listeners[3].recvfrom(64)
+        assert main(["knock", "127.0.0.1", "--one-time", path]) == 1  # none left
+    finally:
+        for sock in listeners:
+            sock.close()
+
+
+def test_knock_totp_door_sends_the_current_steps(tmp_path: Path) -> None:
+    import base64
+    import time
+
+    from appliance.config import load_config
+    from appliance.core.totp import time_step, totp_sequence
+
+    secret = base64.b32encode(b"0123456789abcdefghij").decode()
+    body = (
+        "doors:\n  otp:\n    knock: {totp: {secret: "
+        + secret
+        + ", steps: 3, period: 3600, ports: 40000-40999, protocol: udp}}\n"
+        "    open: {ports: [22/tcp]}\n"
+    )
+    config_path = write(tmp_path, "otp.yaml", body)
+    totp = load_config(config_path).config.door("otp").knock.totp
+    assert totp is not None
+    expected = totp_sequence(totp, time_step(totp, time.time()))
+    listeners = []
+    try:
+        for step in expected:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", step.port))
+            sock.settimeout(2.0)
+            listeners.append(sock)
+        assert main(["knock", "127.0.0.1", "--door", "otp", "--config", config_path]) == 0
+        for sock in listeners:
+            sock.recvfrom(64)
+    finally:
+        for sock in listeners:
+            sock.close()
+
+
+def test_keygen_and_spa_client_build_a_packet_that_opens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from appliance.spa.keyfile import read_key_file
+    from appliance.spa.wire import open_packet
+
+    assert main(["keygen"]) == 0
+    key_file = write(tmp_path, "alice.keys", "[ssh]\n" + capsys.readouterr().out)
+    keys = read_key_file(key_file, "ssh").keys
+    (listener,) = _udp_listeners(1)
+    port = listener.getsockname()[1]
+    try:
+        args = ["spa", "127.0.0.1", "--door", "ssh", "--key-file", key_file, "--port", str(port)]
+        assert main([*args, "-A", "tcp/22", "-a", "198.18.0.5", "-f", "60"]) == 0
+        message = open_packet(listener.recvfrom(2048)[0], keys)
+        assert (message.message, message.msg_type, message.client_timeout) == (
+            "198.18.0.5,tcp/22",
+            3,
+            60,
+        )
+        assert main([*args, "-A", "tcp/22,udp/53", "-s", "-U", "bob"]) == 0
+        message = open_packet(listener.recvfrom(2048)[0], keys)
+        assert (message.message, message.username) == ("0.0.0.0,tcp/22,udp/53", "bob")
+        assert main([*args]) == 1  # no ports to ask for
+    finally:
+        listener.close()
+
+
+def test_keygen_totp_prints_a_usable_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+
+    assert main(["keygen", "--totp"]) == 0
+    assert len(base64.b32decode(capsys.readouterr().out.strip())) == 20
+
+
+def test_knock_refuses_spa_doors_with_a_pointer_to_knockgate_spa(tmp_path: Path) -> None:
+    import base64
+
+    key, mac = (base64.b64encode(c * 32).decode() for c in (b"k", b"h"))
+    body = (
+        f"doors:\n  spa:\n    spa: {{users: {{a: {{key_base64: {key}, hmac_key_base64: {mac}}}}}}}\n"
+        "    open: {ports: [22/tcp]}\n"
+    )
+    result = run("knock", "127.0.0.1", "--door", "spa", "--config", write(tmp_path, "s.yaml", body))
+    assert result.returncode == 1
+    assert "use knockgate spa" in result.stderr
