@@ -3,6 +3,8 @@
 No privileges, no side effects: frames are decoded with the same decoder the
 daemon uses, fed to the engine with their capture timestamps, timers fire at
 the capture's clock, and every command is reported instead of carried out.
+SPA packets go through the same reader as in the daemon; the replay cache lives
+only as long as the replay (nothing is read from or written to ``state_dir``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from appliance.capture.decode import decode_frame
 from appliance.capture.pcap import read_capture
 from appliance.core.engine import KnockEngine
-from appliance.core.events import Command, Grant, Opened, Packet, SetTimer, Tick
+from appliance.core.events import Command, Grant, Opened, Packet, SetTimer, SpaAccepted, Tick
 from appliance.core.model import Config
 
 
@@ -52,6 +54,11 @@ def replay(
     """
     summary = summary or Summary()
     engine = KnockEngine(config.doors, max_attempts=config.settings.max_attempts)
+    spa = None
+    if any(door.spa is not None for door in config.doors):
+        from appliance.capture.spa import SpaReader  # cryptography: only when needed
+
+        spa = SpaReader(config.doors)
     targets = frozenset(door.knock.target for door in config.doors if door.knock.target)
     accepted = hosts | targets
 
@@ -61,6 +68,8 @@ def replay(
                 continue
             if isinstance(command, Opened):
                 summary.opened.append(command)
+            elif isinstance(command, SpaAccepted):
+                summary.opened.append(Opened(command.at, command.door, command.address))
             elif isinstance(command, Grant):
                 summary.grants.append(command)
             emit(command)
@@ -76,6 +85,11 @@ def replay(
             summary.skipped_destination += 1
             continue
         fire_timers(packet.ts)
+        if spa is not None and packet.payload and packet.dport in spa.ports:
+            knock = spa.read(packet)  # an SPA packet: authenticated at the edge first
+            if knock is not None:
+                run(engine.handle(knock))
+            continue
         run(engine.handle(packet))
     fire_timers(float("inf"))
     return summary

@@ -36,6 +36,25 @@ def _tcp_port(port: int, filters: set[TcpFlags]) -> str:
     return f"({clause} and (ip6 or {tests}))"
 
 
+# What can be an fwknop SPA packet (appliance.spa.wire's first cheap checks): at least
+# 140 bytes of payload (the UDP length counts its 8-byte header too), the first one
+# 8, 9, + or / (the base64 of "Salted__" + salt with its constant prefix cut off).
+SPA_MIN_UDP_LENGTH = 8 + 140
+SPA_FIRST_BYTES = b"89+/"
+
+
+def _spa_port(port: int) -> str:
+    """An SPA port, with garbage dropped in the kernel: IPv4 by the UDP header, IPv6 at the
+    fixed offsets of a packet without extension headers (those are passed whole)."""
+    first4 = " or ".join(f"udp[8] == {byte:#x}" for byte in SPA_FIRST_BYTES)
+    first6 = " or ".join(f"ip6[48] == {byte:#x}" for byte in SPA_FIRST_BYTES)
+    return (
+        f"(udp dst port {port} and ("
+        f"(ip and udp[4:2] >= {SPA_MIN_UDP_LENGTH} and ({first4})) or "
+        f"(ip6 and ip6[44:2] >= {SPA_MIN_UDP_LENGTH} and ({first6}))))"
+    )
+
+
 def capture_filter(doors: Sequence[Door], host_addresses: Iterable[str]) -> str:
     """A pcap filter expression for the doors' knocks to these addresses."""
     tcp: dict[int, set[TcpFlags]] = {}
@@ -69,7 +88,7 @@ def capture_filter(doors: Sequence[Door], host_addresses: Iterable[str]) -> str:
                 ports = f"({ports} and (ip6 or {_flag_test(flags)}))"
             clauses.append(ports)
         if door.spa is not None:
-            clauses.append(f"udp dst port {door.spa.port}")
+            clauses.append(_spa_port(door.spa.port))
     if not clauses:
         return "less 0"  # matches nothing: no door, no packet
     extension = " or ".join(f"ip6[6] == {header}" for header in IPV6_EXTENSION_HEADERS)

@@ -16,9 +16,11 @@ daemon keeps running (knockd exits).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 
@@ -34,6 +36,8 @@ SNAPLEN = 2048  # a whole SPA packet (fwknop caps them at 1500 bytes) with its h
 RECEIVE_BUFFER = 4 << 20
 BATCH = 256  # frames read per wake-up at most, so other events are not starved
 RETRY_SECONDS = 0.5
+SOL_PACKET = 263
+PACKET_STATISTICS = 6  # struct tpacket_stats {unsigned tp_packets, tp_drops}; reset on read
 
 
 class CaptureError(KnockgateError):
@@ -73,6 +77,7 @@ class InterfaceReader:
         self.sock: socket.socket | None = None
         self.frames = 0
         self.undecoded = 0
+        self._dropped = 0  # frames the kernel dropped because the socket's buffer was full
         self.retry_at = 0.0
         self._was_open = False
         self._buffer = bytearray(SNAPLEN)
@@ -103,8 +108,18 @@ class InterfaceReader:
 
     def close(self) -> None:
         if self.sock is not None:
+            self.dropped  # noqa: B018 (collect the socket's last drop count)
             self.sock.close()
             self.sock = None
+
+    @property
+    def dropped(self) -> int:
+        """Frames the kernel dropped for this interface since it was opened (all openings)."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                stats = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+                self._dropped += struct.unpack("II", stats)[1]
+        return self._dropped
 
     def set_filter(self, expression: str) -> None:
         self.expression = expression
@@ -171,6 +186,10 @@ class Sniffer:
     @property
     def frames(self) -> int:
         return sum(reader.frames for reader in self.readers)
+
+    @property
+    def dropped(self) -> int:
+        return sum(reader.dropped for reader in self.readers)
 
 
 def default_interfaces() -> list[str]:

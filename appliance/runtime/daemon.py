@@ -507,6 +507,7 @@ class Daemon:
                 **self.engine.counters.as_dict(),
                 **self.spa.counters.as_dict(),
                 "frames": self.sniffer.frames if self.sniffer else 0,
+                "frames_dropped": self.sniffer.dropped if self.sniffer else 0,
                 "held_off": self.stats.held_off,
                 "grant_failures": self.stats.grant_failures,
                 "firewall_repairs": self.stats.firewall_repairs,

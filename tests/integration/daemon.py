@@ -30,8 +30,11 @@ class Knockgate:
         config: str,
         host: str = "server",
         config_path: Path | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.topo = topo
+        # The SPA replay cache and used TOTP steps: never the host's /var/lib/knockgate.
+        self.state_dir = state_dir or workdir / "state"
         self.host = host
         self.workdir = workdir
         self.socket = workdir / "status.sock"
@@ -55,6 +58,8 @@ class Knockgate:
                 str(self.config_path),
                 "--status-socket",
                 str(self.socket),
+                "--state-dir",
+                str(self.state_dir),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -324,3 +324,36 @@ def test_knock_refuses_spa_doors_with_a_pointer_to_knockgate_spa(tmp_path: Path)
     result = run("knock", "127.0.0.1", "--door", "spa", "--config", write(tmp_path, "s.yaml", body))
     assert result.returncode == 1
     assert "use knockgate spa" in result.stderr
+
+
+def test_simulate_spa_capture_opens_once_and_refuses_the_replay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import base64
+
+    from scapy.packet import Raw
+
+    from appliance.spa.wire import SpaKeys, new_message, seal
+
+    key, mac = b"k" * 32, b"h" * 32
+    body = (
+        "doors:\n  spa:\n    spa: {users: {alice: {key_base64: "
+        + base64.b64encode(key).decode()
+        + ", hmac_key_base64: "
+        + base64.b64encode(mac).decode()
+        + "}}}\n    open: {ports: [22/tcp], duration: 30}\n"
+    )
+    data = seal(new_message("alice", 1000, "198.18.3.50,tcp/22"), SpaKeys(key, mac))
+    frames = []
+    for ts, payload in ((1000.0, data), (1001.0, b"9" * 200), (1050.0, data)):
+        packet = Ether() / IP(src=KNOCKER, dst=HOST) / UDP(dport=62201) / Raw(payload)
+        packet.time = ts
+        frames.append(packet)
+    capture_path = tmp_path / "spa.pcap"
+    wrpcap(str(capture_path), frames)
+    config = write(tmp_path, "spa.yaml", body)
+    assert main(["simulate", "--config", config, "--pcap", str(capture_path)]) == 0
+    out = capsys.readouterr().out
+    assert "198.18.3.50: spa: SPA from user alice accepted" in out
+    assert "refused: replay" in out
+    assert "1 door(s) opened" in out
