@@ -5,7 +5,7 @@ Schema::
     doors:
       NAME:
         knock:
-          totp: {secret: BASE32, steps: 4, period: 30, ports: 1024-65535,
+          totp: {secret: BASE32, steps: 4, period: 30, ports: 20000-29999,
                  protocol: tcp, skew: 1}
           seq_timeout: 10
         open: {ports: [22/tcp], duration: 30}

@@ -109,8 +109,10 @@ class Totp:
     secret: bytes
     steps: int = 4
     period: int = 30
-    low: int = 1024
-    high: int = 65535
+    # Below Linux's ephemeral ports (32768-60999: replies to the host's own connections)
+    # and above most registered services; 10 000 ports, 4 steps: 10^16 sequences.
+    low: int = 20000
+    high: int = 29999
     proto: Proto = "tcp"
     skew: int = 1
 

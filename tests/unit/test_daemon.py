@@ -36,6 +36,7 @@ doors:
 """
 
 A = "198.18.5.1"
+KEY, HMAC_KEY = base64.b64encode(b"k" * 32).decode(), base64.b64encode(b"h" * 32).decode()
 
 
 class Clock:
@@ -223,7 +224,8 @@ def test_ssh_lockout(tmp_path: Path, connection: str, refused: bool) -> None:
         assert "198.18.7.7" in reason and "--i-know" in reason
 
 
-def test_service_door_grants_only_once_the_service_answers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["knock", "spa"])
+def test_service_door_grants_only_once_the_service_answers(tmp_path: Path, how: str) -> None:
     import socket
 
     from appliance.services.fake import FakeRuntime
@@ -243,6 +245,9 @@ def test_service_door_grants_only_once_the_service_answers(tmp_path: Path) -> No
         "  web:\n"
         "    knock: {sequence: [7113, 2231/udp, 9157]}\n"
         "    service: {name: web, duration: 30}\n"
+        "  web-spa:\n"
+        f"    spa: {{users: {{alice: {{key_base64: {KEY}, hmac_key_base64: {HMAC_KEY}}}}}}}\n"
+        "    service: {name: web, duration: 30}\n"
     )
     clock = Clock()
     backend = MemoryBackend(clock)
@@ -252,7 +257,11 @@ def test_service_door_grants_only_once_the_service_answers(tmp_path: Path) -> No
     daemon = Daemon(loaded, backend, clock=clock, capture=False, launcher=launcher)
     daemon.start()
     try:
-        knock(daemon, clock, A, "7113", "2231/udp", "9157")
+        if how == "knock":
+            knock(daemon, clock, A, "7113", "2231/udp", "9157")
+        else:
+            keys = SpaKeys.from_base64(KEY, HMAC_KEY)
+            daemon._item(_spa_packet(clock, seal(new_message("a", 1000, f"{A},tcp/8080"), keys)))
         assert not backend.is_open(A, Step(8080, "tcp"))  # not before the service answers
         for _ in range(20):  # the launch reports back through the queue
             item = daemon.queue.get(timeout=5)
