@@ -5,13 +5,16 @@ Data flow (each arrow is plain data)::
     knockgate.yaml / knockd.conf --config--> Config (frozen dataclasses)
                                                  |
     AF_PACKET + BPF (capture.sniffer), pcap --capture.decode--> Packet events
+        UDP payload on an SPA port --capture.spa (HMAC, then spa.wire decrypt)--> SpaKnock
                                                  v
           runtime.daemon loop --> core.engine.KnockEngine.handle(event) -> [Command]
                                                  |
-        Grant / Revoke / RunCommand / MarkSequenceUsed / log records / SetTimer
+        Grant / Revoke / RunCommand / MarkSequenceUsed / SpaDigestSeen / TotpStepUsed /
+        log records / SetTimer
                                                  v
      adapters: firewall (nftables | iptables | memory), runtime.actions (commands),
-     runtime.services -> services.launcher (Docker), one-time file, runtime.logs
+     runtime.services -> services.launcher (Docker), one-time file, runtime.state
+     (replay cache, used TOTP steps), runtime.logs
 
 ``appliance.core`` is pure (standard library, no I/O, no clock): it is what the
 unit tests drive with scripted events. Everything with a side effect lives at
