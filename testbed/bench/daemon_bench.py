@@ -169,6 +169,34 @@ def system_cpu() -> tuple[int, int]:
     return total - idle, total
 
 
+def interrupt_on_signals() -> None:
+    """SIGTERM, SIGHUP and SIGINT raise KeyboardInterrupt, so that cleanup runs (SIGINT
+    also when the process was started with it ignored)."""
+
+    def on_signal(sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {sig}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def stderr_log(started: float) -> Callable[[str], None]:
+    """A log function: ``text`` on stderr, stamped with the seconds since ``started``."""
+
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """% of the whole machine busy over the next ``seconds``."""
+    busy0, total0 = system_cpu()
+    time.sleep(seconds)
+    busy1, total1 = system_cpu()
+    return 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+
+
 def softnet_drops() -> int:
     """Frames the kernel dropped because a CPU's input backlog was full (all CPUs)."""
     with open("/proc/net/softnet_stat") as f:
@@ -314,44 +342,59 @@ class Bench:
         argv = [PYTHON, str(FLOOD), "--ifname", "eth0", "--dst-mac", self.server_mac]
         argv += ["--dst-ip", self.server.ipv4, "--ports", ",".join(str(p) for p, _ in SEQUENCE)]
         argv += ["--spoof", SPOOF, "--rate", f"{rate / senders:.1f}", "--seconds", f"{seconds:.1f}"]
-        procs: list[subprocess.Popen[str]] = []
-        reports: list[dict[str, Any]] = []
-        try:
-            for i in range(senders):
-                procs.append(
-                    self.topo.popen(
-                        "attacker", [*argv, "--seed", str(rate + i)], stdout=subprocess.PIPE
-                    )
-                )
-            for proc in procs:
-                if read_line(proc, 30) != "ready":
-                    raise Failed(f"flood generator did not start (exit {proc.poll()})")
+        with flood_generators(self.topo, argv, senders, rate, result, ready_timeout=30):
             yield
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    out, _ = proc.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    continue
-                lines = [x for x in (out or "").splitlines() if x.startswith("{")]
-                if lines:
-                    reports.append(json.loads(lines[-1]))
-            if reports:
-                result.update(
-                    senders=len(reports),
-                    sent=sum(r["sent"] for r in reports),
-                    errors=sum(r["errors"] for r in reports),
-                    rate=sum(r["rate"] for r in reports),
-                    cpu=100.0
-                    * sum(r["cpu_seconds"] for r in reports)
-                    / max(r["seconds"] for r in reports),
-                    stopped_by=",".join(sorted({r["stopped_by"] for r in reports})),
-                )
+
+
+@contextlib.contextmanager
+def flood_generators(
+    topo: Topology,
+    argv: list[str],
+    senders: int,
+    seed: int,
+    result: dict[str, Any],
+    ready_timeout: float,
+) -> Iterator[None]:
+    """``senders`` flood generator processes (``argv`` plus ``--seed seed+i``) in the
+    attacker namespace, each awaited for its ``ready`` line (``ready_timeout`` s), for the
+    duration of the with-block; then stopped with SIGTERM and their JSON reports, summed,
+    put into ``result`` (senders, sent, errors, rate, cpu % of a core, stopped_by)."""
+    procs: list[subprocess.Popen[str]] = []
+    reports: list[dict[str, Any]] = []
+    try:
+        for i in range(senders):
+            procs.append(
+                topo.popen("attacker", [*argv, "--seed", str(seed + i)], stdout=subprocess.PIPE)
+            )
+        for proc in procs:
+            if read_line(proc, ready_timeout) != "ready":
+                raise Failed(f"flood generator did not start (exit {proc.poll()})")
+        yield
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                continue
+            lines = [x for x in (out or "").splitlines() if x.startswith("{")]
+            if lines:
+                reports.append(json.loads(lines[-1]))
+        if reports:
+            result.update(
+                senders=len(reports),
+                sent=sum(r["sent"] for r in reports),
+                errors=sum(r["errors"] for r in reports),
+                rate=sum(r["rate"] for r in reports),
+                cpu=100.0
+                * sum(r["cpu_seconds"] for r in reports)
+                / max(r["seconds"] for r in reports),
+                stopped_by=",".join(sorted({r["stopped_by"] for r in reports})),
+            )
 
 
 # ------------------------------------------------------------------ measurements
@@ -461,32 +504,44 @@ def measure(bench: Bench, pid: int, results: dict[str, Any], log: Callable[[str]
 # ------------------------------------------------------------------ the daemons
 
 
+@contextlib.contextmanager
+def knockgate_daemon(
+    topo: Topology, workdir: Path, config: str, results: dict[str, Any], log_chars: int
+) -> Iterator[tuple[Knockgate, int]]:
+    """``knockgate run`` (tests/integration/daemon.py) in the server namespace for the
+    with-block, which gets it and its pid (checked to be knockgate's). Afterwards it is stopped
+    (a non-zero exit or a failure to stop in ``results["stop"]``), its table torn down and
+    the last ``log_chars`` characters of its log put in ``results["log_tail"]``."""
+    daemon = Knockgate(topo, workdir, config)
+    try:
+        daemon.start()
+        assert daemon.process is not None
+        pid = daemon.process.pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"appliance.cli" not in cmdline:
+            raise Failed(f"pid {pid} is not knockgate: {cmdline[:120]!r}")
+        yield daemon, pid
+    finally:
+        try:
+            rc = daemon.stop()
+            if rc != 0:
+                results["stop"] = f"exit status {rc}"
+        except Exception as error:
+            results["stop"] = short_error(error)
+        with contextlib.suppress(Exception):
+            daemon.cli("teardown", "--config", str(daemon.config_path), check=False)
+        results["log_tail"] = daemon.log()[-log_chars:]
+
+
 def run_knockgate(params: Params, log: Callable[[str], None], results: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="kgbench-") as tmp, Topology(vlan=False) as topo:
         workdir = Path(tmp)
         bench = Bench(topo, params, workdir)
         bench.prepare()
-        daemon = Knockgate(topo, workdir, KNOCKGATE_CONFIG)
-        try:
-            daemon.start()
-            assert daemon.process is not None
-            pid = daemon.process.pid
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"appliance.cli" not in cmdline:
-                raise Failed(f"pid {pid} is not knockgate: {cmdline[:120]!r}")
+        with knockgate_daemon(topo, workdir, KNOCKGATE_CONFIG, results, 2000) as (_, pid):
             results["pid"] = pid
             log(f"knockgate up, pid {pid}")
             measure(bench, pid, results, log)
-        finally:
-            try:
-                rc = daemon.stop()
-                if rc != 0:
-                    results["stop"] = f"exit status {rc}"
-            except Exception as error:
-                results["stop"] = short_error(error)
-            with contextlib.suppress(Exception):
-                daemon.cli("teardown", "--config", str(daemon.config_path), check=False)
-            results["log_tail"] = daemon.log()[-2000:]
 
 
 def run_knockd(params: Params, log: Callable[[str], None], results: dict[str, Any]) -> None:
@@ -758,23 +813,11 @@ def main() -> int:
         print("daemon_bench: " + "; ".join(missing), file=sys.stderr)
         return 2
 
-    def on_signal(sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {sig}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored
-
+    interrupt_on_signals()
     params = dataclasses.replace(QUICK if args.quick else FULL, senders=args.senders)
     started = time.monotonic()
-
-    def log(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
-
-    busy0, total0 = system_cpu()
-    time.sleep(1.0)
-    busy1, total1 = system_cpu()
-    baseline = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+    log = stderr_log(started)
+    baseline = machine_busy()
     others = [n for n in list_namespaces() if n.startswith("kg")]
     log(f"machine {baseline:.0f} % busy before the run; {len(others)} kg* namespaces of others")
 

@@ -28,6 +28,8 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 ETH_P_IP = 0x0800
 
@@ -75,6 +77,78 @@ def build_frames(
     return frames
 
 
+def run_flood(
+    ifname: str,
+    build: Callable[[bytes], list[bytes]],
+    rate: float,
+    seconds: float,
+    max_packets: int,
+    batch: int,
+) -> dict[str, Any]:
+    """Send ``build(source MAC)``'s frames, cycling, on an AF_PACKET socket bound to
+    ``ifname`` at ``rate`` frames/s (the clock checked every ``batch`` frames, a sleep
+    when ahead) until ``seconds`` have passed, ``max_packets`` are sent or SIGTERM/SIGINT
+    arrives. Prints ``ready`` once the frames are built; returns the report (frames sent,
+    send errors, seconds, rate achieved and target, CPU seconds while sending, why it
+    stopped)."""
+    stop = False
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: send only
+    sock.bind((ifname, 0))
+    with open(f"/sys/class/net/{ifname}/address") as f:
+        src_mac = mac_bytes(f.read().strip())
+    frames = build(src_mac)
+    pool = len(frames)
+    send = sock.send
+    print("ready", flush=True)
+
+    sent = errors = 0
+    index = 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = usage.ru_utime + usage.ru_stime
+    start = time.monotonic()
+    deadline = start + seconds
+    monotonic = time.monotonic
+    sleep = time.sleep
+    while not stop and sent < max_packets:
+        now = monotonic()
+        if now >= deadline:
+            break
+        ahead = start + sent / rate - now
+        if ahead > 0:
+            sleep(ahead)
+        n = min(batch, max_packets - sent)
+        for _ in range(n):
+            try:
+                send(frames[index])
+            except OSError:  # a full queue: the frame is lost, as on a wire
+                errors += 1
+            index += 1
+            if index == pool:
+                index = 0
+        sent += n
+    elapsed = time.monotonic() - start
+    sock.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - cpu_start
+    return {
+        "sent": sent,
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "rate": round((sent - errors) / elapsed, 1) if elapsed > 0 else 0.0,
+        "target": rate,
+        "cpu_seconds": round(cpu, 3),  # while sending (building the frames excluded)
+        "stopped_by": "signal" if stop else ("count" if sent >= max_packets else "time"),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ifname", default="eth0")
@@ -102,67 +176,14 @@ def main() -> int:
         return 2
     max_packets = args.max_packets or int(args.rate * args.seconds) + args.batch
 
-    stop = False
-
-    def on_signal(_sig: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: send only
-    sock.bind((args.ifname, 0))
-    with open(f"/sys/class/net/{args.ifname}/address") as f:
-        src_mac = mac_bytes(f.read().strip())
     ports = [int(p) for p in args.ports.split(",")]
-    frames = build_frames(
-        args.pool, src_mac, mac_bytes(args.dst_mac), args.dst_ip, ports, spoof, args.seed
-    )
-    pool = len(frames)
-    batch = args.batch
-    rate = args.rate
-    send = sock.send
-    print("ready", flush=True)
 
-    sent = errors = 0
-    index = 0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_start = usage.ru_utime + usage.ru_stime
-    start = time.monotonic()
-    deadline = start + args.seconds
-    monotonic = time.monotonic
-    sleep = time.sleep
-    while not stop and sent < max_packets:
-        now = monotonic()
-        if now >= deadline:
-            break
-        ahead = start + sent / rate - now
-        if ahead > 0:
-            sleep(ahead)
-        n = min(batch, max_packets - sent)
-        for _ in range(n):
-            try:
-                send(frames[index])
-            except OSError:  # a full queue: the frame is lost, as on a wire
-                errors += 1
-            index += 1
-            if index == pool:
-                index = 0
-        sent += n
-    elapsed = time.monotonic() - start
-    sock.close()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = usage.ru_utime + usage.ru_stime - cpu_start
-    result = {
-        "sent": sent,
-        "errors": errors,
-        "seconds": round(elapsed, 3),
-        "rate": round((sent - errors) / elapsed, 1) if elapsed > 0 else 0.0,
-        "target": rate,
-        "cpu_seconds": round(cpu, 3),  # while sending (building the frames excluded)
-        "stopped_by": "signal" if stop else ("count" if sent >= max_packets else "time"),
-    }
+    def build(src_mac: bytes) -> list[bytes]:
+        return build_frames(
+            args.pool, src_mac, mac_bytes(args.dst_mac), args.dst_ip, ports, spoof, args.seed
+        )
+
+    result = run_flood(args.ifname, build, args.rate, args.seconds, max_packets, args.batch)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -45,11 +45,9 @@ import os
 import random
 import re
 import resource
-import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -123,7 +121,7 @@ def build_udp_frames(
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
-    from flood import mac_bytes
+    from flood import mac_bytes, run_flood
 
     spoof = ipaddress.IPv4Network(args.spoof)
     if not spoof.subnet_of(BENCH_NET) or ipaddress.IPv4Address(args.dst_ip) not in BENCH_NET:
@@ -133,64 +131,14 @@ def cmd_gen(args: argparse.Namespace) -> int:
         print("refusing: --seconds must be in (0, 600] and --rate > 0", file=sys.stderr)
         return 2
     max_packets = int(args.rate * args.seconds) + args.batch
-    stop = False
 
-    def on_signal(_sig: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def build(src_mac: bytes) -> list[bytes]:
+        dst_mac = mac_bytes(args.dst_mac)
+        return build_udp_frames(
+            args.pool, src_mac, dst_mac, args.dst_ip, args.port, spoof, args.seed, args.plausible
+        )
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # send only
-    sock.bind((args.ifname, 0))
-    with open(f"/sys/class/net/{args.ifname}/address") as f:
-        src_mac = mac_bytes(f.read().strip())
-    frames = build_udp_frames(
-        args.pool,
-        src_mac,
-        mac_bytes(args.dst_mac),
-        args.dst_ip,
-        args.port,
-        spoof,
-        args.seed,
-        args.plausible,
-    )
-    pool, batch, rate, send = len(frames), args.batch, args.rate, sock.send
-    print("ready", flush=True)
-    sent = errors = index = 0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_start = usage.ru_utime + usage.ru_stime
-    start = time.monotonic()
-    deadline = start + args.seconds
-    monotonic, sleep = time.monotonic, time.sleep
-    while not stop and sent < max_packets:
-        now = monotonic()
-        if now >= deadline:
-            break
-        ahead = start + sent / rate - now
-        if ahead > 0:
-            sleep(ahead)
-        n = min(batch, max_packets - sent)
-        for _ in range(n):
-            try:
-                send(frames[index])
-            except OSError:
-                errors += 1
-            index += 1
-            if index == pool:
-                index = 0
-        sent += n
-    elapsed = time.monotonic() - start
-    sock.close()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    report = {
-        "sent": sent,
-        "errors": errors,
-        "seconds": round(elapsed, 3),
-        "rate": round((sent - errors) / elapsed, 1) if elapsed > 0 else 0.0,
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime - cpu_start, 3),
-        "stopped_by": "signal" if stop else ("count" if sent >= max_packets else "time"),
-    }
+    report = run_flood(args.ifname, build, args.rate, args.seconds, max_packets, args.batch)
     print(json.dumps(report), flush=True)
     return 0
 
@@ -286,11 +234,8 @@ def main() -> int:
     )
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     args = parser.parse_args()
-    if args.command == "gen":
-        return cmd_gen(args)
-    if args.command == "knock":
-        return cmd_knock(args)
-    return run_bench(args)
+    internal = {"gen": cmd_gen, "knock": cmd_knock}
+    return internal.get(args.command, run_bench)(args)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -301,17 +246,20 @@ def run_bench(args: argparse.Namespace) -> int:
         Bench,
         Failed,
         Params,
+        flood_generators,
+        interrupt_on_signals,
+        knockgate_daemon,
+        machine_busy,
         percentile,
         proc_stat,
         proc_status_kib,
-        read_line,
         short_error,
         softnet_drops,
+        stderr_log,
         system_cpu,
     )
 
     from appliance.spa.keyfile import generate_keys
-    from tests.integration.daemon import Knockgate
     from tests.integration.netns import Topology, ensure_root_tools, list_namespaces
 
     rates = tuple(int(r) for r in args.rates.split(",") if r.strip())
@@ -320,21 +268,10 @@ def run_bench(args: argparse.Namespace) -> int:
         print("spa_flood: " + "; ".join(missing), file=sys.stderr)
         return 2
 
-    def on_signal(sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {sig}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
+    interrupt_on_signals()
     started = time.monotonic()
-
-    def log(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
-
-    busy0, total0 = system_cpu()
-    time.sleep(1.0)
-    busy1, total1 = system_cpu()
-    baseline = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+    log = stderr_log(started)
+    baseline = machine_busy()
     others = [n for n in list_namespaces() if n.startswith("kg")]
     log(f"machine {baseline:.0f} % busy; {len(others)} kg* namespaces of others exist")
 
@@ -370,14 +307,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 f"        {USER}: {{key_base64: {key_b64}, hmac_key_base64: {hmac_b64}}}\n"
                 "    open: {ports: [22/tcp], duration: 10}\n"
             )
-            daemon = Knockgate(topo, workdir, config)
-            try:
-                daemon.start()
-                assert daemon.process is not None
-                pid = daemon.process.pid
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"appliance.cli" not in cmdline:
-                    raise Failed(f"pid {pid} is not knockgate: {cmdline[:120]!r}")
+            with knockgate_daemon(topo, workdir, config, results, 1500) as (daemon, pid):
                 log(f"knockgate up, pid {pid}; spoofed sources {spoof}")
 
                 def counters() -> dict[str, int]:
@@ -420,46 +350,8 @@ def run_bench(args: argparse.Namespace) -> int:
                     argv += ["--dst-ip", server, "--spoof", str(spoof)]
                     argv += ["--rate", f"{rate / senders:.1f}", "--seconds", f"{seconds:.1f}"]
                     argv += ["--plausible", str(args.plausible)]
-                    procs: list[subprocess.Popen[str]] = []
-                    reports: list[dict[str, Any]] = []
-                    try:
-                        for i in range(senders):
-                            procs.append(
-                                topo.popen(
-                                    "attacker",
-                                    [*argv, "--seed", str(rate + i)],
-                                    stdout=subprocess.PIPE,
-                                )
-                            )
-                        for proc in procs:
-                            if read_line(proc, 60) != "ready":
-                                raise Failed(f"flood generator did not start ({proc.poll()})")
+                    with flood_generators(topo, argv, senders, rate, report, ready_timeout=60):
                         yield
-                    finally:
-                        for proc in procs:
-                            if proc.poll() is None:
-                                proc.send_signal(signal.SIGTERM)
-                        for proc in procs:
-                            try:
-                                out, _ = proc.communicate(timeout=10)
-                            except subprocess.TimeoutExpired:
-                                proc.kill()
-                                proc.wait()
-                                continue
-                            lines = [x for x in (out or "").splitlines() if x.startswith("{")]
-                            if lines:
-                                reports.append(json.loads(lines[-1]))
-                        if reports:
-                            report.update(
-                                senders=len(reports),
-                                sent=sum(r["sent"] for r in reports),
-                                errors=sum(r["errors"] for r in reports),
-                                rate=sum(r["rate"] for r in reports),
-                                cpu=100.0
-                                * sum(r["cpu_seconds"] for r in reports)
-                                / max(r["seconds"] for r in reports),
-                                stopped_by=",".join(sorted({r["stopped_by"] for r in reports})),
-                            )
 
                 def flooded(rate: int) -> dict[str, Any]:
                     out: dict[str, Any] = {"rate_target": rate}
@@ -532,18 +424,9 @@ def run_bench(args: argparse.Namespace) -> int:
                         results[key] = short_error(error)
                     log(f"  {key}: {results[key]}")
                 results["status_after"] = counters()
-                if daemon.process.poll() is not None:
-                    results["died"] = f"the daemon exited {daemon.process.returncode}"
-            finally:
-                try:
-                    rc = daemon.stop()
-                    if rc != 0:
-                        results["stop"] = f"exit status {rc}"
-                except Exception as error:
-                    results["stop"] = short_error(error)
-                with contextlib.suppress(Exception):
-                    daemon.cli("teardown", "--config", str(daemon.config_path), check=False)
-                results["log_tail"] = daemon.log()[-1500:]
+                process = daemon.process
+                if process is not None and process.poll() is not None:
+                    results["died"] = f"the daemon exited {process.returncode}"
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted; everything was cleaned up")
