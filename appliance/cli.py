@@ -288,10 +288,13 @@ def _knock(args: argparse.Namespace) -> int:
     family: Literal[4, 6] | None = args.family
     address_family, address = resolve_host(args.host, family)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
-    send_knocks(address_family, address, steps, args.delay, verbose)
-    if one_time is not None:
+    if one_time is not None:  # used before it is sent: a failed send burns it, never repeats it
         use_one_time(*one_time)
+    send_knocks(address_family, address, steps, args.delay, verbose)
     return 0
+
+
+FRAGMENT_WARNING = 1200  # bytes of SPA payload: more may not fit a 1280-byte IPv6 path
 
 
 def _spa(args: argparse.Namespace) -> int:
@@ -337,6 +340,12 @@ def _spa(args: argparse.Namespace) -> int:
         packet = seal(message, profile.keys)
     except (ValueError, SpaError) as error:
         raise KnockError(f"cannot build the SPA packet: {error}") from None
+    if len(packet) > FRAGMENT_WARNING:
+        print(
+            f"knockgate spa: warning: the packet is {len(packet)} bytes; on links with a small "
+            "MTU it is fragmented and the server cannot read it (ask for fewer ports)",
+            file=sys.stderr,
+        )
     sent_from = send_datagram(address_family, address, port, packet)
     if args.verbose:
         print(

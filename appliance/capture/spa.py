@@ -74,6 +74,7 @@ class SpaReader:
             return None
         data = packet.payload
         source = None
+        verified = False
         for door, keys in doors:
             if door.knock.target is not None and packet.dst != door.knock.target:
                 continue
@@ -85,8 +86,16 @@ class SpaReader:
                         continue
                 if not authenticate(data, key.keys):
                     continue
-                return self._open(packet, door, key)
-        counters.spa_unauthenticated += 1
+                verified = True
+                knock = self._open(packet, door, key)
+                if knock is not None:
+                    return knock
+                # Another user may share this HMAC key with another encryption key
+                # (fwknopd tries every access.conf stanza the same way).
+        if verified:
+            counters.spa_undecodable += 1
+        else:
+            counters.spa_unauthenticated += 1
         return None
 
     def _open(self, packet: Packet, door: Door, key: _Key) -> SpaKnock | None:
@@ -94,9 +103,9 @@ class SpaReader:
             message = open_packet(packet.payload, key.keys)
             address, ports = parse_access(message.message)
         except SpaError as error:
-            self.counters.spa_undecodable += 1
             log.warning(
-                "%s: %s: SPA from user %s authenticated but unusable: %s",
+                "%s: %s: SPA verified with user %s's HMAC key but unusable with the "
+                "user's encryption key: %s",
                 packet.src,
                 door.name,
                 key.user.name,

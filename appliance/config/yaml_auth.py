@@ -31,6 +31,7 @@ import base64
 import binascii
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from appliance.config.problems import Problems
@@ -48,6 +49,9 @@ from appliance.config.yaml_nodes import _list_of, _Map, _string
 from appliance.core.model import (
     DEFAULT_SPA_MAX_AGE,
     DEFAULT_SPA_PORT,
+    MAX_SPA_MAX_AGE,
+    MAX_TOTP_SKEW,
+    Door,
     OpenPorts,
     Spa,
     SpaUser,
@@ -58,6 +62,7 @@ TOTP_KEYS = ("secret", "steps", "period", "ports", "protocol", "skew")
 SPA_KEYS = ("port", "max_age", "max_time", "require_source_address", "users")
 USER_KEYS = ("key_base64", "hmac_key_base64", "key_file", "sources", "ports", "max_time")
 MIN_SECRET_BYTES = 10  # 80 bits, RFC 4226's minimum
+WEAK_TOTP_SEQUENCES = 10**9  # fewer possible sequences than this: a warning
 MAX_ACCESS_TIME = 7 * 86_400.0
 
 
@@ -111,7 +116,7 @@ def parse_totp(knock: _Map, problems: Problems) -> Totp | None:
     period = spec.get("period", lambda v: parse_count(v, minimum=5, maximum=3600))
     ports = spec.get("ports", parse_port_range)
     proto = spec.get("protocol", lambda v: parse_proto(str(v)))
-    skew = spec.get("skew", lambda v: parse_count(v, minimum=0, maximum=5))
+    skew = spec.get("skew", lambda v: parse_count(v, minimum=0, maximum=MAX_TOTP_SKEW))
     if secret is None:
         return None
     default = Totp(secret)
@@ -133,7 +138,56 @@ def parse_totp(knock: _Map, problems: Problems) -> Totp | None:
             f"{totp.steps * 4} ports)",
         )
         return None
+    if totp.steps < 3 or (high - low + 1) ** totp.steps < WEAK_TOTP_SEQUENCES:
+        problems.warn(
+            spec.line,
+            spec.key("steps"),
+            f"{totp.steps} step(s) over {high - low + 1} ports can be guessed "
+            f"(fewer than {WEAK_TOTP_SEQUENCES:.0e} sequences; expected 3 or more steps "
+            "over a wider range)",
+        )
     return totp
+
+
+def check_spa_ports(doors: Sequence[Door], lines: dict[str, int], problems: Problems) -> None:
+    """An SPA port takes every UDP packet with a payload on it: no door may knock there
+    (a knock would be read as a broken SPA packet and lost). Two SPA doors on one port
+    with the same keys: the second is never reached."""
+    udp_steps: dict[int, str] = {}
+    for door in doors:
+        knock = door.knock
+        steps = list(knock.sequence)
+        if knock.one_time is not None:
+            steps += [step for seq in knock.one_time.sequences for step in seq.steps]
+        for step in steps:
+            if step.proto == "udp":
+                udp_steps.setdefault(step.port, door.name)
+    keys: dict[tuple[int, bytes], str] = {}
+    for door in doors:
+        if door.spa is None:
+            continue
+        port, key = door.spa.port, f"doors.{door.name}.spa.port"
+        clash = udp_steps.get(port)
+        for other in doors:
+            totp = other.knock.totp
+            if totp is not None and totp.proto == "udp" and totp.low <= port <= totp.high:
+                clash = clash or other.name
+        if clash is not None:
+            problems.error(
+                lines[door.name],
+                key,
+                f"{port}/udp is also a knock port of door {clash} (expected a port no door "
+                "knocks on)",
+            )
+        for user in door.spa.users:
+            first = keys.setdefault((port, user.hmac_key), door.name)
+            if first != door.name:
+                problems.warn(
+                    lines[door.name],
+                    f"doors.{door.name}.spa.users.{user.name}",
+                    f"door {first} on the same port has the same HMAC key: its packets "
+                    "always open that door, never this one",
+                )
 
 
 def parse_spa(
@@ -145,7 +199,8 @@ def parse_spa(
         return None
     port = spec.get("port", parse_port)
     max_age = spec.get(
-        "max_age", lambda v: parse_seconds(v, minimum=1.0, maximum=3600.0, what="1 to 3600 s")
+        "max_age",
+        lambda v: parse_seconds(v, minimum=1.0, maximum=MAX_SPA_MAX_AGE, what="1 to 3600 s"),
     )
     max_time = spec.get(
         "max_time",
@@ -172,7 +227,7 @@ def parse_spa(
         port=DEFAULT_SPA_PORT if port is None else port,
         max_age=DEFAULT_SPA_MAX_AGE if max_age is None else max_age,
         max_time=default.max_time if max_time is None else max_time,
-        require_source_address=bool(require),
+        require_source_address=default.require_source_address if require is None else require,
     )
 
 

@@ -55,7 +55,7 @@ from appliance.config.values import (
     parse_tcpflags,
     split_flags,
 )
-from appliance.config.yaml_auth import parse_spa, parse_totp
+from appliance.config.yaml_auth import check_spa_ports, parse_spa, parse_totp
 from appliance.config.yaml_nodes import _choice, _line, _list_of, _Map, _plain, _string
 from appliance.core.model import (
     DEFAULT_CMD_TIMEOUT,
@@ -177,6 +177,10 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
                 doors.append(door)
         if not doors_map.items:
             problems.error(doors_map.line, "doors", "no door is defined (expected at least one)")
+    if doors_map is not None:
+        check_spa_ports(
+            doors, {name: line for name, (_, line) in doors_map.items.items()}, problems
+        )
     if problems.errors:
         return None
     return Config(path, "yaml", settings, tuple(doors), tuple(services.values()))

@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -69,7 +69,15 @@ from appliance.core.events import (
     StageReached,
     TotpStepUsed,
 )
-from appliance.core.model import DEFAULT_MAX_ATTEMPTS, Door, SpaUser, Step
+from appliance.core.model import (
+    DEFAULT_MAX_ATTEMPTS,
+    MAX_SPA_MAX_AGE,
+    MAX_TOTP_SKEW,
+    Door,
+    SpaUser,
+    Step,
+    Totp,
+)
 from appliance.core.totp import time_step, totp_sequence, window
 
 RETRANSMIT_WINDOW = 1.0  # seconds within which a repeated step counts as a retransmission
@@ -184,6 +192,7 @@ class KnockEngine:
         self._totp: dict[str, dict[int, DoorState]] = {name: {} for name in self._totp_doors}
         self._totp_used: dict[str, dict[int, float]] = {name: {} for name in self._totp_doors}
         self._totp_next = -math.inf if self._totp_doors else math.inf
+        self._range_keys: dict[Totp, list[tuple[int, str]]] = {}
         # SPA: the users of each door by name, and the replay cache (digest -> until).
         self._spa_users: dict[str, dict[str, SpaUser]] = {
             door.name: {user.name: user for user in door.spa.users}
@@ -362,12 +371,12 @@ class KnockEngine:
         door = state.door
         self.counters.opened += 1
         out.append(Opened(ts, door.name, src))
+        if state.step is not None:  # recorded (on disk) before anything is opened
+            self._use_totp_step(state, ts, out)
         if door.open is not None:
             self._act(door, src, door.open.ports, ts + door.open.duration, ts, out)
         else:
             self._act(door, src, (), ts, ts, out)
-        if state.step is not None:
-            self._use_totp_step(state, ts, out)
         one_time = door.knock.one_time
         if one_time is not None:
             used = one_time.sequences[state.next_one_time - 1]
@@ -418,9 +427,8 @@ class KnockEngine:
             until, digest = heapq.heappop(expiry)
             if self._spa_seen.get(digest) == until:
                 del self._spa_seen[digest]
-        address = knock.address
-        if address in ("0.0.0.0", "::"):
-            address = knock.src
+        unspecified = knock.address in ("0.0.0.0", "::")  # fwknop -s: "the sender"
+        address = knock.src if unspecified else knock.address
         reason = None
         if knock.msg_type not in (1, 3):  # access, access with a client timeout
             reason = "message-type"
@@ -430,7 +438,7 @@ class KnockEngine:
             reason = "future"
         elif knock.digest in self._spa_seen:
             reason = "replay"
-        elif address != knock.address and spa.require_source_address:
+        elif unspecified and (spa.require_source_address or knock.src in ("0.0.0.0", "::")):
             reason = "address"
         elif not knock.ports or not self._spa_allowed(door, user, knock.ports):
             reason = "ports"
@@ -439,9 +447,10 @@ class KnockEngine:
             out.append(SpaRefused(ts, door.name, knock.src, user.name, reason))
             return
         counters.spa_accepted += 1
-        # A packet is acceptable while its timestamp is within max_age of our clock:
-        # it must be remembered that long (and a second more against rounding).
-        seen_until = knock.timestamp + spa.max_age + 1.0
+        # A packet is acceptable while its timestamp is within max_age of our clock: it
+        # is remembered for the largest max_age any door may have (a reload may raise
+        # it, and another door may share the key), and a second more against rounding.
+        seen_until = knock.timestamp + MAX_SPA_MAX_AGE + 1.0
         self._remember_spa(knock.digest, seen_until)
         out.append(SpaDigestSeen(ts, knock.digest, seen_until))
         default = door.open.duration if door.open is not None else spa.max_time
@@ -480,7 +489,7 @@ class KnockEngine:
             assert totp is not None
             steps = window(totp, ts)
             used = self._totp_used[name]
-            for step in [step for step in used if step < steps.start]:
+            for step in [step for step, until in used.items() if until <= ts]:
                 del used[step]
             variants = self._totp[name]
             for step in [step for step in variants if step not in steps or step in used]:
@@ -499,13 +508,21 @@ class KnockEngine:
         door = state.door
         totp = door.knock.totp
         assert totp is not None and state.step is not None
-        until = float((state.step + totp.skew + 1) * totp.period)  # out of every window then
+        # Out of every window then, whatever skew a reload may set.
+        until = float((state.step + MAX_TOTP_SKEW + 1) * totp.period)
         self._totp_used[door.name][state.step] = until
         out.append(TotpStepUsed(ts, door.name, state.step, until))
         variant = self._totp[door.name].pop(state.step, None)
         if variant is not None:
             self._count -= len(variant.attempts)
         self._rebuild()
+
+    def _totp_range(self, totp: Totp) -> list[tuple[int, str]]:
+        keys = self._range_keys.get(totp)
+        if keys is None:
+            keys = [(port, totp.proto) for port in range(totp.low, totp.high + 1)]
+            self._range_keys[totp] = keys
+        return keys
 
     def _rebuild(self) -> None:
         self.doors = self._fixed + [
@@ -563,6 +580,14 @@ class KnockEngine:
         for state in self.doors:
             if not state.enabled:
                 continue
-            for step in dict.fromkeys(state.sequence):
-                index.setdefault((step.port, step.proto), []).append(state)
+            totp = state.door.knock.totp
+            if state.step is not None and totp is not None:
+                # Every port of a TOTP door's range counts for each of its time steps, so
+                # a packet off the sequence resets an attempt: a sweep of the range in
+                # port order cannot complete a sequence whose ports happen to ascend.
+                keys: Iterable[tuple[int, str]] = self._totp_range(totp)
+            else:
+                keys = ((step.port, step.proto) for step in dict.fromkeys(state.sequence))
+            for key in keys:
+                index.setdefault(key, []).append(state)
         self._index = {key: tuple(states) for key, states in index.items()}

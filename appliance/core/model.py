@@ -133,6 +133,11 @@ class Knock:
 
 DEFAULT_SPA_PORT = 62201  # fwknop's
 DEFAULT_SPA_MAX_AGE = 120.0
+# The largest values the configuration accepts. Replay protection is kept for these, not
+# for the current settings: raising max_age or skew in a reload must not make a packet
+# or a time step that was used acceptable again.
+MAX_SPA_MAX_AGE = 3600.0
+MAX_TOTP_SKEW = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,15 +165,15 @@ class Spa:
     clock (either way) is refused; so is one seen before. Access lasts what the
     client asks for (fwknop's ``--fw-timeout``), else the door's open duration,
     capped by ``max_time`` and the user's own cap. ``require_source_address``
-    refuses fwknop's ``-s`` (0.0.0.0: "the address the packet comes from"), which
-    would let a spoofed source choose who is let in.
+    (the default) refuses fwknop's ``-s`` (0.0.0.0: "the address the packet comes
+    from"): whoever relays a sniffed ``-s`` packet first would be let in.
     """
 
     users: tuple[SpaUser, ...]
     port: int = DEFAULT_SPA_PORT
     max_age: float = DEFAULT_SPA_MAX_AGE
     max_time: float = 3600.0
-    require_source_address: bool = False
+    require_source_address: bool = True
 
 
 @dataclass(frozen=True, slots=True)

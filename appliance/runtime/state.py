@@ -88,6 +88,7 @@ class StateStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, self.path)
+            _sync_directory(self.directory)  # the rename itself must survive a power loss
         except OSError as error:
             self._fail(error)
 
@@ -95,7 +96,10 @@ class StateStore:
         try:
             if self._file is None:
                 os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                created = not os.path.exists(self.path)
                 self._file = open(self.path, "a", encoding="ascii")  # noqa: SIM115
+                if created:
+                    _sync_directory(self.directory)
             self._file.write(line)
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -115,6 +119,14 @@ class StateStore:
                 error,
             )
         self._failed = True
+
+
+def _sync_directory(directory: str) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _parse(line: str) -> tuple[bytes, float] | tuple[str, int, float] | None:

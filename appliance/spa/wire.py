@@ -423,8 +423,9 @@ def parse_access(message: str) -> tuple[str, tuple[tuple[int, str], ...]]:
     """``"198.18.0.5,tcp/22,udp/53"`` -> ``("198.18.0.5", ((22, "tcp"), (53, "udp")))``.
 
     The address is IPv4 or IPv6 (normalised); protocols are ``tcp``/``udp`` and ports
-    1-65535. Raises :class:`SpaError` with reason ``bad-message``. Results are cached
-    (an LRU of 1024): the same user sends the same access string again and again.
+    1-65535; a port named twice is kept once (a firewall batch must not name it twice).
+    Raises :class:`SpaError` with reason ``bad-message``. Results are cached (an LRU of
+    1024): the same user sends the same access string again and again.
     """
     address, *specs = message.split(",")
     allow = _parse_address(address)
@@ -436,7 +437,7 @@ def parse_access(message: str) -> tuple[str, tuple[tuple[int, str], ...]]:
         if not slash or proto not in ("tcp", "udp") or not _valid_port(port):
             raise SpaError("bad-message", f"bad proto/port {spec!r}")
         ports.append((int(port), proto))
-    return allow, tuple(ports)
+    return allow, tuple(dict.fromkeys(ports))  # "tcp/22,tcp/022": one port, once
 
 
 def new_message(

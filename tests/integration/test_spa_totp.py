@@ -53,6 +53,7 @@ doors:
     spa:
       port: {spa_port}
       max_age: 120
+      require_source_address: false   # fwknop -s is tested (the default refuses it)
       users:
         alice:
           key_base64: {alice_key}

@@ -157,3 +157,47 @@ def test_key_file_without_keys_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert any("has no KEY_BASE64 line" in p for p in caught.value.problems)
+
+
+SPA_ONLY = f"""\
+doors:
+  spa:
+    spa: {{users: {{alice: {{key_base64: {KEY}, hmac_key_base64: {HMAC}}}}}}}
+    open: {{ports: [22/tcp]}}
+"""
+
+
+@pytest.mark.parametrize(
+    "knock",
+    [
+        "{sequence: [7000, 62201/udp, 9000]}",
+        "{totp: {secret: " + SECRET + ", ports: 62000-62999, protocol: udp}}",
+    ],
+)
+def test_a_knock_on_the_spa_port_is_an_error(tmp_path: Path, knock: str) -> None:
+    path = write(
+        tmp_path, SPA_ONLY + f"  other:\n    knock: {knock}\n    open: {{ports: [22/tcp]}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}:2: doors.spa.spa.port: 62201/udp is also a knock port of door other "
+        "(expected a port no door knocks on)"
+    ]
+
+
+def test_source_address_is_required_by_default(tmp_path: Path) -> None:
+    spa = load_config(write(tmp_path, SPA_ONLY)).config.door("spa").spa
+    assert spa is not None and spa.require_source_address
+
+
+def test_same_hmac_key_on_two_doors_of_one_port_warns(tmp_path: Path) -> None:
+    body = SPA_ONLY + SPA_ONLY.replace("doors:\n  spa:", "  spa2:")
+    loaded = load_config(write(tmp_path, body))
+    assert any("door spa on the same port has the same HMAC key" in w for w in loaded.warnings)
+
+
+def test_weak_totp_warns(tmp_path: Path) -> None:
+    body = f"doors:\n  otp:\n    knock: {{totp: {{secret: {SECRET}, steps: 2}}}}\n    open: {{ports: [22/tcp]}}\n"
+    loaded = load_config(write(tmp_path, body))
+    assert any("2 step(s) over 10000 ports can be guessed" in w for w in loaded.warnings)

@@ -353,3 +353,16 @@ def test_spa_garbage_and_wrong_allowance_are_counted_not_granted(tmp_path: Path)
         assert backend.grants() == []
     finally:
         daemon.shutdown()
+
+
+def test_spa_reader_tries_the_next_user_sharing_an_hmac_key() -> None:
+    from appliance.capture.spa import SpaReader
+    from appliance.core.model import Door, Knock, OpenPorts, Spa, SpaUser
+
+    users = (SpaUser("first", b"1" * 32, b"h" * 32), SpaUser("second", b"2" * 32, b"h" * 32))
+    door = Door("spa", Knock(()), OpenPorts((Step(22, "tcp"),)), spa=Spa(users=users))
+    reader = SpaReader([door])
+    data = seal(new_message("x", 1000, f"{A},tcp/22"), SpaKeys(b"2" * 32, b"h" * 32))
+    knock = reader.read(Packet(1000.0, A, "198.18.0.1", "udp", 62201, 0, data))
+    assert knock is not None and knock.user == "second"
+    assert reader.counters.spa_undecodable == 0

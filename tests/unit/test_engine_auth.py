@@ -84,7 +84,10 @@ def test_current_previous_and_next_steps_open() -> None:
         engine = KnockEngine([totp_door()])
         out = knock(engine, NOW, A, step)
         assert Opened(NOW + 0.02, "otp", A) in out
-        assert TotpStepUsed(NOW + 0.02, "otp", step, (step + 2) * 30.0) in out
+        assert TotpStepUsed(NOW + 0.02, "otp", step, (step + 6) * 30.0) in out  # max skew 5
+        assert out.index(TotpStepUsed(NOW + 0.02, "otp", step, (step + 6) * 30.0)) < out.index(
+            Grant(NOW + 0.02, "otp", A, steps(22), NOW + 10.02)
+        )  # recorded before anything opens
 
 
 def test_steps_outside_the_window_do_not_open() -> None:
@@ -127,6 +130,35 @@ def test_sequences_roll_over_as_time_moves() -> None:
     step = time_step(TOTP, later)
     assert any(isinstance(c, Opened) for c in knock(engine, later, A, step))
     assert engine.active_sequence("otp") == totp_sequence(TOTP, step)
+
+
+def test_a_used_step_stays_refused_after_a_reload_raises_skew() -> None:
+    """Regression: used steps were forgotten when they left the current window."""
+    engine = KnockEngine([totp_door()])
+    out = knock(engine, NOW, A, 1_000_000)
+    used = [(c.door, c.step, c.until) for c in out if isinstance(c, TotpStepUsed)]
+    wider = Totp(SECRET, steps=3, period=30, low=20000, high=20999, skew=3)
+    reloaded = KnockEngine([totp_door(wider)])
+    reloaded.restore(totp_used=used)
+    later = NOW + 30 * 2  # step 1_000_002: 1_000_000 is inside skew 3
+    assert not any(isinstance(c, Opened) for c in knock(reloaded, later, B, 1_000_000))
+
+
+def test_a_sweep_of_the_range_in_port_order_never_opens() -> None:
+    """Regression: packets off a TOTP sequence did not reset it, so a sweep completed any
+    time step whose ports happen to ascend."""
+    engine = KnockEngine([totp_door()])
+    ascending = next(
+        step
+        for step in range(1_000_000, 1_100_000)
+        if list(totp_sequence(TOTP, step)) == sorted(totp_sequence(TOTP, step))
+    )
+    ts = ascending * 30.0 + 1
+    opened = False
+    for i, port in enumerate(range(TOTP.low, TOTP.high + 1)):
+        out = play(engine, tcp(ts + i * 0.001, A, port))
+        opened = opened or any(isinstance(c, Opened) for c in out)
+    assert not opened
 
 
 def test_a_stage_is_reported_with_the_door_name() -> None:
@@ -183,7 +215,7 @@ def test_spa_grants_the_address_inside_the_packet() -> None:
     engine = KnockEngine([spa_door()])
     out = play(engine, spa_knock(1000.0))
     assert out == [
-        SpaDigestSeen(1000.0, b"d1", 1000 + 120 + 1.0),
+        SpaDigestSeen(1000.0, b"d1", 1000 + 3600 + 1.0),  # kept for the largest max_age
         SpaAccepted(1000.0, "spa", B, A, "alice", steps(22), 1030.0),
         Grant(1000.0, "spa", B, steps(22), 1030.0),
         RunCommand(1000.0, "spa", B, "start", f"allow {B}"),
@@ -191,16 +223,33 @@ def test_spa_grants_the_address_inside_the_packet() -> None:
     assert engine.counters.spa_accepted == 1
 
 
-def test_spa_source_address_zero_means_the_sender() -> None:
-    engine = KnockEngine([spa_door()])
+def test_spa_source_address_zero_means_the_sender_when_allowed() -> None:
+    engine = KnockEngine([spa_door(require_source_address=False)])
     out = play(engine, spa_knock(1000.0, address="0.0.0.0"))
     assert Grant(1000.0, "spa", A, steps(22), 1030.0) in out
 
 
-def test_spa_source_address_zero_refused_when_required() -> None:
-    engine = KnockEngine([spa_door(require_source_address=True)])
+def test_spa_source_address_zero_refused_by_default() -> None:
+    engine = KnockEngine([spa_door()])
     out = play(engine, spa_knock(1000.0, address="0.0.0.0"))
     assert out == [SpaRefused(1000.0, "spa", A, "alice", "address")]
+
+
+def test_spa_source_address_zero_from_an_unspecified_sender_is_refused() -> None:
+    engine = KnockEngine([spa_door(require_source_address=False)])
+    knock = spa_knock(1000.0, address="::")._replace(src="::")
+    assert play(engine, knock) == [SpaRefused(1000.0, "spa", "::", "alice", "address")]
+
+
+def test_spa_replay_refused_after_a_reload_raises_max_age() -> None:
+    """Regression: the cache kept entries for the door's max_age, so raising it reopened them."""
+    engine = KnockEngine([spa_door()])
+    play(engine, spa_knock(1000.0))
+    reloaded = KnockEngine([spa_door(max_age=600.0)])
+    reloaded.restore(spa_seen=engine.saved_state()[0])
+    assert play(reloaded, spa_knock(1200.0, timestamp=1000)) == [
+        SpaRefused(1200.0, "spa", A, "alice", "replay")
+    ]
 
 
 def test_spa_replay_is_refused_until_the_packet_is_too_old_anyway() -> None:

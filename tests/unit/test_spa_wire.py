@@ -548,3 +548,10 @@ def test_key_file_unreadable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         read_key_file(str(tmp_path / "absent"), None)
     assert "cannot read" in str(info.value)
+
+
+def test_parse_access_keeps_a_repeated_port_once() -> None:
+    assert parse_access("198.18.0.5,tcp/22,tcp/022,udp/22") == (
+        "198.18.0.5",
+        ((22, "tcp"), (22, "udp")),
+    )
