@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -576,18 +576,23 @@ class KnockEngine:
     # ----------------------------------------------------------------- index
 
     def _reindex(self) -> None:
-        index: dict[tuple[int, str], list[DoorState]] = {}
+        index: dict[tuple[int, str], tuple[DoorState, ...]] = {}
         for state in self.doors:
-            if not state.enabled:
-                continue
-            totp = state.door.knock.totp
-            if state.step is not None and totp is not None:
-                # Every port of a TOTP door's range counts for each of its time steps, so
-                # a packet off the sequence resets an attempt: a sweep of the range in
-                # port order cannot complete a sequence whose ports happen to ascend.
-                keys: Iterable[tuple[int, str]] = self._totp_range(totp)
-            else:
-                keys = ((step.port, step.proto) for step in dict.fromkeys(state.sequence))
-            for key in keys:
-                index.setdefault(key, []).append(state)
-        self._index = {key: tuple(states) for key, states in index.items()}
+            if state.enabled and state.step is None:
+                for step in dict.fromkeys(state.sequence):
+                    key = (step.port, step.proto)
+                    index[key] = (*index.get(key, ()), state)
+        # Every port of a TOTP door's range counts for each of its time steps, so a
+        # packet off the sequence resets an attempt: a sweep of the range in port order
+        # cannot complete a sequence whose ports happen to ascend. One shared tuple per
+        # door for its whole range keeps this rebuild (once a period) at about 1 ms.
+        for name, variants in self._totp.items():
+            if variants:
+                totp = self._totp_doors[name].knock.totp
+                assert totp is not None
+                keys = self._totp_range(totp)
+                states = tuple(variants.values())
+                overlap = {key: index[key] + states for key in keys if key in index}
+                index.update(dict.fromkeys(keys, states))
+                index.update(overlap)
+        self._index = index

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.core.engine import KnockEngine
 from appliance.core.events import (
@@ -323,3 +325,31 @@ def test_refused_packets_do_not_enter_the_replay_cache() -> None:
     engine = KnockEngine([spa_door()])
     play(engine, spa_knock(1000.0, ports=steps(443)))
     assert any(isinstance(c, SpaAccepted) for c in play(engine, spa_knock(1000.0)))
+
+
+@given(
+    events=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=200.0),  # seconds after the start
+            st.sampled_from([A, B, "2001:2::7"]),
+            st.one_of(
+                st.integers(min_value=19990, max_value=21010),
+                st.sampled_from(  # the real sequences of the steps the events span
+                    [p.port for c in range(999_999, 1_000_009) for p in totp_sequence(TOTP, c)]
+                ),
+            ),
+        ),
+        max_size=300,
+    ),
+    max_attempts=st.integers(min_value=1, max_value=4),
+)
+@settings(max_examples=200, deadline=None)
+def test_totp_doors_keep_attempt_count_and_limits(
+    events: list[tuple[float, str, int]], max_attempts: int
+) -> None:
+    """Time steps rolling over, steps used, evictions: the attempt count stays exact."""
+    engine = KnockEngine([totp_door()], max_attempts=max_attempts)
+    for offset, src, port in sorted(events, key=lambda event: event[0]):
+        engine.handle(tcp(NOW + offset, src, port))
+        held = sum(len(state.attempts) for state in engine.doors)
+        assert engine.attempt_count == held <= max_attempts
