@@ -15,7 +15,9 @@ the services it publishes at the bridge's gateway, 198.18.64.1. Scenarios, in or
 5. a service nobody holds a grant on or talks to stops after its idle timeout;
 6. ``docker kill`` of the appliance, then a restart: its service container is adopted, not
    duplicated, the grant ends at its own deadline and the service stops when unused;
-7. with the Docker engine unreachable, a knock gets no grant and a clear log line.
+7. with the Docker engine unreachable, a knock gets no grant and a clear log line;
+8. fwknop's client (SPA) starts web for the address inside its packet, not for the sender;
+   ``knockgate spa`` with a fwknoprc-style key file does the same for the sender.
 
 Teardown, even after a failure: ``compose down -v``, the service containers this
 appliance launched (label ``knockgate.owner`` = the hash of its config path), the named
@@ -24,6 +26,7 @@ volumes of the testbed config, and knockgate's nftables table ``inet knockgate``
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -39,6 +42,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from appliance.config import load_config
 from tests.integration.conftest import require
 from tests.integration.netns import pid_alive
 
@@ -688,3 +692,41 @@ def test_7_docker_unavailable_gives_no_access(testbed: Testbed) -> None:
         assert testbed.running_services() == []
     finally:  # back to a working engine, for whatever runs next
         testbed.compose("up", "-d", "--no-build", "--no-deps", "appliance")
+
+
+def _spa_keys() -> tuple[str, str]:
+    """The testbed's throwaway SPA keys, as base64 (from testbed/config/knockgate.yaml)."""
+    spa = load_config(str(REPO / "testbed" / "config" / "knockgate.yaml")).config.door("web-spa")
+    assert spa.spa is not None
+    user = spa.spa.users[0]
+    return base64.b64encode(user.key).decode(), base64.b64encode(user.hmac_key).decode()
+
+
+def test_8_spa_starts_web_for_the_address_in_the_packet(testbed: Testbed) -> None:
+    testbed.wait_capturing(before=0)  # test 7 recreated the appliance: its log starts empty
+    key, hmac_key = _spa_keys()
+    # fwknop's own client, in the client container, asks for web for `other`'s address.
+    fwknop = ["env", "HOME=/tmp", "fwknop", "--no-rc-file", "--no-save-args", "--use-hmac"]
+    fwknop += ["--key-base64-rijndael", key, "--key-base64-hmac", hmac_key]
+    fwknop += ["-A", f"tcp/{WEB_PORT}", "-a", OTHER, "-D", GATEWAY]
+    testbed.exec("client", *fwknop, check=True)
+    accepted = rf"{re.escape(OTHER)}: web-spa: SPA from user tester accepted \(SPA from {CLIENT}\)"
+    testbed.wait_log(accepted, 15, after=0)
+    testbed.wait(
+        f"{WEB_PORT} open for other after the SPA packet",
+        lambda: testbed.connect("other", WEB_PORT) == "open",
+        20,
+    )
+    assert testbed.connect("client", WEB_PORT) == "refused"  # the sender is not let in
+    assert grant_for(OTHER, WEB_PORT) is not None
+    # knockgate's own client, with a key file in fwknop's format, for the sender itself.
+    keys = f"[web-spa]\nKEY_BASE64 {key}\nHMAC_KEY_BASE64 {hmac_key}\n"
+    write = f"printf '%s' '{keys}' > /tmp/kg-spa.keys"
+    spa = f"knockgate spa {GATEWAY} --door web-spa --key-file /tmp/kg-spa.keys --config {CLIENT_CONFIG}"
+    testbed.exec("client", "sh", "-c", f"{write} && {spa}", check=True)
+
+    def page() -> str | None:
+        code, body = testbed.http(WEB_PORT)
+        return body if code == 200 else None
+
+    assert f"knockgate testbed {testbed.project}" in testbed.wait("HTTP 200 for client", page, 20)
