@@ -432,9 +432,11 @@ class KnockEngine:
         reason = None
         if knock.msg_type not in (1, 3):  # access, access with a client timeout
             reason = "message-type"
-        elif knock.timestamp < ts - spa.max_age:
+        elif knock.timestamp < knock.ts - spa.max_age:
+            # The packet's own capture time, not the engine's high-water mark: after the
+            # host's clock is stepped back (NTP at boot), SPA keeps working at once.
             reason = "stale"
-        elif knock.timestamp > ts + spa.max_age:
+        elif knock.timestamp > knock.ts + spa.max_age:
             reason = "future"
         elif knock.digest in self._spa_seen:
             reason = "replay"

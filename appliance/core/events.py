@@ -82,6 +82,12 @@ class Grant(NamedTuple):
     ports: tuple[Step, ...]
     until: float
 
+    def seconds_left(self, now: float) -> float:
+        """What is left of the grant at wall-clock ``now``, never more than it was given:
+        after the host's clock is stepped back, ``until`` (on the engine's clock, which
+        never goes back) would otherwise keep the port open that much longer."""
+        return min(self.until - now, self.until - self.at)
+
 
 class Revoke(NamedTuple):
     """Close what ``door`` granted to ``address`` (a close knock)."""

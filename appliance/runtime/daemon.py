@@ -334,7 +334,7 @@ class Daemon:
                 return
             self.services.request(grant, self.config.service(door.service))
             return
-        seconds = grant.until - self.clock()
+        seconds = grant.seconds_left(self.clock())
         try:
             self.backend.grant(grant.address, grant.ports, seconds)
         except FirewallError as error:

@@ -93,7 +93,7 @@ class ServiceManager:
             return False
         self.launches += 1
         self.update_direct()
-        seconds = grant.until - self.clock()
+        seconds = grant.seconds_left(self.clock())
         if seconds <= 0:
             log.warning(
                 "%s: %s: service %s was ready too late for the grant",

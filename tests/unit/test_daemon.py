@@ -366,3 +366,17 @@ def test_spa_reader_tries_the_next_user_sharing_an_hmac_key() -> None:
     knock = reader.read(Packet(1000.0, A, "198.18.0.1", "udp", 62201, 0, data))
     assert knock is not None and knock.user == "second"
     assert reader.counters.spa_undecodable == 0
+
+
+def test_a_clock_stepped_back_never_lengthens_a_grant(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path],
+) -> None:
+    """Regression: the engine's clock never goes back, so after the host's clock was
+    stepped back a grant's deadline lay that much further in the future."""
+    daemon, backend, clock, _ = setup
+    knock(daemon, clock, A, "7113")  # the engine has seen 1000.1
+    clock.now -= 3600  # NTP steps the clock back an hour
+    knock(daemon, clock, A, "2231/udp", "9157")
+    assert backend.is_open(A, Step(22, "tcp"))
+    clock.now += 30.5
+    assert not backend.is_open(A, Step(22, "tcp"))

@@ -353,3 +353,10 @@ def test_totp_doors_keep_attempt_count_and_limits(
         engine.handle(tcp(NOW + offset, src, port))
         held = sum(len(state.attempts) for state in engine.doors)
         assert engine.attempt_count == held <= max_attempts
+
+
+def test_spa_age_is_measured_on_the_packets_own_clock_after_a_step_back() -> None:
+    engine = KnockEngine([spa_door()])
+    play(engine, spa_knock(5000.0, digest=b"first"))  # the host clock ran an hour fast
+    out = play(engine, spa_knock(1400.0, digest=b"second"))  # NTP stepped it back
+    assert any(isinstance(c, SpaAccepted) for c in out)
