@@ -227,13 +227,13 @@ def next_one_time(path: str) -> tuple[tuple[Step, ...], int, int]:
 
 
 def use_one_time(path: str, offset: int) -> None:
-    """Mark a sent line used (``#`` over its first byte), as the server does."""
+    """Mark a line used (``#`` over its first byte), as the server does, before sending it."""
     try:
         mark_line_used(path, offset)
     except OSError as error:
         raise KnockError(
-            f"sent, but cannot mark the line used in {path}: {error.strerror} "
-            "(mark it by hand, or the next knock repeats a used sequence)"
+            f"cannot mark the line used in {path}: {error.strerror} (nothing was sent: "
+            "a line is marked before it is sent, so it is never sent twice)"
         ) from None
 
 
