@@ -4,29 +4,3 @@
 fwknop client key files (``~/.fwknoprc`` format and ``fwknop --key-gen`` output).
 This package needs the ``cryptography`` package; ``appliance.core`` never imports it.
 """
-
-from __future__ import annotations
-
-from appliance.spa.wire import (
-    SpaError,
-    SpaKeys,
-    SpaMessage,
-    authenticate,
-    new_message,
-    open_packet,
-    parse_access,
-    replay_digest,
-    seal,
-)
-
-__all__ = [
-    "SpaError",
-    "SpaKeys",
-    "SpaMessage",
-    "authenticate",
-    "new_message",
-    "open_packet",
-    "parse_access",
-    "replay_digest",
-    "seal",
-]
