@@ -58,7 +58,7 @@ from appliance.firewall import FirewallBackend, FirewallPlan
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.logs import configure, log_command
 from appliance.runtime.services import ServiceManager
-from appliance.runtime.state import StateStore
+from appliance.runtime.state import COMPACT_EVERY, Saved, StateStore
 from appliance.runtime.status import StatusServer
 from appliance.services.launcher import ServiceLauncher
 
@@ -306,12 +306,18 @@ class Daemon:
                 self._mark_used(command)
             elif isinstance(command, SpaDigestSeen):
                 self.state.spa_seen(command.digest, command.until)
+                self._compact_state()
             elif isinstance(command, TotpStepUsed):
                 log_command(command)
                 self.state.totp_used(command.door, command.step, command.until)
+                self._compact_state()
             else:
                 log_command(command)
         self._held.clear()
+
+    def _compact_state(self) -> None:
+        if self.state.appended >= COMPACT_EVERY:  # the file holds only what is in force
+            self.state.compact(Saved(*self.engine.saved_state()), self.clock())
 
     def _is_held(self, address: str) -> bool:
         if self.config.settings.firewall.scan is None:

@@ -9,7 +9,8 @@ One append-only text file, ``STATE_DIR/replay``, a line per entry::
 the time step is then refused as too old anyway). Each entry is flushed and
 fsync'd before the grant it belongs to is carried out, so a crash right after an
 accepted packet cannot make that packet acceptable again. On start the file is
-read, expired entries dropped, and the rest written back (atomically, by rename).
+read, expired entries dropped, and the rest written back (atomically, by rename);
+the daemon does the same every :data:`COMPACT_EVERY` entries, from its own memory.
 
 A state directory that cannot be written is logged, not fatal: the engine keeps
 the same cache in memory, so replays stay refused until the daemon restarts.
@@ -25,6 +26,7 @@ from typing import NamedTuple, TextIO
 log = logging.getLogger("knockgate.state")
 
 FILE_NAME = "replay"
+COMPACT_EVERY = 1000  # appended entries between two rewrites of the file
 
 
 class Saved(NamedTuple):
@@ -38,6 +40,7 @@ class StateStore:
         self.path = os.path.join(directory, FILE_NAME)
         self._file: TextIO | None = None
         self._failed = False
+        self.appended = 0  # entries written since the file was last rewritten
 
     def load(self, now: float) -> Saved:
         """Read the saved entries still in force at ``now`` and compact the file."""
@@ -63,6 +66,14 @@ class StateStore:
         self._rewrite(saved)
         return saved
 
+    def compact(self, saved: Saved, now: float) -> None:
+        """Rewrite the file with the entries of ``saved`` still in force at ``now``."""
+        live = Saved(
+            [(digest, until) for digest, until in saved.spa_seen if until > now],
+            [(door, step, until) for door, step, until in saved.totp_used if until > now],
+        )
+        self._rewrite(live)
+
     def spa_seen(self, digest: bytes, until: float) -> None:
         self._append(f"spa {digest.hex()} {until:.3f}\n")
 
@@ -79,6 +90,7 @@ class StateStore:
 
     def _rewrite(self, saved: Saved) -> None:
         self.close()
+        self.appended = 0
         lines = [f"spa {digest.hex()} {until:.3f}\n" for digest, until in saved.spa_seen]
         lines += [f"totp {door} {step} {until:.3f}\n" for door, step, until in saved.totp_used]
         temporary = self.path + ".new"
@@ -103,6 +115,7 @@ class StateStore:
             self._file.write(line)
             self._file.flush()
             os.fsync(self._file.fileno())
+            self.appended += 1
         except OSError as error:
             self.close()
             self._fail(error)

@@ -380,3 +380,28 @@ def test_a_clock_stepped_back_never_lengthens_a_grant(
     assert backend.is_open(A, Step(22, "tcp"))
     clock.now += 30.5
     assert not backend.is_open(A, Step(22, "tcp"))
+
+
+def test_the_state_file_is_compacted_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("appliance.runtime.daemon.COMPACT_EVERY", 2)
+    clock = Clock()
+    daemon, _, keys = _spa_daemon(tmp_path, clock)
+    replay = tmp_path / "state" / "replay"
+    try:
+        for _ in range(2):
+            daemon._item(
+                _spa_packet(clock, seal(new_message("a", int(clock.now), f"{A},tcp/22"), keys))
+            )
+        first = replay.read_text().splitlines()
+        assert len(first) == 2
+        clock.now += 4000  # both entries have run out
+        for _ in range(2):
+            daemon._item(
+                _spa_packet(clock, seal(new_message("a", int(clock.now), f"{A},tcp/22"), keys))
+            )
+        second = replay.read_text().splitlines()
+        assert len(second) == 2 and not set(first) & set(second)
+    finally:
+        daemon.shutdown()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runtime.state import StateStore
+from appliance.runtime.state import Saved, StateStore
 
 
 def test_entries_survive_a_restart_until_they_expire(tmp_path: Path) -> None:
@@ -48,3 +48,15 @@ def test_a_state_dir_that_cannot_be_written_is_logged_not_fatal(
         store.spa_seen(b"\x02", 10.0)
     errors = [r for r in caplog.records if "cannot write" in r.message]
     assert len(errors) == 1  # logged once, not per packet
+
+
+def test_compact_keeps_only_what_is_in_force(tmp_path: Path) -> None:
+    store = StateStore(str(tmp_path))
+    for i in range(5):
+        store.spa_seen(bytes([i]), 100.0 + i)
+    assert store.appended == 5
+    store.compact(Saved([(b"\x03", 103.0), (b"\x04", 104.0)], [("otp", 7, 90.0)]), 103.0)
+    assert store.appended == 0
+    store.spa_seen(b"\x09", 200.0)  # appending goes on after a rewrite
+    store.close()
+    assert (tmp_path / "replay").read_text().splitlines() == ["spa 04 104.000", "spa 09 200.000"]
