@@ -238,6 +238,7 @@ def test_service_door_grants_only_once_the_service_answers(tmp_path: Path, how: 
     path = tmp_path / "k.yaml"
     path.write_text(
         f"status_socket: {tmp_path / 's.sock'}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
         "services:\n"
         f"  web: {{image: 'web:test', container_port: {port}, host_port: 8080,"
         " ready: {tcp: true, timeout: 2}}\n"
