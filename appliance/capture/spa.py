@@ -20,10 +20,11 @@ from appliance.core.model import Door, SpaUser, Step
 from appliance.spa.wire import (
     SpaError,
     SpaKeys,
-    authenticate,
-    open_packet,
+    candidate,
+    open_verified,
     parse_access,
     replay_digest,
+    verify,
 )
 
 log = logging.getLogger("knockgate.spa")
@@ -72,7 +73,10 @@ class SpaReader:
         if doors is None or packet.proto != "udp":
             counters.spa_unauthenticated += 1
             return None
-        data = packet.payload
+        text = candidate(packet.payload)  # length, charset...: once, not per user
+        if text is None:
+            counters.spa_unauthenticated += 1
+            return None
         source = None
         verified = False
         for door, keys in doors:
@@ -84,10 +88,11 @@ class SpaReader:
                         source = ip_address(packet.src)
                     if not any(source in network for network in key.networks):
                         continue
-                if not authenticate(data, key.keys):
+                covered = verify(text, key.keys)
+                if covered is None:
                     continue
                 verified = True
-                knock = self._open(packet, door, key)
+                knock = self._open(packet, text, covered, door, key)
                 if knock is not None:
                     return knock
                 # Another user may share this HMAC key with another encryption key
@@ -98,9 +103,11 @@ class SpaReader:
             counters.spa_unauthenticated += 1
         return None
 
-    def _open(self, packet: Packet, door: Door, key: _Key) -> SpaKnock | None:
+    def _open(
+        self, packet: Packet, text: bytes, covered: bytes, door: Door, key: _Key
+    ) -> SpaKnock | None:
         try:
-            message = open_packet(packet.payload, key.keys)
+            message = open_verified(covered, key.keys)
             address, ports = parse_access(message.message)
         except SpaError as error:
             log.warning(
@@ -123,5 +130,5 @@ class SpaReader:
             address=address,
             ports=tuple(Step(port, "udp" if proto == "udp" else "tcp") for port, proto in ports),
             client_timeout=message.client_timeout,
-            digest=replay_digest(packet.payload),
+            digest=replay_digest(text),
         )

@@ -79,11 +79,14 @@ __all__ = [
     "SpaKeys",
     "SpaMessage",
     "authenticate",
+    "candidate",
     "new_message",
     "open_packet",
+    "open_verified",
     "parse_access",
     "replay_digest",
     "seal",
+    "verify",
 ]
 
 FKO_PROTOCOL_VERSION = "3.0.0"
@@ -232,8 +235,8 @@ def _strip(data: bytes) -> bytes:
     return bytes(data).rstrip(_STRIP)
 
 
-def _check_mac(data: bytes, keys: SpaKeys) -> bytes | str:
-    """The HMAC-covered text (prefix included) of an authentic packet, else a reason code."""
+def _precheck(data: bytes) -> str | None:
+    """Why stripped ``data`` cannot be an SPA packet at all (no hashing), or ``None``."""
     size = len(data)
     if size < MIN_SPA_DATA_SIZE:
         return "too-short"
@@ -246,11 +249,43 @@ def _check_mac(data: bytes, keys: SpaKeys) -> bytes | str:
         return "not-base64"
     if size - _HMAC_B64_LEN not in _BODY_LENGTHS:
         return "bad-length"
+    return None
+
+
+def _mac(data: bytes, keys: SpaKeys) -> bytes | None:
+    """The HMAC-covered text (prefix included) of prechecked ``data``, if its HMAC verifies."""
     covered = _SALTED_B64 + data[:-_HMAC_B64_LEN]
     computed = binascii.b2a_base64(keys.mac(covered), newline=False)[:_HMAC_B64_LEN]
-    if not hmac.compare_digest(computed, data[-_HMAC_B64_LEN:]):
-        return "bad-hmac"
-    return covered
+    return covered if hmac.compare_digest(computed, data[-_HMAC_B64_LEN:]) else None
+
+
+def _check_mac(data: bytes, keys: SpaKeys) -> bytes | str:
+    """The HMAC-covered text (prefix included) of an authentic packet, else a reason code."""
+    reason = _precheck(data)
+    if reason is not None:
+        return reason
+    covered = _mac(data, keys)
+    return "bad-hmac" if covered is None else covered
+
+
+def candidate(data: bytes) -> bytes | None:
+    """A UDP payload, stripped, if it can be an SPA packet at all; ``None`` otherwise.
+
+    The cheap checks of :func:`authenticate` (length, first character, charset, length
+    class), done once per packet however many users' keys are then tried.
+    """
+    text = _strip(data)
+    return None if _precheck(text) is not None else text
+
+
+def verify(text: bytes, keys: SpaKeys) -> bytes | None:
+    """For a :func:`candidate`: its HMAC-covered text if ``keys`` verify it, else ``None``."""
+    return _mac(text, keys)
+
+
+def open_verified(covered: bytes, keys: SpaKeys) -> SpaMessage:
+    """Decrypt and parse what :func:`verify` returned (no second HMAC); raise SpaError."""
+    return _parse(_decrypt(covered, keys))
 
 
 def authenticate(data: bytes, keys: SpaKeys) -> bool:
