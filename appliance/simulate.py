@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from appliance.capture.decode import decode_frame
 from appliance.capture.pcap import read_capture
+from appliance.capture.spa import SpaReader
 from appliance.core.engine import KnockEngine
 from appliance.core.events import Command, Grant, Opened, Packet, SetTimer, SpaAccepted, Tick
 from appliance.core.model import Config
@@ -54,11 +55,7 @@ def replay(
     """
     summary = summary or Summary()
     engine = KnockEngine(config.doors, max_attempts=config.settings.max_attempts)
-    spa = None
-    if any(door.spa is not None for door in config.doors):
-        from appliance.capture.spa import SpaReader  # cryptography: only when needed
-
-        spa = SpaReader(config.doors)
+    spa = SpaReader(config.doors)
     targets = frozenset(door.knock.target for door in config.doors if door.knock.target)
     accepted = hosts | targets
 
@@ -85,11 +82,8 @@ def replay(
             summary.skipped_destination += 1
             continue
         fire_timers(packet.ts)
-        if spa is not None and packet.payload and packet.dport in spa.ports:
-            knock = spa.read(packet)  # an SPA packet: authenticated at the edge first
-            if knock is not None:
-                run(engine.handle(knock))
-            continue
-        run(engine.handle(packet))
+        event = spa.route(packet)  # an SPA packet: authenticated at the edge first
+        if event is not None:
+            run(engine.handle(event))
     fire_timers(float("inf"))
     return summary

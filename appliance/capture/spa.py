@@ -65,6 +65,13 @@ class SpaReader:
                 self.by_port.setdefault(door.spa.port, []).append((door, keys))
         self.ports = frozenset(self.by_port)
 
+    def route(self, packet: Packet) -> Packet | SpaKnock | None:
+        """What the engine gets for ``packet``: the packet itself, or, on an SPA port,
+        its authenticated knock (``None``: nothing, the packet was counted and dropped)."""
+        if packet.payload and packet.dport in self.ports:
+            return self.read(packet)
+        return packet
+
     def read(self, packet: Packet) -> SpaKnock | None:
         """The authenticated knock in ``packet``, or ``None`` (counted) when there is none."""
         counters = self.counters

@@ -200,17 +200,13 @@ class Daemon:
                     continue
                 if self.engine.handle is not handle:  # replaced by a reload
                     handle = self.engine.handle
-                spa = self.spa
+                route = self.spa.route
                 for packet in packets:
-                    if packet.payload and packet.dport in spa.ports:
-                        knock = spa.read(packet)
-                        if knock is None:
-                            continue
-                        out = handle(knock)
-                    else:
-                        out = handle(packet)
-                    if out:
-                        commands(out)
+                    event = route(packet)
+                    if event is not None:
+                        out = handle(event)
+                        if out:
+                            commands(out)
             now = self.clock()
             if now >= self.wake:
                 self.wake = math.inf
@@ -258,16 +254,10 @@ class Daemon:
             raise TypeError(f"unknown queue item {item!r}")
 
     def packet(self, packet: Packet) -> None:
-        """One packet: an SPA packet goes through the SPA reader first.
-
-        (The capture loop in :meth:`run` does the same, written inline.)
-        """
-        if packet.payload and packet.dport in self.spa.ports:
-            knock = self.spa.read(packet)
-            if knock is not None:
-                self._commands(self.engine.handle(knock))
-        else:
-            self._commands(self.engine.handle(packet))
+        """One packet (an SPA packet goes through the SPA reader first)."""
+        event = self.spa.route(packet)
+        if event is not None:
+            self._commands(self.engine.handle(event))
 
     def shutdown(self) -> None:
         if self.sniffer is not None:
