@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -58,11 +60,8 @@ def test_totp_sequence_is_deterministic_distinct_and_in_range() -> None:
 
 def test_totp_sequence_pinned() -> None:
     """The derivation is a wire format shared with every client: it must not drift."""
-    block = hashlib.sha256  # documented: HMAC-SHA256(secret, step:8 || block:4)
-    import hmac
-    import struct
-
-    words = struct.unpack(">8I", hmac.digest(SECRET, struct.pack(">qI", 7, 0), block))
+    # As documented: HMAC-SHA256(secret, step as 8 bytes || block 0 as 4 bytes), 4-byte words.
+    words = struct.unpack(">8I", hmac.digest(SECRET, struct.pack(">qI", 7, 0), hashlib.sha256))
     expected = []
     for word in words:
         port = 20000 + word % 1000
