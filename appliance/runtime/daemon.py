@@ -456,10 +456,7 @@ class Daemon:
         if loaded.config.settings.state_dir != self.config.settings.state_dir:
             self.state.close()
             self.state = StateStore(loaded.config.settings.state_dir)
-            for digest, until in saved[0]:
-                self.state.spa_seen(digest, until)
-            for door, step, until in saved[1]:
-                self.state.totp_used(door, step, until)
+            self.state.compact(Saved(*saved), self.clock())  # one write, not one per entry
         self.loaded, self.config = loaded, loaded.config
         self.engine = self._engine(loaded.config)
         self.engine.restore(*saved)

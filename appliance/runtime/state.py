@@ -95,6 +95,7 @@ class StateStore:
         lines += [f"totp {door} {step} {until:.3f}\n" for door, step, until in saved.totp_used]
         temporary = self.path + ".new"
         try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             with open(temporary, "w", encoding="ascii") as handle:
                 handle.writelines(lines)
                 handle.flush()

@@ -406,3 +406,19 @@ def test_the_state_file_is_compacted_from_memory(
         assert len(second) == 2 and not set(first) & set(second)
     finally:
         daemon.shutdown()
+
+
+def test_a_reload_to_another_state_dir_carries_the_replay_cache(tmp_path: Path) -> None:
+    clock = Clock()
+    daemon, _, keys = _spa_daemon(tmp_path, clock)
+    try:
+        data = seal(new_message("a", int(clock.now), f"{A},tcp/22"), keys)
+        daemon._item(_spa_packet(clock, data))
+        path = Path(daemon.config.path)
+        path.write_text(path.read_text().replace(str(tmp_path / "state"), str(tmp_path / "new")))
+        daemon.reload()
+        assert (tmp_path / "new" / "replay").read_text().startswith("spa ")
+        daemon._item(_spa_packet(clock, data))
+        assert daemon.snapshot()["counters"]["spa_refused"] == 1  # still a replay
+    finally:
+        daemon.shutdown()
