@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import sys
@@ -374,18 +373,11 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
     import os
 
     from appliance.firewall.choose import choose_backend
-    from appliance.runtime.daemon import Daemon, ssh_lockout
+    from appliance.runtime.daemon import Daemon, Overrides, ssh_lockout
     from appliance.runtime.logs import configure
 
-    loaded = load_config(path)
-    if status_socket is not None or state_dir is not None:
-        config = loaded.config
-        settings = dataclasses.replace(
-            config.settings,
-            status_socket=status_socket or config.settings.status_socket,
-            state_dir=state_dir or config.settings.state_dir,
-        )
-        loaded = dataclasses.replace(loaded, config=dataclasses.replace(config, settings=settings))
+    overrides = Overrides(status_socket=status_socket, state_dir=state_dir)
+    loaded = overrides.apply(load_config(path))
     settings = loaded.config.settings
     configure(settings.log)
     log = logging.getLogger("knockgate")
@@ -405,7 +397,7 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
 
         owner = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
         launcher = ServiceLauncher(DockerRuntime(), loaded.config.services, owner)
-    daemon = Daemon(loaded, backend, launcher=launcher)
+    daemon = Daemon(loaded, backend, launcher=launcher, overrides=overrides)
     daemon.install_signal_handlers()
     if settings.pid_file:
         with open(settings.pid_file, "w") as handle:

@@ -15,6 +15,7 @@ SIGHUP: read the config again; a bad one is logged and the old one kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -87,6 +88,25 @@ class Stats:
     reload_failures: int = 0
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Settings given on the command line: they win over the file, at start and reload."""
+
+    status_socket: str | None = None
+    state_dir: str | None = None
+
+    def apply(self, loaded: Loaded) -> Loaded:
+        if self.status_socket is None and self.state_dir is None:
+            return loaded
+        config = loaded.config
+        settings = dataclasses.replace(
+            config.settings,
+            status_socket=self.status_socket or config.settings.status_socket,
+            state_dir=self.state_dir or config.settings.state_dir,
+        )
+        return dataclasses.replace(loaded, config=dataclasses.replace(config, settings=settings))
+
+
 class Daemon:
     def __init__(
         self,
@@ -96,7 +116,9 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         capture: bool = True,
         launcher: ServiceLauncher | None = None,
+        overrides: Overrides | None = None,
     ) -> None:
+        self.overrides = overrides or Overrides()
         self.loaded = loaded
         self.config = loaded.config
         self.backend = backend
@@ -428,7 +450,7 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: validate first; keep the running config when the new one is bad."""
         try:
-            loaded = load_config(self.config.path)
+            loaded = self.overrides.apply(load_config(self.config.path))
         except KnockgateError as error:
             self.stats.reload_failures += 1
             log.error(

@@ -12,7 +12,7 @@ from appliance.config import load_config
 from appliance.core.events import Packet
 from appliance.core.model import Step
 from appliance.firewall.memory import MemoryBackend
-from appliance.runtime.daemon import Daemon, firewall_plan, ssh_lockout
+from appliance.runtime.daemon import Daemon, Overrides, firewall_plan, ssh_lockout
 from appliance.spa.keyfile import generate_keys
 from appliance.spa.wire import SpaKeys, new_message, seal
 
@@ -420,5 +420,29 @@ def test_a_reload_to_another_state_dir_carries_the_replay_cache(tmp_path: Path) 
         assert (tmp_path / "new" / "replay").read_text().startswith("spa ")
         daemon._item(_spa_packet(clock, data))
         assert daemon.snapshot()["counters"]["spa_refused"] == 1  # still a replay
+    finally:
+        daemon.shutdown()
+
+
+def test_command_line_overrides_survive_a_reload(tmp_path: Path) -> None:
+    """Regression: a reload re-read state_dir from the file, so --state-dir moved the
+    replay cache to the configured (default) directory."""
+    path = tmp_path / "k.yaml"
+    path.write_text(CONFIG.format(socket=tmp_path / "file.sock", marks=tmp_path / "marks"))
+    overrides = Overrides(status_socket=str(tmp_path / "s.sock"), state_dir=str(tmp_path / "st"))
+    clock = Clock()
+    daemon = Daemon(
+        overrides.apply(load_config(str(path))),
+        MemoryBackend(clock),
+        clock=clock,
+        capture=False,
+        overrides=overrides,
+    )
+    daemon.start()
+    try:
+        daemon.reload()
+        assert daemon.stats.reloads == 1
+        assert daemon.state.directory == str(tmp_path / "st")
+        assert daemon.config.settings.status_socket == str(tmp_path / "s.sock")
     finally:
         daemon.shutdown()
