@@ -22,9 +22,22 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from appliance.core.model import ScanPolicy, Step
+from appliance.core.model import Proto, ScanPolicy, Step
 
-__all__ = ["FirewallBackend", "FirewallPlan", "GrantEntry", "ScanPolicy"]
+__all__ = ["FirewallBackend", "FirewallPlan", "GrantEntry", "PortRange", "ScanPolicy"]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PortRange:
+    """Ports ``low`` to ``high`` (inclusive) of one protocol."""
+
+    proto: Proto
+    low: int
+    high: int
+
+    def __str__(self) -> str:
+        span = str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+        return f"{span}/{self.proto}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +47,21 @@ class FirewallPlan:
     protected: tuple[Step, ...]
     always_allow: tuple[str, ...] = ()  # networks in CIDR form
     scan: ScanPolicy | None = field(default_factory=ScanPolicy)
+    # What the doors' knocks are sent to (sequence and one-time steps, TOTP ranges, SPA
+    # ports): the scan detector does not count them, so a door's own knock never makes
+    # its knocker a scanner, however long the sequence.
+    knock: tuple[PortRange, ...] = ()
+
+    def knock_ranges(self, proto: str) -> tuple[tuple[int, int], ...]:
+        """The knock ports of ``proto`` as sorted, merged (low, high) ranges."""
+        spans = sorted((r.low, r.high) for r in self.knock if r.proto == proto)
+        merged: list[tuple[int, int]] = []
+        for low, high in spans:
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+            else:
+                merged.append((low, high))
+        return tuple(merged)
 
     def ports(self, proto: str) -> tuple[int, ...]:
         return tuple(sorted({step.port for step in self.protected if step.proto == proto}))

@@ -55,7 +55,7 @@ from appliance.core.events import (
 )
 from appliance.core.model import Config, Door, Step
 from appliance.errors import FirewallError, KnockgateError
-from appliance.firewall import FirewallBackend, FirewallPlan
+from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.logs import configure, log_command
 from appliance.runtime.services import ServiceManager
@@ -71,11 +71,24 @@ SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looke
 
 def firewall_plan(config: Config) -> FirewallPlan:
     protected: dict[Step, None] = {}
+    knock: set[PortRange] = set()
     for door in config.doors:
         if door.open is not None:
             protected.update(dict.fromkeys(door.open.ports))
+        steps = set(door.knock.sequence)
+        if door.knock.one_time is not None:
+            for sequence in door.knock.one_time.sequences:
+                steps.update(sequence.steps)
+        knock.update(PortRange(step.proto, step.port, step.port) for step in steps)
+        totp = door.knock.totp
+        if totp is not None:
+            knock.add(PortRange(totp.proto, totp.low, totp.high))
+        if door.spa is not None:
+            knock.add(PortRange("udp", door.spa.port, door.spa.port))
     settings = config.settings.firewall
-    return FirewallPlan(tuple(protected), settings.always_allow, settings.scan)
+    return FirewallPlan(
+        tuple(protected), settings.always_allow, settings.scan, tuple(sorted(knock))
+    )
 
 
 @dataclass
