@@ -10,7 +10,7 @@ Data flow (each arrow is plain data)::
           runtime.daemon loop --> core.engine.KnockEngine.handle(event) -> [Command]
                                                  |
         Grant / Revoke / RunCommand / MarkSequenceUsed / SpaDigestSeen / TotpStepUsed /
-        log records / SetTimer
+        log records (the engine owns its deadlines: the loop asks next_deadline())
                                                  v
      adapters: firewall (nftables | iptables | memory), runtime.actions (commands),
      runtime.services -> services.launcher (Docker), one-time file, runtime.state

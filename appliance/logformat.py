@@ -2,6 +2,9 @@
 
 knockd's wording is kept (``IP: door: Stage N``, ``OPEN SESAME``, ``running
 command``, ``sequence timeout``) so log watchers written for knockd keep working.
+
+Commands carry times on the engine's clock; ``wall_offset`` (the engine's
+``wall_offset``) turns them into wall-clock times for people and JSON readers.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from appliance.core.events import (
+    ClockStepped,
     Command,
     DoorExhausted,
     Grant,
@@ -21,7 +25,6 @@ from appliance.core.events import (
     RunCommand,
     SequenceReset,
     SequenceTimeout,
-    SetTimer,
     SpaAccepted,
     SpaDigestSeen,
     SpaRefused,
@@ -35,8 +38,12 @@ def clock(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def describe(command: Command) -> str | None:
-    """One knockd-style line for a command, or ``None`` for internal ones (timers)."""
+# Records whose ``until`` is a wall-clock time already (what the state file keeps).
+WALL_UNTIL = (SpaDigestSeen, TotpStepUsed)
+
+
+def describe(command: Command, wall_offset: float = 0.0) -> str | None:
+    """One knockd-style line for a command, or ``None`` for internal ones (records)."""
     match command:
         case StageReached(door=door, address=address, stage=stage, total=total):
             return f"{address}: {door}: Stage {stage} of {total}"
@@ -44,7 +51,7 @@ def describe(command: Command) -> str | None:
             return f"{address}: {door}: OPEN SESAME"
         case Grant(door=door, address=address, ports=ports, until=until):
             opened = ", ".join(str(port) for port in ports)
-            return f"{address}: {door}: open {opened} until {clock(until)}"
+            return f"{address}: {door}: open {opened} until {clock(until + wall_offset)}"
         case Revoke(door=door, address=address, by=by):
             return f"{address}: {door}: close (knock on {by})"
         case RunCommand(door=door, phase=phase, command=text):
@@ -64,20 +71,29 @@ def describe(command: Command) -> str | None:
             via = "" if src == address else f" (SPA from {src})"
             return (
                 f"{address}: {door}: SPA from user {user} accepted{via}: "
-                f"{opened} until {clock(until)}"
+                f"{opened} until {clock(until + wall_offset)}"
             )
         case SpaRefused(door=door, src=src, user=user, reason=reason):
             return f"{src}: {door}: SPA from user {user} refused: {reason}"
         case TotpStepUsed(door=door, step=step):
             return f"{door}: time step {step} used; its sequence is refused from now on"
-        case SetTimer() | SpaDigestSeen():
+        case ClockStepped(by=by):
+            direction = "back" if by < 0 else "forward"
+            return (
+                f"the wall clock stepped {direction} by {abs(by):.1f} s: timeouts unaffected, "
+                "TOTP steps and SPA ages follow the new time"
+            )
+        case SpaDigestSeen():
             return None
     raise TypeError(f"unknown command {command!r}")
 
 
-def record(command: Command) -> dict[str, Any]:
-    """A command as a JSON-ready mapping: ``event`` names it, fields as they are."""
+def record(command: Command, wall_offset: float = 0.0) -> dict[str, Any]:
+    """A command as a JSON-ready mapping: ``event`` names it, times on the wall clock."""
     data: dict[str, Any] = {"event": type(command).__name__, **command._asdict()}
+    data["at"] = round(command.at + wall_offset, 6)
+    if "until" in data and not isinstance(command, WALL_UNTIL):
+        data["until"] = round(data["until"] + wall_offset, 6)
     if "ports" in data:
         data["ports"] = [str(port) for port in data["ports"]]
     if "digest" in data:
@@ -85,5 +101,5 @@ def record(command: Command) -> dict[str, Any]:
     return data
 
 
-def json_line(command: Command) -> str:
-    return json.dumps(record(command), sort_keys=False)
+def json_line(command: Command, wall_offset: float = 0.0) -> str:
+    return json.dumps(record(command, wall_offset), sort_keys=False)

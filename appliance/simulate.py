@@ -16,7 +16,7 @@ from appliance.capture.decode import decode_frame
 from appliance.capture.pcap import read_capture
 from appliance.capture.spa import SpaReader
 from appliance.core.engine import KnockEngine
-from appliance.core.events import Command, Grant, Opened, Packet, SetTimer, SpaAccepted, Tick
+from appliance.core.events import Command, Grant, Opened, Packet, SpaAccepted, Tick
 from appliance.core.model import Config
 
 
@@ -54,15 +54,15 @@ def replay(
     daemon's capture filter does the same).
     """
     summary = summary or Summary()
-    engine = KnockEngine(config.doors, max_attempts=config.settings.max_attempts)
-    spa = SpaReader(config.doors)
+    # A door without target counts only packets to the host itself (when it is given).
+    local = hosts or None
+    engine = KnockEngine(config.doors, max_attempts=config.settings.max_attempts, local=local)
+    spa = SpaReader(config.doors, local)
     targets = frozenset(door.knock.target for door in config.doors if door.knock.target)
     accepted = hosts | targets
 
     def run(commands: list[Command]) -> None:
         for command in commands:
-            if isinstance(command, SetTimer):
-                continue
             if isinstance(command, Opened):
                 summary.opened.append(command)
             elif isinstance(command, SpaAccepted):

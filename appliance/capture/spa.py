@@ -56,8 +56,11 @@ class _Key:
 class SpaReader:
     """The SPA doors of one configuration, by UDP port."""
 
-    def __init__(self, doors: Sequence[Door]) -> None:
+    def __init__(self, doors: Sequence[Door], local: frozenset[str] | None = None) -> None:
         self.counters = SpaCounters()
+        # The host's own addresses: an SPA door without target reads only packets sent
+        # to one of them (None: any destination, for a replay without --host).
+        self.local = local
         self.by_port: dict[int, list[tuple[Door, list[_Key]]]] = {}
         for door in doors:
             if door.spa is not None:
@@ -87,7 +90,11 @@ class SpaReader:
         source = None
         verified = False
         for door, keys in doors:
-            if door.knock.target is not None and packet.dst != door.knock.target:
+            target = door.knock.target
+            if target is not None:
+                if packet.dst != target:
+                    continue
+            elif self.local is not None and packet.dst not in self.local:
                 continue
             for key in keys:
                 if key.networks:

@@ -1,7 +1,14 @@
 """The knock engine: events in, commands out.
 
 Pure and single-threaded: no sockets, clocks, threads or subprocesses. Time comes
-only from the events, so a capture file replays exactly as it happened.
+only from the events, so a capture file replays exactly as it happened. Event
+times are on the engine's own clock, which never goes back (monotonic in the
+daemon); the wall clock, needed only for TOTP time steps, SPA packet ages and
+the saved state's expiry, is ``ts + wall_offset`` (see :class:`WallClock`).
+
+The engine owns every deadline it has (attempts, pending stop commands):
+:meth:`KnockEngine.next_deadline` says when it next needs a :class:`Tick`, and
+the loop asks it after every pass, so no deadline can be lost between the two.
 
 State is kept per (source address, door) as an attempt. Each door keeps
 its attempts in an insertion-ordered dict, oldest first; since a door's
@@ -13,7 +20,8 @@ looks only at the front of each door. A packet costs a dict lookup for its
 Rules (knockd's, with its defects fixed):
 
 * A packet counts for a door only if its (port, protocol) is one of the door's
-  steps, its destination matches the door's ``target`` (when set) and, for TCP,
+  steps, its destination is the door's ``target`` (when set) or else one of the
+  host's own addresses (:class:`LocalAddresses`), and, for TCP,
   its flags pass the door's ``tcpflags`` filter (a non-matching packet is
   ignored, not a reset).
 * The expected next step advances the attempt; the whole sequence must arrive
@@ -36,6 +44,10 @@ packets whose HMAC verified and which decrypted. The engine applies the policy:
 the packet's clock within ``max_age`` of ours, never seen before (the replay cache,
 kept here and written to disk by the runtime through ``SpaDigestSeen``), the
 requested ports within the user's allowance, the time capped.
+
+Records first: a completion's :class:`MarkSequenceUsed` / :class:`TotpStepUsed` /
+:class:`SpaDigestSeen` come before its grant and commands, so the runtime can
+refuse the decision when the record cannot be written.
 """
 
 from __future__ import annotations
@@ -49,10 +61,12 @@ from typing import Any
 
 from appliance.core.events import (
     TCP,
+    ClockStepped,
     Command,
     DoorExhausted,
     Event,
     Grant,
+    LocalAddresses,
     MarkSequenceUsed,
     OneTimeAdvanced,
     Opened,
@@ -61,13 +75,13 @@ from appliance.core.events import (
     RunCommand,
     SequenceReset,
     SequenceTimeout,
-    SetTimer,
     SpaAccepted,
     SpaDigestSeen,
     SpaKnock,
     SpaRefused,
     StageReached,
     TotpStepUsed,
+    WallClock,
 )
 from appliance.core.model import (
     DEFAULT_MAX_ATTEMPTS,
@@ -81,6 +95,7 @@ from appliance.core.model import (
 from appliance.core.totp import time_step, totp_sequence, window
 
 RETRANSMIT_WINDOW = 1.0  # seconds within which a repeated step counts as a retransmission
+CLOCK_STEP = 1.0  # a change of the wall clock's offset this large is logged as a step
 
 
 @dataclass(slots=True)
@@ -180,7 +195,13 @@ class DoorState:
 class KnockEngine:
     """Decides, per source address, when a knock is complete."""
 
-    def __init__(self, doors: Sequence[Door], *, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+    def __init__(
+        self,
+        doors: Sequence[Door],
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        local: frozenset[str] | None = None,
+    ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self._fixed = [DoorState(door) for door in doors]
@@ -199,14 +220,19 @@ class KnockEngine:
             for door in doors
             if door.spa is not None
         }
-        self._spa_seen: dict[bytes, float] = {}
+        self._spa_seen: dict[bytes, float] = {}  # digest -> until (wall clock)
         self._spa_expiry: list[tuple[float, bytes]] = []
+        # Wall time before which SPA packets and TOTP steps cannot be checked against
+        # what an earlier run used (its state file was lost or damaged): refused.
+        self.untrusted_before = -math.inf
         self.max_attempts = max_attempts
         self.counters = Counters()
         self.now = -math.inf
+        self.wall_offset = 0.0  # wall clock = engine clock + wall_offset
+        self._wall_known = False
+        self.local = local  # the host's addresses (None: any destination counts)
         self._count = 0  # attempts held, all doors
         self._next_expiry = math.inf  # earliest attempt deadline (may be early, never late)
-        self._armed = math.inf  # the timer we last asked for
         self._stops: list[tuple[float, int, RunCommand]] = []  # heap of pending stop commands
         self._stop_seq = 0
         self._index: dict[tuple[int, str], tuple[DoorState, ...]] = {}
@@ -219,7 +245,11 @@ class KnockEngine:
         return self._count
 
     def next_deadline(self) -> float | None:
-        """When the engine next needs a :class:`Tick` (``None``: nothing pending)."""
+        """When the engine next needs a :class:`Tick` (``None``: nothing pending).
+
+        Asked by the loop after every pass: the engine is the only owner of its
+        deadlines. It may be early (a Tick then finds nothing due), never late.
+        """
         due = min(self._next_expiry, self._stops[0][0] if self._stops else math.inf)
         return None if due == math.inf else due
 
@@ -229,15 +259,19 @@ class KnockEngine:
         if totp is not None:
             if self.now == -math.inf:
                 return ()
-            return totp_sequence(totp, time_step(totp, self.now))
+            return totp_sequence(totp, time_step(totp, self.now + self.wall_offset))
         return self.by_name[door].sequence
 
     def restore(
         self,
         spa_seen: Sequence[tuple[bytes, float]] = (),
         totp_used: Sequence[tuple[str, int, float]] = (),
+        untrusted_before: float = -math.inf,
     ) -> None:
-        """Load the replay cache and used TOTP steps saved by an earlier run."""
+        """Load the replay cache and used TOTP steps saved by an earlier run (wall-clock
+        times). ``untrusted_before``: what was saved is incomplete; SPA packets made and
+        TOTP steps begun before this wall time are refused."""
+        self.untrusted_before = max(self.untrusted_before, untrusted_before)
         for digest, until in spa_seen:
             self._remember_spa(digest, until)
         for door, step, until in totp_used:
@@ -268,26 +302,34 @@ class KnockEngine:
         else:
             self.now = ts
         out: list[Command] = []
-        if ts >= self._totp_next:
-            self._roll_totp(ts)
+        kind = type(event)
+        if kind is WallClock:
+            self._wall_clock(event, ts, out)  # type: ignore[arg-type]
+        elif kind is LocalAddresses:
+            self.local = event.addresses  # type: ignore[union-attr]
+        if ts + self.wall_offset >= self._totp_next:
+            self._roll_totp(ts + self.wall_offset)
         if ts >= self._next_expiry:
             self._expire(ts, out)
         stops = self._stops
         if stops and ts >= stops[0][0]:
             self._run_due_stops(ts, out)
-        if type(event) is Packet:
-            self._packet(event, ts, out)
-        elif type(event) is SpaKnock:
-            self._spa(event, ts, out)
-        # Ask for a timer when the next deadline is earlier than the one we asked
-        # for, or when that one has passed (inlined: this runs for every packet).
-        due = self._next_expiry
-        if stops and stops[0][0] < due:
-            due = stops[0][0]
-        if due < self._armed or (self._armed <= ts and due != math.inf):
-            self._armed = due
-            out.append(SetTimer(due))
+        if kind is Packet:
+            self._packet(event, ts, out)  # type: ignore[arg-type]
+        elif kind is SpaKnock:
+            self._spa(event, ts, out)  # type: ignore[arg-type]
         return out
+
+    def _wall_clock(self, event: WallClock, ts: float, out: list[Command]) -> None:
+        offset = event.wall - event.ts
+        if not -math.inf < offset < math.inf:
+            self.counters.malformed += 1
+            return
+        step = offset - self.wall_offset
+        if self._wall_known and abs(step) >= CLOCK_STEP:
+            out.append(ClockStepped(ts, step))
+        self.wall_offset, self._wall_known = offset, True
+        self._totp_next = -math.inf if self._totp_doors else math.inf  # steps may change
 
     def drain(self) -> list[Command]:
         """Shutdown: every pending stop command, now, so no hole stays open."""
@@ -310,10 +352,17 @@ class KnockEngine:
             counters.ignored += 1
             return
         src = pkt.src
+        dst = pkt.dst
         flags = pkt.flags if pkt.proto == TCP else None
+        local = self.local
+        to_host = local is None or dst in local
         counted = False
         for state in states:
-            if state.target is not None and pkt.dst != state.target:
+            target = state.target
+            if target is None:
+                if not to_host:
+                    continue  # sent to another address (another door's target, say)
+            elif dst != target:
                 continue
             if flags is not None and (
                 (flags & state.flags_set) != state.flags_set or flags & state.flags_clear
@@ -371,16 +420,19 @@ class KnockEngine:
         door = state.door
         self.counters.opened += 1
         out.append(Opened(ts, door.name, src))
-        if state.step is not None:  # recorded (on disk) before anything is opened
-            self._use_totp_step(state, ts, out)
+        # Records come first: the runtime writes them down before it opens anything,
+        # and refuses the grant and commands when it cannot.
+        if state.step is not None:
+            self._use_totp_step(state, src, ts, out)
+        one_time = door.knock.one_time
+        if one_time is not None:
+            used = one_time.sequences[state.next_one_time - 1]
+            out.append(MarkSequenceUsed(ts, door.name, src, one_time.path, used.line, used.offset))
         if door.open is not None:
             self._act(door, src, door.open.ports, ts + door.open.duration, ts, out)
         else:
             self._act(door, src, (), ts, ts, out)
-        one_time = door.knock.one_time
         if one_time is not None:
-            used = one_time.sequences[state.next_one_time - 1]
-            out.append(MarkSequenceUsed(ts, door.name, one_time.path, used.line, used.offset))
             self._count -= len(state.attempts)
             remaining = state.advance_one_time()
             out.append(OneTimeAdvanced(ts, door.name, remaining))
@@ -422,8 +474,9 @@ class KnockEngine:
             counters.malformed += 1  # the edge only sends doors and users it knows
             return
         door, spa = state.door, state.door.spa
+        wall = knock.ts + self.wall_offset  # when the packet was captured, by the wall clock
         expiry = self._spa_expiry
-        while expiry and expiry[0][0] <= ts:
+        while expiry and expiry[0][0] <= wall:
             until, digest = heapq.heappop(expiry)
             if self._spa_seen.get(digest) == until:
                 del self._spa_seen[digest]
@@ -432,14 +485,16 @@ class KnockEngine:
         reason = None
         if knock.msg_type not in (1, 3):  # access, access with a client timeout
             reason = "message-type"
-        elif knock.timestamp < knock.ts - spa.max_age:
-            # The packet's own capture time, not the engine's high-water mark: after the
-            # host's clock is stepped back (NTP at boot), SPA keeps working at once.
+        elif knock.timestamp < wall - spa.max_age:
             reason = "stale"
-        elif knock.timestamp > knock.ts + spa.max_age:
+        elif knock.timestamp > wall + spa.max_age:
             reason = "future"
         elif knock.digest in self._spa_seen:
             reason = "replay"
+        elif knock.timestamp <= self.untrusted_before:
+            # Made before this run started, and the state file that would say whether
+            # it was used then is lost or damaged: it cannot be told from a replay.
+            reason = "before-start"
         elif unspecified and (spa.require_source_address or knock.src in ("0.0.0.0", "::")):
             reason = "address"
         elif not knock.ports or not self._spa_allowed(door, user, knock.ports):
@@ -454,7 +509,7 @@ class KnockEngine:
         # it, and another door may share the key), and a second more against rounding.
         seen_until = knock.timestamp + MAX_SPA_MAX_AGE + 1.0
         self._remember_spa(knock.digest, seen_until)
-        out.append(SpaDigestSeen(ts, knock.digest, seen_until))
+        out.append(SpaDigestSeen(ts, door.name, address, knock.digest, seen_until))
         default = door.open.duration if door.open is not None else spa.max_time
         duration = float(knock.client_timeout) if knock.client_timeout else default
         duration = min(duration, spa.max_time)
@@ -482,23 +537,25 @@ class KnockEngine:
 
     # ----------------------------------------------------------------- TOTP
 
-    def _roll_totp(self, ts: float) -> None:
+    def _roll_totp(self, wall: float) -> None:
         """Keep one door state per accepted, unused time step of every TOTP door."""
         changed = False
         next_roll = math.inf
+        untrusted = self.untrusted_before
         for name, door in self._totp_doors.items():
             totp = door.knock.totp
             assert totp is not None
-            steps = window(totp, ts)
+            steps = window(totp, wall)
             used = self._totp_used[name]
-            for step in [step for step, until in used.items() if until <= ts]:
+            for step in [step for step, until in used.items() if until <= wall]:
                 del used[step]
             variants = self._totp[name]
             for step in [step for step in variants if step not in steps or step in used]:
                 self._count -= len(variants.pop(step).attempts)
                 changed = True
             for step in steps:
-                if step not in variants and step not in used:
+                # A step begun before an untrusted start may have been used then.
+                if step not in variants and step not in used and step * totp.period >= untrusted:
                     variants[step] = DoorState(door, totp_sequence(totp, step), step)
                     changed = True
             next_roll = min(next_roll, (steps.start + totp.skew + 1) * totp.period)
@@ -506,14 +563,14 @@ class KnockEngine:
         if changed:
             self._rebuild()
 
-    def _use_totp_step(self, state: DoorState, ts: float, out: list[Command]) -> None:
+    def _use_totp_step(self, state: DoorState, src: str, ts: float, out: list[Command]) -> None:
         door = state.door
         totp = door.knock.totp
         assert totp is not None and state.step is not None
         # Out of every window then, whatever skew a reload may set.
         until = float((state.step + MAX_TOTP_SKEW + 1) * totp.period)
         self._totp_used[door.name][state.step] = until
-        out.append(TotpStepUsed(ts, door.name, state.step, until))
+        out.append(TotpStepUsed(ts, door.name, src, state.step, until))
         variant = self._totp[door.name].pop(state.step, None)
         if variant is not None:
             self._count -= len(variant.attempts)

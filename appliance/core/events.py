@@ -2,12 +2,20 @@
 
 Events carry their own timestamp: the engine never reads a clock. Commands are
 plain data that an adapter (firewall, command runner, logger, one-time file
-writer, timer) carries out; the engine never performs a side effect itself.
+writer, state file) carries out; the engine never performs a side effect itself.
+
+Two clocks. Every ``ts``, ``at`` and ``until`` here is on the engine's clock, which
+only goes forward (the daemon's is ``time.monotonic()``; a capture replay's is the
+capture's own timestamps): sequence timeouts, grant lengths and command delays
+follow it, so a wall clock stepped back (NTP at boot, an operator) neither
+stretches nor shrinks them. The wall clock is what TOTP time steps, SPA packet
+timestamps and the state file's expiry times are about: :class:`WallClock` tells
+the engine how the two relate (``wall = ts + offset``), and log lines convert.
 
 Both are immutable named tuples rather than frozen dataclasses: one is built per
 packet on the hot path, and a frozen dataclass costs about 1.7 us to construct
 against 0.5 us for a named tuple (measured here, Python 3.11). Compare them by
-type as well as by value where it matters (``SetTimer(3.0) == Tick(3.0)``).
+type as well as by value where it matters (``Tick(3.0) == (3.0,)``).
 """
 
 from __future__ import annotations
@@ -63,12 +71,29 @@ class SpaKnock(NamedTuple):
 
 
 class Tick(NamedTuple):
-    """A timer fired: time has advanced to ``ts`` without a packet."""
+    """A deadline came: time has advanced to ``ts`` without a packet."""
 
     ts: float
 
 
-Event = Packet | Tick | SpaKnock
+class WallClock(NamedTuple):
+    """At engine time ``ts`` the wall clock (unix time) reads ``wall``. Sent at start
+    and whenever the two drift apart (a clock step); without one the engine takes the
+    wall clock to equal its own (a capture replay)."""
+
+    ts: float
+    wall: float
+
+
+class LocalAddresses(NamedTuple):
+    """The host's own addresses: a door without ``target`` counts only packets sent to
+    one of them. ``None``: every destination counts (a replay without ``--host``)."""
+
+    ts: float
+    addresses: frozenset[str] | None
+
+
+Event = Packet | Tick | SpaKnock | WallClock | LocalAddresses
 
 # --------------------------------------------------------------------------- commands
 
@@ -108,37 +133,46 @@ class RunCommand(NamedTuple):
     command: str
 
 
+# Records: what must be on disk before the decision it belongs to is carried out. The
+# engine emits a record before the grant and commands of the same (door, address); when
+# the record cannot be written, the runtime refuses that decision (fail closed: a one-time
+# sequence, an SPA packet or a TOTP step is never usable again after a restart because
+# writing it down failed).
+
+
 class MarkSequenceUsed(NamedTuple):
     """Overwrite the first byte of a one-time-sequence line with ``#``."""
 
     at: float
     door: str
+    address: str
     path: str
     line: int
     offset: int
 
 
 class SpaDigestSeen(NamedTuple):
-    """Remember an accepted SPA packet until ``until`` (the replay cache on disk)."""
+    """Remember an accepted SPA packet until ``until`` (wall clock; the replay cache)."""
 
     at: float
+    door: str
+    address: str
     digest: bytes
     until: float
 
 
 class TotpStepUsed(NamedTuple):
-    """A TOTP door's time step ``step`` was used: its sequence is refused from now on."""
+    """A TOTP door's time step ``step`` was used: its sequence is refused from now on
+    (``until``: wall clock)."""
 
     at: float
     door: str
+    address: str
     step: int
     until: float
 
 
-class SetTimer(NamedTuple):
-    """Deliver a :class:`Tick` no later than ``at`` (the engine's next deadline)."""
-
-    at: float
+Record = MarkSequenceUsed | SpaDigestSeen | TotpStepUsed
 
 
 # Log records: what happened to whom. The runtime formats them (knockd-style text or JSON).
@@ -219,12 +253,19 @@ class DoorExhausted(NamedTuple):
     path: str
 
 
+class ClockStepped(NamedTuple):
+    """The wall clock jumped by ``by`` seconds against the engine's clock (negative:
+    back). Timeouts are unaffected; TOTP steps and SPA ages follow the new wall time."""
+
+    at: float
+    by: float
+
+
 Command = (
     Grant
     | Revoke
     | RunCommand
     | MarkSequenceUsed
-    | SetTimer
     | StageReached
     | Opened
     | SequenceReset
@@ -235,4 +276,5 @@ Command = (
     | SpaRefused
     | SpaDigestSeen
     | TotpStepUsed
+    | ClockStepped
 )

@@ -1,14 +1,30 @@
 """``knockgate run``: the loop that owns the engine and carries out its commands.
 
-Threads (capture, address watcher, status socket) only put items on one queue;
-this loop takes them one at a time, feeds the engine and hands each command to
-its adapter: the firewall backend (grants), the command runner (knockd-style
-commands), the one-time file (used sequences) and the log.
+Threads (address watcher, status socket, service launches, signal handlers) only
+put items on one queue; this loop reads the capture sockets itself, takes the
+queued items one at a time, feeds the engine and hands each command to its
+adapter: the firewall backend (grants), the command runner (knockd-style
+commands), the one-time file and the state file (records), and the log.
 
-Fail closed: a grant that the firewall refuses is logged and not retried; the
-port stays closed. A source held off by the scan detector gets nothing.
-SIGTERM: stop capture, then grants per ``on_shutdown`` (keep: they expire at
-their own deadline; revoke), then the pending stop commands, then exit.
+Time: the engine runs on ``time.monotonic()``, so a wall clock stepped back or
+forward never stretches a sequence timeout, a grant or a command delay; the
+wall clock is handed to the engine (``WallClock``) for TOTP steps, SPA ages and
+log stamps, again whenever it jumps. The engine owns its deadlines; the loop
+asks it for the next one after every pass.
+
+Fail closed:
+
+* a completion is refused as a whole (no grant, no command) when its knocker is
+  held off as a scanner, or when its record (one-time line, TOTP step, SPA
+  digest) cannot be written first;
+* a grant that the firewall refuses is logged and not retried: the port stays
+  closed;
+* an unexpected exception in one handler is logged (with its traceback, once per
+  handler) and counted, and the loop goes on; whatever ends the loop, SIGTERM or
+  an exception, the shutdown runs: capture stopped, grants per ``on_shutdown``
+  (keep: they expire at their kernel deadline; revoke), services, then every
+  pending stop command, each step guarded so one failure does not skip the rest.
+
 SIGHUP: read the config again; a bad one is logged and the old one kept.
 """
 
@@ -16,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -26,7 +43,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from appliance.capture.addresses import AddressWatcher
 from appliance.capture.bpf import capture_filter
@@ -41,23 +58,33 @@ from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
 from appliance.core.engine import KnockEngine
 from appliance.core.events import (
+    ClockStepped,
     Command,
+    DoorExhausted,
+    Event,
     Grant,
+    LocalAddresses,
     MarkSequenceUsed,
+    OneTimeAdvanced,
     Opened,
     Packet,
     Revoke,
     RunCommand,
-    SetTimer,
+    SequenceReset,
+    SequenceTimeout,
+    SpaAccepted,
     SpaDigestSeen,
+    SpaRefused,
+    StageReached,
     Tick,
     TotpStepUsed,
+    WallClock,
 )
 from appliance.core.model import Config, Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.runtime.actions import CommandRunner, run_command
-from appliance.runtime.logs import configure, log_command
+from appliance.runtime.logs import configure, flush_noise, log_command
 from appliance.runtime.services import ServiceManager
 from appliance.runtime.state import COMPACT_EVERY, Saved, StateStore
 from appliance.runtime.status import StatusServer
@@ -67,6 +94,9 @@ log = logging.getLogger("knockgate")
 
 CHECK_SECONDS = 5.0  # how often the firewall rules are verified (and repaired)
 SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
+CLOCK_DRIFT = 0.05  # seconds the wall clock may drift from the engine's before it is told
+FLOOD_WINDOW = 60.0  # seconds over which knock noise is summed for the flood summary
+FLOOD_NOISE = 6000  # lone first knocks and resets in a window that make it a flood
 
 
 def firewall_plan(config: Config) -> FirewallPlan:
@@ -93,12 +123,15 @@ def firewall_plan(config: Config) -> FirewallPlan:
 
 @dataclass
 class Stats:
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
     held_off: int = 0
+    refused_unrecorded: int = 0  # completions refused because their record failed
     grant_failures: int = 0
     firewall_repairs: int = 0
     reloads: int = 0
     reload_failures: int = 0
+    internal_errors: int = 0
+    clock_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +159,8 @@ class Daemon:
         loaded: Loaded,
         backend: FirewallBackend,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         capture: bool = True,
         launcher: ServiceLauncher | None = None,
         overrides: Overrides | None = None,
@@ -135,7 +169,8 @@ class Daemon:
         self.loaded = loaded
         self.config = loaded.config
         self.backend = backend
-        self.clock = clock
+        self.clock = clock  # the engine's: only goes forward
+        self.wall = wall  # unix time, for TOTP, SPA ages and the state file
         self.capture = capture
         # Other threads (status socket, address watcher, service launches, signal
         # handlers) hand items over through this queue and wake the loop with a byte
@@ -144,25 +179,42 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.state = StateStore(self.config.settings.state_dir)
+        self.stats = Stats(started=clock())
+        self.addresses: frozenset[str] | None = None  # None until known (or no capture)
         self.engine = self._engine(self.config)
-        self.engine.restore(*self.state.load(clock()))
+        self.state = StateStore(self.config.settings.state_dir)
+        restored = self.state.load(wall())
+        untrusted = -math.inf
+        if restored.problem is not None:
+            untrusted = wall()
+            log.warning(
+                "state: %s %s: SPA packets made and TOTP steps begun before this start are "
+                "refused (what they were used for may be lost)",
+                self.state.path,
+                restored.problem,
+            )
+        self.engine.restore(*restored.saved, untrusted_before=untrusted)
         self.spa = SpaReader(self.config.doors)
         self.runner = CommandRunner()
-        self.stats = Stats()
-        self.wake = math.inf
         self.running = False
-        self.addresses: frozenset[str] = frozenset()
         self.sniffer: Sniffer | None = None
         self.watcher: AddressWatcher | None = None
         self.status: StatusServer | None = None
         self.suppressed: set[tuple[str, str, float]] = set()  # stop commands not to run
-        self._held: dict[tuple[str, str], bool] = {}
+        # Completions refused within the command batch being carried out, by (door,
+        # address): held off as a scanner, or their record could not be written.
+        self._refused: dict[tuple[str, str], str] = {}
+        self._failing: set[str] = set()  # handlers whose exception was logged in full
+        self._stopped = False
+        self._noise = (clock(), 0)  # flood summary: window start, noise count then
         self.services = ServiceManager(launcher, backend, self.enqueue, clock) if launcher else None
 
-    @staticmethod
-    def _engine(config: Config) -> KnockEngine:
-        return KnockEngine(config.doors, max_attempts=config.settings.max_attempts)
+    def _engine(self, config: Config) -> KnockEngine:
+        engine = KnockEngine(
+            config.doors, max_attempts=config.settings.max_attempts, local=self.addresses
+        )
+        engine.handle(WallClock(self.clock(), self.wall()))
+        return engine
 
     # ----------------------------------------------------------------- life cycle
 
@@ -182,10 +234,10 @@ class Daemon:
             self.services.start()
         if self.capture:
             self.watcher = AddressWatcher(lambda now: self.enqueue(("addresses", now)))
-            self.addresses = self.watcher.current
+            self._set_addresses(self.watcher.current)
             interfaces = list(self.config.settings.interfaces) or default_interfaces()
             self.sniffer = Sniffer(
-                interfaces, capture_filter(self.config.doors, self.addresses), self.clock
+                interfaces, capture_filter(self.config.doors, self.addresses or ()), self.clock
             )
             for reader in self.sniffer.readers:
                 reader.open()
@@ -199,62 +251,113 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.enqueue(("signal", "HUP")))
 
     def run(self) -> None:
-        """Read packets and queued items until SIGTERM; then shut down in order."""
+        """Read packets and queued items until SIGTERM; then shut down in order.
+
+        The shutdown runs on every way out of the loop, exceptions included.
+        """
+        try:
+            self._loop()
+        finally:
+            self.shutdown()
+
+    def _loop(self) -> None:
         selector = selectors.DefaultSelector()
-        selector.register(self._wake_r, selectors.EVENT_READ, None)
-        registered: dict[InterfaceReader, socket.socket] = {}
-        readers = self.sniffer.readers if self.sniffer is not None else []
-        next_check = self.clock() + CHECK_SECONDS
-        next_tick = self.clock() + SERVICE_TICK
-        handle, commands = self.engine.handle, self._commands
-        while self.running:
-            for reader in readers:  # (re-)register sockets; re-open closed ones when due
-                sock = registered.get(reader)
-                if reader.sock is not sock:
-                    if sock is not None:
-                        selector.unregister(sock)
-                        del registered[reader]
-                    if reader.sock is not None:
-                        selector.register(reader.sock, selectors.EVENT_READ, reader)
-                        registered[reader] = reader.sock
-                if reader.sock is None and self.clock() >= reader.retry_at:
-                    reader.open()
-            now = self.clock()
-            due = min(self.wake, next_check, next_tick)
-            if any(reader.sock is None for reader in readers):
-                due = min(due, now + RETRY_SECONDS)
-            for key, _ in selector.select(max(0.0, due - now)):
-                reader = key.data
-                if reader is None:
-                    self._drain_queue()
-                    continue
-                try:
-                    packets = reader.read()
-                except OSError as error:
-                    reader.failed(error)
-                    continue
-                if self.engine.handle is not handle:  # replaced by a reload
-                    handle = self.engine.handle
-                route = self.spa.route
-                for packet in packets:
-                    event = route(packet)
-                    if event is not None:
-                        out = handle(event)
-                        if out:
-                            commands(out)
-            now = self.clock()
-            if now >= self.wake:
-                self.wake = math.inf
-                self._commands(self.engine.handle(Tick(now)))
-            if now >= next_check:
-                next_check = now + CHECK_SECONDS
-                self._check_firewall()
-            if now >= next_tick:
-                next_tick = now + SERVICE_TICK
-                if self.services is not None:
-                    self.services.tick()
-        selector.close()
-        self.shutdown()
+        try:
+            selector.register(self._wake_r, selectors.EVENT_READ, None)
+            registered: dict[InterfaceReader, socket.socket] = {}
+            readers = self.sniffer.readers if self.sniffer is not None else []
+            clock = self.clock
+            next_check = clock() + CHECK_SECONDS
+            next_tick = clock() + SERVICE_TICK
+            while self.running:
+                self._register(selector, registered, readers)
+                now = clock()
+                due = min(next_check, next_tick)
+                deadline = self.engine.next_deadline()
+                if deadline is not None and deadline < due:
+                    due = deadline
+                if any(reader.sock is None for reader in readers):
+                    due = min(due, now + RETRY_SECONDS)
+                for key, _ in selector.select(max(0.0, due - now)):
+                    reader = key.data
+                    if reader is None:
+                        self._drain_queue()
+                    else:
+                        self._read(reader)
+                now = clock()
+                self._follow_wall_clock(now)
+                deadline = self.engine.next_deadline()
+                if deadline is not None and now >= deadline:
+                    self._guarded("timer", functools.partial(self._event, Tick(now)))
+                if now >= next_check:
+                    next_check = now + CHECK_SECONDS
+                    self._guarded("firewall check", self._check_firewall)
+                if now >= next_tick:
+                    next_tick = now + SERVICE_TICK
+                    self._guarded("upkeep", self._upkeep)
+        finally:
+            selector.close()
+
+    def _register(
+        self,
+        selector: selectors.BaseSelector,
+        registered: dict[InterfaceReader, socket.socket],
+        readers: list[InterfaceReader],
+    ) -> None:
+        """(Re-)register the capture sockets; re-open closed ones when due."""
+        for reader in readers:
+            sock = registered.get(reader)
+            if reader.sock is not sock:
+                if sock is not None:
+                    selector.unregister(sock)
+                    del registered[reader]
+                if reader.sock is not None:
+                    selector.register(reader.sock, selectors.EVENT_READ, reader)
+                    registered[reader] = reader.sock
+            if reader.sock is None and self.clock() >= reader.retry_at:
+                reader.open()
+
+    def _read(self, reader: InterfaceReader) -> None:
+        """One batch of frames from one interface through the engine (the hot path)."""
+        try:
+            packets = reader.read()
+        except OSError as error:
+            reader.failed(error)
+            return
+        handle, route, commands = self.engine.handle, self.spa.route, self._commands
+        try:
+            for packet in packets:
+                event = route(packet)
+                if event is not None:
+                    out = handle(event)
+                    if out:
+                        commands(out)
+        except Exception:  # a bug: the rest of this batch is lost, not the daemon
+            self._internal_error("packet")
+
+    def _follow_wall_clock(self, now: float) -> None:
+        """Tell the engine when the wall clock has moved against its own (a step)."""
+        offset = self.wall() - now
+        if abs(offset - self.engine.wall_offset) > CLOCK_DRIFT:
+            self._guarded("clock", functools.partial(self._event, WallClock(now, now + offset)))
+
+    def _event(self, event: Event) -> None:
+        self._commands(self.engine.handle(event))
+
+    def _guarded(self, what: str, step: Callable[[], object]) -> None:
+        """Run one handler; an unexpected exception is logged and counted, not fatal."""
+        try:
+            step()
+        except Exception:
+            self._internal_error(what)
+
+    def _internal_error(self, what: str) -> None:
+        self.stats.internal_errors += 1
+        if what not in self._failing:  # the traceback once per handler, then a count
+            self._failing.add(what)
+            log.exception("internal error in %s (a bug; the daemon goes on)", what)
+        else:
+            log.error("internal error in %s again (%d in all)", what, self.stats.internal_errors)
 
     def _drain_queue(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -265,7 +368,7 @@ class Daemon:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 return
-            self._item(item)
+            self._guarded(_item_name(item), functools.partial(self._item, item))
 
     def _item(self, item: Any) -> None:
         if type(item) is Packet:
@@ -282,7 +385,7 @@ class Daemon:
             item[1](self.snapshot())
         elif item[0] == "service-ready" and self.services is not None:
             if self.services.ready(item[1], item[2], item[3]):
-                log_command(item[1])
+                log_command(item[1], self.engine.wall_offset)
         elif item[0] == "services-prepared" and self.services is not None:
             self.services.prepared()
         else:
@@ -295,54 +398,117 @@ class Daemon:
             self._commands(self.engine.handle(event))
 
     def shutdown(self) -> None:
+        """Stop capture, apply ``on_shutdown``, stop services, run every pending stop
+        command, close the status socket and the state file. Each step is guarded:
+        one that fails is logged and the next still runs. Runs once."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.running = False
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self.sniffer is not None:
-            self.sniffer.close()
+            steps.append(("stop capture", self.sniffer.close))
         if self.watcher is not None:
-            self.watcher.stop()
+            steps.append(("stop the address watcher", self.watcher.stop))
         if self.config.settings.on_shutdown == "revoke":
-            self._revoke_all()
+            steps.append(("revoke grants", self._revoke_all))
         if self.services is not None:
-            self.services.shutdown()
-        self.runner.shutdown()  # start commands still running finish before their stops
+            steps.append(("stop services", self.services.shutdown))
+        # Start commands still running finish before their stops.
+        steps.append(("wait for commands", self.runner.shutdown))
+        steps.append(("run pending stop commands", self._run_pending_stops))
+        if self.status is not None:
+            steps.append(("close the status socket", self.status.stop))
+        steps.append(("save the state file", self._save_state))
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("shutdown: %s failed; going on", what)
+        log.info("stopped; grants left in place expire at their own deadline")
+
+    def _run_pending_stops(self) -> None:
         for command in self.engine.drain():
             if isinstance(command, RunCommand) and not self._suppressed(command):
-                run_command(command)
-        if self.status is not None:
-            self.status.stop()
-        self.state.close()
-        log.info("stopped; grants left in place expire at their own deadline")
+                try:
+                    run_command(command)
+                except Exception:
+                    log.exception("%s: stop command failed", command.door)
+
+    def _save_state(self) -> None:
+        self.state.finish(Saved(*self.engine.saved_state()), self.wall())
 
     # ----------------------------------------------------------------- commands
 
     def _commands(self, commands: list[Command]) -> None:
-        for command in commands:
-            if isinstance(command, SetTimer):
-                self.wake = min(self.wake, command.at)
-            elif isinstance(command, Opened):
-                log_command(command)
-                self._held[(command.door, command.address)] = self._is_held(command.address)
-            elif isinstance(command, Grant):
-                self._grant(command)
-            elif isinstance(command, Revoke):
-                self._revoke(command)
-            elif isinstance(command, RunCommand):
-                self._run(command)
-            elif isinstance(command, MarkSequenceUsed):
-                self._mark_used(command)
-            elif isinstance(command, SpaDigestSeen):
-                self.state.spa_seen(command.digest, command.until)
-                self._compact_state()
-            elif isinstance(command, TotpStepUsed):
-                log_command(command)
-                self.state.totp_used(command.door, command.step, command.until)
-                self._compact_state()
-            else:
-                log_command(command)
-        self._held.clear()
+        """Carry out one event's commands in order (the engine puts records first)."""
+        refused = self._refused
+        try:
+            for command in commands:
+                match command:
+                    case StageReached() | SequenceReset() | SequenceTimeout():
+                        self._log(command)
+                    case Opened(door=door, address=address):
+                        self._log(command)
+                        if self._is_held(address):
+                            refused[(door, address)] = "held off as a port scanner"
+                            self.stats.held_off += 1
+                    case MarkSequenceUsed() | SpaDigestSeen() | TotpStepUsed():
+                        self._record(command)
+                    case Grant():
+                        self._grant(command)
+                    case RunCommand():
+                        self._run(command)
+                    case Revoke():
+                        self._revoke(command)
+                    case SpaAccepted(door=door, address=address):
+                        reason = refused.get((door, address))
+                        if reason is None:
+                            self._log(command)
+                        else:
+                            log.warning("%s: %s: SPA refused: %s", address, door, reason)
+                    case SpaRefused() | OneTimeAdvanced() | DoorExhausted() | ClockStepped():
+                        if isinstance(command, ClockStepped):
+                            self.stats.clock_steps += 1
+                        self._log(command)
+                    case _:
+                        assert_never(command)
+        finally:
+            refused.clear()
 
-    def _compact_state(self) -> None:
-        if self.state.appended >= COMPACT_EVERY:  # the file holds only what is in force
-            self.state.compact(Saved(*self.engine.saved_state()), self.clock())
+    def _log(self, command: Command) -> None:
+        log_command(command, self.engine.wall_offset)
+
+    def _record(self, record: MarkSequenceUsed | SpaDigestSeen | TotpStepUsed) -> None:
+        """Write a record down before the decision it belongs to is carried out; when it
+        cannot be written, that decision is refused (no grant, no command)."""
+        if isinstance(record, MarkSequenceUsed):
+            try:
+                mark_line_used(record.path, record.offset)
+                written = True
+            except OSError as error:
+                written = False
+                log.error(
+                    "%s: cannot mark line %d of %s used: %s",
+                    record.door,
+                    record.line,
+                    record.path,
+                    error.strerror or error,
+                )
+            self._log(record)
+        elif isinstance(record, SpaDigestSeen):
+            written = self.state.spa_seen(record.digest, record.until)
+        else:
+            self._log(record)
+            written = self.state.totp_used(record.door, record.step, record.until)
+        if written:
+            if self.state.appended >= COMPACT_EVERY:  # the file holds only what is in force
+                self.state.compact(Saved(*self.engine.saved_state()), self.wall())
+            return
+        self.stats.refused_unrecorded += 1
+        self._refused.setdefault(
+            (record.door, record.address), "its use could not be recorded, so no access"
+        )
 
     def _is_held(self, address: str) -> bool:
         if self.config.settings.firewall.scan is None:
@@ -354,9 +520,9 @@ class Daemon:
             return True  # fail closed
 
     def _grant(self, grant: Grant) -> None:
-        if self._held.get((grant.door, grant.address)):
-            self.stats.held_off += 1
-            log.warning("%s: %s: held off as a port scanner: no access", grant.address, grant.door)
+        reason = self._refused.get((grant.door, grant.address))
+        if reason is not None:
+            log.warning("%s: %s: %s: no access", grant.address, grant.door, reason)
             return
         door = self._door(grant.door)
         if door is not None and door.service is not None:
@@ -374,12 +540,14 @@ class Daemon:
                 "%s: %s: grant failed, door stays closed: %s", grant.address, grant.door, error
             )
             return
-        log_command(grant)
+        self._log(grant)
 
     def _door(self, name: str) -> Door | None:
         return next((door for door in self.config.doors if door.name == name), None)
 
     def _revoke(self, revoke: Revoke) -> None:
+        if (revoke.by, revoke.address) in self._refused:
+            return  # a refused knock does nothing, closing included
         door = self._door(revoke.door)
         if door is None or door.open is None:
             return
@@ -388,21 +556,19 @@ class Daemon:
         except FirewallError as error:
             log.error("%s: %s: revoke failed: %s", revoke.address, revoke.door, error)
             return
-        log_command(revoke)
+        self._log(revoke)
         if door.service is not None and self.services is not None:
             self.services.revoked(door.service, revoke.address)
 
     def _run(self, command: RunCommand) -> None:
         if command.phase == "start":
-            if self._held.get((command.door, command.address)):
-                door = next(d for d in self.config.doors if d.name == command.door)
-                due = command.at + door.commands.cmd_timeout
-                self.suppressed.add((command.door, command.address, due))
-                log.warning(
-                    "%s: %s: held off as a port scanner: command not run",
-                    command.address,
-                    command.door,
-                )
+            reason = self._refused.get((command.door, command.address))
+            if reason is not None:
+                door = self._door(command.door)
+                if door is not None:  # its stop command is not run either
+                    due = command.at + door.commands.cmd_timeout
+                    self.suppressed.add((command.door, command.address, due))
+                log.warning("%s: %s: %s: command not run", command.address, command.door, reason)
                 return
         elif self._suppressed(command):
             return
@@ -414,20 +580,6 @@ class Daemon:
             self.suppressed.discard(key)
             return True
         return False
-
-    def _mark_used(self, command: MarkSequenceUsed) -> None:
-        try:
-            mark_line_used(command.path, command.offset)
-        except OSError as error:
-            log.error(
-                "%s: cannot mark line %d of %s used: %s (the sequence stays unusable "
-                "until restart)",
-                command.door,
-                command.line,
-                command.path,
-                error,
-            )
-        log_command(command)
 
     def _revoke_all(self) -> None:
         try:
@@ -444,24 +596,67 @@ class Daemon:
 
     # ----------------------------------------------------------------- upkeep
 
-    def _addresses(self, addresses: frozenset[str]) -> None:
+    def _set_addresses(self, addresses: frozenset[str]) -> None:
+        if not addresses:
+            log.error(
+                "the host's addresses are unknown: doors without target count no knock "
+                "until they are read"
+            )
         self.addresses = addresses
+        self.spa.local = addresses
+        self._commands(self.engine.handle(LocalAddresses(self.clock(), addresses)))
+
+    def _addresses(self, addresses: frozenset[str]) -> None:
+        self._set_addresses(addresses)
         if self.sniffer is not None:
             self.sniffer.set_filter(capture_filter(self.config.doors, addresses))
             log.info("host addresses changed: %s", ", ".join(sorted(addresses)))
+
+    def _upkeep(self) -> None:
+        """Once a second: services, the log's noise summary, the flood summary."""
+        if self.services is not None:
+            self.services.tick()
+        flush_noise()
+        now = self.clock()
+        since, before = self._noise
+        if now - since >= FLOOD_WINDOW:
+            counters = self.engine.counters
+            noise = counters.timeouts + counters.resets + counters.evictions
+            if noise - before >= FLOOD_NOISE:
+                log.warning(
+                    "last %.0f s: %d knock packets, %d attempts that went nowhere (timed "
+                    "out, reset or evicted): a flood or a scan",
+                    now - since,
+                    counters.packets,
+                    noise - before,
+                )
+            self._noise = (now, noise)
 
     def _check_firewall(self) -> None:
         try:
             if self.backend.check():
                 return
-            log.warning("firewall: knockgate's rules are missing; restoring them")
+            log.warning("firewall: knockgate's rules were changed or removed; restoring them")
             self.backend.setup(firewall_plan(self.config))
             self.stats.firewall_repairs += 1
         except FirewallError as error:
             log.error("firewall check failed: %s", error)
 
     def reload(self) -> None:
-        """SIGHUP: validate first; keep the running config when the new one is bad."""
+        """SIGHUP: validate first; keep the running config when the new one is bad.
+
+        Whatever goes wrong (a bad file, a firewall that refuses the new rules, even
+        a bug), the running configuration stays in force and the daemon goes on.
+        """
+        try:
+            self._reload()
+        except Exception as error:
+            self.stats.reload_failures += 1
+            log.exception(
+                "reload refused (internal error: %s); keeping the running configuration", error
+            )
+
+    def _reload(self) -> None:
         try:
             loaded = self.overrides.apply(load_config(self.config.path))
         except KnockgateError as error:
@@ -482,24 +677,27 @@ class Daemon:
         except FirewallError as error:
             self.stats.reload_failures += 1
             log.error("reload refused, firewall setup failed: %s", error)
-            self.backend.setup(firewall_plan(self.config))
+            try:
+                self.backend.setup(firewall_plan(self.config))
+            except FirewallError as again:
+                log.error("firewall: restoring the running rules failed too: %s", again)
             return
         for command in self.engine.drain():  # pending stops of the old doors still run
             if isinstance(command, RunCommand) and not self._suppressed(command):
                 self.runner.submit(command)
         saved = self.engine.saved_state()
+        untrusted = self.engine.untrusted_before
         if loaded.config.settings.state_dir != self.config.settings.state_dir:
             self.state.close()
             self.state = StateStore(loaded.config.settings.state_dir)
-            self.state.compact(Saved(*saved), self.clock())  # one write, not one per entry
+            self.state.compact(Saved(*saved), self.wall())  # one write, not one per entry
         self.loaded, self.config = loaded, loaded.config
         self.engine = self._engine(loaded.config)
-        self.engine.restore(*saved)
-        self.spa = SpaReader(loaded.config.doors)
-        self.wake = math.inf
+        self.engine.restore(*saved, untrusted_before=untrusted)
+        self.spa = SpaReader(loaded.config.doors, self.addresses)
         configure(loaded.config.settings.log)
         if self.sniffer is not None:
-            self.sniffer.set_filter(capture_filter(loaded.config.doors, self.addresses))
+            self.sniffer.set_filter(capture_filter(loaded.config.doors, self.addresses or ()))
         self.stats.reloads += 1
         for warning in loaded.warnings:
             log.warning("%s", warning)
@@ -537,14 +735,20 @@ class Daemon:
                 "frames": self.sniffer.frames if self.sniffer else 0,
                 "frames_dropped": self.sniffer.dropped if self.sniffer else 0,
                 "held_off": self.stats.held_off,
+                "refused_unrecorded": self.stats.refused_unrecorded,
                 "grant_failures": self.stats.grant_failures,
                 "firewall_repairs": self.stats.firewall_repairs,
                 "reloads": self.stats.reloads,
                 "reload_failures": self.stats.reload_failures,
+                "internal_errors": self.stats.internal_errors,
                 "service_launches": self.services.launches if self.services else 0,
                 "service_failures": self.services.failures if self.services else 0,
             },
         }
+
+
+def _item_name(item: Any) -> str:
+    return "packet" if type(item) is Packet else f"{item[0]} handler"
 
 
 def _knock_kind(door: Door) -> str:

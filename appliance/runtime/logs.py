@@ -8,9 +8,16 @@ import logging.handlers
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from appliance.core.events import Command, StageReached
+from appliance.core.events import (
+    Command,
+    SequenceReset,
+    SequenceTimeout,
+    SpaRefused,
+    StageReached,
+)
 from appliance.core.model import LogSettings
 from appliance.logformat import describe, record
 
@@ -65,18 +72,70 @@ def configure(settings: LogSettings, *, stream: Any = None) -> None:
         root.addHandler(handler)
 
 
-def log_command(command: Command) -> None:
+# Lines about attempts (stages, resets, timeouts) and refused SPA packets: at most
+# NOISE_BUDGET of them per NOISE_WINDOW seconds reach the log; the rest are counted and
+# summarised in one line, so a flood from a few sources cannot flood the log. Decisions
+# (opened, granted, closed, commands) are never held back.
+NOISY = (StageReached, SequenceReset, SequenceTimeout, SpaRefused)
+NOISE_BUDGET = 600
+NOISE_WINDOW = 60.0
+
+
+class NoiseBudget:
+    """How many noisy lines may still be written in the current window."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.window_start = clock()
+        self.written = 0
+        self.held_back = 0
+
+    def allow(self) -> bool:
+        if self.written < NOISE_BUDGET:
+            self.written += 1
+            return True
+        self.held_back += 1
+        return False
+
+    def flush(self) -> None:
+        """At the end of a window: one summary line if anything was held back."""
+        now = self.clock()
+        if now - self.window_start < NOISE_WINDOW:
+            return
+        if self.held_back:
+            events_log.warning(
+                "%d more lines about knock attempts and refused SPA packets in the last "
+                "%.0f s were not written (%d a minute at most)",
+                self.held_back,
+                now - self.window_start,
+                NOISE_BUDGET,
+            )
+        self.window_start, self.written, self.held_back = now, 0, 0
+
+
+noise = NoiseBudget()
+
+
+def flush_noise() -> None:
+    noise.flush()
+
+
+def log_command(command: Command, wall_offset: float = 0.0) -> None:
     """Log an engine command (stages, OPEN SESAME, timeouts, ...) as one line.
 
-    A first knock (stage 1) is logged at debug level: alone it is noise, and a
-    flood of spoofed first knocks must not become a flood of log lines. Every
-    later stage, and every decision, is logged at info level, as knockd does.
+    A lone first knock (stage 1) and a reset at stage 1 are logged at debug level:
+    alone they are noise, and a flood of spoofed first knocks must not become a
+    flood of log lines. Every later stage, and every decision, is logged at info
+    level, as knockd does; lines about attempts are held to a budget per minute.
     """
-    level = (
-        logging.DEBUG if isinstance(command, StageReached) and command.stage == 1 else logging.INFO
-    )
-    if not events_log.isEnabledFor(level):
+    level = logging.INFO
+    if isinstance(command, NOISY):
+        if isinstance(command, StageReached | SequenceReset) and command.stage == 1:
+            level = logging.DEBUG
+        if not events_log.isEnabledFor(level) or not noise.allow():
+            return
+    elif not events_log.isEnabledFor(level):
         return
-    line = describe(command)
+    line = describe(command, wall_offset)
     if line is not None:
-        events_log.log(level, line, extra={"fields": record(command)})
+        events_log.log(level, line, extra={"fields": record(command, wall_offset)})

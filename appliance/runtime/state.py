@@ -1,19 +1,28 @@
-"""What must outlive a restart: the SPA replay cache and the used TOTP time steps.
+"""What must outlive a restart: the SPA replay cache and the used TOTP steps.
 
-One append-only text file, ``STATE_DIR/replay``, a line per entry::
+One text file, ``STATE_DIR/replay``: a header, a line per entry, each with a CRC-32
+of the rest of its line, and, only after a clean shutdown, a trailer with the
+number of entries::
 
-    spa HEXDIGEST UNTIL
-    totp DOOR STEP UNTIL
+    knockgate-state 1
+    spa HEXDIGEST UNTIL CRC
+    totp DOOR STEP UNTIL CRC
+    end COUNT CRC
 
 ``UNTIL`` is the unix time after which the entry no longer matters (the packet or
 the time step is then refused as too old anyway). Each entry is flushed and
-fsync'd before the grant it belongs to is carried out, so a crash right after an
-accepted packet cannot make that packet acceptable again. On start the file is
-read, expired entries dropped, and the rest written back (atomically, by rename);
-the daemon does the same every :data:`COMPACT_EVERY` entries, from its own memory.
+fsync'd before the grant it belongs to is carried out; when that fails the
+runtime refuses the grant (record first, then grant), so a packet or a step can
+never become usable again after a restart because writing it down failed.
 
-A state directory that cannot be written is logged, not fatal: the engine keeps
-the same cache in memory, so replays stay refused until the daemon restarts.
+On start the file is read, expired entries dropped, and the rest written back
+without the trailer (atomically, by rename); the daemon does the same every
+:data:`COMPACT_EVERY` entries, from its own memory, and writes the trailer when
+it stops. A file that cannot be trusted to hold every entry (unreadable, a
+damaged line, no header, or no trailer: the last run did not stop cleanly, or the
+file was cut short) is reported by :meth:`StateStore.load`: the engine then
+refuses SPA packets made, and TOTP steps begun, before this start, which the lost
+entries could be about (fail closed), and says so in the log.
 """
 
 from __future__ import annotations
@@ -21,17 +30,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import zlib
 from typing import NamedTuple, TextIO
 
 log = logging.getLogger("knockgate.state")
 
 FILE_NAME = "replay"
+HEADER = "knockgate-state 1"
 COMPACT_EVERY = 1000  # appended entries between two rewrites of the file
+MAX_FILE_BYTES = 64 << 20  # far beyond any real cache; a bigger file is not ours
 
 
 class Saved(NamedTuple):
     spa_seen: list[tuple[bytes, float]]
     totp_used: list[tuple[str, int, float]]
+
+
+class Restored(NamedTuple):
+    """What :meth:`StateStore.load` found: the entries, and why they may be incomplete
+    (``None``: the file is whole)."""
+
+    saved: Saved
+    problem: str | None
 
 
 class StateStore:
@@ -42,43 +62,40 @@ class StateStore:
         self._failed = False
         self.appended = 0  # entries written since the file was last rewritten
 
-    def load(self, now: float) -> Saved:
-        """Read the saved entries still in force at ``now`` and compact the file."""
+    def load(self, now: float) -> Restored:
+        """Read the saved entries still in force at ``now`` (wall clock), say whether the
+        file held them all, and write it back compacted."""
         saved = Saved([], [])
         try:
+            size = os.stat(self.path).st_size
+            if size > MAX_FILE_BYTES:
+                return Restored(saved, f"is {size} bytes, more than a state file can be")
             with open(self.path, encoding="ascii", errors="replace") as handle:
-                lines = handle.read().splitlines()
+                text = handle.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
-            return saved  # nothing saved yet; the directory is made on the first entry
+            return Restored(saved, None)  # a first start: the directory is made on first use
         except OSError as error:
             self._fail(error)
-            return saved
-        for number, line in enumerate(lines, 1):
-            entry = _parse(line)
-            if entry is None:
-                log.warning("%s:%d: unreadable entry ignored", self.path, number)
-            elif entry[-1] > now:
-                if isinstance(entry[0], bytes):
-                    saved.spa_seen.append((entry[0], entry[1]))
-                else:
-                    door, step, until = entry
-                    saved.totp_used.append((door, step, until))
+            return Restored(saved, f"cannot be read ({error.strerror or error})")
+        problem = _read(text, now, saved)
         self._rewrite(saved)
-        return saved
+        return Restored(saved, problem)
 
     def compact(self, saved: Saved, now: float) -> None:
         """Rewrite the file with the entries of ``saved`` still in force at ``now``."""
-        live = Saved(
-            [(digest, until) for digest, until in saved.spa_seen if until > now],
-            [(door, step, until) for door, step, until in saved.totp_used if until > now],
-        )
-        self._rewrite(live)
+        self._rewrite(_live(saved, now))
 
-    def spa_seen(self, digest: bytes, until: float) -> None:
-        self._append(f"spa {digest.hex()} {until:.3f}\n")
+    def finish(self, saved: Saved, now: float) -> None:
+        """A clean stop: the entries in force and the trailer that proves the file whole."""
+        self._rewrite(_live(saved, now), trailer=True)
 
-    def totp_used(self, door: str, step: int, until: float) -> None:
-        self._append(f"totp {door} {step} {until:.3f}\n")
+    def spa_seen(self, digest: bytes, until: float) -> bool:
+        """Record an accepted SPA packet; False when it could not be written to disk."""
+        return self._append(_line(f"spa {digest.hex()} {until:.3f}"))
+
+    def totp_used(self, door: str, step: int, until: float) -> bool:
+        """Record a used TOTP step; False when it could not be written to disk."""
+        return self._append(_line(f"totp {door} {step} {until:.3f}"))
 
     def close(self) -> None:
         if self._file is not None:
@@ -88,11 +105,14 @@ class StateStore:
 
     # ----------------------------------------------------------------- internals
 
-    def _rewrite(self, saved: Saved) -> None:
+    def _rewrite(self, saved: Saved, trailer: bool = False) -> None:
         self.close()
         self.appended = 0
-        lines = [f"spa {digest.hex()} {until:.3f}\n" for digest, until in saved.spa_seen]
-        lines += [f"totp {door} {step} {until:.3f}\n" for door, step, until in saved.totp_used]
+        lines = [HEADER + "\n"]
+        lines += [_line(f"spa {digest.hex()} {until:.3f}") for digest, until in saved.spa_seen]
+        lines += [_line(f"totp {door} {step} {until:.3f}") for door, step, until in saved.totp_used]
+        if trailer:
+            lines.append(_line(f"end {len(lines) - 1}"))
         temporary = self.path + ".new"
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -105,13 +125,14 @@ class StateStore:
         except OSError as error:
             self._fail(error)
 
-    def _append(self, line: str) -> None:
+    def _append(self, line: str) -> bool:
         try:
             if self._file is None:
                 os.makedirs(self.directory, mode=0o700, exist_ok=True)
                 created = not os.path.exists(self.path)
                 self._file = open(self.path, "a", encoding="ascii")  # noqa: SIM115
                 if created:
+                    self._file.write(HEADER + "\n")
                     _sync_directory(self.directory)
             self._file.write(line)
             self._file.flush()
@@ -120,19 +141,85 @@ class StateStore:
         except OSError as error:
             self.close()
             self._fail(error)
-        else:
-            if self._failed:
-                log.warning("state: writing %s again", self.path)
-                self._failed = False
+            return False
+        if self._failed:
+            log.warning("state: writing %s again", self.path)
+            self._failed = False
+        return True
 
     def _fail(self, error: OSError) -> None:
         if not self._failed:
             log.error(
-                "state: cannot write %s (%s): replays stay refused only until a restart",
+                "state: cannot write %s (%s): SPA and TOTP knocks are refused until it can "
+                "be written (what is not on disk could be replayed after a restart)",
                 self.path,
-                error,
+                error.strerror or error,
             )
         self._failed = True
+
+
+def _line(body: str) -> str:
+    return f"{body} {zlib.crc32(body.encode()):08x}\n"
+
+
+def _live(saved: Saved, now: float) -> Saved:
+    return Saved(
+        [(digest, until) for digest, until in saved.spa_seen if until > now],
+        [(door, step, until) for door, step, until in saved.totp_used if until > now],
+    )
+
+
+def _read(text: str, now: float, saved: Saved) -> str | None:
+    """Fill ``saved`` with the entries of ``text`` in force at ``now``; return what makes
+    the file untrustworthy (``None``: nothing)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    elif lines:
+        return f"ends in the middle of line {len(lines)} (cut short)"
+    if not lines or lines[0] != HEADER:
+        return "has no header (damaged, cut short, or written by an older knockgate)"
+    problem: str | None = None
+    entries = 0
+    ended = False
+    for number, line in enumerate(lines[1:], 2):
+        entry = _parse(line)
+        if ended or entry is None:
+            problem = problem or f"line {number} is damaged"
+        elif isinstance(entry, int):
+            ended = True
+            if entry != entries:
+                problem = problem or f"holds {entries} entries where its trailer says {entry}"
+        else:
+            entries += 1
+            if entry[-1] > now:
+                if isinstance(entry[0], bytes):
+                    saved.spa_seen.append((entry[0], entry[1]))
+                else:
+                    door, step, until = entry
+                    saved.totp_used.append((door, step, until))
+    if problem is None and not ended:
+        problem = "was not closed by a clean stop (a crash, kill -9, or a cut)"
+    return problem
+
+
+def _parse(line: str) -> tuple[bytes, float] | tuple[str, int, float] | int | None:
+    """An entry (``spa``: digest, until; ``totp``: door, step, until), the trailer's
+    count, or ``None`` for a line that is not intact."""
+    body, _, crc = line.rpartition(" ")
+    if not body or len(crc) != 8 or crc != f"{zlib.crc32(body.encode()):08x}":
+        return None
+    words = body.split()
+    try:
+        if len(words) == 3 and words[0] == "spa":
+            return bytes.fromhex(words[1]), float(words[2])
+        if len(words) == 4 and words[0] == "totp":
+            return words[1], int(words[2]), float(words[3])
+        if len(words) == 2 and words[0] == "end":
+            return int(words[1])
+    except ValueError:
+        return None
+    return None
 
 
 def _sync_directory(directory: str) -> None:
@@ -141,15 +228,3 @@ def _sync_directory(directory: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _parse(line: str) -> tuple[bytes, float] | tuple[str, int, float] | None:
-    words = line.split()
-    try:
-        if len(words) == 3 and words[0] == "spa":
-            return bytes.fromhex(words[1]), float(words[2])
-        if len(words) == 4 and words[0] == "totp":
-            return words[1], int(words[2]), float(words[3])
-    except ValueError:
-        return None
-    return None

@@ -3,6 +3,12 @@
 The server thread does not read the daemon's state itself: it puts a request on
 the daemon's queue and waits for the loop to answer, so the loop stays the only
 owner of the engine and the firewall handle.
+
+A client that connects and never reads must not hold up anyone: each client is
+served by a short-lived thread of its own, with a send timeout; at most
+:data:`MAX_CLIENTS` are served at once (the next ones get a one-line "busy"
+answer), and clients waiting at the same time share one snapshot, so a crowd of
+them costs the loop one answer, not one each.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from appliance.errors import KnockgateError
 
 log = logging.getLogger("knockgate.status")
 
-REPLY_TIMEOUT = 5.0
+REPLY_TIMEOUT = 5.0  # for the loop to answer
+SEND_TIMEOUT = 5.0  # for a client to take the answer
+MAX_CLIENTS = 16
+BACKLOG = 64
+
+Answer = Callable[[dict[str, Any]], None]
 
 
 class StatusServer:
@@ -30,6 +41,9 @@ class StatusServer:
         self.sock: socket.socket | None = None
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="status", daemon=True)
+        self._lock = threading.Lock()
+        self._waiting: list[Answer] = []  # clients waiting for the snapshot asked for
+        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
 
     def start(self) -> None:
         directory = os.path.dirname(self.path)
@@ -40,7 +54,7 @@ class StatusServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(self.path)
         os.chmod(self.path, 0o600)
-        sock.listen(8)
+        sock.listen(BACKLOG)
         sock.settimeout(0.5)
         self.sock = sock
         self.thread.start()
@@ -62,10 +76,21 @@ class StatusServer:
                 continue
             except OSError:
                 return
-            with conn:
-                self._answer(conn)
+            if not self._clients.acquire(blocking=False):
+                _send(conn, {"error": "busy: too many status clients at once"}, timeout=0.1)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="status-client").start()
 
-    def _answer(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                _send(conn, self._snapshot(), timeout=SEND_TIMEOUT)
+        finally:
+            self._clients.release()
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The loop's answer; clients that ask while one is on its way share it."""
         done = threading.Event()
         reply: dict[str, Any] = {}
 
@@ -73,13 +98,32 @@ class StatusServer:
             reply.update(snapshot)
             done.set()
 
-        self.enqueue(("status", answer))
+        with self._lock:
+            first = not self._waiting
+            self._waiting.append(answer)
+        if first:
+            self.enqueue(("status", self._answer_all))
         if not done.wait(REPLY_TIMEOUT):
-            reply = {"error": "the daemon did not answer in time"}
-        try:
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError as error:
-            log.debug("status client went away: %s", error)
+            with self._lock:
+                if answer in self._waiting:
+                    self._waiting.remove(answer)
+            return {"error": "the daemon did not answer in time"}
+        return reply
+
+    def _answer_all(self, snapshot: dict[str, Any]) -> None:
+        """Called by the loop with one snapshot for every client waiting."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        for answer in waiting:
+            answer(snapshot)
+
+
+def _send(conn: socket.socket, reply: dict[str, Any], timeout: float) -> None:
+    conn.settimeout(timeout)
+    try:
+        conn.sendall(json.dumps(reply).encode() + b"\n")
+    except OSError as error:  # gone, or not reading within the timeout
+        log.debug("status client dropped: %s", error)
 
 
 def query(path: str, timeout: float = REPLY_TIMEOUT + 1) -> dict[str, Any]:

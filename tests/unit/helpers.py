@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from appliance.core.engine import KnockEngine
-from appliance.core.events import Command, Event, Packet, SetTimer
+from appliance.core.events import Command, Event, Packet
 from appliance.core.model import (
     Commands,
     Door,
@@ -66,8 +66,8 @@ def udp(ts: float, src: str, port: int, dst: str = HOST) -> Packet:
 
 
 def play(engine: KnockEngine, event: Event) -> list[Command]:
-    """The engine's decisions for one event, without its timer requests."""
-    return [command for command in engine.handle(event) if not isinstance(command, SetTimer)]
+    """The engine's decisions for one event."""
+    return engine.handle(event)
 
 
 def play_all(engine: KnockEngine, events: list[Event]) -> list[Command]:

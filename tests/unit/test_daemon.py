@@ -54,7 +54,7 @@ def setup(tmp_path: Path) -> tuple[Daemon, MemoryBackend, Clock, Path]:
     path.write_text(CONFIG.format(socket=tmp_path / "status.sock", marks=marks))
     clock = Clock()
     backend = MemoryBackend(clock)
-    daemon = Daemon(load_config(str(path)), backend, clock=clock, capture=False)
+    daemon = Daemon(load_config(str(path)), backend, clock=clock, wall=clock, capture=False)
     daemon.start()
     yield daemon, backend, clock, marks
     daemon.shutdown()
@@ -98,7 +98,7 @@ def test_a_held_scanner_gets_no_grant_and_no_command(
     knock(daemon, clock, A, "7113", "2231/udp", "9157")
     knock(daemon, clock, A, "4001", "4002", "4003")
     assert not backend.is_open(A, Step(22, "tcp"))
-    assert daemon.stats.held_off == 1
+    assert daemon.stats.held_off == 2  # both knocks refused
     clock.now += 5
     daemon._item(("signal", "TERM"))
     daemon.shutdown()
@@ -138,8 +138,9 @@ def test_on_shutdown_revoke_closes_every_grant(
     assert backend.is_open(A, Step(22, "tcp"))  # default: keep, the deadline closes it
     path = Path(daemon.config.path)
     path.write_text(path.read_text().replace("doors:", "on_shutdown: revoke\ndoors:"))
-    daemon.reload()
-    daemon.shutdown()
+    again = Daemon(load_config(str(path)), backend, clock=clock, wall=clock, capture=False)
+    again.start()
+    again.shutdown()
     assert not backend.is_open(A, Step(22, "tcp"))
 
 
@@ -255,7 +256,7 @@ def test_service_door_grants_only_once_the_service_answers(tmp_path: Path, how: 
     loaded = load_config(str(path))
     runtime = FakeRuntime()
     launcher = ServiceLauncher(runtime, loaded.config.services, "o1", clock=clock)
-    daemon = Daemon(loaded, backend, clock=clock, capture=False, launcher=launcher)
+    daemon = Daemon(loaded, backend, clock=clock, wall=clock, capture=False, launcher=launcher)
     daemon.start()
     try:
         if how == "knock":
@@ -303,7 +304,7 @@ def _spa_daemon(
         )
     )
     backend = MemoryBackend(clock)
-    daemon = Daemon(load_config(str(path)), backend, clock=clock, capture=False)
+    daemon = Daemon(load_config(str(path)), backend, clock=clock, wall=clock, capture=False)
     daemon.start()
     return daemon, backend, SpaKeys.from_base64(key, hmac_key)
 
@@ -331,7 +332,7 @@ def test_spa_packet_grants_and_its_replay_is_refused_across_a_restart(tmp_path: 
     assert not backend.is_open("198.18.9.9", Step(22, "tcp"))
     assert daemon.snapshot()["counters"]["spa_refused"] == 1
     daemon.shutdown()
-    assert (tmp_path / "state" / "replay").read_text().startswith("spa ")
+    assert (tmp_path / "state" / "replay").read_text().splitlines()[1].startswith("spa ")
     restarted, backend, _ = _spa_daemon(tmp_path, clock, _config_keys(daemon))
     try:
         restarted._item(_spa_packet(clock, data))
@@ -395,14 +396,14 @@ def test_the_state_file_is_compacted_from_memory(
             daemon._item(
                 _spa_packet(clock, seal(new_message("a", int(clock.now), f"{A},tcp/22"), keys))
             )
-        first = replay.read_text().splitlines()
+        first = replay.read_text().splitlines()[1:]  # after the header
         assert len(first) == 2
         clock.now += 4000  # both entries have run out
         for _ in range(2):
             daemon._item(
                 _spa_packet(clock, seal(new_message("a", int(clock.now), f"{A},tcp/22"), keys))
             )
-        second = replay.read_text().splitlines()
+        second = replay.read_text().splitlines()[1:]
         assert len(second) == 2 and not set(first) & set(second)
     finally:
         daemon.shutdown()
@@ -417,7 +418,7 @@ def test_a_reload_to_another_state_dir_carries_the_replay_cache(tmp_path: Path) 
         path = Path(daemon.config.path)
         path.write_text(path.read_text().replace(str(tmp_path / "state"), str(tmp_path / "new")))
         daemon.reload()
-        assert (tmp_path / "new" / "replay").read_text().startswith("spa ")
+        assert (tmp_path / "new" / "replay").read_text().splitlines()[1].startswith("spa ")
         daemon._item(_spa_packet(clock, data))
         assert daemon.snapshot()["counters"]["spa_refused"] == 1  # still a replay
     finally:
@@ -435,6 +436,7 @@ def test_command_line_overrides_survive_a_reload(tmp_path: Path) -> None:
         overrides.apply(load_config(str(path))),
         MemoryBackend(clock),
         clock=clock,
+        wall=clock,
         capture=False,
         overrides=overrides,
     )
@@ -446,3 +448,185 @@ def test_command_line_overrides_survive_a_reload(tmp_path: Path) -> None:
         assert daemon.config.settings.status_socket == str(tmp_path / "s.sock")
     finally:
         daemon.shutdown()
+
+
+# ----------------------------------------------------------------- records first
+
+
+def test_a_one_time_sequence_that_cannot_be_marked_used_opens_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the grant was made before the use was recorded, so with a read-only
+    one-time file the same sequence was accepted again after a restart."""
+    sequences = tmp_path / "seqs"
+    sequences.write_text(" 5001,5002,5003\n 6001,6002,6003\n")
+    path = tmp_path / "ot.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path / 's.sock'}\nstate_dir: {tmp_path / 'state'}\n"
+        "doors:\n  ot:\n"
+        f"    knock: {{one_time_sequences: {sequences}}}\n"
+        "    open: {ports: [22/tcp], duration: 30}\n"
+        f"    start_command: echo start %IP% >> {tmp_path / 'marks'}\n"
+    )
+
+    def read_only(path: str, offset: int) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("appliance.runtime.daemon.mark_line_used", read_only)
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    daemon = Daemon(load_config(str(path)), backend, clock=clock, wall=clock, capture=False)
+    daemon.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="knockgate"):
+            knock(daemon, clock, A, "5001", "5002", "5003")
+        assert not backend.is_open(A, Step(22, "tcp"))
+        assert daemon.stats.refused_unrecorded == 1
+        assert "cannot mark line 1" in caplog.text
+        assert "its use could not be recorded, so no access" in caplog.text
+    finally:
+        daemon.shutdown()
+    assert not (tmp_path / "marks").exists()  # the start command did not run either
+    assert sequences.read_text().startswith(" 5001")  # still unused on disk: still unusable
+
+
+def test_spa_that_cannot_be_recorded_opens_nothing(tmp_path: Path) -> None:
+    """An SPA packet whose digest cannot be written to the replay cache is refused: after
+    a restart it could be replayed."""
+    clock = Clock()
+    daemon, backend, keys = _spa_daemon(tmp_path, clock)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    from appliance.runtime.state import StateStore
+
+    daemon.state = StateStore(str(blocker / "state"))  # cannot be created: a file's child
+    try:
+        data = seal(new_message("alice", int(clock.now), "198.18.9.9,tcp/22"), keys)
+        daemon._item(_spa_packet(clock, data))
+        assert not backend.is_open("198.18.9.9", Step(22, "tcp"))
+        assert daemon.stats.refused_unrecorded == 1
+    finally:
+        daemon.shutdown()
+
+
+def test_a_damaged_replay_file_refuses_spa_made_before_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a truncated replay file gave an empty cache that looked complete, so a
+    packet captured before the restart was accepted again within its age limit."""
+    clock = Clock()
+    daemon, backend, keys = _spa_daemon(tmp_path, clock)
+    captured = seal(new_message("alice", int(clock.now), "198.18.9.9,tcp/22"), keys)
+    daemon._item(_spa_packet(clock, captured))
+    assert backend.is_open("198.18.9.9", Step(22, "tcp"))
+    daemon.shutdown()
+    (tmp_path / "state" / "replay").write_text("")  # truncated while knockgate was down
+    clock.now += 40  # the grant has expired; the packet is 40 s old, within max_age
+    with caplog.at_level(logging.WARNING, logger="knockgate"):
+        restarted, backend, _ = _spa_daemon(tmp_path, clock, _config_keys(daemon))
+    try:
+        assert "SPA packets made and TOTP steps begun before this start are refused" in caplog.text
+        restarted._item(_spa_packet(clock, captured))
+        assert not backend.is_open("198.18.9.9", Step(22, "tcp"))
+        assert restarted.snapshot()["counters"]["spa_refused"] == 1
+        fresh = seal(new_message("alice", int(clock.now) + 1, "198.18.9.9,tcp/22"), keys)
+        clock.now += 1
+        restarted._item(_spa_packet(clock, fresh))  # made after the start: accepted
+        assert backend.is_open("198.18.9.9", Step(22, "tcp"))
+    finally:
+        restarted.shutdown()
+
+
+def test_a_clean_stop_leaves_a_replay_file_that_is_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    daemon, _, keys = _spa_daemon(tmp_path, clock)
+    daemon._item(_spa_packet(clock, seal(new_message("alice", 1000, "198.18.9.9,tcp/22"), keys)))
+    daemon.shutdown()
+    with caplog.at_level(logging.WARNING, logger="knockgate"):
+        restarted, _, _ = _spa_daemon(tmp_path, clock, _config_keys(daemon))
+    restarted.shutdown()
+    assert "refused" not in caplog.text
+    assert restarted.engine.untrusted_before == float("-inf")
+
+
+# ----------------------------------------------------------------- a quiet log
+
+
+def test_a_flood_of_first_knocks_and_resets_adds_no_info_line(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: "sequence reset at stage 1" was logged at info: a flood of spoofed
+    knocks wrote 22 MB of log in 15 s."""
+    daemon, _, clock, _ = setup
+    with caplog.at_level(logging.INFO, logger="knockgate"):
+        for i in range(2000):
+            src = f"198.18.{100 + i // 250}.{i % 250 + 1}"
+            clock.now += 0.0001
+            daemon._item(Packet(clock.now, src, "198.18.0.1", "tcp", 7113, 0x02))
+            daemon._item(Packet(clock.now, src, "198.18.0.1", "tcp", 9157, 0x02))  # a reset
+    assert daemon.engine.counters.resets >= 2000
+    assert [r.getMessage() for r in caplog.records if r.name == "knockgate.events"] == []
+
+
+def test_noisy_lines_are_held_to_a_budget_and_summarised(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from appliance.core.events import SequenceReset
+    from appliance.runtime import logs
+
+    now = [0.0]
+    monkeypatch.setattr(logs, "noise", logs.NoiseBudget(lambda: now[0]))
+    with caplog.at_level(logging.INFO, logger="knockgate"):
+        for i in range(logs.NOISE_BUDGET + 250):
+            logs.log_command(SequenceReset(float(i), "ssh", A, 2, 9999, "tcp"))
+        logs.flush_noise()  # the window is not over: nothing yet
+        now[0] = logs.NOISE_WINDOW
+        logs.flush_noise()
+        logs.flush_noise()  # nothing held back since: no second summary
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == logs.NOISE_BUDGET + 1
+    assert lines[-1].startswith("250 more lines about knock attempts")
+
+
+# ----------------------------------------------------------------- status under pressure
+
+
+def test_a_status_client_that_never_reads_blocks_no_one(tmp_path: Path) -> None:
+    """Regression: one client that connected and did not read blocked the status thread
+    (and with it every other client); with 20 000 grants the answer is over 1 MB."""
+    import socket
+    import threading
+    import time
+
+    from appliance.runtime.status import SEND_TIMEOUT, StatusServer, query
+
+    big = {
+        "grants": [
+            {"address": f"198.18.{i // 250}.{i % 250}", "port": "22/tcp", "expires_in": 30.0}
+            for i in range(20_000)
+        ]
+    }
+
+    def enqueue(item: object) -> None:  # the loop's side, answering at once
+        assert isinstance(item, tuple)
+        threading.Thread(target=item[1], args=(big,)).start()
+
+    server = StatusServer(str(tmp_path / "s.sock"), enqueue)
+    server.start()
+    stuck = []
+    try:
+        for _ in range(3):  # clients that never read a byte
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(str(tmp_path / "s.sock"))
+            stuck.append(sock)
+        started = time.monotonic()
+        answer = query(str(tmp_path / "s.sock"))
+        assert len(answer["grants"]) == 20_000
+        assert time.monotonic() - started < SEND_TIMEOUT  # not served after the stuck ones
+    finally:
+        for sock in stuck:
+            sock.close()
+        server.stop()

@@ -18,7 +18,6 @@ from appliance.core.events import (
     RunCommand,
     SequenceReset,
     SequenceTimeout,
-    SetTimer,
     StageReached,
     Tick,
 )
@@ -153,14 +152,17 @@ def test_timed_out_attempt_restarts_on_a_first_step() -> None:
     ]
 
 
-def test_timer_expires_attempts_and_asks_for_the_next_deadline() -> None:
+def test_timer_expires_attempts_and_reports_the_next_deadline() -> None:
     engine = KnockEngine([door("ssh", 7113, 2231, 9157, timeout=2.0)])
-    assert engine.handle(tcp(1.0, A, 7113)) == [StageReached(1.0, "ssh", A, 1, 3), SetTimer(3.0)]
-    # A later deadline does not re-arm: the timer at 3.0 is still pending.
+    assert engine.next_deadline() is None
+    assert engine.handle(tcp(1.0, A, 7113)) == [StageReached(1.0, "ssh", A, 1, 3)]
+    assert engine.next_deadline() == 3.0
     assert engine.handle(tcp(1.5, B, 7113)) == [StageReached(1.5, "ssh", B, 1, 3)]
+    assert engine.next_deadline() == 3.0  # the earliest one
     engine.handle(tcp(1.6, B, 2231))
-    # At 3.0 A's lone first knock expires silently (counted); the timer moves to B's deadline.
-    assert engine.handle(Tick(3.0)) == [SetTimer(3.5)]
+    # At 3.0 A's lone first knock expires silently (counted); next comes B's deadline.
+    assert engine.handle(Tick(3.0)) == []
+    assert engine.next_deadline() == 3.5
     assert engine.handle(Tick(3.5)) == [SequenceTimeout(3.5, "ssh", B, 2)]
     assert engine.counters.timeouts == 2
     assert engine.attempt_count == 0
@@ -306,8 +308,10 @@ def test_commands_get_the_address_and_stop_is_due_after_cmd_timeout() -> None:
     assert engine.handle(tcp(1.5, A, 2231)) == [
         Opened(1.5, "k", A),
         RunCommand(1.5, "k", A, "start", f"allow {A} {A}"),
-    ]  # the timer asked for at 1.0 (A's deadline, 6.0) comes first: no new request
-    assert engine.handle(Tick(6.0)) == [SetTimer(11.5)]
+    ]
+    assert engine.next_deadline() == 6.0  # A's attempt, begun at 1.0 (may be early)
+    assert engine.handle(Tick(6.0)) == []
+    assert engine.next_deadline() == 11.5  # the stop command
     assert engine.handle(Tick(11.5)) == [RunCommand(11.5, "k", A, "stop", f"deny {A}")]
     assert engine.next_deadline() is None
 
@@ -373,16 +377,21 @@ def test_one_time_sequence_is_used_once_then_the_next_one_is_active() -> None:
     engine = KnockEngine([door("ot", one_time=seqs)])
     assert engine.active_sequence("ot") == steps(1001, 1002)
     play(engine, tcp(1.0, A, 1001))
+    # The line is marked used before anything opens (record first, then grant).
+    opened_first, *granted = opened(1.1, "ot", A, 31.1)
     assert play(engine, tcp(1.1, A, 1002)) == [
-        *opened(1.1, "ot", A, 31.1),
-        MarkSequenceUsed(1.1, "ot", "/tmp/seqs", 1, 0),
+        opened_first,
+        MarkSequenceUsed(1.1, "ot", A, "/tmp/seqs", 1, 0),
+        *granted,
         OneTimeAdvanced(1.1, "ot", 1),
     ]
     assert play(engine, tcp(1.2, A, 1001)) == []  # the used sequence no longer counts
     play(engine, tcp(1.3, A, 2001))
+    opened_first, *granted = opened(1.4, "ot", A, 31.4)
     assert play(engine, tcp(1.4, A, 2002)) == [
-        *opened(1.4, "ot", A, 31.4),
-        MarkSequenceUsed(1.4, "ot", "/tmp/seqs", 2, 20),
+        opened_first,
+        MarkSequenceUsed(1.4, "ot", A, "/tmp/seqs", 2, 20),
+        *granted,
         OneTimeAdvanced(1.4, "ot", 0),
         DoorExhausted(1.4, "ot", "/tmp/seqs"),
     ]

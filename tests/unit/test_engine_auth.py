@@ -85,8 +85,8 @@ def test_current_previous_and_next_steps_open() -> None:
         engine = KnockEngine([totp_door()])
         out = knock(engine, NOW, A, step)
         assert Opened(NOW + 0.02, "otp", A) in out
-        assert TotpStepUsed(NOW + 0.02, "otp", step, (step + 6) * 30.0) in out  # max skew 5
-        assert out.index(TotpStepUsed(NOW + 0.02, "otp", step, (step + 6) * 30.0)) < out.index(
+        assert TotpStepUsed(NOW + 0.02, "otp", A, step, (step + 6) * 30.0) in out  # max skew 5
+        assert out.index(TotpStepUsed(NOW + 0.02, "otp", A, step, (step + 6) * 30.0)) < out.index(
             Grant(NOW + 0.02, "otp", A, steps(22), NOW + 10.02)
         )  # recorded before anything opens
 
@@ -216,7 +216,7 @@ def test_spa_grants_the_address_inside_the_packet() -> None:
     engine = KnockEngine([spa_door()])
     out = play(engine, spa_knock(1000.0))
     assert out == [
-        SpaDigestSeen(1000.0, b"d1", 1000 + 3600 + 1.0),  # kept for the largest max_age
+        SpaDigestSeen(1000.0, "spa", B, b"d1", 1000 + 3600 + 1.0),  # kept for the largest max_age
         SpaAccepted(1000.0, "spa", B, A, "alice", steps(22), 1030.0),
         Grant(1000.0, "spa", B, steps(22), 1030.0),
         RunCommand(1000.0, "spa", B, "start", f"allow {B}"),
