@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import zlib
 from typing import NamedTuple, TextIO
 
@@ -67,9 +68,11 @@ class StateStore:
         file held them all, and write it back compacted."""
         saved = Saved([], [])
         try:
-            size = os.stat(self.path).st_size
-            if size > MAX_FILE_BYTES:
-                return Restored(saved, f"is {size} bytes, more than a state file can be")
+            info = os.stat(self.path)
+            if not stat.S_ISREG(info.st_mode):
+                return Restored(saved, "cannot be read (not a regular file)")
+            if info.st_size > MAX_FILE_BYTES:
+                return Restored(saved, f"is {info.st_size} bytes, more than a state file can be")
             with open(self.path, encoding="ascii", errors="replace") as handle:
                 text = handle.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:

@@ -31,8 +31,10 @@ class Knockgate:
         host: str = "server",
         config_path: Path | None = None,
         state_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.topo = topo
+        self.env = env or {}  # more environment for the daemon (tests' harnesses)
         # The SPA replay cache and used TOTP steps: never the host's /var/lib/knockgate.
         self.state_dir = state_dir or workdir / "state"
         self.host = host
@@ -64,7 +66,7 @@ class Knockgate:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=str(REPO),
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
         )
         log.close()
         deadline = time.monotonic() + timeout
