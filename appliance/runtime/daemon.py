@@ -672,9 +672,18 @@ class Daemon:
                 "reload refused: the services catalogue changed (restart knockgate to apply it)"
             )
             return
+        # Everything that can fail comes before the swap, each undone when a later one fails.
+        try:
+            configure(loaded.config.settings.log)
+        except OSError as error:
+            configure(self.config.settings.log)
+            self.stats.reload_failures += 1
+            log.error("reload refused, keeping the running configuration: log: %s", error)
+            return
         try:
             self.backend.setup(firewall_plan(loaded.config))
         except FirewallError as error:
+            configure(self.config.settings.log)
             self.stats.reload_failures += 1
             log.error("reload refused, firewall setup failed: %s", error)
             try:
@@ -695,7 +704,6 @@ class Daemon:
         self.engine = self._engine(loaded.config)
         self.engine.restore(*saved, untrusted_before=untrusted)
         self.spa = SpaReader(loaded.config.doors, self.addresses)
-        configure(loaded.config.settings.log)
         if self.sniffer is not None:
             self.sniffer.set_filter(capture_filter(loaded.config.doors, self.addresses or ()))
         self.stats.reloads += 1
