@@ -31,7 +31,9 @@ The checks mirror Linux 6.x (``ip_rcv_core``, ``ip_route_input_slow``, ``ip6_rcv
 * Fragments: a first fragment with more-fragments set (the kernel reassembles it before
   any checksum check; knocks are never fragmented); non-first fragments never decode.
 * Martian addresses: IPv4 sources in 0/8, 127/8, 224/4 or 255.255.255.255, destinations
-  in 0/8 or 127/8; IPv6 multicast or v4-mapped sources, ``::1`` either way.
+  in 0/8 or 127/8; IPv6 multicast or v4-mapped sources, ``::1`` either way. On a
+  loopback interface only the IPv6 source checks apply (traffic there skips the input
+  route lookup, and ``::1`` is checked only on other devices).
 * IPv6 headers: hop-by-hop options anywhere but first, a routing header with segments
   left (the packet is for another node), and AH (the kernel drops it unless an IPsec
   SA verifies it, which the capture cannot do).
@@ -174,7 +176,9 @@ def _l4(
     return MALFORMED  # the decoder passes only TCP and UDP
 
 
-def _ipv4(frame: bytes, off: int, available: int, status: int, pkttype: int) -> str | None:
+def _ipv4(
+    frame: bytes, off: int, available: int, status: int, pkttype: int, loopback: bool
+) -> str | None:
     first, total, fragment, proto, src, dst = _IPV4_HEADER(frame, off)
     header = (first & 0x0F) << 2
     if first >> 4 != 4 or header < 20 or off + header > len(frame):
@@ -187,23 +191,24 @@ def _ipv4(frame: bytes, off: int, available: int, status: int, pkttype: int) -> 
         total = available  # BIG TCP: the length is the skb's
     if total > available or total < header:
         return MALFORMED
-    if src >> 24 in _MARTIAN4_SRC or src == 0xFFFFFFFF or dst >> 24 in _MARTIAN4_DST:
-        return MARTIAN
+    if not loopback and (
+        src >> 24 in _MARTIAN4_SRC or src == 0xFFFFFFFF or dst >> 24 in _MARTIAN4_DST
+    ):
+        return MARTIAN  # ip_route_input_slow's martian source/destination
     # src and dst as 32-bit numbers are each congruent to the sum of their two words.
     return _l4(frame, off + header, off + total, proto, src + dst, status, pkttype, False)
 
 
-def _ipv6(frame: bytes, off: int, available: int, status: int, pkttype: int) -> str | None:
+def _ipv6(
+    frame: bytes, off: int, available: int, status: int, pkttype: int, loopback: bool
+) -> str | None:
     if frame[off] >> 4 != 6 or off + 40 > len(frame):
         return MALFORMED
     payload, nh = _IPV6_FIELDS(frame, off)
     src = frame[off + 8 : off + 24]
-    if (
-        src[0] == 0xFF
-        or src == _LOOPBACK6
-        or src[:12] == _V4_MAPPED
-        or frame[off + 24 : off + 40] == _LOOPBACK6
-    ):
+    if src[0] == 0xFF or src[:12] == _V4_MAPPED:
+        return MARTIAN  # ip6_rcv_core (multicast), tcp_v6_conn_request (v4-mapped)
+    if not loopback and (src == _LOOPBACK6 or frame[off + 24 : off + 40] == _LOOPBACK6):
         return MARTIAN
     if payload == 0 and status & TP_STATUS_GSO_TCP:
         payload = available - 40
@@ -235,15 +240,20 @@ def _ipv6(frame: bytes, off: int, available: int, status: int, pkttype: int) -> 
 
 
 def drop_reason(
-    frame: bytes, wire_length: int, status: int, pkttype: int = PACKET_HOST
+    frame: bytes,
+    wire_length: int,
+    status: int,
+    pkttype: int = PACKET_HOST,
+    loopback: bool = False,
 ) -> str | None:
     """Why the host's stack would drop this captured Ethernet frame (one of
     :data:`REASONS`), or ``None`` when it would take it.
 
     ``frame`` is what the capture holds (it may be cut short), ``wire_length`` the
     frame's real length (``tp_len``), ``status`` the kernel's ``tp_status`` and
-    ``pkttype`` the ``sll_pkttype`` of the frame. A frame that is neither IPv4 nor IPv6,
-    or that cannot be read, is :data:`MALFORMED` (fail closed).
+    ``pkttype`` the ``sll_pkttype`` of the frame; ``loopback`` says it came in on a
+    loopback device. A frame that is neither IPv4 nor IPv6, or that cannot be read, is
+    :data:`MALFORMED` (fail closed).
     """
     if pkttype == PACKET_OTHERHOST:
         return NOT_FOR_HOST
@@ -258,9 +268,9 @@ def drop_reason(
             else:
                 return MALFORMED
         if ethertype == _ETH_IPV4:
-            return _ipv4(frame, off, wire_length - off, status, pkttype)
+            return _ipv4(frame, off, wire_length - off, status, pkttype, loopback)
         if ethertype == _ETH_IPV6:
-            return _ipv6(frame, off, wire_length - off, status, pkttype)
+            return _ipv6(frame, off, wire_length - off, status, pkttype, loopback)
     except (struct.error, IndexError):
         pass
     return MALFORMED

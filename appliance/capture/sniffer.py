@@ -50,6 +50,7 @@ log = logging.getLogger("knockgate.capture")
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
+ARPHRD_LOOPBACK = 772  # sll_hatype of a loopback device
 SNAPLEN = 2048  # a whole SPA packet (fwknop caps them at 1500 bytes) with its headers
 RECEIVE_BUFFER = 4 << 20
 BATCH = 256  # frames read per wake-up at most, so other events are not starved
@@ -186,7 +187,7 @@ class InterfaceReader:
             # Without auxiliary data (never on Linux >= 2.6.27) every checksum is
             # verified in software and the captured size stands for the real one.
             status, length = _AUXDATA_HEAD(ancillary[0][2]) if ancillary else (0, size)
-            reason = drop_reason(frame, length, status, pkttype)
+            reason = drop_reason(frame, length, status, pkttype, address[3] == ARPHRD_LOOPBACK)
             if reason is None:
                 packets.append(packet)
             else:

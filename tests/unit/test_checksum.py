@@ -352,6 +352,31 @@ def test_ipv6_martian_addresses(src: str, dst: str) -> None:
     assert verdict(ETH / ip6(src=src, dst=dst) / syn()) == MARTIAN
 
 
+@pytest.mark.parametrize(
+    "pkt",
+    [
+        ETH / ip4(src="127.0.0.1", dst="127.0.0.1") / syn(),
+        ETH / ip4(src="127.0.0.1", dst="127.0.0.53") / udp() / Raw(b"x"),
+        ETH / ip6(src="::1", dst="::1") / syn(),
+    ],
+    ids=lambda p: p.summary(),
+)
+def test_loopback_addresses_are_fine_on_a_loopback_device(pkt: Any) -> None:
+    assert verdict(pkt) == MARTIAN
+    frame = bytes(pkt)
+    assert drop_reason(frame, len(frame), NOT_READY, PACKET_HOST, loopback=True) is None
+
+
+def test_ipv6_multicast_source_is_a_martian_even_on_loopback() -> None:
+    frame = bytes(ETH / ip6(src="ff02::1", dst="::1") / syn())
+    assert drop_reason(frame, len(frame), NOT_READY, PACKET_HOST, loopback=True) == MARTIAN
+
+
+def test_bad_checksum_on_loopback_is_still_bad() -> None:
+    frame = bytes(ETH / ip4(src="127.0.0.1", dst="127.0.0.1") / syn(chksum=BAD))
+    assert drop_reason(frame, len(frame), USER, PACKET_HOST, loopback=True) == BAD_CHECKSUM
+
+
 # --------------------------------------------------------------------------- other headers
 
 

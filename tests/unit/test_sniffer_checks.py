@@ -35,6 +35,7 @@ ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 SRC, DST = "198.18.1.7", "198.18.1.1"
 HOST, BROADCAST, OTHERHOST, OUTGOING = 0, 1, 3, 4
 USER, CSUMNOTREADY, CSUM_VALID = 0x01, 0x08, 0x80
+ETHERNET, LOOPBACK = 1, 772  # sll_hatype
 AUX = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata
 
 GOOD_SYN = bytes(ETH / IP(src=SRC, dst=DST) / TCP(dport=7000, flags="S"))
@@ -59,8 +60,9 @@ class Frame:
         status: int | None = USER,
         pkttype: int = HOST,
         wire: int | None = None,
+        hatype: int = ETHERNET,
     ) -> None:
-        self.data, self.status, self.pkttype = data, status, pkttype
+        self.data, self.status, self.pkttype, self.hatype = data, status, pkttype, hatype
         self.wire = len(data) if wire is None else wire
 
 
@@ -86,7 +88,7 @@ class FakeSocket:
             aux = AUX.pack(frame.status, frame.wire, len(frame.data), 0, 14, 0, 0)
             ancillary.append((SOL_PACKET, PACKET_AUXDATA, aux))
         flags = socket.MSG_TRUNC if size < len(frame.data) else 0
-        return size, ancillary, flags, ("eth0", 0x0800, frame.pkttype, 1, b"\x02" * 6)
+        return size, ancillary, flags, ("eth0", 0x0800, frame.pkttype, frame.hatype, b"\x02" * 6)
 
 
 def read(*frames: Frame) -> tuple[InterfaceReader, list[Packet]]:
@@ -112,6 +114,8 @@ TABLE = [
     pytest.param(Frame(GOOD_SYN, pkttype=BROADCAST), "not_for_host", id="tcp-broadcast"),
     pytest.param(Frame(FRAGMENT), "fragments", id="first-fragment"),
     pytest.param(Frame(MARTIAN), "martians", id="loopback-source"),
+    pytest.param(Frame(MARTIAN, hatype=LOOPBACK), None, id="loopback-source-on-lo"),
+    pytest.param(Frame(BAD_SYN, hatype=LOOPBACK), "bad_checksums", id="bad-tcp-on-lo"),
     pytest.param(Frame(KNOCK_UDP[:-2]), "malformed", id="ip-longer-than-frame"),
     pytest.param(Frame(JUMBO), "malformed", id="cut-by-snaplen-unverifiable"),
     pytest.param(Frame(JUMBO, USER | CSUMNOTREADY), None, id="cut-by-snaplen-offloaded"),
