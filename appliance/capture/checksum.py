@@ -82,7 +82,7 @@ PACKET_OTHERHOST: Final = 3
 BAD_CHECKSUM: Final = "bad_checksums"
 NOT_FOR_HOST: Final = "not_for_host"
 FRAGMENT: Final = "fragments"
-MALFORMED: Final = "malformed"
+MALFORMED: Final = "malformed_frames"  # not "malformed": the engine has a counter of that name
 MARTIAN: Final = "martians"
 REASONS: Final = (BAD_CHECKSUM, NOT_FOR_HOST, FRAGMENT, MALFORMED, MARTIAN)
 

@@ -116,8 +116,8 @@ TABLE = [
     pytest.param(Frame(MARTIAN), "martians", id="loopback-source"),
     pytest.param(Frame(MARTIAN, hatype=LOOPBACK), None, id="loopback-source-on-lo"),
     pytest.param(Frame(BAD_SYN, hatype=LOOPBACK), "bad_checksums", id="bad-tcp-on-lo"),
-    pytest.param(Frame(KNOCK_UDP[:-2]), "malformed", id="ip-longer-than-frame"),
-    pytest.param(Frame(JUMBO), "malformed", id="cut-by-snaplen-unverifiable"),
+    pytest.param(Frame(KNOCK_UDP[:-2]), "malformed_frames", id="ip-longer-than-frame"),
+    pytest.param(Frame(JUMBO), "malformed_frames", id="cut-by-snaplen-unverifiable"),
     pytest.param(Frame(JUMBO, USER | CSUMNOTREADY), None, id="cut-by-snaplen-offloaded"),
 ]
 
