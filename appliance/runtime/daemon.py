@@ -47,6 +47,7 @@ from typing import Any, assert_never
 
 from appliance.capture.addresses import AddressWatcher
 from appliance.capture.bpf import capture_filter
+from appliance.capture.checksum import REASONS
 from appliance.capture.sniffer import (
     RETRY_SECONDS,
     InterfaceReader,
@@ -742,6 +743,8 @@ class Daemon:
                 **self.spa.counters.as_dict(),
                 "frames": self.sniffer.frames if self.sniffer else 0,
                 "frames_dropped": self.sniffer.dropped if self.sniffer else 0,
+                # Frames the host's own stack would drop (bad checksums, ...): not knocks.
+                **(self.sniffer.rejected if self.sniffer else dict.fromkeys(REASONS, 0)),
                 "held_off": self.stats.held_off,
                 "refused_unrecorded": self.stats.refused_unrecorded,
                 "grant_failures": self.stats.grant_failures,
