@@ -49,12 +49,22 @@ class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's pure-Python SafeLoader, composing at most MAX_DEPTH levels and
     MAX_VALUES nodes, and noting every explicit tag (with its node's key path)."""
 
+    too_deep = f"is nested more than {MAX_DEPTH} levels deep (expected at most {MAX_DEPTH})"
+
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self.depth = 0
         self.count = 0
         self.keys: list[str] = []
         self.tagged: dict[int, str] = {}  # id(node) -> the tag written
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        """``[`` or ``{`` beyond MAX_DEPTH flow levels: refused by the scanner, which
+        looks up to 1024 characters ahead and would scan a line of ``[`` quadratically
+        before the composer reaches its own limit."""
+        if self.flow_level >= MAX_DEPTH:
+            raise _Refused(self.too_deep, self.get_mark(), self.path())
+        super().fetch_flow_collection_start(TokenClass)
 
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(AliasEvent):
@@ -72,14 +82,16 @@ class _BoundedLoader(yaml.SafeLoader):
                     "(file)",
                 )
             if self.depth >= MAX_DEPTH:
-                raise _Refused(
-                    f"is nested more than {MAX_DEPTH} levels deep (expected at most {MAX_DEPTH})",
-                    event.start_mark,
-                    self.path(),
-                )
+                raise _Refused(self.too_deep, event.start_mark, self.path())
             self.depth += 1
             try:
                 node = super().compose_node(parent, index)
+            except RecursionError:  # a deep stack at the call, whatever MAX_DEPTH says
+                raise _Refused(
+                    f"is nested too deep to read (expected at most {MAX_DEPTH} levels)",
+                    event.start_mark,
+                    self.path(),
+                ) from None
             finally:
                 self.depth -= 1
         finally:
@@ -90,7 +102,12 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
     def path(self) -> str:
-        return ".".join(shown(key, text=True) for key in self.keys) or "(top)"
+        return _short_path(".".join(shown(key, text=True) for key in self.keys) or "(top)")
+
+
+def _short_path(path: str, most: int = 200) -> str:
+    """A key path of at most ``most`` characters: its end, where the problem is."""
+    return path if len(path) <= most else "…" + path[1 - most :]
 
 
 def yaml_line(text: str, position: int) -> int:
@@ -172,7 +189,7 @@ class _Graph:
 
     def _error(self, line: int, key: str, message: str) -> None:
         self.errors += 1
-        self.problems.error(line, key, message)
+        self.problems.error(line, _short_path(key), message)
 
     def _children(self, node: Node, path: str, line: int) -> list[tuple[Node, str, int]]:
         """(child, its key path, the line to report it at): a mapping's keys and values,
