@@ -10,29 +10,37 @@ bounded time and memory: files are read only when regular and small
 (:mod:`appliance.config.files`), YAML is composed with limits on depth, size and
 alias expansion and without explicit tags (:mod:`appliance.config.yaml_nodes`),
 numbers are capped in digits, and an error echoes at most ~60 characters of what
-the user wrote (:func:`appliance.config.values.shown`).
+the user wrote (:func:`appliance.config.values.shown`). What the configuration
+needs from the machine it runs on (writable log, pid and state paths, a status
+socket, a capture filter the kernel takes) is checked by
+:func:`appliance.runtime.preflight.preflight`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from appliance.config.files import CONFIG_LIMIT, line_of_offset, read_bounded
 from appliance.config.knockd_format import looks_like_knockd, parse_knockd
-from appliance.config.problems import Problems
+from appliance.config.problems import Place, Problems
 from appliance.config.values import Invalid
 from appliance.config.yaml_format import parse_yaml
 from appliance.core.model import Config
 from appliance.errors import ConfigError
 
-__all__ = ["Loaded", "detect_format", "load_config"]
+__all__ = ["Loaded", "Place", "detect_format", "load_config"]
 
 
 @dataclass(frozen=True)
 class Loaded:
     config: Config
     warnings: tuple[str, ...]
+    # Where the file sets what preflight checks: "log.file", "pid_file", "status_socket",
+    # "state_dir", "doors" -> Place(line, key as the file's messages name it). A setting
+    # left at its default has no entry.
+    places: Mapping[str, Place] = field(default_factory=dict)
 
 
 def detect_format(path: str, text: str) -> str:
@@ -65,4 +73,4 @@ def load_config(path: str) -> Loaded:
         config = parse_yaml(text, path, problems)
     problems.raise_if_any()
     assert config is not None
-    return Loaded(config, tuple(problems.warnings))
+    return Loaded(config, tuple(problems.warnings), dict(problems.places))

@@ -181,6 +181,9 @@ def _split_sections(text: str, problems: Problems) -> list[_Section]:
 
 def _options(section: _Section, problems: Problems) -> Settings:
     values = section.values
+    for canonical, setting in (("LogFile", "log.file"), ("PidFile", "pid_file")):
+        if canonical in values:
+            problems.place(setting, values[canonical][1], f"options.{canonical.lower()}")
     syslog = False
     if "UseSyslog" in values:
         text, line = values["UseSyslog"]
@@ -203,6 +206,8 @@ def _door(section: _Section, path: str, problems: Problems) -> Door | None:
     errors_before = problems.error_count
     shown_name = shown(name, text=True)
     problems.parse(section.line, shown_name, lambda: parse_door_name(name))
+    if "doors" not in problems.places:
+        problems.place("doors", section.line, "doors")
 
     def get(key: str) -> tuple[str, int] | None:
         return values.get(key)

@@ -8,7 +8,7 @@ million messages (nor a million-line log entry on a refused reload).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from appliance.config.values import Invalid
 from appliance.errors import ConfigError
@@ -16,6 +16,14 @@ from appliance.errors import ConfigError
 T = TypeVar("T")
 
 MAX_SHOWN = 100
+
+
+class Place(NamedTuple):
+    """Where a file sets something: its line and its key as the file's messages name it
+    (``log.file`` in YAML, ``options.logfile`` in knockd.conf)."""
+
+    line: int
+    key: str
 
 
 class Problems:
@@ -27,6 +35,11 @@ class Problems:
         self._warnings: list[str] = []
         self.error_count = 0  # every error, also those beyond MAX_SHOWN
         self.warning_count = 0
+        self.places: dict[str, Place] = {}  # setting (log.file, pid_file, ...) -> where set
+
+    def place(self, setting: str, line: int, key: str) -> None:
+        """Note where ``setting`` is given, for the checks made after loading (preflight)."""
+        self.places[setting] = Place(line, key)
 
     def error(self, line: int, key: str, message: str) -> None:
         self.error_count += 1

@@ -168,6 +168,7 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
     services = _services(top, path, problems)
     doors: list[Door] = []
     doors_map = top.mapping("doors", ())
+    problems.place("doors", top.line_of("doors"), "doors")
     if doors_map is None:
         if "doors" not in top.items:
             problems.error(top.line, "doors", "missing (expected a mapping of door names to doors)")
@@ -189,12 +190,18 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
 
 
 def _settings(top: _Map) -> Settings:
+    problems = top.problems
+    for key in ("pid_file", "status_socket", "state_dir"):
+        if key in top.items:
+            problems.place(key, top.line_of(key), key)
     interfaces = top.get("interfaces", _list_of(parse_interface)) or ()
     pid_file = top.get("pid_file", _string)
     max_attempts = top.get("max_attempts", lambda v: parse_count(v, minimum=1, maximum=10_000_000))
     log = LogSettings()
     log_map = top.mapping("log", LOG_KEYS)
     if log_map is not None:
+        if "file" in log_map.items:
+            problems.place("log.file", log_map.line_of("file"), log_map.key("file"))
         log = LogSettings(
             file=log_map.get("file", _string),
             syslog=bool(log_map.get("syslog", parse_bool)),
