@@ -3,7 +3,8 @@
 ``load_config(path)`` detects the format, reports every problem as
 ``FILE:LINE: key.path: what is wrong (what was expected)`` in a :class:`ConfigError`,
 and returns the :class:`~appliance.core.model.Config` with the warnings about weak
-choices (short or monotonic sequences, published example sequences).
+choices (short or monotonic sequences, published example sequences, doors that
+collide with the scan detector).
 
 Whatever the bytes, ``load_config`` ends in a ``Loaded`` or a ``ConfigError``, in
 bounded time and memory: files are read only when regular and small

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from yaml.nodes import MappingNode, Node
 
-from appliance.config.lint import lint_sequence
+from appliance.config.lint import lint_scan, lint_sequence
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
 from appliance.config.values import (
@@ -186,7 +186,20 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
         )
     if problems.error_count:
         return None
+    lint_scan(doors, settings.firewall.scan, _open_lines(doors_map), problems)
     return Config(path, "yaml", settings, tuple(doors), tuple(services.values()))
+
+
+def _open_lines(doors: _Map | None) -> dict[str, int]:
+    """The line of each door's ``open:`` (of the door when it has none)."""
+    lines: dict[str, int] = {}
+    for name, (node, line) in (doors.items if doors else {}).items():
+        lines[name] = line
+        if isinstance(node, MappingNode):
+            for key_node, _ in node.value:
+                if getattr(key_node, "value", None) == "open":
+                    lines[name] = _line(key_node)
+    return lines
 
 
 def _settings(top: _Map) -> Settings:
