@@ -137,6 +137,10 @@ def compose(text: str, problems: Problems) -> Node | None:
         mark = error.problem_mark or error.context_mark
         what = error.problem or error.context or "cannot be read"
         line = int(mark.line) + 1 if mark is not None else 1
+        context, first = error.context, error.context_mark
+        if context and error.problem and not context.startswith("while") and first:
+            # "found duplicate anchor 'a'; first occurrence" + "second occurrence"
+            what = f"{context} on line {int(first.line) + 1}, {error.problem}"
         problems.error(line, "(yaml)", f"not valid YAML: {shown(what, text=True, limit=120)}")
         return None
     except yaml.YAMLError as error:  # none other is raised on text input; kept one line
