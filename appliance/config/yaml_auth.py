@@ -39,6 +39,7 @@ from appliance.config.problems import Problems
 from appliance.config.values import (
     PATH_SHOWN,
     Invalid,
+    listed,
     parse_bool,
     parse_count,
     parse_network,
@@ -187,7 +188,7 @@ def check_spa_ports(doors: Sequence[Door], lines: dict[str, int], problems: Prob
             if first != door.name:
                 problems.warn(
                     lines[door.name],
-                    f"doors.{door.name}.spa.users.{user.name}",
+                    f"doors.{door.name}.spa.users.{shown(user.name, text=True)}",
                     f"door {first} on the same port has the same HMAC key: its packets "
                     "always open that door, never this one",
                 )
@@ -281,8 +282,8 @@ def _user(
         problems.error(
             user.line_of("ports"),
             user.key("ports"),
-            f"{', '.join(beyond)} is not a port of the door (expected some of "
-            f"{', '.join(str(p) for p in open_ports.ports)})",
+            f"{listed(beyond)} is not a port of the door (expected some of "
+            f"{listed(str(p) for p in open_ports.ports)})",
         )
     max_time = user.get(
         "max_time",

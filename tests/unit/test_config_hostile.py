@@ -679,3 +679,22 @@ def test_capture_filter_rejected_by_libpcap_is_refused(
 def test_a_valid_configuration_passes_preflight(tmp_path: Path) -> None:
     path = write(tmp_path, local_paths(tmp_path) + many_port_doors(20) + SPA_DOOR[7:])
     preflight(load_config(path))
+
+
+def test_long_lists_are_not_echoed_whole(tmp_path: Path) -> None:
+    door_ports = ", ".join(f"{port}/tcp" for port in range(1001, 1031))
+    user_ports = ", ".join(f"{port}/tcp" for port in range(2001, 2031))
+    names = ", ".join(f"door{n}" for n in range(3000))
+    path = write(
+        tmp_path,
+        f"doors:\n  s:\n    spa:\n      users:\n        alice: {{key_base64: {KEY}, "
+        f"hmac_key_base64: {HMAC}, ports: [{user_ports}]}}\n    open: {{ports: [{door_ports}]}}\n"
+        f"  t:\n    knock: {{sequence: [7113, 2231, 9157]}}\n    close: [{names}]\n",
+    )
+    beyond = ", ".join(f"{port}/tcp" for port in range(2001, 2013))
+    allowed = ", ".join(f"{port}/tcp" for port in range(1001, 1013))
+    assert refused(path) == [
+        f"{path}:5: doors.s.spa.users.alice.ports: {beyond}, … (30 in all) is not a port of the "
+        f"door (expected some of {allowed}, … (30 in all))",
+        f"{path}:9: doors.t.close: 'door0' is not allowed (expected one of s, t)",
+    ]
