@@ -461,3 +461,15 @@ def test_client_commands_do_not_check_the_daemons_paths(tmp_path: Path) -> None:
     config = hostile_config(tmp_path, "log_file_in_a_missing_directory")
     result = run("knock", "127.0.0.1", "--door", "ssh", "--config", config, "-d", "0")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("config", ["/dev/zero", "/nonexistent/knockgate.yaml"])
+def test_check_and_run_refuse_an_unreadable_config_alike(
+    config: str, capsys: pytest.CaptureFixture[str], no_firewall: None
+) -> None:
+    assert main(["check", config]) == 2
+    checked = capsys.readouterr().err
+    assert main(["run", "--config", config]) == 2
+    assert capsys.readouterr().err == checked
+    (line,) = checked.splitlines()
+    assert line.startswith(f"{config}:0: (file): ")

@@ -12,8 +12,10 @@ fails the test: it would kill the daemon on a reload.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import re
+import shutil
 import tempfile
 import tracemalloc
 from datetime import timedelta
@@ -28,6 +30,7 @@ from appliance.errors import ConfigError
 from appliance.runtime.preflight import preflight
 
 WORK = Path(tempfile.mkdtemp(prefix="knockgate-fuzz-"))
+atexit.register(shutil.rmtree, WORK, True)
 KEY = base64.b64encode(b"k" * 32).decode()
 HMAC = base64.b64encode(b"h" * 64).decode()
 SECRET = base64.b32encode(b"0123456789abcdefghij").decode()
