@@ -190,7 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(path: str, strict: bool) -> int:
+    """What ``run`` would refuse, refused the same way (one line per problem, exit 2)."""
+    from appliance.runtime.preflight import preflight
+
     loaded = load_config(path)
+    preflight(loaded)
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
     if strict and loaded.warnings:
@@ -375,9 +379,12 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
     from appliance.firewall.choose import choose_backend
     from appliance.runtime.daemon import Daemon, Overrides, ssh_lockout
     from appliance.runtime.logs import configure
+    from appliance.runtime.preflight import command_line, preflight
 
     overrides = Overrides(status_socket=status_socket, state_dir=state_dir)
     loaded = overrides.apply(load_config(path))
+    # Before anything is touched (log, firewall, state, socket): what check refuses.
+    preflight(loaded, overridden=command_line(status_socket=status_socket, state_dir=state_dir))
     settings = loaded.config.settings
     configure(settings.log)
     log = logging.getLogger("knockgate")

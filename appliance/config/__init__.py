@@ -3,25 +3,45 @@
 ``load_config(path)`` detects the format, reports every problem as
 ``FILE:LINE: key.path: what is wrong (what was expected)`` in a :class:`ConfigError`,
 and returns the :class:`~appliance.core.model.Config` with the warnings about weak
-choices (short or monotonic sequences, published example sequences).
+choices (short or monotonic sequences, published example sequences, doors that
+collide with the scan detector).
+
+Whatever the bytes, ``load_config`` ends in a ``Loaded`` or a ``ConfigError``, in
+bounded time and memory: files are read only when regular and small
+(:mod:`appliance.config.files`), YAML is composed with limits on depth, size and
+alias expansion and without explicit tags (:mod:`appliance.config.yaml_nodes`),
+numbers are capped in digits, and an error echoes at most ~60 characters of what
+the user wrote (:func:`appliance.config.values.shown`). What the configuration
+needs from the machine it runs on (writable log, pid and state paths, a status
+socket, a capture filter the kernel takes) is checked by
+:func:`appliance.runtime.preflight.preflight`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+from appliance.config.files import CONFIG_LIMIT, line_of_offset, read_bounded
 from appliance.config.knockd_format import looks_like_knockd, parse_knockd
-from appliance.config.problems import Problems
+from appliance.config.problems import Place, Problems
+from appliance.config.values import Invalid
 from appliance.config.yaml_format import parse_yaml
 from appliance.core.model import Config
 from appliance.errors import ConfigError
+
+__all__ = ["Loaded", "Place", "detect_format", "load_config"]
 
 
 @dataclass(frozen=True)
 class Loaded:
     config: Config
     warnings: tuple[str, ...]
+    # Where the file sets what preflight checks: "log.file", "pid_file", "status_socket",
+    # "state_dir", "doors" -> Place(line, key as the file's messages name it). A setting
+    # left at its default has no entry.
+    places: Mapping[str, Place] = field(default_factory=dict)
 
 
 def detect_format(path: str, text: str) -> str:
@@ -37,12 +57,13 @@ def detect_format(path: str, text: str) -> str:
 def load_config(path: str) -> Loaded:
     """Read, validate and return the configuration at ``path`` (raises ConfigError)."""
     try:
-        with open(path, encoding="utf-8", errors="strict") as handle:
-            text = handle.read()
-    except OSError as error:
-        raise ConfigError([f"{path}:0: (file): cannot read: {error.strerror}"]) from None
+        data = read_bounded(path, CONFIG_LIMIT)
+    except Invalid as problem:
+        raise ConfigError([f"{path}:0: (file): {problem}"]) from None
+    try:
+        text = data.decode("utf-8", errors="strict")
     except UnicodeDecodeError as error:
-        line = text_line_of(path, error.start)
+        line = line_of_offset(data, error.start)
         raise ConfigError(
             [f"{path}:{line}: (file): not UTF-8 text (expected a text file)"]
         ) from None
@@ -53,9 +74,4 @@ def load_config(path: str) -> Loaded:
         config = parse_yaml(text, path, problems)
     problems.raise_if_any()
     assert config is not None
-    return Loaded(config, tuple(problems.warnings))
-
-
-def text_line_of(path: str, offset: int) -> int:
-    with open(path, "rb") as handle:
-        return handle.read(offset).count(b"\n") + 1
+    return Loaded(config, tuple(problems.warnings), dict(problems.places))

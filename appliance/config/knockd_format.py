@@ -30,6 +30,7 @@ from appliance.config.values import (
     parse_seconds,
     parse_sequence,
     parse_tcpflags,
+    shown,
 )
 from appliance.core.model import (
     DEFAULT_CMD_TIMEOUT,
@@ -71,6 +72,10 @@ DOOR_KEYS = {
 }
 
 SECONDS_LIMIT = 86_400.0
+_NAMES = {
+    options: ", ".join(sorted(set(keys.values())))
+    for options, keys in ((True, OPTION_KEYS), (False, DOOR_KEYS))
+}
 
 
 @dataclass
@@ -83,7 +88,7 @@ class _Section:
 
 def looks_like_knockd(text: str) -> bool:
     """True when the text has a ``[section]`` header line (YAML never does)."""
-    for line in text.splitlines():
+    for line in text.split("\n"):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             return stripped.startswith("[") and stripped.endswith("]")
@@ -101,9 +106,9 @@ def parse_knockd(text: str, path: str, problems: Problems) -> Config | None:
             door = _door(section, path, problems)
             if door is not None:
                 doors.append(door)
-    if not doors and not problems.errors:
+    if not doors and not problems.error_count:
         problems.error(1, "doors", "no door is defined (expected at least one [door] section)")
-    if problems.errors:
+    if problems.error_count:
         return None
     return Config(path, "knockd", settings, tuple(doors))
 
@@ -112,7 +117,7 @@ def _split_sections(text: str, problems: Problems) -> list[_Section]:
     sections: list[_Section] = []
     seen: dict[str, int] = {}
     current: _Section | None = None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -120,7 +125,7 @@ def _split_sections(text: str, problems: Problems) -> list[_Section]:
             name = line[1:-1].strip() if line.endswith("]") else ""
             if not name:
                 problems.error(
-                    number, "section", f"{line!r} is not a section header (expected [name])"
+                    number, "section", f"{shown(line)} is not a section header (expected [name])"
                 )
                 current = None
                 continue
@@ -128,7 +133,7 @@ def _split_sections(text: str, problems: Problems) -> list[_Section]:
                 first = seen[name.lower()]
                 problems.error(
                     number,
-                    name,
+                    shown(name, text=True),
                     f"section given twice (first on line {first}; expected unique names)",
                 )
                 current = _Section(name, number)  # still checked, never used
@@ -142,18 +147,20 @@ def _split_sections(text: str, problems: Problems) -> list[_Section]:
         value = value.strip()
         if current is None:
             problems.error(
-                number, key or "line", "directive outside a section (expected a [section] first)"
+                number,
+                shown(key, text=True) or "line",
+                "directive outside a section (expected a [section] first)",
             )
             continue
         is_options = current.name.lower() == "options"
         known = OPTION_KEYS if is_options else DOOR_KEYS
         canonical = known.get(key)
-        where = f"{current.name}.{key}"
+        where = f"{shown(current.name, text=True)}.{shown(key, text=True)}"
         if canonical is None:
             problems.error(
                 number,
                 where,
-                f"unknown directive (expected one of {', '.join(sorted(set(known.values())))})",
+                f"unknown directive (expected one of {_NAMES[is_options]})",
             )
             continue
         if not has_value and canonical != "UseSyslog":
@@ -174,6 +181,9 @@ def _split_sections(text: str, problems: Problems) -> list[_Section]:
 
 def _options(section: _Section, problems: Problems) -> Settings:
     values = section.values
+    for canonical, setting in (("LogFile", "log.file"), ("PidFile", "pid_file")):
+        if canonical in values:
+            problems.place(setting, values[canonical][1], f"options.{canonical.lower()}")
     syslog = False
     if "UseSyslog" in values:
         text, line = values["UseSyslog"]
@@ -193,14 +203,17 @@ def _options(section: _Section, problems: Problems) -> Settings:
 def _door(section: _Section, path: str, problems: Problems) -> Door | None:
     name = section.name
     values = section.values
-    errors_before = len(problems.errors)
-    problems.parse(section.line, name, lambda: parse_door_name(name))
+    errors_before = problems.error_count
+    shown_name = shown(name, text=True)
+    problems.parse(section.line, shown_name, lambda: parse_door_name(name))
+    if "doors" not in problems.places:
+        problems.place("doors", section.line, "doors")
 
     def get(key: str) -> tuple[str, int] | None:
         return values.get(key)
 
     def key_path(canonical: str) -> str:
-        return f"{name}.{canonical.lower()}"
+        return f"{shown_name}.{canonical.lower()}"
 
     sequence: tuple[Step, ...] | None = None
     one_time: OneTimeFile | None = None
@@ -221,7 +234,9 @@ def _door(section: _Section, path: str, problems: Problems) -> Door | None:
             lint_sequence(sequence, problems, line, key_path("Sequence"))
     else:
         problems.error(
-            section.line, name, "door has no sequence (expected Sequence or One_Time_Sequences)"
+            section.line,
+            shown_name,
+            "door has no sequence (expected Sequence or One_Time_Sequences)",
         )
 
     def seconds(canonical: str, default: float, minimum: float, what: str) -> float:
@@ -261,8 +276,10 @@ def _door(section: _Section, path: str, problems: Problems) -> Door | None:
         cmd_timeout=cmd_timeout,
     )
     if not (commands.start or commands.start6):
-        problems.warn(section.line, name, "door has no command: a completed knock is only logged")
-    if len(problems.errors) != errors_before:
+        problems.warn(
+            section.line, shown_name, "door has no command: a completed knock is only logged"
+        )
+    if problems.error_count != errors_before:
         return None
     if one_time is not None:
         sequence = ()

@@ -1,11 +1,14 @@
-"""Warnings about weak knock choices (the config is valid, but easy to guess)."""
+"""Warnings about weak choices: the config is valid, but easy to guess (short, monotonic
+or published sequences) or at odds with the kernel's scan detector."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
 from appliance.config.problems import Problems
-from appliance.core.model import Step
+from appliance.config.values import shown
+from appliance.core.model import Door, ScanPolicy, Step
 
 # Sequences printed in knockd's and knock's man pages and shipped in Debian's
 # /etc/knockd.conf: every scanner and every attacker knows them.
@@ -38,3 +41,47 @@ def lint_sequence(sequence: tuple[Step, ...], problems: Problems, line: int, key
             "the ports only go up (or only down): a sequential port scan can complete it "
             "(mix the order)",
         )
+
+
+def lint_scan(
+    doors: Sequence[Door], scan: ScanPolicy | None, lines: Mapping[str, int], problems: Problems
+) -> None:
+    """Doors whose legitimate use looks like a port scan to ``firewall.scan``.
+
+    The detector counts, per source address, the distinct ports (by number: 22/tcp and
+    22/udp are one) of new inbound connections, knock ports excepted; more than
+    ``scan.ports`` within ``scan.window`` and the source is held off for ``scan.hold``:
+    the daemon then refuses its knocks. A door that opens more ports than that makes
+    its own users scanners when they connect to all of them; one that opens exactly as
+    many leaves no room for one other new port. A service door's port is not counted
+    (Docker forwards it past the input chain). ``lines`` maps a door to the line of its
+    ``open:``."""
+    if scan is None:
+        return
+    window, hold = f"{scan.window:g}", f"{scan.hold:g}"
+    for door in doors:
+        if door.open is None or door.service is not None:
+            continue
+        ports = len({step.port for step in door.open.ports})
+        key = f"doors.{shown(door.name, text=True)}.open"
+        line = lines.get(door.name, door.origin.line if door.origin else 0)
+        if ports > scan.ports:
+            problems.warn(
+                line,
+                key,
+                f"opens {ports} ports, more than firewall.scan.ports ({scan.ports}): a client "
+                f"that connects to all of them within {window} s (firewall.scan.window) is "
+                f"held off as a port scanner for {hold} s (firewall.scan.hold) and its next "
+                f"knock is refused (expected at most {scan.ports} ports, or a larger "
+                "firewall.scan.ports)",
+            )
+        elif ports == scan.ports:
+            problems.warn(
+                line,
+                key,
+                f"opens {ports} ports, as many as firewall.scan.ports ({scan.ports}): a client "
+                "that connects to all of them and to one more new port of this host within "
+                f"{window} s (firewall.scan.window) is held off as a port scanner for {hold} s "
+                f"(firewall.scan.hold) and its next knock is refused (expected fewer than "
+                f"{scan.ports} ports, or a larger firewall.scan.ports)",
+            )

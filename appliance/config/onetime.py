@@ -9,48 +9,83 @@ are skipped with a warning and never become usable.
 from __future__ import annotations
 
 import os
+from typing import overload
 
+from appliance.config.files import ONE_TIME_LIMIT, read_bounded
 from appliance.config.problems import Problems
-from appliance.config.values import Invalid, parse_sequence
+from appliance.config.values import PATH_SHOWN, Invalid, parse_sequence, shown
 from appliance.core.model import OneTimeFile, OneTimeSequence
+
+MAX_LINES = 10_000  # unused lines read from one file (the capture filter holds far fewer)
 
 
 def read_one_time_file(path: str, problems: Problems, key: str, line: int) -> OneTimeFile | None:
     """Read the usable sequences of ``path``; problems are reported against ``key``."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as error:
+        data = read_bounded(path, ONE_TIME_LIMIT)
+    except Invalid as problem:
+        problems.error(line, key, str(problem))
+        return None
+    name = shown(path, text=True, limit=PATH_SHOWN)
+    sequences = parse_one_time_lines(data, path, problems, most=MAX_LINES)
+    if sequences is None:
         problems.error(
-            line, key, f"cannot read {path}: {error.strerror} (expected a readable file)"
+            line,
+            key,
+            f"{name} has more than {MAX_LINES} unused lines (expected at most {MAX_LINES}: "
+            "start a new file)",
         )
         return None
-    sequences = parse_one_time_lines(data, path, problems)
     if not sequences:
-        problems.warn(line, key, f"{path} has no unused sequence: the door stays disabled")
+        problems.warn(line, key, f"{name} has no unused sequence: the door stays disabled")
     return OneTimeFile(os.path.abspath(path), tuple(sequences))
 
 
+@overload
 def parse_one_time_lines(
     data: bytes, path: str, problems: Problems | None
-) -> list[OneTimeSequence]:
+) -> list[OneTimeSequence]: ...
+
+
+@overload
+def parse_one_time_lines(
+    data: bytes, path: str, problems: Problems | None, *, most: int
+) -> list[OneTimeSequence] | None: ...
+
+
+def parse_one_time_lines(
+    data: bytes, path: str, problems: Problems | None, *, most: int | None = None
+) -> list[OneTimeSequence] | None:
+    """The usable sequences, in file order; ``None`` when there are more than ``most``
+    unused (uncommented, non-empty) lines, good or bad."""
     sequences: list[OneTimeSequence] = []
-    offset = 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        start, offset = offset, offset + len(raw) + 1
-        text = raw.decode("utf-8", "replace")
-        stripped = text.strip()
+    looked_at = 0
+    start, number, size = 0, 0, len(data)
+    while start <= size:
+        end = data.find(b"\n", start)
+        end = size if end < 0 else end
+        raw, offset, start = data[start:end], start, end + 1
+        number += 1
+        stripped = raw.decode("utf-8", "replace").strip()
         if not stripped or stripped.startswith("#"):
             continue
+        looked_at += 1
+        if most is not None and looked_at > most:
+            return None
         try:
             steps = parse_sequence(stripped)
         except Invalid as problem:
             if problems is not None:
-                problems.warn(number, "one_time_sequences", f"line skipped: {problem}", path)
+                problems.warn(
+                    number,
+                    "one_time_sequences",
+                    f"line skipped: {problem}",
+                    shown(path, text=True, limit=PATH_SHOWN),
+                )
             continue
         # knockd overwrites the line's first byte (its man page suggests starting each
         # line with a space for that reason); so do we.
-        sequences.append(OneTimeSequence(steps, number, start))
+        sequences.append(OneTimeSequence(steps, number, offset))
     return sequences
 
 

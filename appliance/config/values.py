@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import reprlib
+from collections.abc import Iterable
 
 from appliance.core.model import MAX_STEPS, TCP_FLAG_BITS, Proto, Step, TcpFlags
 
@@ -19,22 +21,93 @@ class Invalid(ValueError):
     """A value that cannot be used; the message says what was expected."""
 
 
-_DIGITS = re.compile(r"[0-9]+")
+SHOWN = 60  # characters of user input an error message echoes at most
+PATH_SHOWN = 256  # of a path (the file name is the point of the message)
+MAX_DIGITS = 20  # digits a whole number may have (int() refuses 4300 and more)
+_DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
+_SECONDS = re.compile(rf"\s*[0-9]{{1,{MAX_DIGITS}}}(\.[0-9]{{1,{MAX_DIGITS}}})?\s*")
+
+
+class _Repr(reprlib.Repr):
+    """reprlib, bounded also for huge integers (whose repr raises ValueError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict = 3, 4, 4, 4
+        self.maxset = self.maxfrozenset = 4
+        self.maxstring, self.maxother, self.maxlong = SHOWN, SHOWN, SHOWN
+
+    def repr_int(self, x: int, level: int) -> str:
+        return _number(x)
+
+
+_REPR = _Repr()
+
+
+def _number(x: int) -> str:
+    if x.bit_length() > 64:
+        return f"<a number of about {int(x.bit_length() * 0.30103) + 1} digits>"
+    return repr(x)
+
+
+def _escaped(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown(value: object, *, text: bool = False, limit: int = SHOWN) -> str:
+    """``value`` as an error message echoes it: its repr (``text``: a string without
+    quotes, control characters escaped), cut to about ``limit`` characters.
+
+    Every message that quotes what the user wrote goes through here, so a 1 MiB value,
+    an alias bomb or a 5000-digit number never becomes a 1 MiB error line."""
+    if isinstance(value, str):
+        head = value[:limit]
+        out = _escaped(head) if text else repr(head)
+        quote = "" if text else out[-1]
+        body = out[len(quote) : len(out) - len(quote)]
+        if len(value) > limit or len(body) > limit:
+            out = f"{quote}{body[:limit]}…{quote} ({len(value)} characters)"
+        return out
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return _number(value)
+    try:
+        out = _REPR.repr(value)
+    except Exception:  # a value no repr can show is still an error to report
+        out = f"<{type(value).__name__}>"
+    return out if len(out) <= limit else out[:limit] + "…"
+
+
+def listed(names: Iterable[str], most: int = 12) -> str:
+    """``a, b, c``: at most ``most`` names (each shortened), then how many more."""
+    items = list(names)
+    out = ", ".join(shown(name, text=True) for name in items[:most])
+    if len(items) > most:
+        out += f", … ({len(items)} in all)"
+    return out
+
+
+def _whole(text: str) -> int | None:
+    """The number ``text`` spells in decimal digits (at most MAX_DIGITS), else None."""
+    stripped = text.strip()
+    return int(stripped) if _DIGITS.fullmatch(stripped) else None
+
+
 _INTERFACE = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 _DOOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def parse_port(text: object) -> int:
-    if isinstance(text, bool):
-        raise Invalid(f"{text!r} is not a port (expected a number from 1 to 65535)")
-    if isinstance(text, int):
+    number = _whole(text) if isinstance(text, str) else None
+    if isinstance(text, int) and not isinstance(text, bool):
         value = text
-    elif isinstance(text, str) and _DIGITS.fullmatch(text.strip()):
-        value = int(text.strip())
+    elif number is not None:
+        value = number
     else:
-        raise Invalid(f"{text!r} is not a port (expected a number from 1 to 65535)")
+        raise Invalid(f"{shown(text)} is not a port (expected a number from 1 to 65535)")
     if not 1 <= value <= 65535:
-        raise Invalid(f"port {value} is out of range (expected a number from 1 to 65535)")
+        raise Invalid(f"port {_number(value)} is out of range (expected a number from 1 to 65535)")
     return value
 
 
@@ -44,7 +117,7 @@ def parse_proto(text: str) -> Proto:
         return "tcp"
     if proto == "udp":
         return "udp"
-    raise Invalid(f"protocol {text.strip()!r} is not supported (expected tcp or udp)")
+    raise Invalid(f"protocol {shown(text.strip())} is not supported (expected tcp or udp)")
 
 
 def parse_step(item: object, default_proto: Proto = "tcp") -> Step:
@@ -64,7 +137,7 @@ def parse_sequence(value: object) -> tuple[Step, ...]:
     if isinstance(value, str):
         items: list[object] = [part for part in value.split(",")]
         if any(not str(part).strip() for part in items):
-            raise Invalid(f"{value!r} has an empty step (expected PORT[:tcp|udp],...)")
+            raise Invalid(f"{shown(value)} has an empty step (expected PORT[:tcp|udp],...)")
     elif isinstance(value, list):
         items = list(value)
     else:
@@ -89,7 +162,7 @@ def parse_tcpflags(parts: list[str], base: TcpFlags | None = None) -> TcpFlags:
         bit = TCP_FLAG_BITS.get(name)
         if bit is None:
             raise Invalid(
-                f"unknown TCP flag {raw.strip()!r} (expected some of "
+                f"unknown TCP flag {shown(raw.strip())} (expected some of "
                 f"{', '.join(TCP_FLAG_BITS)}, each optionally preceded by !)"
             )
         if negate:
@@ -117,50 +190,61 @@ def split_flags(value: object) -> list[str]:
 def parse_seconds(value: object, *, minimum: float, maximum: float, what: str) -> float:
     """A number of seconds, fractional allowed: ``5``, ``0.5``, ``"2.5"``."""
     if isinstance(value, bool):
-        raise Invalid(f"{value!r} is not a number of seconds (expected {what})")
-    if isinstance(value, int | float) or (
-        isinstance(value, str) and re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*", value)
-    ):
-        number = float(value)
+        raise Invalid(f"{shown(value)} is not a number of seconds (expected {what})")
+    if isinstance(value, int | float) or (isinstance(value, str) and _SECONDS.fullmatch(value)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond a float's range
+            number = math.inf
     else:
-        raise Invalid(f"{value!r} is not a number of seconds (expected {what})")
+        raise Invalid(f"{shown(value)} is not a number of seconds (expected {what})")
     if not math.isfinite(number) or not minimum <= number <= maximum:
-        raise Invalid(f"{value!r} is out of range (expected {what})")
+        raise Invalid(f"{shown(value)} is out of range (expected {what})")
     return number
 
 
 def parse_count(value: object, *, minimum: int, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise Invalid(f"{value!r} is not a whole number (expected {minimum} to {maximum})")
-    if isinstance(value, str):
-        if not _DIGITS.fullmatch(value.strip()):
-            raise Invalid(f"{value!r} is not a whole number (expected {minimum} to {maximum})")
-        value = int(value.strip())
-    if not minimum <= value <= maximum:
-        raise Invalid(f"{value} is out of range (expected {minimum} to {maximum})")
-    return value
+    number = _whole(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise Invalid(f"{shown(value)} is not a whole number (expected {minimum} to {maximum})")
+    if not minimum <= number <= maximum:
+        raise Invalid(f"{_number(number)} is out of range (expected {minimum} to {maximum})")
+    return number
+
+
+def _no_zone(value: str, what: str) -> None:
+    """``fe80::1%eth0``: ipaddress accepts a zone (scope id), the capture filter and the
+    firewall do not."""
+    if "%" in value:
+        raise Invalid(
+            f"{shown(value)} has a zone (scope id) after '%' (expected {what} without %zone: "
+            "the capture filter and the firewall match addresses, not zones)"
+        )
 
 
 def parse_address(value: object) -> str:
-    """An IPv4 or IPv6 address, returned in canonical form."""
+    """An IPv4 or IPv6 address, returned in canonical form (no zone)."""
     if not isinstance(value, str):
-        raise Invalid(f"{value!r} is not an address (expected an IPv4 or IPv6 address)")
+        raise Invalid(f"{shown(value)} is not an address (expected an IPv4 or IPv6 address)")
+    _no_zone(value, "an address")
     try:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:
-        raise Invalid(f"{value!r} is not an address (expected an IPv4 or IPv6 address)") from None
+        raise Invalid(
+            f"{shown(value)} is not an address (expected an IPv4 or IPv6 address)"
+        ) from None
 
 
 def parse_interface(value: object) -> str:
     if not isinstance(value, str) or not _INTERFACE.fullmatch(value.strip()):
-        raise Invalid(f"{value!r} is not an interface name (expected a name like eth0)")
+        raise Invalid(f"{shown(value)} is not an interface name (expected a name like eth0)")
     return value.strip()
 
 
 def parse_door_name(value: object) -> str:
     if not isinstance(value, str) or not _DOOR_NAME.fullmatch(value):
         raise Invalid(
-            f"{value!r} is not a door name (expected letters, digits, '_', '.', '-', "
+            f"{shown(value)} is not a door name (expected letters, digits, '_', '.', '-', "
             "starting with a letter or digit, at most 63 characters)"
         )
     return value
@@ -175,14 +259,17 @@ def parse_bool(value: object) -> bool:
             return True
         if word in ("no", "false", "off", "0"):
             return False
-    raise Invalid(f"{value!r} is not a yes/no value (expected yes or no)")
+    raise Invalid(f"{shown(value)} is not a yes/no value (expected yes or no)")
 
 
 def parse_network(value: object) -> str:
     """An IPv4 or IPv6 network in CIDR form (an address alone is a /32 or /128)."""
     if not isinstance(value, str):
-        raise Invalid(f"{value!r} is not a network (expected CIDR like 198.18.0.0/24)")
+        raise Invalid(f"{shown(value)} is not a network (expected CIDR like 198.18.0.0/24)")
+    _no_zone(value, "a network")
     try:
         return str(ipaddress.ip_network(value.strip(), strict=False))
     except ValueError:
-        raise Invalid(f"{value!r} is not a network (expected CIDR like 198.18.0.0/24)") from None
+        raise Invalid(
+            f"{shown(value)} is not a network (expected CIDR like 198.18.0.0/24)"
+        ) from None

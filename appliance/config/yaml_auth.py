@@ -34,9 +34,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from appliance.config.files import KEY_FILE_LIMIT, line_of_offset, read_bounded
 from appliance.config.problems import Problems
 from appliance.config.values import (
+    PATH_SHOWN,
     Invalid,
+    listed,
     parse_bool,
     parse_count,
     parse_network,
@@ -44,6 +47,7 @@ from appliance.config.values import (
     parse_proto,
     parse_seconds,
     parse_sequence,
+    shown,
 )
 from appliance.config.yaml_nodes import _list_of, _Map, _string
 from appliance.core.model import (
@@ -68,7 +72,7 @@ MAX_ACCESS_TIME = 7 * 86_400.0
 
 def parse_base32(value: object) -> bytes:
     if not isinstance(value, str):
-        raise Invalid(f"{value!r} is not text (expected a base32 secret)")
+        raise Invalid(f"{shown(value)} is not text (expected a base32 secret)")
     text = re.sub(r"[\s-]", "", value).upper()
     try:
         secret = base64.b32decode(text + "=" * (-len(text) % 8))
@@ -83,19 +87,19 @@ def parse_base32(value: object) -> bytes:
 
 
 def parse_port_range(value: object) -> tuple[int, int]:
-    text = str(value)
+    text = value if isinstance(value, str) else ""
     low, sep, high = text.partition("-")
     if not sep:
-        raise Invalid(f"{text!r} is not a range (expected LOW-HIGH, like 20000-40000)")
+        raise Invalid(f"{shown(value)} is not a range (expected LOW-HIGH, like 20000-40000)")
     first, last = parse_port(low.strip()), parse_port(high.strip())
     if first > last:
-        raise Invalid(f"{text!r} runs backwards (expected LOW-HIGH with LOW <= HIGH)")
+        raise Invalid(f"{shown(text)} runs backwards (expected LOW-HIGH with LOW <= HIGH)")
     return first, last
 
 
 def parse_key(value: object, *, minimum: int, maximum: int) -> bytes:
     if not isinstance(value, str):
-        raise Invalid(f"{value!r} is not text (expected base64)")
+        raise Invalid(f"{shown(value)} is not text (expected base64)")
     try:
         key = base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -115,7 +119,7 @@ def parse_totp(knock: _Map, problems: Problems) -> Totp | None:
     steps = spec.get("steps", lambda v: parse_count(v, minimum=1, maximum=32))
     period = spec.get("period", lambda v: parse_count(v, minimum=5, maximum=3600))
     ports = spec.get("ports", parse_port_range)
-    proto = spec.get("protocol", lambda v: parse_proto(str(v)))
+    proto = spec.get("protocol", lambda v: parse_proto(_string(v)))
     skew = spec.get("skew", lambda v: parse_count(v, minimum=0, maximum=MAX_TOTP_SKEW))
     if secret is None:
         return None
@@ -184,7 +188,7 @@ def check_spa_ports(doors: Sequence[Door], lines: dict[str, int], problems: Prob
             if first != door.name:
                 problems.warn(
                     lines[door.name],
-                    f"doors.{door.name}.spa.users.{user.name}",
+                    f"doors.{door.name}.spa.users.{shown(user.name, text=True)}",
                     f"door {first} on the same port has the same HMAC key: its packets "
                     "always open that door, never this one",
                 )
@@ -246,7 +250,7 @@ def _user(
         problems.error(line, where, "expected a mapping with key_base64 and hmac_key_base64")
         return None
     user = _Map(node, where, USER_KEYS, problems, line)
-    errors = len(problems.errors)
+    errors = problems.error_count
     key = user.get("key_base64", lambda v: parse_key(v, minimum=16, maximum=32))
     hmac_key = user.get("hmac_key_base64", lambda v: parse_key(v, minimum=16, maximum=128))
     if "key_file" in user.items:
@@ -278,14 +282,14 @@ def _user(
         problems.error(
             user.line_of("ports"),
             user.key("ports"),
-            f"{', '.join(beyond)} is not a port of the door (expected some of "
-            f"{', '.join(str(p) for p in open_ports.ports)})",
+            f"{listed(beyond)} is not a port of the door (expected some of "
+            f"{listed(str(p) for p in open_ports.ports)})",
         )
     max_time = user.get(
         "max_time",
         lambda v: parse_seconds(v, minimum=1.0, maximum=MAX_ACCESS_TIME, what="1 to 604800 s"),
     )
-    if key is None or hmac_key is None or len(problems.errors) != errors:
+    if key is None or hmac_key is None or problems.error_count != errors:
         return None
     return SpaUser(
         name=name,
@@ -300,11 +304,20 @@ def _user(
 def _key_file(file: str, user: _Map, problems: Problems) -> tuple[bytes | None, bytes | None]:
     """``KEY_BASE64: ...`` and ``HMAC_KEY_BASE64: ...`` lines, as ``fwknop --key-gen`` prints."""
     where = user.key("key_file")
+    name = shown(file, text=True, limit=PATH_SHOWN)
     try:
-        with open(file, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        problems.error(user.line_of("key_file"), where, f"cannot read {file}: {error}")
+        data = read_bounded(file, KEY_FILE_LIMIT)
+        lines = data.decode("utf-8").split("\n")
+    except Invalid as problem:
+        problems.error(user.line_of("key_file"), where, str(problem))
+        return None, None
+    except UnicodeDecodeError as error:
+        problems.error(
+            user.line_of("key_file"),
+            where,
+            f"{name}:{line_of_offset(data, error.start)}: not UTF-8 text (expected the output "
+            "of `knockgate keygen` or `fwknop --key-gen`)",
+        )
         return None, None
     found: dict[str, bytes | None] = {}
     for number, text in enumerate(lines, 1):
@@ -315,14 +328,14 @@ def _key_file(file: str, user: _Map, problems: Problems) -> tuple[bytes | None, 
         try:
             found[words[0]] = parse_key(words[1], minimum=16, maximum=limit)
         except Invalid as problem:
-            message = f"{file}:{number}: {words[0]} {problem}"
+            message = f"{name}:{number}: {words[0]} {problem}"
             problems.error(user.line_of("key_file"), where, message)
-    for name in ("KEY_BASE64", "HMAC_KEY_BASE64"):
-        if name not in found:
+    for key in ("KEY_BASE64", "HMAC_KEY_BASE64"):
+        if key not in found:
             problems.error(
                 user.line_of("key_file"),
                 where,
-                f"{file} has no {name} line (expected "
+                f"{name} has no {key} line (expected "
                 "the output of `knockgate keygen` or `fwknop --key-gen`)",
             )
     return found.get("KEY_BASE64"), found.get("HMAC_KEY_BASE64")

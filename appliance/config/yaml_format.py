@@ -34,14 +34,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-import yaml
 from yaml.nodes import MappingNode, Node
 
-from appliance.config.lint import lint_sequence
+from appliance.config.lint import lint_scan, lint_sequence
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
 from appliance.config.values import (
     Invalid,
+    listed,
     parse_address,
     parse_bool,
     parse_count,
@@ -53,10 +53,18 @@ from appliance.config.values import (
     parse_seconds,
     parse_sequence,
     parse_tcpflags,
+    shown,
     split_flags,
 )
 from appliance.config.yaml_auth import check_spa_ports, parse_spa, parse_totp
-from appliance.config.yaml_nodes import _choice, _line, _list_of, _Map, _plain, _string
+from appliance.config.yaml_nodes import (
+    _choice,
+    _line,
+    _list_of,
+    _Map,
+    _string,
+    compose,
+)
 from appliance.core.model import (
     DEFAULT_CMD_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
@@ -144,16 +152,10 @@ MAX_OPEN_DURATION = 7 * 86_400.0
 
 
 def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = int(mark.line) + 1 if mark is not None else 1
-        what = getattr(error, "problem", None) or str(error)
-        problems.error(line, "(yaml)", f"not valid YAML: {what}")
-        return None
+    root = compose(text, problems)
     if root is None:
-        problems.error(1, "(top)", "the file is empty (expected a mapping with doors)")
+        if not problems.error_count:
+            problems.error(1, "(top)", "the file is empty (expected a mapping with doors)")
         return None
     if not isinstance(root, MappingNode):
         problems.error(_line(root), "(top)", "expected a mapping with doors at the top level")
@@ -166,6 +168,7 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
     services = _services(top, path, problems)
     doors: list[Door] = []
     doors_map = top.mapping("doors", ())
+    problems.place("doors", top.line_of("doors"), "doors")
     if doors_map is None:
         if "doors" not in top.items:
             problems.error(top.line, "doors", "missing (expected a mapping of door names to doors)")
@@ -181,18 +184,37 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
         check_spa_ports(
             doors, {name: line for name, (_, line) in doors_map.items.items()}, problems
         )
-    if problems.errors:
+    if problems.error_count:
         return None
+    lint_scan(doors, settings.firewall.scan, _open_lines(doors_map), problems)
     return Config(path, "yaml", settings, tuple(doors), tuple(services.values()))
 
 
+def _open_lines(doors: _Map | None) -> dict[str, int]:
+    """The line of each door's ``open:`` (of the door when it has none)."""
+    lines: dict[str, int] = {}
+    for name, (node, line) in (doors.items if doors else {}).items():
+        lines[name] = line
+        if isinstance(node, MappingNode):
+            for key_node, _ in node.value:
+                if getattr(key_node, "value", None) == "open":
+                    lines[name] = _line(key_node)
+    return lines
+
+
 def _settings(top: _Map) -> Settings:
+    problems = top.problems
+    for key in ("pid_file", "status_socket", "state_dir"):
+        if key in top.items:
+            problems.place(key, top.line_of(key), key)
     interfaces = top.get("interfaces", _list_of(parse_interface)) or ()
     pid_file = top.get("pid_file", _string)
     max_attempts = top.get("max_attempts", lambda v: parse_count(v, minimum=1, maximum=10_000_000))
     log = LogSettings()
     log_map = top.mapping("log", LOG_KEYS)
     if log_map is not None:
+        if "file" in log_map.items:
+            problems.place("log.file", log_map.line_of("file"), log_map.key("file"))
         log = LogSettings(
             file=log_map.get("file", _string),
             syslog=bool(log_map.get("syslog", parse_bool)),
@@ -224,8 +246,9 @@ def _firewall(top: _Map) -> FirewallSettings:
     backend = backends.get(spec.get("backend", _choice("auto", "nftables", "iptables")), "auto")
     always_allow = spec.get("always_allow", _list_of(parse_network)) or ()
     scan: ScanPolicy | None = ScanPolicy()
-    if "scan" in spec.items and _plain(spec.items["scan"][0]) is False:
-        scan = None
+    if "scan" in spec.items and not isinstance(spec.items["scan"][0], MappingNode):
+        if spec.get("scan", _scan_off) is False:
+            scan = None
     else:
         scan_map = spec.mapping("scan", SCAN_KEYS)
         if scan_map is not None:
@@ -247,6 +270,14 @@ def _firewall(top: _Map) -> FirewallSettings:
     return FirewallSettings(backend=backend, always_allow=tuple(always_allow), scan=scan)
 
 
+def _scan_off(value: Any) -> bool:
+    if value is not False:
+        raise Invalid(
+            f"{shown(value)} is not a scan policy (expected {{ports, window, hold}} or false)"
+        )
+    return False
+
+
 def _door(
     name: str,
     node: Node,
@@ -257,8 +288,8 @@ def _door(
     path: str,
     problems: Problems,
 ) -> Door | None:
-    where = f"doors.{name}"
-    errors_before = len(problems.errors)
+    where = f"doors.{shown(name, text=True)}"
+    errors_before = problems.error_count
     try:
         parse_door_name(name)
     except Invalid as problem:
@@ -312,7 +343,7 @@ def _door(
     does_something = open_ports or close or commands.start or commands.start6
     if not does_something:
         problems.warn(door.line, where, "the door has no action: a completed knock is only logged")
-    if knock is None or len(problems.errors) != errors_before:
+    if knock is None or problems.error_count != errors_before:
         return None
     return Door(
         name=name,
@@ -413,7 +444,7 @@ def _door_service(door: _Map, services: dict[str, Service]) -> tuple[Service, fl
         return None
     node, line = door.items["service"]
     key = door.key("service")
-    known = ", ".join(services) or "none defined under services:"
+    known = listed(services) or "none defined under services:"
     duration = DEFAULT_OPEN_DURATION
     if isinstance(node, MappingNode):
         spec = _Map(node, key, DOOR_SERVICE_KEYS, door.problems, line)
@@ -432,7 +463,7 @@ def _door_service(door: _Map, services: dict[str, Service]) -> tuple[Service, fl
     if name is None:
         return None
     if name not in services:
-        door.problems.error(line, key, f"no service named {name!r} (expected one of {known})")
+        door.problems.error(line, key, f"no service named {shown(name)} (expected one of {known})")
         return None
     return services[name], duration
 
@@ -443,7 +474,7 @@ def _services(top: _Map, path: str, problems: Problems) -> dict[str, Service]:
     if catalogue is None:
         return services
     for name, (node, line) in catalogue.items.items():
-        where = f"services.{name}"
+        where = f"services.{shown(name, text=True)}"
         try:
             parse_door_name(name)
         except Invalid as problem:
@@ -460,7 +491,7 @@ def _services(top: _Map, path: str, problems: Problems) -> dict[str, Service]:
 
 def _service(name: str, spec: _Map, path: str) -> Service | None:
     problems = spec.problems
-    errors_before = len(problems.errors)
+    errors_before = problems.error_count
     image = spec.get("image", _string)
     build = spec.get("build", _string)
     if build is not None and not os.path.isabs(build):
@@ -492,7 +523,7 @@ def _service(name: str, spec: _Map, path: str) -> Service | None:
         ),
     )
     keep_warm = spec.get("keep_warm", parse_bool)
-    if len(problems.errors) != errors_before or container_port is None or host_port is None:
+    if problems.error_count != errors_before or container_port is None or host_port is None:
         return None
     default = Service(name, "", 1, 1)
     return Service(
@@ -518,20 +549,25 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
     out = []
     for key, item in value.items():
         if not isinstance(key, str) or not key or "=" in key:
-            raise Invalid(f"{key!r} is not a variable name (expected NAME: value)")
+            raise Invalid(f"{shown(key)} is not a variable name (expected NAME: value)")
         if isinstance(item, bool | int | float | str):
             out.append((key, str(item).lower() if isinstance(item, bool) else str(item)))
         else:
-            raise Invalid(f"{key}: {item!r} is not a plain value (expected text or a number)")
+            raise Invalid(
+                f"{shown(key, text=True)}: {shown(item)} is not a plain value (expected text "
+                "or a number)"
+            )
     return tuple(out)
 
 
 def _volume(value: Any) -> str:
     if not isinstance(value, str) or value.count(":") not in (1, 2):
-        raise Invalid(f"{value!r} is not a volume (expected SOURCE:TARGET or SOURCE:TARGET:ro)")
+        raise Invalid(
+            f"{shown(value)} is not a volume (expected SOURCE:TARGET or SOURCE:TARGET:ro)"
+        )
     source, target, *mode = value.split(":")
     if not source or not target.startswith("/") or mode not in ([], ["ro"], ["rw"]):
-        raise Invalid(f"{value!r} is not a volume (expected SOURCE:/TARGET[:ro|rw])")
+        raise Invalid(f"{shown(value)} is not a volume (expected SOURCE:/TARGET[:ro|rw])")
     return value
 
 

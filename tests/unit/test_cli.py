@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
@@ -357,3 +358,118 @@ def test_simulate_spa_capture_opens_once_and_refuses_the_replay(
     assert "198.18.3.50: spa: SPA from user alice accepted" in out
     assert "refused: replay" in out
     assert "1 door(s) opened" in out
+
+
+# --- check and run agree: what run refuses, check refuses, with the same line -----
+
+KEYS = (
+    f"key_base64: {base64.b64encode(b'k' * 32).decode()}, "
+    f"hmac_key_base64: {base64.b64encode(b'h' * 32).decode()}"
+)
+HOSTILE = {
+    "log_file_in_a_missing_directory": "log: {file: /nonexistent/knockgate.log}\n",
+    "log_file_that_is_a_directory": "log: {file: {tmp}}\n",
+    "pid_file_in_a_missing_directory": "pid_file: /nonexistent/knockgate.pid\n",
+    "status_socket_too_long": "status_socket: /tmp/" + "s" * 110 + "\n",
+    "status_socket_under_a_file": "status_socket: {tmp}/file/status.sock\n",
+    "state_dir_under_a_file_with_spa": "state_dir: {tmp}/file/state\n"
+    "doors:\n  spa:\n    spa: {users: {a: {" + KEYS + "}}}\n    open: {ports: [22/tcp]}\n",
+    "zone_target": "doors:\n  d:\n    knock: {sequence: [7113, 2231, 9157], "
+    "target: 'fe80::1%eth0'}\n",
+    "alias_bomb": "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+    + "".join(
+        f"a{i}: &a{i} [{', '.join(['*a' + (str(i - 1) if i else '')] * 10)}]\n" for i in range(6)
+    ),
+    "explicit_tag": "max_attempts: !!python/object/apply:os.system ['true']\n",
+    "key_file_dev_zero": "doors:\n  spa:\n    spa: {users: {a: {key_file: /dev/zero}}}\n"
+    "    open: {ports: [22/tcp]}\n",
+    "huge_integer": "max_attempts: " + "9" * 5000 + "\n",
+    "capture_filter_too_long": "doors:\n"
+    + "".join(
+        f"  d{n}:\n    knock: {{sequence: {[10_000 + n * 30 + (i * 7) % 30 for i in range(30)]}}}\n"
+        for n in range(40)
+    ),
+}
+SHARED_DOOR = (
+    "doors:\n  ssh:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n    open: {ports: [22]}\n"
+)
+
+
+def hostile_config(tmp_path: Path, case: str) -> str:
+    (tmp_path / "file").write_text("")
+    body = HOSTILE[case].replace("{tmp}", str(tmp_path))
+    if "status_socket" not in body:
+        body = f"status_socket: {tmp_path}/run/status.sock\n" + body
+    if "doors:" not in body:
+        body += SHARED_DOOR
+    return write(tmp_path, "k.yaml", body)
+
+
+@pytest.fixture
+def no_firewall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run`` must refuse before it chooses a backend or configures logging."""
+
+    def touched(*args: object, **kwargs: object) -> None:
+        raise AssertionError("run touched the firewall (or the log) before refusing")
+
+    monkeypatch.setattr("appliance.firewall.choose.choose_backend", touched)
+    monkeypatch.setattr("appliance.runtime.logs.configure", touched)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_check_and_run_refuse_the_same_file_with_the_same_line(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str], no_firewall: None
+) -> None:
+    config = hostile_config(tmp_path, case)
+    assert main(["check", config]) == 2
+    checked = capsys.readouterr()
+    assert main(["run", "--config", config]) == 2
+    ran = capsys.readouterr()
+    assert (checked.out, ran.out) == ("", "")
+    assert checked.err == ran.err
+    (line,) = checked.err.splitlines()
+    assert line.startswith(f"{config}:") and "Traceback" not in line
+    assert len(line) < 500
+
+
+@pytest.mark.parametrize("case", ["alias_bomb", "log_file_in_a_missing_directory", "zone_target"])
+def test_check_refuses_hostile_files_with_exit_2_one_line_no_traceback(
+    tmp_path: Path, case: str
+) -> None:
+    result = run("check", hostile_config(tmp_path, case))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_run_reports_command_line_overrides_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_firewall: None
+) -> None:
+    config = hostile_config(tmp_path, "state_dir_under_a_file_with_spa")
+    args = ["run", "--config", config, "--status-socket", "/tmp/" + "s" * 110]
+    assert main([*args, "--state-dir", f"{tmp_path}/file"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"command line: --status-socket: /tmp/{'s' * 110} is 115 bytes long (expected at most "
+        "107 bytes: the limit of a Unix socket's path)",
+        f"command line: --state-dir: {tmp_path}/file is not a directory (expected a directory "
+        "it can create or write: SPA and TOTP doors record used packets there)",
+    ]
+
+
+def test_client_commands_do_not_check_the_daemons_paths(tmp_path: Path) -> None:
+    """knock --config runs on a client machine: no /var/log/knockgate there."""
+    config = hostile_config(tmp_path, "log_file_in_a_missing_directory")
+    result = run("knock", "127.0.0.1", "--door", "ssh", "--config", config, "-d", "0")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("config", ["/dev/zero", "/nonexistent/knockgate.yaml"])
+def test_check_and_run_refuse_an_unreadable_config_alike(
+    config: str, capsys: pytest.CaptureFixture[str], no_firewall: None
+) -> None:
+    assert main(["check", config]) == 2
+    checked = capsys.readouterr().err
+    assert main(["run", "--config", config]) == 2
+    assert capsys.readouterr().err == checked
+    (line,) = checked.splitlines()
+    assert line.startswith(f"{config}:0: (file): ")

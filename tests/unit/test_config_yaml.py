@@ -414,3 +414,67 @@ def test_service_errors(tmp_path: Path, old: str, new: str, key: str, message: s
     assert any(f": {key}: " in p and message in p for p in caught.value.problems), (
         caught.value.problems
     )
+
+
+SCAN_DOOR = """\
+firewall: {scan: {ports: 4, window: 3, hold: 90}}
+doors:
+  web:
+    knock: {sequence: [7113, 2231, 9157]}
+    open:
+      ports: [80, 443, 8080, 8443, 9000/udp, 9000/tcp]
+"""
+
+
+def test_a_door_opening_more_ports_than_the_scan_detector_allows_warns(tmp_path: Path) -> None:
+    path = write(tmp_path, SCAN_DOOR)
+    assert load_config(path).warnings == (
+        f"{path}:5: doors.web.open: warning: opens 5 ports, more than firewall.scan.ports (4): "
+        "a client that connects to all of them within 3 s (firewall.scan.window) is held off "
+        "as a port scanner for 90 s (firewall.scan.hold) and its next knock is refused "
+        "(expected at most 4 ports, or a larger firewall.scan.ports)",
+    )
+
+
+def test_a_door_opening_as_many_ports_as_the_scan_detector_allows_warns(tmp_path: Path) -> None:
+    path = write(tmp_path, SCAN_DOOR.replace("8443, ", ""))
+    assert load_config(path).warnings == (
+        f"{path}:5: doors.web.open: warning: opens 4 ports, as many as firewall.scan.ports (4): "
+        "a client that connects to all of them and to one more new port of this host within "
+        "3 s (firewall.scan.window) is held off as a port scanner for 90 s (firewall.scan.hold) "
+        "and its next knock is refused (expected fewer than 4 ports, or a larger "
+        "firewall.scan.ports)",
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("{scan: {ports: 4, window: 3, hold: 90}}", "{scan: false}"),  # no detector
+        ("ports: 4,", "ports: 6,"),  # room for one more
+        ("ports: [80, 443, 8080, 8443, 9000/udp, 9000/tcp]", "ports: [80, 443, 8080]"),
+    ],
+)
+def test_doors_within_the_scan_detector_do_not_warn(
+    tmp_path: Path, change: tuple[str, str]
+) -> None:
+    assert change[0] in SCAN_DOOR
+    assert load_config(write(tmp_path, SCAN_DOOR.replace(*change))).warnings == ()
+
+
+def test_the_default_scan_policy_is_what_the_warning_names(tmp_path: Path) -> None:
+    ports = ", ".join(str(port) for port in range(8000, 8011))
+    body = SCAN_DOOR.split("\n", 1)[1]  # no firewall: the defaults
+    path = write(tmp_path, body.replace("80, 443, 8080, 8443, 9000/udp, 9000/tcp", ports))
+    (warning,) = load_config(path).warnings
+    assert warning.startswith(
+        f"{path}:4: doors.web.open: warning: opens 11 ports, more than firewall.scan.ports "
+        "(10): a client that connects to all of them within 2 s (firewall.scan.window) is held "
+        "off as a port scanner for 60 s (firewall.scan.hold)"
+    )
+
+
+def test_a_service_door_is_not_counted_by_the_scan_detector(tmp_path: Path) -> None:
+    """Docker forwards a published port past the input chain the detector counts in."""
+    body = SERVICES.replace("doors:\n", "firewall: {scan: {ports: 2}}\ndoors:\n")
+    assert not any("firewall.scan" in w for w in load_config(write(tmp_path, body)).warnings)
