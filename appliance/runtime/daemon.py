@@ -86,6 +86,7 @@ from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.logs import configure, flush_noise, log_command
+from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.services import ServiceManager
 from appliance.runtime.state import COMPACT_EVERY, Saved, StateStore
 from appliance.runtime.status import StatusServer
@@ -141,6 +142,10 @@ class Overrides:
 
     status_socket: str | None = None
     state_dir: str | None = None
+
+    def options(self) -> dict[str, str]:
+        """The settings given on the command line, by option (for preflight's messages)."""
+        return command_line(status_socket=self.status_socket, state_dir=self.state_dir)
 
     def apply(self, loaded: Loaded) -> Loaded:
         if self.status_socket is None and self.state_dir is None:
@@ -660,6 +665,9 @@ class Daemon:
     def _reload(self) -> None:
         try:
             loaded = self.overrides.apply(load_config(self.config.path))
+            # What `run` would refuse at start (an unwritable log, a filter the kernel
+            # cannot take, ...) is refused here too, before anything is touched.
+            preflight(loaded, overridden=self.overrides.options())
         except KnockgateError as error:
             self.stats.reload_failures += 1
             log.error(
