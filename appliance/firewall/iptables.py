@@ -9,7 +9,8 @@ are the only rules added to chains knockgate does not own::
                       -p tcp|udp, ct state NEW            KNOCKGATE-SCAN   (only with a ScanPolicy)
                       -p tcp, --dports <protected tcp>    KNOCKGATE-GATE   (≤ 15 ports a rule)
                       -p udp, --dports <protected udp>    KNOCKGATE-GATE
-      KNOCKGATE-SCAN  (src, dport) in seen4               RETURN
+      KNOCKGATE-SCAN  -p tcp|udp, --dports <knock ports>  RETURN   (a door's knock is no scan)
+                      (src, dport) in seen4               RETURN
                       add (src, dport) to seen4           (entries live <window> s)
                       hashlimit above R/s burst B by src  add src to held4 (lives <hold> s)
       KNOCKGATE-GATE  ct state ESTABLISHED,RELATED        RETURN
@@ -416,6 +417,22 @@ def _chunks(ports: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
         yield ports[start : start + MULTIPORT_MAX]
 
 
+def multiport_lists(ranges: Iterable[tuple[int, int]]) -> Iterable[str]:
+    """``--dports`` lists of at most 15 slots, as ``iptables -S`` prints them: a port
+    takes one slot, a range ``low:high`` two."""
+    items: list[str] = []
+    used = 0
+    for low, high in ranges:
+        item, cost = (str(low), 1) if low == high else (f"{low}:{high}", 2)
+        if used + cost > MULTIPORT_MAX:
+            yield ",".join(items)
+            items, used = [], 0
+        items.append(item)
+        used += cost
+    if items:
+        yield ",".join(items)
+
+
 def rule_lines(names: Names, plan: FirewallPlan, version: Version) -> list[str]:
     """The ``-A`` rules of the ``filter`` chains, exactly as ``iptables -S`` prints them."""
     chain, scan, gate, forward, service = names.chains
@@ -428,6 +445,12 @@ def rule_lines(names: Names, plan: FirewallPlan, version: Version) -> list[str]:
             dports = ",".join(str(port) for port in chunk)
             rules.append(f"-A {chain} -p {proto} -m multiport --dports {dports} -j {gate}")
     if plan.scan is not None:
+        # The doors' own knock ports first: a long knock is not a scan.
+        for proto in ("tcp", "udp"):
+            rules += [
+                f"-A {scan} -p {proto} -m multiport --dports {dports} -j RETURN"
+                for dports in multiport_lists(plan.knock_ranges(proto))
+            ]
         limits = scan_limits(plan.scan)
         seen, held = names.set("seen", version), names.set("held", version)
         rules += [

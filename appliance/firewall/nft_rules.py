@@ -62,7 +62,14 @@ def _scan_sets(scan: ScanPolicy) -> list[tuple[str, str]]:
         ("scan_rate6", f"type ipv6_addr; {flags} timeout {window};"),
         ("held4", f"type ipv4_addr; {flags} timeout {hold};"),
         ("held6", f"type ipv6_addr; {flags} timeout {hold};"),
+        # The doors' own knock ports: never counted (a long knock is not a scan).
+        ("knock_tcp", "type inet_service; flags interval;"),
+        ("knock_udp", "type inet_service; flags interval;"),
     ]
+
+
+def _ranges(ranges: tuple[tuple[int, int], ...]) -> tuple[str, ...]:
+    return tuple(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
 
 
 def setup_script(plan: FirewallPlan) -> str:
@@ -95,17 +102,25 @@ def setup_script(plan: FirewallPlan) -> str:
         lines.append(f"add set {t} {name} {{ {spec} }}")
         lines.append(f"delete set {t} {name}")
         lines.append(f"add set {t} {name} {{ {spec} }}")
-    for name, items in (
-        ("protected_tcp", plan.ports("tcp")),
-        ("protected_udp", plan.ports("udp")),
+    elements: list[tuple[str, tuple[str, ...]]] = [
+        ("protected_tcp", tuple(map(str, plan.ports("tcp")))),
+        ("protected_udp", tuple(map(str, plan.ports("udp")))),
         ("allow4", plan.networks(4)),
         ("allow6", plan.networks(6)),
-    ):
+    ]
+    if plan.scan is not None:
+        elements += [
+            ("knock_tcp", _ranges(plan.knock_ranges("tcp"))),
+            ("knock_udp", _ranges(plan.knock_ranges("udp"))),
+        ]
+    for name, items in elements:
         if items:
             lines.append(f"add element {t} {name} {_elements(items)}")
     lines.append(f'add rule {t} input iif "lo" accept')
     if plan.scan is not None:
         lines.append(f"add rule {t} input ct state new meta l4proto {{ tcp, udp }} jump scan")
+        lines.append(f"add rule {t} scan meta l4proto tcp tcp dport @knock_tcp return")
+        lines.append(f"add rule {t} scan meta l4proto udp udp dport @knock_udp return")
         burst = plan.scan.ports
         rate = max(1, math.ceil(plan.scan.ports / plan.scan.window))
         for version, saddr in ((4, "ip saddr"), (6, "ip6 saddr")):

@@ -8,7 +8,7 @@ import pytest
 
 from appliance.core.model import Step
 from appliance.errors import FirewallError
-from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
+from appliance.firewall import FirewallPlan, GrantEntry, PortRange, ScanPolicy
 from appliance.firewall.iptables import (
     IptablesBackend,
     SetHeader,
@@ -23,6 +23,7 @@ from appliance.firewall.iptables import (
     ipset_setup_batch,
     make_names,
     mark_rule_lines,
+    multiport_lists,
     parse_grants,
     parse_set_headers,
     restore_text,
@@ -37,8 +38,16 @@ PLAN = FirewallPlan(
     protected=(Step(8080, "tcp"), Step(22, "tcp"), Step(5353, "udp"), Step(22, "tcp")),
     always_allow=("198.18.50.0/24", "2001:2:0:1::/64"),
     scan=ScanPolicy(ports=10, window=2.0, hold=60.0),
+    knock=(
+        PortRange("tcp", 7113, 7113),
+        PortRange("udp", 2231, 2231),
+        PortRange("tcp", 20000, 29999),
+        PortRange("tcp", 9157, 9157),
+    ),
 )
-NO_SCAN = FirewallPlan(protected=PLAN.protected, always_allow=PLAN.always_allow, scan=None)
+NO_SCAN = FirewallPlan(
+    protected=PLAN.protected, always_allow=PLAN.always_allow, scan=None, knock=PLAN.knock
+)
 
 RESTORE_V4 = """\
 *filter
@@ -52,6 +61,8 @@ RESTORE_V4 = """\
 -A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
 -A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
 -A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
+-A KNOCKGATE-SCAN -p tcp -m multiport --dports 7113,9157,20000:29999 -j RETURN
+-A KNOCKGATE-SCAN -p udp -m multiport --dports 2231 -j RETURN
 -A KNOCKGATE-SCAN -m set --match-set knockgate-seen4 src,dst -j RETURN
 -A KNOCKGATE-SCAN -j SET --add-set knockgate-seen4 src,dst --exist
 -A KNOCKGATE-SCAN -m hashlimit --hashlimit-above 5/sec --hashlimit-burst 10 --hashlimit-mode srcip --hashlimit-name knockgate-scan4-b10r5e2000 --hashlimit-htable-expire 2000 -j SET --add-set knockgate-held4 src
@@ -88,6 +99,8 @@ RESTORE_V6 = """\
 -A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
 -A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
 -A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
+-A KNOCKGATE-SCAN -p tcp -m multiport --dports 7113,9157,20000:29999 -j RETURN
+-A KNOCKGATE-SCAN -p udp -m multiport --dports 2231 -j RETURN
 -A KNOCKGATE-SCAN -m set --match-set knockgate-seen6 src,dst -j RETURN
 -A KNOCKGATE-SCAN -j SET --add-set knockgate-seen6 src,dst --exist
 -A KNOCKGATE-SCAN -m hashlimit --hashlimit-above 5/sec --hashlimit-burst 10 --hashlimit-mode srcip --hashlimit-name knockgate-scan6-b10r5e2000 --hashlimit-htable-expire 2000 -j SET --add-set knockgate-held6 src
@@ -292,6 +305,35 @@ def test_multiport_lists_hold_at_most_15_ports() -> None:
         + " -j KNOCKGATE-GATE",
         "-A KNOCKGATE -p tcp -m multiport --dports 115,116,117,118,119 -j KNOCKGATE-GATE",
     ]
+
+
+def test_long_knock_is_not_counted_as_a_scan() -> None:
+    """The doors' knock ports return from the scan chain before the seen set and the
+    rate meter count them: a knock longer than scan.ports, sent fast, is no scan."""
+    plan = FirewallPlan(
+        protected=(),
+        knock=tuple(PortRange("tcp", port, port) for port in range(7000, 7032, 2)),
+    )
+    scan = chain_rules(rule_lines(NAMES, plan, 4), "KNOCKGATE-SCAN")
+    ports = [str(port) for port in range(7000, 7032, 2)]
+    assert scan[:2] == [
+        f"-A KNOCKGATE-SCAN -p tcp -m multiport --dports {','.join(ports[:15])} -j RETURN",
+        f"-A KNOCKGATE-SCAN -p tcp -m multiport --dports {ports[15]} -j RETURN",
+    ]
+    assert scan[2] == "-A KNOCKGATE-SCAN -m set --match-set knockgate-seen4 src,dst -j RETURN"
+
+
+def test_multiport_lists_count_a_range_as_two_of_fifteen_slots() -> None:
+    singles = [(port, port) for port in range(100, 114)]  # 14 slots
+    assert list(multiport_lists([*singles, (200, 299)])) == [
+        ",".join(str(port) for port in range(100, 114)),
+        "200:299",
+    ]
+    assert list(multiport_lists([*singles, (150, 150)])) == [
+        ",".join(str(port) for port in [*range(100, 114), 150])
+    ]
+    assert list(multiport_lists([(1, 2)] * 8)) == [",".join(["1:2"] * 7), "1:2"]
+    assert list(multiport_lists([])) == []
 
 
 def test_scan_limits_round_to_what_ipset_and_hashlimit_take() -> None:

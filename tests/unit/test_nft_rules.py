@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance.core.model import ScanPolicy, Step
-from appliance.firewall import FirewallPlan
+from appliance.firewall import FirewallPlan, PortRange
 from appliance.firewall.nft_rules import (
     grant_script,
     revoke_script,
@@ -18,6 +18,13 @@ PLAN = FirewallPlan(
     (Step(22, "tcp"), Step(2222, "tcp"), Step(53, "udp")),
     ("198.18.9.0/24", "2001:2::/64"),
     ScanPolicy(10, 2.0, 60.0),
+    knock=(
+        PortRange("tcp", 7113, 7113),
+        PortRange("udp", 2231, 2231),
+        PortRange("tcp", 20000, 29999),
+        PortRange("tcp", 7114, 7114),
+        PortRange("udp", 62201, 62201),
+    ),
 )
 
 
@@ -32,10 +39,27 @@ def test_setup_keeps_grant_sets_and_rebuilds_everything_else() -> None:
     assert lines.count("delete set inet knockgate held4") == 1
 
 
+def test_long_knock_is_not_counted_as_a_scan() -> None:
+    """A door's knock ports return from the scan chain before anything is counted, so
+    a sequence of more than scan.ports ports sent fast does not hold its knocker off."""
+    lines = setup_script(PLAN).splitlines()
+    scan = [line for line in lines if line.startswith("add rule inet knockgate scan ")]
+    assert scan[:2] == [
+        "add rule inet knockgate scan meta l4proto tcp tcp dport @knock_tcp return",
+        "add rule inet knockgate scan meta l4proto udp udp dport @knock_udp return",
+    ]
+    assert "add element inet knockgate knock_tcp { 7113-7114, 20000-29999 }" in lines
+    assert "add element inet knockgate knock_udp { 2231, 62201 }" in lines
+    without = setup_script(FirewallPlan(PLAN.protected, PLAN.always_allow, PLAN.scan))
+    assert "add element inet knockgate knock_" not in without  # an empty set, still there
+    assert "knock_tcp return" in without
+
+
 def test_setup_without_scan_detection_has_no_scan_rules() -> None:
-    script = setup_script(FirewallPlan((Step(22, "tcp"),), (), None))
+    script = setup_script(FirewallPlan((Step(22, "tcp"),), (), None, PLAN.knock))
     assert "jump scan" not in script
     assert "held4" not in script
+    assert "knock_tcp" not in script
     assert "add element inet knockgate protected_tcp { 22 }" in script
     assert "protected_udp {" not in script.split("add element", 1)[1]
 
