@@ -9,7 +9,8 @@ are the only rules added to chains knockgate does not own::
                       -p tcp|udp, ct state NEW            KNOCKGATE-SCAN   (only with a ScanPolicy)
                       -p tcp, --dports <protected tcp>    KNOCKGATE-GATE   (≤ 15 ports a rule)
                       -p udp, --dports <protected udp>    KNOCKGATE-GATE
-      KNOCKGATE-SCAN  (src, dport) in seen4               RETURN
+      KNOCKGATE-SCAN  -p tcp|udp, --dports <knock ports>  RETURN   (a door's knock is no scan)
+                      (src, dport) in seen4               RETURN
                       add (src, dport) to seen4           (entries live <window> s)
                       hashlimit above R/s burst B by src  add src to held4 (lives <hold> s)
       KNOCKGATE-GATE  ct state ESTABLISHED,RELATED        RETURN
@@ -69,6 +70,7 @@ them.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
 import shlex
@@ -82,6 +84,8 @@ from appliance.core.model import Proto, Step
 from appliance.errors import FirewallError
 from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
 
+log = logging.getLogger("knockgate.firewall")
+
 Version = Literal[4, 6]
 SetKind = Literal["grants", "allow", "seen", "held", "direct"]
 
@@ -92,6 +96,9 @@ MULTIPORT_MAX = 15  # ports in one ``-m multiport --dports`` list
 IPSET_MAX_TIMEOUT = 2_147_483  # seconds: the largest timeout ipset accepts
 PREFIX_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,18}")  # chain ≤ 28, set name ≤ 31
 DESTROY_RETRIES = 5  # an ipset whose last rule just went may be busy for a moment
+# Grants carried into a rebuilt grants set lose this much more than the time spent
+# reading them (the restore runs after their timeouts are written).
+CARRY_MARGIN = 0.05  # seconds
 # A connection whose first packet matched a grant, before a DNAT rewrote its port
 # (the nftables backend's GRANTED_MARK).
 GRANTED_MARK = "0x4b000000"
@@ -218,6 +225,10 @@ class SetHeader:
     family: str
     timeout: int | None  # None: the set has no timeout support
 
+    def __str__(self) -> str:
+        timeout = "no timeout" if self.timeout is None else f"timeout {self.timeout}"
+        return f"{self.type} family {self.family or '-'} {timeout}"
+
 
 @dataclass(frozen=True, slots=True)
 class SetSpec:
@@ -297,15 +308,20 @@ def ipset_setup_batch(
     plan: FirewallPlan,
     existing: Mapping[str, SetHeader],
     direct: Sequence[tuple[str, Step]] = (),
+    carried: Sequence[GrantEntry] = (),
 ) -> str:
     """The ``ipset restore`` input that brings the sets in line with ``plan``.
 
-    Missing sets are created; a set whose type, family or timeout differs is
-    rebuilt under a temporary name and swapped in (swap works while rules use
-    it); the allow sets are refilled the same way, so the swap is their only
-    visible change. Grants in a matching grants set are kept, and so are the
-    entries of a matching direct set; a direct set that is created or rebuilt
-    gets ``direct`` (what :meth:`IptablesBackend.set_direct` last set).
+    Missing sets are created; a set whose timeout differs is rebuilt under a
+    temporary name and swapped in (swap works while rules use it, but only
+    between sets of one type and family); a set of another type or family is
+    destroyed and created again (it cannot be in use: whoever made it had to
+    remove knockgate's rules that used the old one to destroy that). The allow
+    sets are refilled by a swap, so the swap is their only visible change.
+    Grants in a matching grants set are kept, and so are the entries of a
+    matching direct set; a grants set that is created or rebuilt gets
+    ``carried`` (:func:`carried_grants`), a direct set ``direct`` (what
+    :meth:`IptablesBackend.set_direct` last set).
     """
     lines: list[str] = []
     for version in VERSIONS:
@@ -317,9 +333,21 @@ def ipset_setup_batch(
                 elements = allow_elements(plan, version)
             elif spec.name == names.set("direct", version):
                 elements = direct_elements(direct, version)
+            elif spec.name == names.set("grants", version):
+                elements = tuple(
+                    f"{_element(g.address, g.step)} timeout {grant_timeout(g.expires_in)}"
+                    for g in carried
+                    if _ip(g.address).version == version
+                )
             else:
                 elements = ()
             current = existing.get(spec.name)
+            if current is not None and (current.type, current.family) != (
+                spec.header.type,
+                spec.header.family,
+            ):
+                lines.append(f"destroy {spec.name}")
+                current = None
             if current is None:
                 lines.append(spec.create())
                 lines.extend(f"add {spec.name} {element}" for element in elements)
@@ -328,6 +356,35 @@ def ipset_setup_batch(
                 lines.extend(f"add {tmp} {element}" for element in elements)
                 lines += [f"swap {tmp} {spec.name}", f"destroy {tmp}"]
     return "".join(line + "\n" for line in lines)
+
+
+def carried_grants(save_text: str, spent: float) -> list[GrantEntry]:
+    """The grants of a replaced grants set (``ipset save`` of it) worth keeping: those
+    with a timeout, each for the whole seconds left after ``spent`` (never longer; an
+    element without a timeout would never expire, so it is dropped: fail closed)."""
+    carried = []
+    for entry in parse_grants(save_text):
+        left = math.floor(entry.expires_in - spent)
+        if entry.expires_in > 0 and left >= 1:
+            carried.append(GrantEntry(entry.address, entry.step, float(left)))
+    return carried
+
+
+def set_problems(
+    names: Names, plan: FirewallPlan | None, headers: Mapping[str, SetHeader]
+) -> list[str]:
+    """Which of knockgate's sets are missing or (after ``setup``, so with a plan)
+    have another type, family or timeout than ``plan`` gives them."""
+    problems = []
+    for version in VERSIONS:
+        specs = set_specs(names, plan or FirewallPlan(protected=()), version)
+        for spec in specs:
+            header = headers.get(spec.name)
+            if header is None:
+                problems.append(f"ipset: no set {spec.name}")
+            elif plan is not None and header != spec.header:
+                problems.append(f"ipset: {spec.name} is {header}, not {spec.header}")
+    return problems
 
 
 def direct_elements(entries: Sequence[tuple[str, Step]], version: Version) -> tuple[str, ...]:
@@ -397,12 +454,18 @@ def parse_grants(save_text: str) -> list[GrantEntry]:
         options = dict(zip(words[3::2], words[4::2], strict=False))
         if proto not in ("tcp", "udp") or not port.isdigit():
             continue
+        try:  # a set of another type (hash:net,port: 198.18.0.0/24) is not ours to read
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue
         step_proto: Proto = "tcp" if proto == "tcp" else "udp"
         entries.append(
             GrantEntry(
-                address=str(ipaddress.ip_address(address)),
+                address=str(ip),
                 step=Step(int(port), step_proto),
-                expires_in=float(options.get("timeout", "0")),
+                expires_in=float(options["timeout"])
+                if options.get("timeout", "").isdigit()
+                else 0.0,
             )
         )
     return entries
@@ -414,6 +477,22 @@ def parse_grants(save_text: str) -> list[GrantEntry]:
 def _chunks(ports: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
     for start in range(0, len(ports), MULTIPORT_MAX):
         yield ports[start : start + MULTIPORT_MAX]
+
+
+def multiport_lists(ranges: Iterable[tuple[int, int]]) -> Iterable[str]:
+    """``--dports`` lists of at most 15 slots, as ``iptables -S`` prints them: a port
+    takes one slot, a range ``low:high`` two."""
+    items: list[str] = []
+    used = 0
+    for low, high in ranges:
+        item, cost = (str(low), 1) if low == high else (f"{low}:{high}", 2)
+        if used + cost > MULTIPORT_MAX:
+            yield ",".join(items)
+            items, used = [], 0
+        items.append(item)
+        used += cost
+    if items:
+        yield ",".join(items)
 
 
 def rule_lines(names: Names, plan: FirewallPlan, version: Version) -> list[str]:
@@ -428,6 +507,12 @@ def rule_lines(names: Names, plan: FirewallPlan, version: Version) -> list[str]:
             dports = ",".join(str(port) for port in chunk)
             rules.append(f"-A {chain} -p {proto} -m multiport --dports {dports} -j {gate}")
     if plan.scan is not None:
+        # The doors' own knock ports first: a long knock is not a scan.
+        for proto in ("tcp", "udp"):
+            rules += [
+                f"-A {scan} -p {proto} -m multiport --dports {dports} -j RETURN"
+                for dports in multiport_lists(plan.knock_ranges(proto))
+            ]
         limits = scan_limits(plan.scan)
         seen, held = names.set("seen", version), names.set("held", version)
         rules += [
@@ -629,14 +714,19 @@ class IptablesBackend:
     def _listing(self, version: Version, table: str = "filter") -> list[str]:
         return self._run([_iptables(version), "-w", "-t", table, "-S"]).stdout.splitlines()
 
-    def _set_names(self) -> set[str]:
-        return set(self._run(["ipset", "list", "-n"]).stdout.split())
-
     # the protocol
 
     def setup(self, plan: FirewallPlan) -> None:
+        started = time.monotonic()
         existing = parse_set_headers(self._run(["ipset", "list", "-t"]).stdout)
-        batch = ipset_setup_batch(self.names, plan, existing, self._direct)
+        saved = []  # the elements of grants sets that must be rebuilt
+        for version in VERSIONS:
+            spec = set_specs(self.names, plan, version)[SET_KINDS.index("grants")]
+            if spec.name in existing and existing[spec.name] != spec.header:
+                saved.append(self._run(["ipset", "save", spec.name]).stdout)
+        spent = time.monotonic() - started + CARRY_MARGIN
+        carried = [grant for text in saved for grant in carried_grants(text, spent)]
+        batch = ipset_setup_batch(self.names, plan, existing, self._direct, carried)
         self._run(["ipset", "restore"], stdin=batch)
         for version in VERSIONS:
             self._run(
@@ -725,19 +815,26 @@ class IptablesBackend:
             raise
 
     def check(self) -> bool:
-        """All sets, chains and jumps in place (and, after ``setup``, the rules).
+        """All sets, chains and jumps in place (and, after ``setup``, the rules and the
+        sets' type, family and timeout: a set destroyed or replaced is noticed).
 
         False also while the forward jump is not where :func:`forward_anchor` says
         (Docker started or re-created ``DOCKER-USER``): ``setup`` moves it.
         """
-        if not set(self.names.all_sets()) <= self._set_names():
-            return False
+        headers = parse_set_headers(self._run(["ipset", "list", "-t"]).stdout)
+        problems = set_problems(self.names, self._plan, headers)
         for version in VERSIONS:
             filter_listing = self._listing(version)
             mangle_listing = self._listing(version, "mangle")
-            if structure_problems(self.names, self._plan, version, filter_listing, mangle_listing):
-                return False
-        return True
+            problems += [
+                f"IPv{version} {problem}"
+                for problem in structure_problems(
+                    self.names, self._plan, version, filter_listing, mangle_listing
+                )
+            ]
+        if problems and self._plan is not None:  # (without a setup: nothing to compare)
+            log.warning("iptables: knockgate's rules are not as set up: %s", "; ".join(problems))
+        return not problems
 
     def teardown(self) -> None:
         """Undo everything, one guarded step at a time; report what failed at the end.

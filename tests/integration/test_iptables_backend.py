@@ -37,7 +37,7 @@ import pytest
 
 from appliance.core.model import Step
 from appliance.errors import FirewallError
-from appliance.firewall import FirewallPlan, ScanPolicy
+from appliance.firewall import FirewallPlan, PortRange, ScanPolicy
 from appliance.firewall.iptables import IptablesBackend
 from tests.integration.conftest import require
 
@@ -53,7 +53,15 @@ UDP_PORT = 5353  # protected, an echo server behind it
 OPEN_UDP_PORT = 5354  # not protected, nothing listening: ICMP port unreachable
 WEB = Step(TCP_PORT, "tcp")
 ECHO = Step(UDP_PORT, "udp")
-PLAN = FirewallPlan(protected=(WEB, ECHO), scan=ScanPolicy(ports=10, window=2.0, hold=60.0))
+# The doors' knock ports (not counted by the scan detector): 16 TCP, a TCP range, one UDP.
+KNOCK = (
+    *(PortRange("tcp", port, port) for port in range(7001, 7032, 2)),
+    PortRange("tcp", 20000, 20999),
+    PortRange("udp", 7004, 7004),
+)
+PLAN = FirewallPlan(
+    protected=(WEB, ECHO), scan=ScanPolicy(ports=10, window=2.0, hold=60.0), knock=KNOCK
+)
 CONTAINER = "198.18.78.2"
 CONTAINER6 = "2001:2:0:78::2"
 PUBLISHED = Step(2222, "tcp")  # DNATed to the container's SSH
@@ -111,6 +119,20 @@ with socket.socket(family, kind) as sock:
         print("refused")
     except TimeoutError:
         print("timeout")
+"""
+
+# TCP knocks from one address, as fast as the resets come back (well within 2 s).
+KNOCKS_SCRIPT = r"""
+import socket, sys
+src, dst, ports = sys.argv[1], sys.argv[2], [int(port) for port in sys.argv[3:]]
+for port in ports:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        sock.bind((src, 0))
+        try:
+            sock.connect((dst, port))
+        except OSError:
+            pass
 """
 
 _TESTS = itertools.count()
@@ -449,6 +471,22 @@ def test_scan_holds_the_scanner_not_the_knocker(lab: Lab, gate: IptablesBackend)
     assert gate.is_held(CLIENT)
     assert not gate.is_held(SECOND)
     assert not gate.is_held(CLIENT6)
+
+
+def test_long_knock_is_not_counted_as_a_scan(lab: Lab, gate: IptablesBackend) -> None:
+    """19 knock ports (two multiport rules and a range) in well under a second: no hold;
+    the same count of other ports is a scan."""
+    assert lab.rules("KNOCKGATE-SCAN")[:2] == [
+        "-A KNOCKGATE-SCAN -p tcp -m multiport --dports 7001,7003,7005,7007,7009,7011,7013,"
+        "7015,7017,7019,7021,7023,7025,7027,7029 -j RETURN",
+        "-A KNOCKGATE-SCAN -p tcp -m multiport --dports 7031,20000:20999 -j RETURN",
+    ]
+    knocks = [*range(7001, 7032, 2), 20000, 20500, 20999]
+    lab.run(lab.client_ns, [sys.executable, "-c", KNOCKS_SCRIPT, SECOND, SERVER, *map(str, knocks)])
+    assert not gate.is_held(SECOND)
+    others = [*range(1001, 1032, 2), 21000, 21500, 21999]
+    lab.run(lab.client_ns, [sys.executable, "-c", KNOCKS_SCRIPT, CLIENT, SERVER, *map(str, others)])
+    assert gate.is_held(CLIENT)
 
 
 def test_no_scan_policy_holds_nobody(lab: Lab) -> None:

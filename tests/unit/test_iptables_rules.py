@@ -8,12 +8,13 @@ import pytest
 
 from appliance.core.model import Step
 from appliance.errors import FirewallError
-from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
+from appliance.firewall import FirewallPlan, GrantEntry, PortRange, ScanPolicy
 from appliance.firewall.iptables import (
     IptablesBackend,
     SetHeader,
     Version,
     allow_elements,
+    carried_grants,
     chain_rules,
     direct_batch,
     direct_elements,
@@ -23,12 +24,14 @@ from appliance.firewall.iptables import (
     ipset_setup_batch,
     make_names,
     mark_rule_lines,
+    multiport_lists,
     parse_grants,
     parse_set_headers,
     restore_text,
     revoke_batch,
     rule_lines,
     scan_limits,
+    set_problems,
     structure_problems,
 )
 
@@ -37,8 +40,16 @@ PLAN = FirewallPlan(
     protected=(Step(8080, "tcp"), Step(22, "tcp"), Step(5353, "udp"), Step(22, "tcp")),
     always_allow=("198.18.50.0/24", "2001:2:0:1::/64"),
     scan=ScanPolicy(ports=10, window=2.0, hold=60.0),
+    knock=(
+        PortRange("tcp", 7113, 7113),
+        PortRange("udp", 2231, 2231),
+        PortRange("tcp", 20000, 29999),
+        PortRange("tcp", 9157, 9157),
+    ),
 )
-NO_SCAN = FirewallPlan(protected=PLAN.protected, always_allow=PLAN.always_allow, scan=None)
+NO_SCAN = FirewallPlan(
+    protected=PLAN.protected, always_allow=PLAN.always_allow, scan=None, knock=PLAN.knock
+)
 
 RESTORE_V4 = """\
 *filter
@@ -52,6 +63,8 @@ RESTORE_V4 = """\
 -A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
 -A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
 -A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
+-A KNOCKGATE-SCAN -p tcp -m multiport --dports 7113,9157,20000:29999 -j RETURN
+-A KNOCKGATE-SCAN -p udp -m multiport --dports 2231 -j RETURN
 -A KNOCKGATE-SCAN -m set --match-set knockgate-seen4 src,dst -j RETURN
 -A KNOCKGATE-SCAN -j SET --add-set knockgate-seen4 src,dst --exist
 -A KNOCKGATE-SCAN -m hashlimit --hashlimit-above 5/sec --hashlimit-burst 10 --hashlimit-mode srcip --hashlimit-name knockgate-scan4-b10r5e2000 --hashlimit-htable-expire 2000 -j SET --add-set knockgate-held4 src
@@ -88,6 +101,8 @@ RESTORE_V6 = """\
 -A KNOCKGATE -p udp -m conntrack --ctstate NEW -j KNOCKGATE-SCAN
 -A KNOCKGATE -p tcp -m multiport --dports 22,8080 -j KNOCKGATE-GATE
 -A KNOCKGATE -p udp -m multiport --dports 5353 -j KNOCKGATE-GATE
+-A KNOCKGATE-SCAN -p tcp -m multiport --dports 7113,9157,20000:29999 -j RETURN
+-A KNOCKGATE-SCAN -p udp -m multiport --dports 2231 -j RETURN
 -A KNOCKGATE-SCAN -m set --match-set knockgate-seen6 src,dst -j RETURN
 -A KNOCKGATE-SCAN -j SET --add-set knockgate-seen6 src,dst --exist
 -A KNOCKGATE-SCAN -m hashlimit --hashlimit-above 5/sec --hashlimit-burst 10 --hashlimit-mode srcip --hashlimit-name knockgate-scan6-b10r5e2000 --hashlimit-htable-expire 2000 -j SET --add-set knockgate-held6 src
@@ -294,6 +309,35 @@ def test_multiport_lists_hold_at_most_15_ports() -> None:
     ]
 
 
+def test_long_knock_is_not_counted_as_a_scan() -> None:
+    """The doors' knock ports return from the scan chain before the seen set and the
+    rate meter count them: a knock longer than scan.ports, sent fast, is no scan."""
+    plan = FirewallPlan(
+        protected=(),
+        knock=tuple(PortRange("tcp", port, port) for port in range(7000, 7032, 2)),
+    )
+    scan = chain_rules(rule_lines(NAMES, plan, 4), "KNOCKGATE-SCAN")
+    ports = [str(port) for port in range(7000, 7032, 2)]
+    assert scan[:2] == [
+        f"-A KNOCKGATE-SCAN -p tcp -m multiport --dports {','.join(ports[:15])} -j RETURN",
+        f"-A KNOCKGATE-SCAN -p tcp -m multiport --dports {ports[15]} -j RETURN",
+    ]
+    assert scan[2] == "-A KNOCKGATE-SCAN -m set --match-set knockgate-seen4 src,dst -j RETURN"
+
+
+def test_multiport_lists_count_a_range_as_two_of_fifteen_slots() -> None:
+    singles = [(port, port) for port in range(100, 114)]  # 14 slots
+    assert list(multiport_lists([*singles, (200, 299)])) == [
+        ",".join(str(port) for port in range(100, 114)),
+        "200:299",
+    ]
+    assert list(multiport_lists([*singles, (150, 150)])) == [
+        ",".join(str(port) for port in [*range(100, 114), 150])
+    ]
+    assert list(multiport_lists([(1, 2)] * 8)) == [",".join(["1:2"] * 7), "1:2"]
+    assert list(multiport_lists([])) == []
+
+
 def test_scan_limits_round_to_what_ipset_and_hashlimit_take() -> None:
     limits = scan_limits(ScanPolicy(ports=10, window=2.0, hold=60.0))
     assert (limits.burst, limits.rate, limits.seen_timeout, limits.hold_timeout) == (10, 5, 2, 60)
@@ -330,13 +374,12 @@ def test_ipset_batch_fills_a_new_direct_set_and_keeps_an_existing_one() -> None:
     existing["knockgate-direct4"] = SetHeader("hash:ip,port", "inet", None)
     kept = ipset_setup_batch(NAMES, PLAN, existing, direct)
     assert "knockgate-direct4" not in kept
-    existing["knockgate-direct4"] = SetHeader("hash:ip", "inet", None)  # an old type: rebuilt
+    existing["knockgate-direct4"] = SetHeader("hash:ip", "inet", None)  # another type: made again
     rebuilt = ipset_setup_batch(NAMES, PLAN, existing, direct)
     assert (
-        "create knockgate-direct4-tmp hash:ip,port family inet\n"
-        "add knockgate-direct4-tmp 198.18.78.2,tcp:22\n"
-        "swap knockgate-direct4-tmp knockgate-direct4\n"
-        "destroy knockgate-direct4-tmp\n"
+        "destroy knockgate-direct4\n"
+        "create knockgate-direct4 hash:ip,port family inet\n"
+        "add knockgate-direct4 198.18.78.2,tcp:22\n"
     ) in rebuilt
 
 
@@ -378,6 +421,79 @@ def test_ipset_batch_without_scan_uses_default_timeouts() -> None:
     batch = ipset_setup_batch(NAMES, NO_SCAN, {})
     assert "create knockgate-seen4 hash:ip,port family inet timeout 2\n" in batch
     assert "create knockgate-held6 hash:ip family inet6 timeout 60\n" in batch
+
+
+def test_ipset_batch_rebuilds_a_replaced_grants_set_with_the_grants_carried() -> None:
+    """Swapped for one without timeouts: rebuilt under the temporary name (swap works
+    while rules use it) with the carried grants; of another type: destroyed (nothing
+    can use it, or it could not have been destroyed) and made again."""
+    headers = {spec: SetHeader(*header) for spec, header in FRESH_HEADERS.items()}
+    carried = [
+        GrantEntry("198.18.1.7", Step(8080, "tcp"), 25.0),
+        GrantEntry("2001:2::7", Step(22, "tcp"), 9.0),
+    ]
+    no_timeout = {**headers, "knockgate-grants4": SetHeader("hash:ip,port", "inet", None)}
+    assert ipset_setup_batch(NAMES, PLAN, no_timeout, carried=carried) == (
+        "create knockgate-grants4-tmp hash:ip,port family inet timeout 0\n"
+        "add knockgate-grants4-tmp 198.18.1.7,tcp:8080 timeout 25\n"
+        "swap knockgate-grants4-tmp knockgate-grants4\n"
+        "destroy knockgate-grants4-tmp\n"
+        "create knockgate-allow4-tmp hash:net family inet\n"
+        "add knockgate-allow4-tmp 198.18.50.0/24\n"
+        "swap knockgate-allow4-tmp knockgate-allow4\n"
+        "destroy knockgate-allow4-tmp\n"
+        "create knockgate-allow6-tmp hash:net family inet6\n"
+        "add knockgate-allow6-tmp 2001:2:0:1::/64\n"
+        "swap knockgate-allow6-tmp knockgate-allow6\n"
+        "destroy knockgate-allow6-tmp\n"
+    )
+    other_type = {**headers, "knockgate-grants6": SetHeader("hash:ip", "inet6", 0)}
+    assert (
+        "destroy knockgate-grants6\n"
+        "create knockgate-grants6 hash:ip,port family inet6 timeout 0\n"
+        "add knockgate-grants6 2001:2::7,tcp:22 timeout 9\n"
+    ) in ipset_setup_batch(NAMES, PLAN, other_type, carried=carried)
+
+
+FRESH_HEADERS = {
+    "knockgate-grants4": ("hash:ip,port", "inet", 0),
+    "knockgate-allow4": ("hash:net", "inet", None),
+    "knockgate-seen4": ("hash:ip,port", "inet", 2),
+    "knockgate-held4": ("hash:ip", "inet", 60),
+    "knockgate-direct4": ("hash:ip,port", "inet", None),
+    "knockgate-grants6": ("hash:ip,port", "inet6", 0),
+    "knockgate-allow6": ("hash:net", "inet6", None),
+    "knockgate-seen6": ("hash:ip,port", "inet6", 2),
+    "knockgate-held6": ("hash:ip", "inet6", 60),
+    "knockgate-direct6": ("hash:ip,port", "inet6", None),
+}
+
+
+def test_carried_grants_keep_only_what_expires_and_never_longer() -> None:
+    save = (
+        "create knockgate-grants4 hash:ip,port family inet hashsize 1024 maxelem 65536\n"
+        "add knockgate-grants4 198.18.1.7,tcp:8080 timeout 25\n"
+        "add knockgate-grants4 198.18.1.8,tcp:8080 timeout 0\n"  # permanent
+        "add knockgate-grants4 198.18.1.9,tcp:8080\n"  # a set without timeouts
+        "add knockgate-grants4 198.18.1.10,udp:53 timeout 1\n"  # less than a second left
+    )
+    assert carried_grants(save, 0.02) == [GrantEntry("198.18.1.7", Step(8080, "tcp"), 24.0)]
+    other_type = "add knockgate-grants4 198.18.1.0/24,tcp:22 timeout 30\n"  # hash:net,port
+    assert carried_grants(other_type, 0.0) == []
+
+
+def test_set_problems_name_missing_and_replaced_sets() -> None:
+    headers = {name: SetHeader(*header) for name, header in FRESH_HEADERS.items()}
+    assert set_problems(NAMES, PLAN, headers) == []
+    assert set_problems(NAMES, None, headers) == []
+    del headers["knockgate-held6"]
+    headers["knockgate-grants4"] = SetHeader("hash:ip,port", "inet", None)
+    assert set_problems(NAMES, PLAN, headers) == [
+        "ipset: knockgate-grants4 is hash:ip,port family inet no timeout,"
+        " not hash:ip,port family inet timeout 0",
+        "ipset: no set knockgate-held6",
+    ]
+    assert set_problems(NAMES, None, headers) == ["ipset: no set knockgate-held6"]
 
 
 def test_parse_set_headers() -> None:
