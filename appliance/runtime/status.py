@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -44,6 +45,7 @@ class StatusServer:
         self._lock = threading.Lock()
         self._waiting: list[Answer] = []  # clients waiting for the snapshot asked for
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._wake_r, self._wake_w = os.pipe()
 
     def start(self) -> None:
         directory = os.path.dirname(self.path)
@@ -55,13 +57,19 @@ class StatusServer:
         sock.bind(self.path)
         os.chmod(self.path, 0o600)
         sock.listen(BACKLOG)
-        sock.settimeout(0.5)
+        sock.setblocking(False)
         self.sock = sock
         self.thread.start()
 
     def stop(self) -> None:
         self.stopping.set()
-        self.thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")  # the server thread wakes at once
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        for descriptor in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(descriptor)
         if self.sock is not None:
             self.sock.close()
         with contextlib.suppress(FileNotFoundError):
@@ -70,12 +78,16 @@ class StatusServer:
     def _run(self) -> None:
         assert self.sock is not None
         while not self.stopping.is_set():
+            ready, _, _ = select.select([self.sock.fileno(), self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
             try:
                 conn, _ = self.sock.accept()
-            except TimeoutError:
+            except BlockingIOError:
                 continue
             except OSError:
                 return
+            conn.setblocking(True)
             if not self._clients.acquire(blocking=False):
                 _send(conn, {"error": "busy: too many status clients at once"}, timeout=0.1)
                 conn.close()
