@@ -134,6 +134,7 @@ class Stats:
     reload_failures: int = 0
     internal_errors: int = 0
     clock_steps: int = 0
+    firewall_check_failures: int = 0  # in the current streak
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ class Daemon:
         self._refused: dict[tuple[str, str], str] = {}
         self._failing: set[str] = set()  # handlers whose exception was logged in full
         self._stopped = False
+        self._firewall_failing = False
         self._noise = (clock(), 0)  # flood summary: window start, noise count then
         self.services = ServiceManager(launcher, backend, self.enqueue, clock) if launcher else None
 
@@ -639,14 +641,28 @@ class Daemon:
             self._noise = (now, noise)
 
     def _check_firewall(self) -> None:
+        """Verify knockgate's rules; repair any drift. A failure is logged once per streak
+        (the check runs every second), and its end once."""
         try:
-            if self.backend.check():
-                return
-            log.warning("firewall: knockgate's rules were changed or removed; restoring them")
-            self.backend.setup(firewall_plan(self.config))
-            self.stats.firewall_repairs += 1
+            if not self.backend.check():
+                log.warning("firewall: knockgate's rules were changed or removed; restoring them")
+                self.backend.setup(firewall_plan(self.config))
+                self.stats.firewall_repairs += 1
         except FirewallError as error:
-            log.error("firewall check failed: %s", error)
+            self.stats.firewall_check_failures += 1
+            if not self._firewall_failing:
+                log.error(
+                    "firewall check or repair failed (retried every %g s): %s", CHECK_SECONDS, error
+                )
+            self._firewall_failing = True
+            return
+        if self._firewall_failing:
+            log.warning(
+                "firewall: check and repair work again (%d failed in a row)",
+                self.stats.firewall_check_failures,
+            )
+            self._firewall_failing = False
+            self.stats.firewall_check_failures = 0
 
     def reload(self) -> None:
         """SIGHUP: validate first; keep the running config when the new one is bad.

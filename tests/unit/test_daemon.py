@@ -630,3 +630,27 @@ def test_a_status_client_that_never_reads_blocks_no_one(tmp_path: Path) -> None:
         for sock in stuck:
             sock.close()
         server.stop()
+
+
+def test_a_failing_firewall_check_is_logged_once_per_streak(
+    setup: tuple[Daemon, MemoryBackend, Clock, Path],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from appliance.errors import FirewallError
+
+    daemon, backend, _, _ = setup
+
+    def broken() -> bool:
+        raise FirewallError("nft: Operation not permitted")
+
+    with caplog.at_level(logging.WARNING, logger="knockgate"):
+        monkeypatch.setattr(backend, "check", broken)
+        for _ in range(30):  # thirty seconds of checks
+            daemon._check_firewall()
+        monkeypatch.undo()
+        daemon._check_firewall()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("firewall check or repair failed")
+    assert lines[1] == "firewall: check and repair work again (30 failed in a row)"
