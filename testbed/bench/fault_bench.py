@@ -142,6 +142,7 @@ class Run:
     workdir: Path
     backend: str
     daemon: Knockgate | None = None
+    rng: random.Random = field(default_factory=lambda: random.Random(1))
     fault_file: Path = field(init=False)
     wall_file: Path = field(init=False)
     marks: Path = field(init=False)
@@ -262,7 +263,7 @@ def scenario(run: Run, name: str, apply: Callable[[Run], None], kind: str) -> Ro
     cmd_at = time.monotonic()
     holes = 0
     with run.watch(WATCH) as seen:
-        time.sleep(0.5)
+        time.sleep(0.5 + run.rng.random())  # a random phase against the daemon's 1 s check
         fault_at = time.monotonic()
         apply(run)
         time.sleep(max(0.0, granted_at + GRANT + 0.6 - time.monotonic()))
@@ -281,7 +282,7 @@ def scenario(run: Run, name: str, apply: Callable[[Run], None], kind: str) -> Ro
         after = [t for t, _ in seen if t >= fault_at]
         last_open = max(opened) if opened else None
         if last_open is None:
-            row.repair = "no hole seen"
+            row.repair = "no hole seen (still closed)"
             row.wrong_opens = attacker_grants
         else:
             refused_after = [t for t, s in seen if t > last_open and s == "refused"]
@@ -294,6 +295,11 @@ def scenario(run: Run, name: str, apply: Callable[[Run], None], kind: str) -> Ro
         if kind == "reload":
             refused = "reload refused" in log
             row.repair = "kept the running config" if refused else "NOT refused"
+    if kind == "exception":
+        name_fired = name.removeprefix("exception in ")
+        full_log = run.daemon.log() if run.daemon is not None else ""
+        fired = f"injected fault in {name_fired}" in full_log
+        row.repair = "fault fired" if fired else "fault did NOT fire"
     if run.alive():
         run.knock("other", SSH)
         row.serving = "yes" if run.wait_state("other", "open", 3.0) else "NO"
@@ -452,7 +458,7 @@ def main() -> int:
     for backend in backends:
         with tempfile.TemporaryDirectory(prefix="kgfault-") as tmp, Topology(vlan=False) as topo:
             serve(topo, "server", PROTECTED)
-            run = Run(topo, Path(tmp), backend)
+            run = Run(topo, Path(tmp), backend, rng=rng)
             try:
                 run.start()
                 for name, apply, kind in faults(backend):

@@ -49,6 +49,19 @@ def topo() -> Iterator[Topology]:
         yield topology
 
 
+HEADER = """\
+interfaces: [eth0]
+status_socket: @SOCKET@
+firewall: {backend: nftables}
+doors:
+"""
+SSH_DOOR = f"""\
+  ssh:
+    knock: {{sequence: [{", ".join(map(str, SEQUENCE))}], seq_timeout: 5}}
+    open: {{ports: [22/tcp], duration: 30}}
+"""
+
+
 def knock(topo: Topology, host: str, address: str, *ports: int | str, delay_ms: int = 0) -> None:
     argv = [PYTHON, "-m", "appliance.cli", "knock", address, *map(str, ports)]
     if delay_ms:
@@ -87,18 +100,15 @@ def test_a_door_without_target_ignores_knocks_sent_to_another_address(
     (the capture filter passes them, and only doors with a target checked)."""
     server = topo.host("server")
     elsewhere = server.ipv4.rsplit(".", 1)[0] + ".200"  # nobody's: the kernel drops it
-    config = f"""\
-interfaces: [eth0]
-status_socket: @SOCKET@
-firewall: {{backend: nftables}}
-doors:
-  ssh:
-    knock: {{sequence: [{", ".join(map(str, SEQUENCE))}], seq_timeout: 5}}
-    open: {{ports: [22/tcp], duration: 30}}
+    config = (
+        HEADER
+        + SSH_DOOR
+        + f"""\
   routed:
     knock: {{sequence: [4001, 4002, 4003], target: {elsewhere}}}
     open: {{ports: [2222/tcp], duration: 30}}
 """
+    )
     daemon = Knockgate(topo, tmp_path, config).start()
     try:
         # The client sends frames for `elsewhere` to the server's MAC, as a router would.
@@ -138,15 +148,14 @@ def test_a_one_time_sequence_that_cannot_be_marked_used_opens_nothing(
     subprocess.run(
         ["mount", "-o", "remount,bind,ro", str(read_only_dir)], check=True, capture_output=True
     )
-    config = f"""\
-interfaces: [eth0]
-status_socket: @SOCKET@
-firewall: {{backend: nftables}}
-doors:
+    config = (
+        HEADER
+        + f"""\
   onetime:
     knock: {{one_time_sequences: {sequences}, seq_timeout: 5}}
     open: {{ports: [22/tcp], duration: 30}}
 """
+    )
     server = topo.host("server").ipv4
     daemon = Knockgate(topo, tmp_path, config).start()
     try:
@@ -162,17 +171,16 @@ doors:
 # ----------------------------------------------------------------- the replay cache
 
 
-SPA_CONFIG = """\
-interfaces: [eth0]
-status_socket: @SOCKET@
-firewall: {{backend: nftables}}
-doors:
+SPA_CONFIG = (
+    HEADER.replace("{", "{{").replace("}", "}}")
+    + """\
   spa:
     spa:
       users:
         alice: {{key_base64: {key}, hmac_key_base64: {hmac}}}
     open: {{ports: [22/tcp], duration: 2}}
 """
+)
 
 
 def send_udp(topo: Topology, host: str, address: str, payload: bytes, port: int = 62201) -> None:
@@ -252,11 +260,9 @@ def test_a_clock_stepped_back_does_not_stretch_a_knock_or_delay_a_stop(
     offset = tmp_path / "wall-offset"
     offset.write_text("0")
     marks = tmp_path / "marks"
-    config = f"""\
-interfaces: [eth0]
-status_socket: @SOCKET@
-firewall: {{backend: nftables}}
-doors:
+    config = (
+        HEADER
+        + f"""\
   ssh:
     knock: {{sequence: [{", ".join(map(str, SEQUENCE))}], seq_timeout: 2}}
     open: {{ports: [22/tcp], duration: 30}}
@@ -266,6 +272,7 @@ doors:
     stop_command: echo stop >> {marks}
     cmd_timeout: 2
 """
+    )
     env = {"PYTHONPATH": f"{REPO}:{FAKEWALL}", "KG_WALL_OFFSET_FILE": str(offset)}
     daemon = Knockgate(topo, tmp_path, config, env=env).start()
     server = topo.host("server").ipv4
@@ -297,15 +304,7 @@ def test_status_answers_with_20000_grants_while_a_client_never_reads(
 ) -> None:
     """Regression: one status client that connected and never read blocked every other
     client (and the answer with 20 000 grants is over 1 MB)."""
-    config = """\
-interfaces: [eth0]
-status_socket: @SOCKET@
-firewall: {backend: nftables}
-doors:
-  ssh:
-    knock: {sequence: [7113, 2231, 9157]}
-    open: {ports: [22/tcp], duration: 30}
-"""
+    config = HEADER + SSH_DOOR
     daemon = Knockgate(topo, tmp_path, config).start()
     stuck: list[socket.socket] = []
     try:
@@ -334,15 +333,7 @@ doors:
 def test_a_flood_of_spoofed_first_knocks_adds_no_info_line(topo: Topology, tmp_path: Path) -> None:
     """Regression: "sequence reset at stage 1" was at info level: 22 MB of log in 15 s at
     50 000 pps, about 30 % of the daemon's CPU."""
-    config = f"""\
-interfaces: [eth0]
-status_socket: @SOCKET@
-firewall: {{backend: nftables}}
-doors:
-  ssh:
-    knock: {{sequence: [{", ".join(map(str, SEQUENCE))}], seq_timeout: 5}}
-    open: {{ports: [22/tcp], duration: 30}}
-"""
+    config = HEADER + SSH_DOOR
     daemon = Knockgate(topo, tmp_path, config).start()
     server = topo.host("server")
     try:

@@ -7,20 +7,25 @@ handler raises ``RuntimeError("injected fault in NAME")`` (the file is then empt
 one fault per request). Names: ``packet`` (the engine, on the hot path), ``grant``,
 ``record``, ``status``, ``reload``, ``check``, ``upkeep``, and ``loop`` (an exception
 that escapes the loop itself). ``KG_WALL_OFFSET_FILE`` steps the wall clock as
-tests/integration/fakewall does (seconds added to ``time.time()``).
+tests/integration/fakewall does (loaded from there: seconds added to ``time.time()``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _fault_file = os.environ.get("KG_FAULT_FILE", "")
-_wall_file = os.environ.get("KG_WALL_OFFSET_FILE", "")
-_real_time = time.time
+# The steppable wall clock is the integration tests' (one sitecustomize runs per process).
+_FAKEWALL = Path(__file__).resolve().parents[3] / "tests" / "integration" / "fakewall"
+_spec = importlib.util.spec_from_file_location("kg_fakewall", _FAKEWALL / "sitecustomize.py")
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 _checked = [0.0, ""]  # when the fault file was last read, what it said
 
 
@@ -54,18 +59,6 @@ def _wrap(owner: Any, attribute: str, name: str) -> None:
 
     setattr(owner, attribute, faulty)
 
-
-def _stepped_time() -> float:
-    try:
-        with open(_wall_file) as handle:
-            offset = float(handle.read().strip() or 0.0)
-    except (OSError, ValueError):
-        offset = 0.0
-    return _real_time() + offset
-
-
-if _wall_file:
-    time.time = _stepped_time
 
 if _fault_file:
     from appliance.core.engine import KnockEngine
