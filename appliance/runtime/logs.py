@@ -30,7 +30,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, entry: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
-        return f"[{stamp}] {entry.getMessage()}"
+        line = f"[{stamp}] {entry.getMessage()}"
+        if entry.exc_info:  # a bug's traceback (logged once per handler), indented under it
+            trace = self.formatException(entry.exc_info)
+            line += "\n" + "\n".join("    " + row for row in trace.splitlines())
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,6 +49,8 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(entry, "fields", None)
         if isinstance(fields, dict):
             data.update(fields)
+        if entry.exc_info:
+            data["traceback"] = self.formatException(entry.exc_info)
         return json.dumps(data)
 
 

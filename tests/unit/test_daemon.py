@@ -654,3 +654,29 @@ def test_a_failing_firewall_check_is_logged_once_per_streak(
     assert len(lines) == 2
     assert lines[0].startswith("firewall check or repair failed")
     assert lines[1] == "firewall: check and repair work again (30 failed in a row)"
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_bugs_traceback_reaches_the_log(form: str) -> None:
+    """The first internal error of a handler is logged with its traceback, in both formats."""
+    import io
+    import json
+
+    from appliance.core.model import LogSettings
+    from appliance.runtime.logs import configure
+
+    stream = io.StringIO()
+    configure(LogSettings(format=form), stream=stream)
+    try:
+        try:
+            raise RuntimeError("injected fault in grant")
+        except RuntimeError:
+            logging.getLogger("knockgate").exception("internal error in grant")
+    finally:
+        configure(LogSettings())
+    text = stream.getvalue()
+    if form == "json":
+        assert "RuntimeError: injected fault in grant" in json.loads(text)["traceback"]
+    else:
+        assert text.splitlines()[0].endswith("internal error in grant")
+        assert "    RuntimeError: injected fault in grant" in text.splitlines()
