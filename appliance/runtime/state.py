@@ -89,8 +89,12 @@ class StateStore:
         self._rewrite(_live(saved, now))
 
     def finish(self, saved: Saved, now: float) -> None:
-        """A clean stop: the entries in force and the trailer that proves the file whole."""
-        self._rewrite(_live(saved, now), trailer=True)
+        """A clean stop: the entries in force and the trailer that proves the file whole
+        (nothing at all when there is neither a file nor an entry: a config without SPA
+        or TOTP doors leaves no state behind)."""
+        live = _live(saved, now)
+        if live.spa_seen or live.totp_used or os.path.exists(self.path):
+            self._rewrite(live, trailer=True)
 
     def spa_seen(self, digest: bytes, until: float) -> bool:
         """Record an accepted SPA packet; False when it could not be written to disk."""

@@ -18,6 +18,7 @@ from appliance.spa.wire import SpaKeys, new_message, seal
 
 CONFIG = """\
 status_socket: {socket}
+state_dir: {socket}.state
 firewall:
   always_allow: [198.18.200.0/24]
   scan: {{ports: 10, window: 2, hold: 60}}

@@ -108,3 +108,10 @@ def test_compact_keeps_only_what_is_in_force(tmp_path: Path) -> None:
         "spa 04 104.000",
         "spa 09 200.000",
     ]
+
+
+def test_a_clean_stop_without_state_leaves_nothing_behind(tmp_path: Path) -> None:
+    store = StateStore(str(tmp_path / "state"))
+    store.load(100.0)
+    store.finish(Saved([], []), 100.0)  # a config without SPA or TOTP doors
+    assert not (tmp_path / "state").exists()
