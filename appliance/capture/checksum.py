@@ -95,7 +95,6 @@ _HOP_BY_HOP: Final = 0
 _ROUTING: Final = 43
 _FRAGMENT: Final = 44
 _DEST_OPTS: Final = 60
-_AH: Final = 51
 
 _U16: Final = struct.Struct("!H").unpack_from
 # IPv4 version/IHL (0), total length (2), flags + fragment offset (6), protocol (9),

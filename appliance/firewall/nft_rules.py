@@ -180,12 +180,7 @@ def setup_script(
     if direct is not None:
         lines += [f"flush set {t} {name}" for name, _ in DIRECT_SETS.values() if not recreate]
         for version, (name, _) in DIRECT_SETS.items():
-            items = tuple(
-                f"{address} . {step.proto} . {step.port}"
-                for address, step in dict.fromkeys(direct)
-                if _family(address) == version
-            )
-            elements.append((name, items))
+            elements.append((name, _direct_items(tuple(dict.fromkeys(direct)), version)))
     if recreate:
         for version, (name, _) in GRANT_SETS.items():
             items = tuple(
@@ -279,16 +274,21 @@ def teardown_script() -> str:
     return f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
 
 
+def _direct_items(entries: Sequence[tuple[str, Step]], version: int) -> tuple[str, ...]:
+    """The direct set elements of one IP version: ``address . proto . port``."""
+    return tuple(
+        f"{address} . {step.proto} . {step.port}"
+        for address, step in entries
+        if _family(address) == version
+    )
+
+
 def direct_script(entries: tuple[tuple[str, Step], ...]) -> str:
     """Replace the service containers' addresses (both families) in one batch."""
     t = f"{FAMILY} {TABLE}"
     lines = [f"flush set {t} {name}" for name, _ in DIRECT_SETS.values()]
     for version, (name, _) in DIRECT_SETS.items():
-        items = tuple(
-            f"{address} . {step.proto} . {step.port}"
-            for address, step in entries
-            if _family(address) == version
-        )
+        items = _direct_items(entries, version)
         if items:
             lines.append(f"add element {t} {name} {_elements(items)}")
     return "\n".join(lines) + "\n"

@@ -69,6 +69,7 @@ from appliance.core.events import (
     OneTimeAdvanced,
     Opened,
     Packet,
+    Record,
     Revoke,
     RunCommand,
     SequenceReset,
@@ -190,10 +191,11 @@ class Daemon:
         self.addresses: frozenset[str] | None = None  # None until known (or no capture)
         self.engine = self._engine(self.config)
         self.state = StateStore(self.config.settings.state_dir)
-        restored = self.state.load(wall())
+        started = wall()
+        restored = self.state.load(started)
         untrusted = -math.inf
         if restored.problem is not None:
-            untrusted = wall()
+            untrusted = started
             log.warning(
                 "state: %s %s: SPA packets made and TOTP steps begun before this start are "
                 "refused (what they were used for may be lost)",
@@ -214,7 +216,7 @@ class Daemon:
         self._failing: set[str] = set()  # handlers whose exception was logged in full
         self._stopped = False
         self._firewall_failing = False
-        self._noise = (clock(), 0)  # flood summary: window start, noise count then
+        self._noise = (clock(), 0, 0)  # flood summary: window start, noise and packets then
         self.services = ServiceManager(launcher, backend, self.enqueue, clock) if launcher else None
 
     def _engine(self, config: Config) -> KnockEngine:
@@ -393,7 +395,7 @@ class Daemon:
             item[1](self.snapshot())
         elif item[0] == "service-ready" and self.services is not None:
             if self.services.ready(item[1], item[2], item[3]):
-                log_command(item[1], self.engine.wall_offset)
+                self._log(item[1])
         elif item[0] == "services-prepared" and self.services is not None:
             self.services.prepared()
         else:
@@ -403,7 +405,7 @@ class Daemon:
         """One packet (an SPA packet goes through the SPA reader first)."""
         event = self.spa.route(packet)
         if event is not None:
-            self._commands(self.engine.handle(event))
+            self._event(event)
 
     def shutdown(self) -> None:
         """Stop capture, apply ``on_shutdown``, stop services, run every pending stop
@@ -475,9 +477,10 @@ class Daemon:
                             self._log(command)
                         else:
                             log.warning("%s: %s: SPA refused: %s", address, door, reason)
-                    case SpaRefused() | OneTimeAdvanced() | DoorExhausted() | ClockStepped():
-                        if isinstance(command, ClockStepped):
-                            self.stats.clock_steps += 1
+                    case SpaRefused() | OneTimeAdvanced() | DoorExhausted():
+                        self._log(command)
+                    case ClockStepped():
+                        self.stats.clock_steps += 1
                         self._log(command)
                     case _:
                         assert_never(command)
@@ -487,7 +490,7 @@ class Daemon:
     def _log(self, command: Command) -> None:
         log_command(command, self.engine.wall_offset)
 
-    def _record(self, record: MarkSequenceUsed | SpaDigestSeen | TotpStepUsed) -> None:
+    def _record(self, record: Record) -> None:
         """Write a record down before the decision it belongs to is carried out; when it
         cannot be written, that decision is refused (no grant, no command)."""
         if isinstance(record, MarkSequenceUsed):
@@ -626,19 +629,19 @@ class Daemon:
             self.services.tick()
         flush_noise()
         now = self.clock()
-        since, before = self._noise
+        since, noise_before, packets_before = self._noise
         if now - since >= FLOOD_WINDOW:
-            counters = self.engine.counters
+            counters = self.engine.counters  # a new engine after a reload counts from 0
             noise = counters.timeouts + counters.resets + counters.evictions
-            if noise - before >= FLOOD_NOISE:
+            if noise - noise_before >= FLOOD_NOISE:
                 log.warning(
                     "last %.0f s: %d knock packets, %d attempts that went nowhere (timed "
                     "out, reset or evicted): a flood or a scan",
                     now - since,
-                    counters.packets,
-                    noise - before,
+                    counters.packets - packets_before,
+                    noise - noise_before,
                 )
-            self._noise = (now, noise)
+            self._noise = (now, noise, counters.packets)
 
     def _check_firewall(self) -> None:
         """Verify knockgate's rules; repair any drift. A failure is logged once per streak
@@ -685,32 +688,23 @@ class Daemon:
             # cannot take, ...) is refused here too, before anything is touched.
             preflight(loaded, overridden=self.overrides.options())
         except KnockgateError as error:
-            self.stats.reload_failures += 1
-            log.error(
-                "reload refused, keeping the running configuration: %s",
-                str(error).replace("\n", "; "),
-            )
+            self._refuse_reload(str(error).replace("\n", "; "))
             return
         if loaded.config.services != self.config.services:
-            self.stats.reload_failures += 1
-            log.error(
-                "reload refused: the services catalogue changed (restart knockgate to apply it)"
-            )
+            self._refuse_reload("the services catalogue changed (restart knockgate to apply it)")
             return
         # Everything that can fail comes before the swap, each undone when a later one fails.
         try:
             configure(loaded.config.settings.log)
         except OSError as error:
             configure(self.config.settings.log)
-            self.stats.reload_failures += 1
-            log.error("reload refused, keeping the running configuration: log: %s", error)
+            self._refuse_reload(f"log: {error}")
             return
         try:
             self.backend.setup(firewall_plan(loaded.config))
         except FirewallError as error:
             configure(self.config.settings.log)
-            self.stats.reload_failures += 1
-            log.error("reload refused, firewall setup failed: %s", error)
+            self._refuse_reload(f"firewall setup failed: {error}")
             try:
                 self.backend.setup(firewall_plan(self.config))
             except FirewallError as again:
@@ -735,6 +729,10 @@ class Daemon:
         for warning in loaded.warnings:
             log.warning("%s", warning)
         log.info("configuration reloaded: %d door(s)", len(loaded.config.doors))
+
+    def _refuse_reload(self, why: str) -> None:
+        self.stats.reload_failures += 1
+        log.error("reload refused, keeping the running configuration: %s", why)
 
     def snapshot(self) -> dict[str, Any]:
         """What ``knockgate status`` prints."""

@@ -25,3 +25,16 @@ def require(condition: bool, why: str) -> None:
     if on_ci():
         pytest.fail(f"integration prerequisite missing on CI (CI=true): {why}", pytrace=False)
     pytest.skip(why)
+
+
+def require_root_tools(*tools: str, vlan: bool = False) -> None:
+    """Root, iproute2 and what a topology needs (tests/integration/netns.py), plus
+    ``tools`` on PATH: skipped without them, failed on CI."""
+    import shutil
+
+    from tests.integration.netns import ensure_root_tools
+
+    missing = ensure_root_tools(vlan=vlan)
+    require(not missing, ", ".join(missing))
+    for tool in tools:
+        require(shutil.which(tool) is not None, f"{tool} is not installed")

@@ -17,7 +17,6 @@ hand-made frames with correct checksums.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import require
+from tests.integration.conftest import require_root_tools
 from tests.integration.daemon import PYTHON, REPO, Knockgate, connect, serve
-from tests.integration.netns import Host, Topology, cleanup_stale, ensure_root_tools
+from tests.integration.netns import Host, Topology, cleanup_stale
 
 pytestmark = pytest.mark.integration
 
@@ -60,10 +59,7 @@ for line in sys.stdin.read().split():
 
 
 def prerequisites(vlan: bool = False) -> None:
-    missing = ensure_root_tools(vlan=vlan)
-    require(not missing, ", ".join(missing))
-    for tool in ("nft", "nmap", "knock"):
-        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    require_root_tools("nft", "nmap", "knock", vlan=vlan)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -23,9 +22,9 @@ import pytest
 
 from appliance.spa.keyfile import generate_keys
 from appliance.spa.wire import SpaKeys, new_message, seal
-from tests.integration.conftest import require
+from tests.integration.conftest import require_root_tools
 from tests.integration.daemon import PYTHON, REPO, Knockgate, connect, serve
-from tests.integration.netns import Topology, cleanup_stale, ensure_root_tools
+from tests.integration.netns import Topology, cleanup_stale
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +33,9 @@ SEQUENCE = (7113, 2231, 9157)
 FAKEWALL = Path(__file__).parent / "fakewall"
 
 
-def prerequisites() -> None:
-    missing = ensure_root_tools(vlan=False)
-    require(not missing, ", ".join(missing))
-    require(shutil.which("nft") is not None, "nft is not installed")
-
-
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    prerequisites()
+    require_root_tools("nft")
     cleanup_stale()
     with Topology(vlan=False) as topology:
         serve(topology, "server", SSH)

@@ -12,7 +12,6 @@ on IPv4 and IPv6) and ``other`` (never granted), in namespaces of their own.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.firewall.iptables import IptablesBackend
 from appliance.firewall.nftables import NftablesBackend
 from appliance.runtime.daemon import CHECK_SECONDS
-from tests.integration.conftest import require
+from tests.integration.conftest import require_root_tools
 from tests.integration.daemon import Knockgate, connect, serve
-from tests.integration.netns import Topology, cleanup_stale, ensure_root_tools
+from tests.integration.netns import Topology, cleanup_stale
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +45,7 @@ Tamper = Callable[[Topology], None]
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    missing = ensure_root_tools(vlan=False)
-    require(not missing, ", ".join(missing))
-    for tool in ("nft", "iptables", "ip6tables", "ipset", "knock"):
-        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    require_root_tools("nft", "iptables", "ip6tables", "ipset", "knock")
     cleanup_stale()
     with Topology(HOSTS, vlan=False) as topology:
         serve(topology, "server", 22)

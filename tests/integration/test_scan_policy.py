@@ -12,16 +12,15 @@ knocker is ``client``, the scanner ``attacker``.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import require
+from tests.integration.conftest import require_root_tools
 from tests.integration.daemon import PYTHON, REPO, Knockgate, connect, serve
-from tests.integration.netns import Topology, cleanup_stale, ensure_root_tools
+from tests.integration.netns import Topology, cleanup_stale
 
 pytestmark = pytest.mark.integration
 
@@ -49,10 +48,7 @@ doors:
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    missing = ensure_root_tools(vlan=False)
-    require(not missing, ", ".join(missing))
-    for tool in ("nft", "iptables", "ipset", "nmap", "knock"):
-        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    require_root_tools("nft", "iptables", "ipset", "nmap", "knock")
     cleanup_stale()
     with Topology(vlan=False) as topology:
         serve(topology, "server", 22)

@@ -4,6 +4,7 @@ whether it can be trusted to hold every entry."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,14 +61,13 @@ def test_a_file_left_by_a_crash_is_not_trusted_but_its_entries_count(tmp_path: P
     ],
 )
 def test_a_damaged_replay_file_is_reported_not_read_as_complete(
-    tmp_path: Path, damage: object, why: str
+    tmp_path: Path, damage: Callable[[str], str], why: str
 ) -> None:
     """Regression: a truncated or corrupted replay file gave an empty (or short) cache
     that looked complete, so a captured SPA packet was accepted again."""
     store = _written(StateStore(str(tmp_path)))
     store.finish(Saved([(b"\x01\x02", 200.0), (b"\x03", 150.0)], [("otp", 42, 190.0)]), 100.0)
     path = tmp_path / "replay"
-    assert callable(damage)
     path.write_text(damage(path.read_text()))
     _, problem = StateStore(str(tmp_path)).load(100.0)
     assert problem is not None and why in problem
