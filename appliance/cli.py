@@ -420,7 +420,7 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
 
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
-    from appliance.core.model import DEFAULT_STATUS_SOCKET
+    from appliance.config.schema import DEFAULT_STATUS_SOCKET
     from appliance.runtime.status import query
 
     if socket_path is None:
@@ -467,6 +467,7 @@ def _init(path: str) -> int:
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
     door = load_config(path).config.door("ssh")
+    assert door is not None  # the initial configuration has it
     steps = " ".join(f"{s.port}:{s.proto}" for s in door.knock.sequence)
     print(f"knockgate: wrote {path} with a new random knock sequence.")
     print(f"knockgate: knock with:  knockgate knock HOST --door ssh --config {path}")

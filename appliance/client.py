@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from appliance.config.onetime import mark_line_used, parse_one_time_lines
-from appliance.core.model import Config, Proto, Step
+from appliance.config.schema import Config
+from appliance.core.model import Proto, Step
 from appliance.core.totp import time_step, totp_sequence
 from appliance.errors import KnockError
 
@@ -192,10 +193,9 @@ def sequence_for_door(config: Config, door_name: str, now: float) -> tuple[Step,
     is opened by ``knockgate spa``: asking for either is an error, as is an
     unknown door.
     """
-    try:
-        door = config.door(door_name)
-    except KeyError:
-        raise KnockError(_unknown_door(config, door_name)) from None
+    door = config.door(door_name)
+    if door is None:
+        raise KnockError(_unknown_door(config, door_name))
     if door.spa is not None:
         raise KnockError(
             f"door {door_name!r} is opened by single packet authorization: "

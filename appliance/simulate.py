@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from appliance.capture.decode import decode_frame
 from appliance.capture.pcap import read_capture
 from appliance.capture.spa import SpaReader
+from appliance.config.schema import Config
 from appliance.core.engine import KnockEngine
 from appliance.core.events import Command, Grant, Opened, Packet, SpaAccepted, Tick
-from appliance.core.model import Config
 
 
 @dataclass

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from appliance.config.files import CONFIG_LIMIT, line_of_offset, read_bounded
 from appliance.config.knockd_format import looks_like_knockd, parse_knockd
 from appliance.config.problems import Place, Problems
+from appliance.config.schema import Config
 from appliance.config.values import Invalid
 from appliance.config.yaml_format import parse_yaml
-from appliance.core.model import Config
 from appliance.errors import ConfigError
 
 __all__ = ["Loaded", "Place", "detect_format", "load_config"]

@@ -10,11 +10,11 @@ from typing import Any
 
 import yaml
 
+from appliance.config.schema import Config
 from appliance.core.model import (
     DEFAULT_CMD_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_SEQ_TIMEOUT,
-    Config,
     Door,
     Step,
 )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from appliance.config.lint import lint_sequence
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
+from appliance.config.schema import Config, LogSettings, Settings
 from appliance.config.values import (
     Invalid,
     parse_address,
@@ -36,13 +37,10 @@ from appliance.core.model import (
     DEFAULT_CMD_TIMEOUT,
     DEFAULT_SEQ_TIMEOUT,
     Commands,
-    Config,
     Door,
     Knock,
-    LogSettings,
     OneTimeFile,
     Origin,
-    Settings,
     Step,
     TcpFlags,
 )

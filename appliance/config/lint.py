@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
 from appliance.config.problems import Problems
+from appliance.config.schema import ScanPolicy
 from appliance.config.values import shown
-from appliance.core.model import Door, ScanPolicy, Step
+from appliance.core.model import Door, Step
 
 # Sequences printed in knockd's and knock's man pages and shipped in Debian's
 # /etc/knockd.conf: every scanner and every attacker knows them.

@@ -39,6 +39,17 @@ from yaml.nodes import MappingNode, Node
 from appliance.config.lint import lint_scan, lint_sequence
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
+from appliance.config.schema import (
+    DEFAULT_STATE_DIR,
+    DEFAULT_STATUS_SOCKET,
+    Config,
+    FirewallSettings,
+    LogSettings,
+    Readiness,
+    ScanPolicy,
+    Service,
+    Settings,
+)
 from appliance.config.values import (
     Invalid,
     listed,
@@ -70,23 +81,14 @@ from appliance.core.model import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OPEN_DURATION,
     DEFAULT_SEQ_TIMEOUT,
-    DEFAULT_STATE_DIR,
-    DEFAULT_STATUS_SOCKET,
     Commands,
-    Config,
     Door,
     DuplicatePolicy,
-    FirewallSettings,
     Knock,
-    LogSettings,
     OneTimeFile,
     OpenPorts,
     Origin,
     Proto,
-    Readiness,
-    ScanPolicy,
-    Service,
-    Settings,
     Step,
     TcpFlags,
     Totp,

@@ -1,8 +1,8 @@
-"""The validated configuration as frozen data.
+"""Doors as frozen data: what the engines need to decide, and nothing more.
 
-Both configuration formats (native YAML and knockd.conf) become these objects;
-everything after the config layer (engine, client, runtime) reads only these.
-Pure: standard library only.
+Both configuration formats (native YAML and knockd.conf) become these objects.
+The deployment schema around them (services, settings, the whole ``Config``)
+lives in :mod:`appliance.config.schema`. Pure: standard library only.
 """
 
 from __future__ import annotations
@@ -211,46 +211,6 @@ def _pick(v4: str | None, v6: str | None, ipv6: bool) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Readiness:
-    """How to tell that a started service answers.
-
-    ``tcp``: a connection is accepted; ``banner``: the first bytes it sends start
-    with ``expect``; ``http``: ``GET path`` answers ``status``; ``healthcheck``: the
-    image's own HEALTHCHECK reports healthy. A paused container still completes
-    TCP handshakes, so only an application-level answer proves readiness.
-    """
-
-    kind: Literal["tcp", "banner", "http", "healthcheck"] = "tcp"
-    expect: str = ""
-    path: str = "/"
-    status: int = 200
-    timeout: float = 20.0
-
-
-@dataclass(frozen=True, slots=True)
-class Service:
-    """A container started on demand by a knock (the ``services:`` catalogue)."""
-
-    name: str
-    image: str
-    container_port: int
-    host_port: int
-    proto: Proto = "tcp"
-    build: str | None = None  # a build context directory; ``image`` is then its tag
-    environment: tuple[tuple[str, str], ...] = ()
-    volumes: tuple[str, ...] = ()  # "SOURCE:TARGET[:ro]"; SOURCE a path or a volume name
-    command: tuple[str, ...] | None = None
-    ready: Readiness = field(default_factory=Readiness)
-    idle_timeout: float = 300.0
-    max_lifetime: float = 86_400.0
-    keep_warm: bool = False
-
-    @property
-    def step(self) -> Step:
-        return Step(self.host_port, self.proto)
-
-
-@dataclass(frozen=True, slots=True)
 class Door:
     name: str
     knock: Knock
@@ -260,65 +220,3 @@ class Door:
     origin: Origin | None = None
     service: str | None = None  # a service door also has ``open`` = the service's host port
     spa: Spa | None = None  # an SPA door (its knock has no sequence)
-
-
-@dataclass(frozen=True, slots=True)
-class LogSettings:
-    file: str | None = None
-    syslog: bool = False
-    format: Literal["text", "json"] = "text"
-    level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-@dataclass(frozen=True, slots=True)
-class ScanPolicy:
-    """A source hitting more than ``ports`` distinct new ports within ``window``
-    seconds is held off (cannot complete a knock) for ``hold`` seconds."""
-
-    ports: int = 10
-    window: float = 2.0
-    hold: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class FirewallSettings:
-    backend: Literal["auto", "nftables", "iptables"] = "auto"
-    always_allow: tuple[str, ...] = ()  # networks (CIDR) never locked out
-    scan: ScanPolicy | None = field(default_factory=ScanPolicy)  # None: no scan detection
-
-
-DEFAULT_STATUS_SOCKET = "/run/knockgate/status.sock"
-DEFAULT_STATE_DIR = "/var/lib/knockgate"
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    interfaces: tuple[str, ...] = ()
-    log: LogSettings = field(default_factory=LogSettings)
-    pid_file: str | None = None
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    firewall: FirewallSettings = field(default_factory=FirewallSettings)
-    on_shutdown: Literal["keep", "revoke"] = "keep"
-    status_socket: str = DEFAULT_STATUS_SOCKET
-    state_dir: str = DEFAULT_STATE_DIR  # the SPA replay cache and used TOTP steps
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: str
-    format: Literal["yaml", "knockd"]
-    settings: Settings
-    doors: tuple[Door, ...]
-    services: tuple[Service, ...] = ()
-
-    def service(self, name: str) -> Service:
-        for service in self.services:
-            if service.name == name:
-                return service
-        raise KeyError(name)
-
-    def door(self, name: str) -> Door:
-        for door in self.doors:
-            if door.name == name:
-                return door
-        raise KeyError(name)

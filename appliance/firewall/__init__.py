@@ -22,7 +22,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from appliance.core.model import Proto, ScanPolicy, Step
+from appliance.config.schema import ScanPolicy
+from appliance.core.model import Proto, Step
 
 __all__ = ["FirewallBackend", "FirewallPlan", "GrantEntry", "PortRange", "ScanPolicy"]
 

@@ -57,6 +57,7 @@ from appliance.capture.sniffer import (
 from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
+from appliance.config.schema import Config
 from appliance.core.engine import KnockEngine
 from appliance.core.events import (
     ClockStepped,
@@ -82,7 +83,7 @@ from appliance.core.events import (
     TotpStepUsed,
     WallClock,
 )
-from appliance.core.model import Config, Door, Step
+from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.runtime.actions import CommandRunner, run_command
@@ -535,12 +536,13 @@ class Daemon:
         if reason is not None:
             log.warning("%s: %s: %s: no access", grant.address, grant.door, reason)
             return
-        door = self._door(grant.door)
+        door = self.config.door(grant.door)
         if door is not None and door.service is not None:
-            if self.services is None:
+            service = self.config.service(door.service)
+            if self.services is None or service is None:
                 log.error("%s: %s: no container runtime, no access", grant.address, grant.door)
                 return
-            self.services.request(grant, self.config.service(door.service))
+            self.services.request(grant, service)
             return
         seconds = grant.seconds_left(self.clock())
         try:
@@ -553,13 +555,10 @@ class Daemon:
             return
         self._log(grant)
 
-    def _door(self, name: str) -> Door | None:
-        return next((door for door in self.config.doors if door.name == name), None)
-
     def _revoke(self, revoke: Revoke) -> None:
         if (revoke.by, revoke.address) in self._refused:
             return  # a refused knock does nothing, closing included
-        door = self._door(revoke.door)
+        door = self.config.door(revoke.door)
         if door is None or door.open is None:
             return
         try:
@@ -575,7 +574,7 @@ class Daemon:
         if command.phase == "start":
             reason = self._refused.get((command.door, command.address))
             if reason is not None:
-                door = self._door(command.door)
+                door = self.config.door(command.door)
                 if door is not None:  # its stop command is not run either
                     due = command.at + door.commands.cmd_timeout
                     self.suppressed.add((command.door, command.address, due))

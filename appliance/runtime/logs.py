@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from appliance.config.schema import LogSettings
 from appliance.core.events import (
     Command,
     SequenceReset,
@@ -18,7 +19,6 @@ from appliance.core.events import (
     SpaRefused,
     StageReached,
 )
-from appliance.core.model import LogSettings
 from appliance.logformat import describe, record
 
 log = logging.getLogger("knockgate")

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from appliance.config.schema import Service
 from appliance.core.events import Grant
-from appliance.core.model import Service, Step
+from appliance.core.model import Step
 from appliance.errors import ContainerError, FirewallError
 from appliance.firewall import FirewallBackend
 from appliance.services.conntrack import connections as conntrack_connections

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from appliance.core.model import Service
+from appliance.config.schema import Service
 from appliance.errors import ContainerError
 from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container, State
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from appliance.core.model import Service
+from appliance.config.schema import Service
 from appliance.errors import ContainerError
 from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from appliance.core.model import Service
+from appliance.config.schema import Service
 from appliance.errors import ContainerError
 from appliance.services.readiness import wait_ready
 from appliance.services.runtime import LABEL_CONFIG, Container, ContainerRuntime

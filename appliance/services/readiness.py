@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from appliance.core.model import Readiness
+from appliance.config.schema import Readiness
 
 FAST_POLL = 0.002  # seconds between attempts during the first FAST_PERIOD: a refused
 FAST_PERIOD = 0.5  # connect costs under 1 ms, and a service usually answers by then

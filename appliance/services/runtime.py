@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from appliance.core.model import Service
+from appliance.config.schema import Service
 
 State = Literal["running", "paused", "exited", "created", "missing"]
 

@@ -513,7 +513,7 @@ class Bench:
 # name, trials. Prints {step: [ms, ...]}.
 SDK_STEPS = """\
 import json, sys, time
-from appliance.core.model import Readiness
+from appliance.config.schema import Readiness
 from appliance.services.docker_runtime import DockerRuntime
 from appliance.services.readiness import wait_ready
 from appliance.services.runtime import Container

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.model import ScanPolicy, Step
+from appliance.config.schema import ScanPolicy
+from appliance.core.model import Step
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.firewall.iptables import IptablesBackend
 from appliance.firewall.nftables import NftablesBackend

@@ -22,16 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.client import parse_target, resolve_host, send_knocks, sequence_for_door
-from appliance.core.model import (
-    Config,
-    Door,
-    Knock,
-    OneTimeFile,
-    OneTimeSequence,
-    Proto,
-    Settings,
-    Step,
-)
+from appliance.config.schema import Config, Settings
+from appliance.core.model import Door, Knock, OneTimeFile, OneTimeSequence, Proto, Step
 from appliance.errors import KnockError
 
 WAIT = 5.0  # seconds: the longest any test waits for a knock to arrive

@@ -8,17 +8,8 @@ import pytest
 
 from appliance.config import detect_format, load_config
 from appliance.config.export import to_yaml
-from appliance.core.model import (
-    Commands,
-    Config,
-    FirewallSettings,
-    OpenPorts,
-    Readiness,
-    ScanPolicy,
-    Service,
-    Step,
-    TcpFlags,
-)
+from appliance.config.schema import Config, FirewallSettings, Readiness, ScanPolicy, Service
+from appliance.core.model import Commands, OpenPorts, Step, TcpFlags
 from appliance.errors import ConfigError
 
 FULL = """\

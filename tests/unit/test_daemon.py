@@ -663,7 +663,7 @@ def test_a_bugs_traceback_reaches_the_log(form: str) -> None:
     import io
     import json
 
-    from appliance.core.model import LogSettings
+    from appliance.config.schema import LogSettings
     from appliance.runtime.logs import configure
 
     stream = io.StringIO()

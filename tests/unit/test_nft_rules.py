@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.model import ScanPolicy, Step
+from appliance.config.schema import ScanPolicy
+from appliance.core.model import Step
 from appliance.firewall import FirewallPlan, GrantEntry, PortRange
 from appliance.firewall.nft_rules import (
     carried_grants,

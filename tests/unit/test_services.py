@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from appliance.config.schema import Readiness, Service
 from appliance.core.events import Grant
-from appliance.core.model import Readiness, Service, Step
+from appliance.core.model import Step
 from appliance.errors import ContainerError
 from appliance.firewall.memory import MemoryBackend
 from appliance.runtime.services import ServiceManager
