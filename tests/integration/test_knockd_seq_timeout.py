@@ -1,13 +1,20 @@
-"""knockd.conf ``Seq_Timeout = 0``, knocked by knockd's own ``knock`` client.
+"""Two knockd.conf edge cases, knocked by knockd's own ``knock`` client.
 
-knockd drops an attempt when ``now - start >= seq_timeout``: with 0, a one-port door opens
-on its one packet and a longer door never completes. The real knockd 0.8 and knockgate run
-side by side in the server namespace on the same knockd.conf and the same packets; both
-must open the one-port door every time and the two-port door never.
+``Seq_Timeout = 0``: knockd drops an attempt when ``now - start >= seq_timeout``, so with 0
+a one-port door opens on its one packet and a longer door never completes. The real
+knockd 0.8 and knockgate run side by side in the server namespace on the same knockd.conf
+and the same packets; both must open the one-port door every time and the two-port door
+never.
+
+A one-time sequences file with every line used (``#``) at start: knockd 0.8 refuses to
+start (exit 1); knockgate starts with the door disabled (one warning), its other doors
+work, the used lines open nothing, and a line appended before a SIGHUP enables the door
+for that one knock.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -114,3 +121,50 @@ def test_seq_timeout_zero_opens_one_port_doors_only_as_knockd_does(
     assert f"{client}: two: OPEN SESAME" not in knockd_log.read_text()
     assert isinstance(counters, dict)
     assert counters["timeouts"] >= TRIES  # each two-port attempt ended at its next packet
+
+
+def test_exhausted_one_time_file_at_start_disables_only_that_door(
+    topo: Topology, tmp_path: Path
+) -> None:
+    server = topo.host("server").ipv4
+    client = topo.host("client").ipv4
+    seqs, marks = tmp_path / "ssh.seq", tmp_path / "marks"
+    seqs.write_text("#7113,2231:udp,9157\n#4001,4002,4003\n")
+    conf = tmp_path / "knockd.conf"
+    conf.write_text(
+        "[options]\n    Interface = eth0\n"
+        f"[ssh]\n    One_Time_Sequences = {seqs}\n    Start_Command = echo ssh %IP% >> {marks}\n"
+        f"[other]\n    Sequence = 5003,5001,5002\n    Start_Command = echo other %IP% >> {marks}\n"
+    )
+    refused = topo.run("server", ["knockd", "-i", "eth0", "-c", str(conf)], check=False)
+    assert refused.returncode == 1  # knockd 0.8 does not start
+    assert "no more sequences left" in refused.stdout + refused.stderr
+
+    daemon = Knockgate(topo, tmp_path, "", config_path=conf)
+    warning = f"ssh.one_time_sequences: warning: {seqs} has no unused sequence: the door stays"
+    assert warning in daemon.cli("check", str(conf)).stderr
+    daemon.start()
+    try:
+        assert daemon.log().count(warning) == 1
+        doors = daemon.status()["doors"]
+        assert isinstance(doors, list)
+        assert [(door["name"], door["steps"]) for door in doors] == [("ssh", 0), ("other", 3)]
+        topo.run("client", ["knock", server, "7113", "2231:udp", "9157"])  # used lines
+        topo.run("client", ["knock", server, "4001", "4002", "4003"])
+        topo.run("client", ["knock", server, "5003", "5001", "5002"])
+        assert daemon.wait_log(f"{client}: other: OPEN SESAME")
+        time.sleep(0.5)
+        assert lines(marks) == [f"other {client}"]
+        counters = daemon.status()["counters"]
+        assert isinstance(counters, dict)
+        assert counters["packets"] == 3  # the used lines' ports are not even captured
+        with seqs.open("a") as handle:  # a new line, then a reload: the door works once
+            handle.write("6003,6001,6002\n")
+        daemon.signal(signal.SIGHUP)
+        assert daemon.wait_log("configuration reloaded")
+        topo.run("client", ["knock", server, "6003", "6001", "6002"])
+        assert daemon.wait_log(f"ssh: no more sequences left in {seqs}: door disabled")
+    finally:
+        daemon.stop()
+    assert lines(marks) == [f"other {client}", f"ssh {client}"]
+    assert seqs.read_text() == "#7113,2231:udp,9157\n#4001,4002,4003\n#003,6001,6002\n"
