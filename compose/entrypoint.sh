@@ -24,10 +24,24 @@ stop() {
         exit 143 # before supervisord runs (during init): nothing to stop
     fi
 }
+state() {
+    timeout 10 supervisorctl -c "$CONF" status knockgate 2>/dev/null | awk '$1 == "knockgate" { print $2 }'
+}
 reload() {
-    # Bounded: a wedged supervisord must not hold up a later SIGTERM.
-    if ! timeout 10 supervisorctl -c "$CONF" signal HUP knockgate; then
-        say "SIGHUP: could not signal knockgate (not running?); nothing reloaded"
+    # Only a RUNNING knockgate (up for supervisord's startsecs) has its SIGHUP handler: one
+    # that is STARTING would die of the signal. Wait for it a little; every call is bounded
+    # (timeout), so a wedged supervisord cannot hold up a later SIGTERM for long.
+    now=$(state)
+    tries=0
+    while [ "$now" = STARTING ] && [ "$tries" -lt 20 ]; do
+        sleep 0.25
+        tries=$((tries + 1))
+        now=$(state)
+    done
+    if [ "$now" != RUNNING ]; then
+        say "SIGHUP: knockgate is not running (${now:-supervisord does not answer}): nothing reloaded"
+    elif ! timeout 10 supervisorctl -c "$CONF" signal HUP knockgate; then
+        say "SIGHUP: could not signal knockgate: nothing reloaded"
     fi
 }
 trap stop TERM INT
