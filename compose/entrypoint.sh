@@ -4,8 +4,9 @@
 # `knockgate run`) as a child, and stay to translate Docker's signals:
 #
 #   SIGHUP           `supervisorctl signal HUP knockgate`: knockgate re-reads its config in
-#                    place (same pid, services and grants untouched). supervisord itself must
-#                    not get it: on SIGHUP it reloads and restarts every program.
+#                    place (same pid, services and grants untouched), once supervisord calls
+#                    it RUNNING. supervisord itself must not get it: on SIGHUP it reloads and
+#                    restarts every program.
 #   SIGTERM, SIGINT  supervisord's graceful stop (knockgate gets SIGTERM, stopwaitsecs).
 #
 # The exit status is supervisord's. Orphans re-parented to PID 1 are reaped by the shell
