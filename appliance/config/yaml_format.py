@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from yaml.nodes import MappingNode, Node
 
-from appliance.config.lint import lint_scan, lint_sequence
+from appliance.config.lint import lint_scan, lint_seq_timeout, lint_sequence
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
 from appliance.config.schema import (
@@ -402,10 +402,18 @@ def _knock(
         )
     seq_timeout = knock.get(
         "seq_timeout",
-        lambda v: parse_seconds(
-            v, minimum=0.001, maximum=SECONDS_LIMIT, what="seconds, more than 0"
-        ),
+        lambda v: parse_seconds(v, minimum=0.0, maximum=SECONDS_LIMIT, what="seconds, 0 or more"),
     )
+    if seq_timeout is not None:
+        lint_seq_timeout(
+            seq_timeout,
+            sequence,
+            one_time,
+            problems,
+            knock.line_of("seq_timeout"),
+            knock.key("seq_timeout"),
+            totp_steps=totp.steps if totp else 0,
+        )
     tcpflags = knock.get("tcpflags", lambda v: parse_tcpflags(split_flags(v)))
     target = knock.get("target", parse_address)
     duplicates = knock.get("duplicates", _choice("ignore", "reset"))
