@@ -120,6 +120,7 @@ SERVICE_KEYS = (
     "idle_timeout",
     "max_lifetime",
     "keep_warm",
+    "on_shutdown",
 )
 READY_KEYS = ("tcp", "banner", "http", "healthcheck", "timeout")
 DOOR_SERVICE_KEYS = ("name", "duration")
@@ -533,6 +534,7 @@ def _service(name: str, spec: _Map, path: str) -> Service | None:
         ),
     )
     keep_warm = spec.get("keep_warm", parse_bool)
+    on_shutdown = spec.get("on_shutdown", _choice("keep", "stop"))
     if problems.error_count != errors_before or container_port is None or host_port is None:
         return None
     default = Service(name, "", 1, 1)
@@ -550,6 +552,7 @@ def _service(name: str, spec: _Map, path: str) -> Service | None:
         idle_timeout=default.idle_timeout if idle is None else idle,
         max_lifetime=default.max_lifetime if lifetime is None else lifetime,
         keep_warm=bool(keep_warm),
+        on_shutdown="stop" if on_shutdown == "stop" else "keep",
     )
 
 
