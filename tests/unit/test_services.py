@@ -262,6 +262,26 @@ class Harness:
         self.manager.start()
         self.pump(lc.Adopted)
 
+    def tick(self) -> None:
+        """The loop's once-a-second tick; the conntrack read it starts (on a thread of
+        its own) is waited for and its counts handled, as the loop would next."""
+        self.manager.tick()
+        deadline = time.monotonic() + 5
+        while self.manager._counting.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        others = []
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, lc.ConnectionsSeen):
+                self.manager.handle(item)
+            else:
+                others.append(item)  # left for pump(), in order
+        for item in others:
+            self.queue.put(item)
+
     def knock(self, address: str, seconds: float = 30) -> None:
         now = self.clock.now
         grant = Grant(now, "ssh-door", address, (Step(2222, "tcp"),), now + seconds)
@@ -322,19 +342,19 @@ def test_idle_service_stops_after_last_grant_and_connections(harness: Any) -> No
     h.pump(lc.ContainerReady)
     h.clock.now += 6  # the grant expired
     conns[0] = 1  # but a session is still open
-    h.manager.tick()
+    h.tick()
     h.clock.now += 20
-    h.manager.tick()
+    h.tick()
     conns[0] = None  # conntrack unreadable: unknown keeps it up
     h.clock.now += 20
-    h.manager.tick()
+    h.tick()
     conns[0] = 0
-    h.manager.tick()  # idle from now
+    h.tick()  # idle from now
     h.clock.now += 9
-    h.manager.tick()
+    h.tick()
     assert "stop ssh" not in h.runtime.calls
     h.clock.now += 1
-    h.manager.tick()
+    h.tick()
     h.pump(lc.ContainerStopped)
     assert h.runtime.calls[-1] == "stop ssh"
     assert h.manager.snapshot()[0]["state"] == "cold"
@@ -361,7 +381,7 @@ def test_max_lifetime_revokes_and_stops(harness: Any) -> None:
     h.knock(A, seconds=500)
     h.pump(lc.ContainerReady)
     h.clock.now += 50
-    h.manager.tick()
+    h.tick()
     assert not h.backend.is_open(A, SSH)
     h.pump(lc.ContainerStopped)
     assert h.runtime.calls[-1] == "stop ssh"
@@ -389,11 +409,11 @@ def test_max_lifetime_counts_from_the_adopted_containers_original_start(
             "grants": 1,
         }
         h.clock.now += 19
-        h.manager.tick()
+        h.tick()
         h.pump()
         assert "stop ssh" not in runtime.calls
         h.clock.now += 1  # 100 s after its original start
-        h.manager.tick()
+        h.tick()
         assert not h.backend.is_open(A, SSH)
         h.pump(lc.ContainerStopped)
         assert runtime.calls[-1] == "stop ssh"
@@ -411,16 +431,16 @@ def test_grants_that_survived_a_restart_keep_an_adopted_service_up(banner_server
         h.backend.grant(A, (SSH,), 40)
         h.start()
         h.clock.now += 30  # longer than idle_timeout, shorter than the grant
-        h.manager.tick()
+        h.tick()
         h.clock.now += 1
-        h.manager.tick()
+        h.tick()
         h.pump()
         assert "stop ssh" not in runtime.calls
         h.clock.now += 10  # the grant is gone
-        h.manager.tick()
-        h.manager.tick()  # no connection: idle from now
+        h.tick()
+        h.tick()  # no connection: idle from now
         h.clock.now += 5
-        h.manager.tick()
+        h.tick()
         h.pump(lc.ContainerStopped)
         assert runtime.calls[-1] == "stop ssh" and "create" not in runtime.calls[1:]
     finally:
