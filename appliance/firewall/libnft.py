@@ -139,6 +139,8 @@ class Libnftables:
         self._netlink.settimeout(_NETLINK_TIMEOUT)
         lib.nft_ctx_buffer_output(self._ctx)
         lib.nft_ctx_buffer_error(self._ctx)
+        lib.nft_ctx_output_set_flags(self._ctx, OUTPUT_JSON)
+        self._flags = 0  # besides OUTPUT_JSON, always on
 
     def close(self) -> None:
         if self._ctx:
@@ -152,9 +154,11 @@ class Libnftables:
         Raises :class:`NftError` with libnftables' message when the batch is refused
         (then nothing of it was applied).
         """
-        document = json.dumps({"nftables": list(commands)}, separators=(",", ":"))
-        self._lib.nft_ctx_output_set_flags(self._ctx, OUTPUT_JSON | flags)
-        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, document.encode())
+        document = _encode({"nftables": commands})
+        if flags != self._flags:
+            self._lib.nft_ctx_output_set_flags(self._ctx, OUTPUT_JSON | flags)
+            self._flags = flags
+        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, document)
         out = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
         if rc != 0:
             err = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
@@ -195,6 +199,13 @@ class Libnftables:
                         tables[name.decode(errors="replace")] = struct.unpack(">I", raw[:4])[0]
         except (OSError, struct.error) as error:
             raise FirewallError(f"nftables: netlink table list failed: {error}") from None
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def _encode(document: Mapping[str, Any]) -> bytes:
+    return _ENCODER.encode(document).encode()
 
 
 def flag_names(flags: int) -> str:
