@@ -185,8 +185,9 @@ class NftablesBackend:
 
     def available(self) -> bool:
         """Does nftables answer here at all (``backend: auto``)?"""
-        try:
-            self._nft.run([{"list": {"tables": {"family": FAMILY}}}], OUTPUT_TERSE)
+        try:  # `list chains`, not `list tables`: it prints no table (see libnft)
+            self._nft.table_flags()
+            self._nft.run([{"list": {"chains": {"family": FAMILY}}}], OUTPUT_TERSE)
         except FirewallError:
             return False
         return True

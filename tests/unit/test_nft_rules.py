@@ -284,7 +284,9 @@ def test_set_elements_grants_and_holds_read_list_set_json() -> None:
             }
         }
     ]
-    assert holds(held, "held6", "2001:2:0::9") and holds(held, "held6", "2001:2::7")
+    assert holds(held, "held6", "2001:2:0::9") and holds(
+        held, "held6", "2001:2::7"
+    )  # as nft prints
     assert not holds(held, "held6", "2001:2::8")
 
 
