@@ -143,10 +143,16 @@ class Libnftables:
         self._flags = 0  # besides OUTPUT_JSON, always on
 
     def close(self) -> None:
+        """Free the context and close both sockets (which otherwise keep a deleted
+        network namespace alive); also done when the object is collected."""
         if self._ctx:
             self._lib.nft_ctx_free(self._ctx)
             self._ctx = None
         self._netlink.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def run(self, commands: Sequence[Mapping[str, Any]], flags: int = 0) -> list[JSON]:
         """Run ``commands`` as one batch; what a listing printed, ``metainfo`` left out.
