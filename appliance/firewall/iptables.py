@@ -767,9 +767,9 @@ class IptablesBackend:
                     self._run([command, "-w", "-D", other, "-j", names.forward_chain])
 
     def grant(self, address: str, ports: tuple[Step, ...], seconds: float) -> None:
-        """Grant for ``max(1, floor(seconds))`` kernel seconds; ``seconds <= 0`` revokes."""
-        if not seconds > 0:
-            self.revoke(address, ports)
+        """Grant for ``floor(seconds)`` kernel seconds; under one second: nothing (as the
+        nftables backend: a grant never lasts longer than asked)."""
+        if not seconds >= 1:
             return
         if ports:
             batch = grant_batch(self.names, address, ports, seconds)
