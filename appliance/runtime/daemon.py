@@ -1,6 +1,6 @@
 """``knockgate run``: the loop that owns the engine and carries out its commands.
 
-Threads (address watcher, status socket, service launches, signal handlers) only
+Threads (host watcher, status socket, service launches, signal handlers) only
 put items on one queue; this loop reads the capture sockets itself, takes the
 queued items one at a time, feeds the engine and hands each command to its
 adapter: the firewall backend (grants), the command runner (knockd-style
@@ -45,15 +45,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
-from appliance.capture.addresses import AddressWatcher
 from appliance.capture.bpf import capture_filter
 from appliance.capture.checksum import REASONS
-from appliance.capture.sniffer import (
-    RETRY_SECONDS,
-    InterfaceReader,
-    Sniffer,
-    default_interfaces,
-)
+from appliance.capture.host import HostState, HostWatcher
+from appliance.capture.sniffer import InterfaceReader, Sniffer
 from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
@@ -181,7 +176,7 @@ class Daemon:
         self.clock = clock  # the engine's: only goes forward
         self.wall = wall  # unix time, for TOTP, SPA ages and the state file
         self.capture = capture
-        # Other threads (status socket, address watcher, service launches, signal
+        # Other threads (status socket, host watcher, service launches, signal
         # handlers) hand items over through this queue and wake the loop with a byte
         # on the pipe; packets never go through it (the loop reads the sockets).
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -208,7 +203,8 @@ class Daemon:
         self.runner = CommandRunner()
         self.running = False
         self.sniffer: Sniffer | None = None
-        self.watcher: AddressWatcher | None = None
+        self.watcher: HostWatcher | None = None
+        self.host: HostState | None = None  # the links and addresses last reported
         self.status: StatusServer | None = None
         self.suppressed: set[tuple[str, str, float]] = set()  # stop commands not to run
         # Completions refused within the command batch being carried out, by (door,
@@ -244,16 +240,20 @@ class Daemon:
         if self.services is not None:
             self.services.start()
         if self.capture:
-            self.watcher = AddressWatcher(lambda now: self.enqueue(("addresses", now)))
-            self._set_addresses(self.watcher.current)
-            interfaces = list(self.config.settings.interfaces) or default_interfaces()
+            self.watcher = HostWatcher(self.enqueue)  # each change is a HostState item
+            self.host = self.watcher.current
+            self._set_addresses(self.host.addresses)
             self.sniffer = Sniffer(
-                interfaces, capture_filter(self.config.doors, self.addresses or ()), self.clock
+                self.config.settings.interfaces,
+                capture_filter(self.config.doors, self.addresses or ()),
+                self.clock,
             )
-            for reader in self.sniffer.readers:
-                reader.open()
+            self.sniffer.follow(self.host.links)
             self.watcher.start()
-            log.info("starting up, listening on %s", ", ".join(interfaces))
+            log.info(
+                "starting up, listening on %s",
+                ", ".join(self.sniffer.capturing) or "no interface yet",
+            )
         self.running = True
 
     def install_signal_handlers(self) -> None:
@@ -276,19 +276,21 @@ class Daemon:
         try:
             selector.register(self._wake_r, selectors.EVENT_READ, None)
             registered: dict[InterfaceReader, socket.socket] = {}
-            readers = self.sniffer.readers if self.sniffer is not None else []
+            sniffer = self.sniffer
             clock = self.clock
             next_check = clock() + CHECK_SECONDS
             next_tick = clock() + SERVICE_TICK
             while self.running:
-                self._register(selector, registered, readers)
+                if sniffer is not None:
+                    self._register(selector, registered, sniffer.readers)
                 now = clock()
                 due = min(next_check, next_tick)
                 deadline = self.engine.next_deadline()
                 if deadline is not None and deadline < due:
                     due = deadline
-                if any(reader.sock is None for reader in readers):
-                    due = min(due, now + RETRY_SECONDS)
+                reopen = sniffer.reopen_at if sniffer is not None else None
+                if reopen is not None:
+                    due = min(due, reopen)
                 for key, _ in selector.select(max(0.0, due - now)):
                     reader = key.data
                     if reader is None:
@@ -300,6 +302,8 @@ class Daemon:
                 deadline = self.engine.next_deadline()
                 if deadline is not None and now >= deadline:
                     self._guarded("timer", functools.partial(self._event, Tick(now)))
+                if reopen is not None and now >= reopen and sniffer is not None:
+                    self._guarded("capture", sniffer.reopen)
                 if now >= next_check:
                     next_check = now + CHECK_SECONDS
                     self._guarded("firewall check", self._check_firewall)
@@ -315,25 +319,24 @@ class Daemon:
         registered: dict[InterfaceReader, socket.socket],
         readers: list[InterfaceReader],
     ) -> None:
-        """(Re-)register the capture sockets; re-open closed ones when due."""
+        """Register the readers' sockets as they are now: sockets of readers removed or
+        closed first (their descriptor may be reused by a new one), then the new ones."""
+        for reader, sock in list(registered.items()):
+            if reader.sock is not sock or reader not in readers:
+                selector.unregister(sock)
+                del registered[reader]
         for reader in readers:
-            sock = registered.get(reader)
-            if reader.sock is not sock:
-                if sock is not None:
-                    selector.unregister(sock)
-                    del registered[reader]
-                if reader.sock is not None:
-                    selector.register(reader.sock, selectors.EVENT_READ, reader)
-                    registered[reader] = reader.sock
-            if reader.sock is None and self.clock() >= reader.retry_at:
-                reader.open()
+            if reader.sock is not None and reader not in registered:
+                selector.register(reader.sock, selectors.EVENT_READ, reader)
+                registered[reader] = reader.sock
 
     def _read(self, reader: InterfaceReader) -> None:
         """One batch of frames from one interface through the engine (the hot path)."""
         try:
             packets = reader.read()
         except OSError as error:
-            reader.failed(error)
+            if self.sniffer is not None:
+                self.sniffer.failed(reader, error)
             return
         handle, route, commands = self.engine.handle, self.spa.route, self._commands
         try:
@@ -390,8 +393,8 @@ class Daemon:
                 self.running = False
             else:
                 self.reload()
-        elif item[0] == "addresses":
-            self._addresses(item[1])
+        elif type(item) is HostState:
+            self._host(item)
         elif item[0] == "status":
             item[1](self.snapshot())
         elif item[0] == "service-ready" and self.services is not None:
@@ -420,7 +423,7 @@ class Daemon:
         if self.sniffer is not None:
             steps.append(("stop capture", self.sniffer.close))
         if self.watcher is not None:
-            steps.append(("stop the address watcher", self.watcher.stop))
+            steps.append(("stop the host watcher", self.watcher.stop))
         if self.config.settings.on_shutdown == "revoke":
             steps.append(("revoke grants", self._revoke_all))
         if self.services is not None:
@@ -616,11 +619,23 @@ class Daemon:
         self.spa.local = addresses
         self._commands(self.engine.handle(LocalAddresses(self.clock(), addresses)))
 
-    def _addresses(self, addresses: frozenset[str]) -> None:
-        self._set_addresses(addresses)
+    def _host(self, state: HostState) -> None:
+        """The host changed: its addresses (engine, SPA reader, capture filter), then
+        which links are captured."""
+        before = self.addresses or frozenset()
+        self.host = state
+        if state.addresses != before:
+            self._set_addresses(state.addresses)
+            added, removed = state.addresses - before, before - state.addresses
+            log.info(
+                "host addresses changed:%s%s",
+                f" added {', '.join(sorted(added))}" if added else "",
+                f" removed {', '.join(sorted(removed))}" if removed else "",
+            )
+            if self.sniffer is not None:
+                self.sniffer.set_filter(capture_filter(self.config.doors, state.addresses))
         if self.sniffer is not None:
-            self.sniffer.set_filter(capture_filter(self.config.doors, addresses))
-            log.info("host addresses changed: %s", ", ".join(sorted(addresses)))
+            self.sniffer.follow(state.links)
 
     def _upkeep(self) -> None:
         """Once a second: services, the log's noise summary, the flood summary."""
@@ -724,6 +739,8 @@ class Daemon:
         self.spa = SpaReader(loaded.config.doors, self.addresses)
         if self.sniffer is not None:
             self.sniffer.set_filter(capture_filter(loaded.config.doors, self.addresses or ()))
+            if self.host is not None:
+                self.sniffer.want(loaded.config.settings.interfaces, self.host.links)
         self.stats.reloads += 1
         for warning in loaded.warnings:
             log.warning("%s", warning)
@@ -757,6 +774,7 @@ class Daemon:
                 for door in self.config.doors
             ],
             "grants": grants,
+            "interfaces": self.sniffer.capturing if self.sniffer is not None else [],
             "services": self.services.snapshot() if self.services is not None else [],
             "attempts": self.engine.attempt_count,
             "counters": {
@@ -780,6 +798,8 @@ class Daemon:
 
 
 def _item_name(item: Any) -> str:
+    if type(item) is HostState:
+        return "host handler"
     return "packet" if type(item) is Packet else f"{item[0]} handler"
 
 
