@@ -86,6 +86,24 @@ class EventSource(Protocol):
     def close(self) -> None: ...
 
 
+def address_change(before: frozenset[str], after: frozenset[str]) -> str | None:
+    """The log line for a change of the host's addresses; None when only link-local
+    addresses came or went (every interface brought up gets one: noise, not news)."""
+
+    def shown(addresses: frozenset[str]) -> list[str]:
+        return sorted(a for a in addresses if not ipaddress.ip_address(a).is_link_local)
+
+    added, removed = shown(after - before), shown(before - after)
+    if not added and not removed:
+        return None
+    parts = [
+        f"{what} {', '.join(addresses)}"
+        for what, addresses in (("added", added), ("removed", removed))
+        if addresses
+    ]
+    return "host addresses changed: " + "; ".join(parts)
+
+
 def _iproute() -> Netlink:
     from pyroute2 import IPRoute
 

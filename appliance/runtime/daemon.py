@@ -47,7 +47,7 @@ from typing import Any, assert_never
 
 from appliance.capture.bpf import capture_filter
 from appliance.capture.checksum import REASONS
-from appliance.capture.host import HostState, HostWatcher
+from appliance.capture.host import HostState, HostWatcher, address_change
 from appliance.capture.sniffer import InterfaceReader, Sniffer
 from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
@@ -387,14 +387,14 @@ class Daemon:
     def _item(self, item: Any) -> None:
         if type(item) is Packet:
             self.packet(item)
+        elif type(item) is HostState:
+            self._host(item)
         elif item[0] == "signal":
             if item[1] == "TERM":
                 log.info("shutting down")
                 self.running = False
             else:
                 self.reload()
-        elif type(item) is HostState:
-            self._host(item)
         elif item[0] == "status":
             item[1](self.snapshot())
         elif item[0] == "service-ready" and self.services is not None:
@@ -626,12 +626,9 @@ class Daemon:
         self.host = state
         if state.addresses != before:
             self._set_addresses(state.addresses)
-            added, removed = state.addresses - before, before - state.addresses
-            log.info(
-                "host addresses changed:%s%s",
-                f" added {', '.join(sorted(added))}" if added else "",
-                f" removed {', '.join(sorted(removed))}" if removed else "",
-            )
+            change = address_change(before, state.addresses)
+            if change is not None:
+                log.info("%s", change)
             if self.sniffer is not None:
                 self.sniffer.set_filter(capture_filter(self.config.doors, state.addresses))
         if self.sniffer is not None:

@@ -11,17 +11,29 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance.capture.host import HostState, HostWatcher, Link, NetlinkEvents, read_host
-from appliance.capture.sniffer import REOPEN_SECONDS, Sniffer
+from appliance.capture.host import (
+    HostState,
+    HostWatcher,
+    Link,
+    NetlinkEvents,
+    address_change,
+    read_host,
+)
+from appliance.capture.sniffer import REOPEN_SECONDS, InterfaceReader, Sniffer
+from appliance.config import load_config
 from appliance.errors import CaptureError
+from appliance.firewall.memory import MemoryBackend
+from appliance.runtime.daemon import Daemon
 
 LOOPBACK = Link("lo", 1, True)
 ETH0 = Link("eth0", 2, True)
@@ -39,6 +51,9 @@ class FakeSocket:
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
         return b"\0" * size  # PACKET_STATISTICS: nothing dropped
+
+    def setsockopt(self, *args: object) -> None:  # a new filter attached
+        pass
 
     def close(self) -> None:
         self.closed = True
@@ -524,3 +539,78 @@ def test_the_real_watcher_subscribes_and_stops_at_once() -> None:
     began = time.monotonic()
     watch.stop()
     assert time.monotonic() - began < 0.5
+
+
+def test_an_address_change_is_one_line_and_link_local_ones_are_not_news() -> None:
+    before = frozenset({"198.18.0.1", "fe80::1"})
+    assert address_change(before, before | {"fe80::2", "169.254.0.7"}) is None
+    assert address_change(before, frozenset({"198.18.0.2", "2001:2::1", "fe80::1"})) == (
+        "host addresses changed: added 198.18.0.2, 2001:2::1; removed 198.18.0.1"
+    )
+
+
+# -- the daemon's loop on a HostState --------------------------------------------------
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    from tests.unit.test_daemon import CONFIG
+
+    path = tmp_path / "k.yaml"
+    path.write_text(CONFIG.format(socket=tmp_path / "status.sock", marks=tmp_path / "marks"))
+    clock = Clock()
+    running = Daemon(load_config(str(path)), MemoryBackend(clock), clock=clock, capture=False)
+    running.start()
+    yield running
+    running.shutdown()
+
+
+def test_the_loop_takes_a_host_state_to_the_engine_the_spa_reader_and_the_sniffer(
+    daemon: Daemon, lines: list[str]
+) -> None:
+    opener = Opener()
+    daemon.sniffer = Sniffer((), "tcp", daemon.clock, opener=opener)
+    state = HostState(frozenset({"198.18.0.1", "fe80::1"}), (LOOPBACK, ETH0, IFB0))
+    daemon._drain_queue()
+    daemon.enqueue(state)
+    daemon._drain_queue()
+    assert daemon.addresses == state.addresses
+    assert daemon.engine.local == state.addresses
+    assert daemon.spa.local == state.addresses
+    assert daemon.sniffer.capturing == ["eth0"]
+    assert daemon.snapshot()["interfaces"] == ["eth0"]
+    assert daemon.stats.internal_errors == 0
+    daemon.enqueue(HostState(state.addresses, (LOOPBACK, ETH0, IFB0, Link("wg0", 9, True))))
+    daemon._drain_queue()
+    assert daemon.sniffer.capturing == ["eth0", "wg0"]
+    assert lines == ["eth0: capturing", "wg0: capturing"]
+
+
+def test_the_loop_registers_the_readers_as_they_come_and_go(daemon: Daemon) -> None:
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def opener(interface: str, expression: str) -> socket.socket:
+        pairs.append(socket.socketpair())
+        return pairs[-1][0]
+
+    capture = Sniffer((), "tcp", daemon.clock, opener=opener)
+    selector = selectors.DefaultSelector()
+    registered: dict[InterfaceReader, socket.socket] = {}
+    try:
+        capture.follow((ETH0, DOCKER0))
+        daemon._register(selector, registered, capture.readers)
+        assert sorted(r.interface for r in registered) == ["docker0", "eth0"]
+        capture.follow((DOCKER0,))  # eth0's socket closed: its descriptor is free again
+        capture.follow((DOCKER0, Link("eth0", 12, True)))  # and likely reused right away
+        daemon._register(selector, registered, capture.readers)
+        assert sorted(r.interface for r in registered) == ["docker0", "eth0"]
+        assert {key.data for key in selector.get_map().values()} == set(capture.readers)
+        capture.follow(())
+        daemon._register(selector, registered, capture.readers)
+        assert registered == {}
+        assert list(selector.get_map().values()) == []
+    finally:
+        selector.close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
