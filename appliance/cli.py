@@ -29,7 +29,7 @@ from appliance.client import (
 )
 from appliance.config import load_config
 from appliance.config.export import to_yaml
-from appliance.core.events import Command
+from appliance.core.events import Command, Record
 from appliance.core.model import Proto, Step
 from appliance.errors import ConfigError, KnockError, KnockgateError
 from appliance.logformat import clock, describe, json_line
@@ -219,7 +219,7 @@ def _simulate(config_path: str, capture: str, hosts: list[str], as_json: bool) -
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
 
-    def emit(command: Command) -> None:
+    def emit(command: Command | Record) -> None:
         if as_json:
             print(json_line(command))
             return

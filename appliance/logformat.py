@@ -17,10 +17,13 @@ from appliance.core.events import (
     ClockStepped,
     Command,
     DoorExhausted,
+    DoorsReloaded,
     Grant,
     MarkSequenceUsed,
     OneTimeAdvanced,
     Opened,
+    Record,
+    Refused,
     Revoke,
     RunCommand,
     SequenceReset,
@@ -30,7 +33,10 @@ from appliance.core.events import (
     SpaRefused,
     StageReached,
     TotpStepUsed,
+    Vet,
 )
+
+Line = Command | Record
 
 
 def clock(ts: float) -> str:
@@ -42,8 +48,8 @@ def clock(ts: float) -> str:
 WALL_UNTIL = (SpaDigestSeen, TotpStepUsed)
 
 
-def describe(command: Command, wall_offset: float = 0.0) -> str | None:
-    """One knockd-style line for a command, or ``None`` for internal ones (records)."""
+def describe(command: Line, wall_offset: float = 0.0) -> str | None:
+    """One knockd-style line for a command or record, or ``None`` for internal ones."""
     match command:
         case StageReached(door=door, address=address, stage=stage, total=total):
             return f"{address}: {door}: Stage {stage} of {total}"
@@ -83,12 +89,26 @@ def describe(command: Command, wall_offset: float = 0.0) -> str | None:
                 f"the wall clock stepped {direction} by {abs(by):.1f} s: timeouts unaffected, "
                 "TOTP steps and SPA ages follow the new time"
             )
-        case SpaDigestSeen():
+        case Refused(door=door, address=address, reason=reason):
+            return f"{address}: {door}: {reason}: no access"
+        case DoorsReloaded(kept=kept, changed=changed, added=added, removed=removed):
+            parts = [
+                f"{what} {', '.join(names)}"
+                for what, names in (
+                    ("kept (attempts in progress go on)", kept),
+                    ("changed (attempts dropped)", changed),
+                    ("added", added),
+                    ("removed", removed),
+                )
+                if names
+            ]
+            return "doors: " + ("; ".join(parts) or "none")
+        case SpaDigestSeen() | Vet():
             return None
     raise TypeError(f"unknown command {command!r}")
 
 
-def record(command: Command, wall_offset: float = 0.0) -> dict[str, Any]:
+def record(command: Line, wall_offset: float = 0.0) -> dict[str, Any]:
     """A command as a JSON-ready mapping: ``event`` names it, times on the wall clock."""
     data: dict[str, Any] = {"event": type(command).__name__, **command._asdict()}
     data["at"] = round(command.at + wall_offset, 6)
@@ -101,5 +121,5 @@ def record(command: Command, wall_offset: float = 0.0) -> dict[str, Any]:
     return data
 
 
-def json_line(command: Command, wall_offset: float = 0.0) -> str:
+def json_line(command: Line, wall_offset: float = 0.0) -> str:
     return json.dumps(record(command, wall_offset), sort_keys=False)

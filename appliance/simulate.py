@@ -17,7 +17,17 @@ from appliance.capture.pcap import read_capture
 from appliance.capture.spa import SpaReader
 from appliance.config.schema import Config
 from appliance.core.engine import KnockEngine
-from appliance.core.events import Command, Grant, Opened, Packet, SpaAccepted, Tick
+from appliance.core.events import (
+    Command,
+    Grant,
+    Opened,
+    Packet,
+    Record,
+    SpaAccepted,
+    Tick,
+    Vet,
+    Vetted,
+)
 
 
 @dataclass
@@ -42,7 +52,7 @@ def packets(path: str, summary: Summary) -> Iterator[Packet]:
 def replay(
     config: Config,
     source: Iterable[Packet],
-    emit: Callable[[Command], None],
+    emit: Callable[[Command | Record], None],
     *,
     hosts: frozenset[str] = frozenset(),
     summary: Summary | None = None,
@@ -63,6 +73,11 @@ def replay(
 
     def run(commands: list[Command]) -> None:
         for command in commands:
+            if isinstance(command, Vet):  # nothing is held off or written in a replay
+                for record in command.records:
+                    emit(record)
+                run(engine.handle(Vetted(command.at, command.ticket, None)))
+                continue
             if isinstance(command, Opened):
                 summary.opened.append(command)
             elif isinstance(command, SpaAccepted):

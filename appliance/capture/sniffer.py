@@ -69,6 +69,7 @@ _AUXDATA_HEAD = struct.Struct("=II").unpack_from
 ANCILLARY_SPACE = socket.CMSG_SPACE(AUXDATA_SIZE)
 NOT_PRESENT = "not present; capturing it when it appears"
 DOWN_AT_FIRST = "down; capturing it when it comes up"
+DOWN = "down; capturing again when it comes up"
 _WHY = {
     BAD_CHECKSUM: "bad checksum",
     NOT_FOR_HOST: "not addressed to this host",
@@ -236,7 +237,7 @@ class Sniffer:
     that are down are waited for in silence: no socket, no timer, no log line until
     netlink says they changed. The filter can be replaced while running.
 
-    Log lines tell changes only: ``eth0: capturing``, ``eth0: down``, ``eth0: gone``,
+    Log lines tell changes only: ``eth0: capturing``, ``eth0: down; ...``, ``eth0: gone``,
     and once when a socket fails.
     """
 
@@ -349,7 +350,7 @@ class Sniffer:
                 if name not in self.named:
                     del self._said[name]  # forgotten: it may come back as a new link
             elif not link.up:
-                self._say(name, "down", "down" if known else DOWN_AT_FIRST)
+                self._say(name, "down", DOWN if known else DOWN_AT_FIRST)
 
     def _say(self, name: str, state: str, text: str) -> None:
         if self._said.get(name) == state:

@@ -45,13 +45,22 @@ the packet's clock within ``max_age`` of ours, never seen before (the replay cac
 kept here and written to disk by the runtime through ``SpaDigestSeen``), the
 requested ports within the user's allowance, the time capped.
 
-Records first: a completion's :class:`MarkSequenceUsed` / :class:`TotpStepUsed` /
-:class:`SpaDigestSeen` come before its grant and commands, so the runtime can
-refuse the decision when the record cannot be written.
+Vetting: a completed knock is not acted on at once. The engine asks the runtime
+(:class:`Vet`) to write its records (:class:`MarkSequenceUsed` /
+:class:`TotpStepUsed` / :class:`SpaDigestSeen`) and to say whether the knocker is
+held off by the kernel's scan detector; the answer comes back as an event
+(:class:`Vetted`), and only then does the engine grant, close and run commands, or
+refuse the whole decision (:class:`Refused`: nothing opens, nothing closes, no
+command and so no stop command). The daemon answers at once, in the same pass.
+
+Reload (:class:`NewDoors`): a door that did not change keeps its attempts and its
+place; a changed or removed door loses them; pending stop commands all run at their
+own time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections import OrderedDict
@@ -64,13 +73,17 @@ from appliance.core.events import (
     ClockStepped,
     Command,
     DoorExhausted,
+    DoorsReloaded,
     Event,
     Grant,
     LocalAddresses,
     MarkSequenceUsed,
+    NewDoors,
     OneTimeAdvanced,
     Opened,
     Packet,
+    Record,
+    Refused,
     Revoke,
     RunCommand,
     SequenceReset,
@@ -81,6 +94,8 @@ from appliance.core.events import (
     SpaRefused,
     StageReached,
     TotpStepUsed,
+    Vet,
+    Vetted,
     WallClock,
 )
 from appliance.core.model import (
@@ -113,6 +128,7 @@ class Counters:
     malformed: int = 0
     spa_accepted: int = 0
     spa_refused: int = 0
+    refused: int = 0  # completed knocks not acted on (held off, unrecorded)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -204,24 +220,16 @@ class KnockEngine:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self._fixed = [DoorState(door) for door in doors]
-        self.doors = list(self._fixed)
-        self.by_name = {state.door.name: state for state in self.doors}
-        # TOTP doors: one state per accepted time step, and the steps already used
-        # (step -> the time it leaves every window).
-        self._totp_doors = {door.name: door for door in doors if door.knock.totp is not None}
-        self._totp: dict[str, dict[int, DoorState]] = {name: {} for name in self._totp_doors}
-        self._totp_used: dict[str, dict[int, float]] = {name: {} for name in self._totp_doors}
-        self._totp_next = -math.inf if self._totp_doors else math.inf
+        self._totp: dict[str, dict[int, DoorState]] = {}
+        self._totp_used: dict[str, dict[int, float]] = {}
         self._range_keys: dict[Totp, list[tuple[int, str]]] = {}
-        # SPA: the users of each door by name, and the replay cache (digest -> until).
-        self._spa_users: dict[str, dict[str, SpaUser]] = {
-            door.name: {user.name: user for user in door.spa.users}
-            for door in doors
-            if door.spa is not None
-        }
         self._spa_seen: dict[bytes, float] = {}  # digest -> until (wall clock)
         self._spa_expiry: list[tuple[float, bytes]] = []
+        # Completed knocks waiting for their Vetted answer, by ticket.
+        self._pending: dict[int, tuple[Door, str, tuple[Step, ...], float, SpaAccepted | None]] = {}
+        self._ticket = 0
+        self._count = 0  # attempts held, all doors
+        self._configure(doors, {})
         # Wall time before which SPA packets and TOTP steps cannot be checked against
         # what an earlier run used (its state file was lost or damaged): refused.
         self.untrusted_before = -math.inf
@@ -231,12 +239,34 @@ class KnockEngine:
         self.wall_offset = 0.0  # wall clock = engine clock + wall_offset
         self._wall_known = False
         self.local = local  # the host's addresses (None: any destination counts)
-        self._count = 0  # attempts held, all doors
         self._next_expiry = math.inf  # earliest attempt deadline (may be early, never late)
         self._stops: list[tuple[float, int, RunCommand]] = []  # heap of pending stop commands
         self._stop_seq = 0
         self._index: dict[tuple[int, str], tuple[DoorState, ...]] = {}
         self._reindex()
+
+    def _configure(self, doors: Sequence[Door], keep: dict[str, DoorState]) -> None:
+        """Set the doors up; ``keep``: running states of unchanged doors, by name."""
+        self._fixed = [keep.get(door.name) or DoorState(door) for door in doors]
+        for state, door in zip(self._fixed, doors, strict=True):
+            state.door = door  # an unchanged door's origin (file line) may have moved
+        self.doors = list(self._fixed)
+        self.by_name = {state.door.name: state for state in self.doors}
+        # TOTP doors: one state per accepted time step, and the steps already used
+        # (step -> the time it leaves every window).
+        self._totp_doors = {door.name: door for door in doors if door.knock.totp is not None}
+        self._totp = {
+            name: self._totp.get(name, {}) if name in keep else {} for name in self._totp_doors
+        }
+        # Used steps are kept for every door seen (a door removed, then added back).
+        self._totp_used |= {name: {} for name in self._totp_doors if name not in self._totp_used}
+        self._totp_next = -math.inf if self._totp_doors else math.inf
+        # SPA: the users of each door by name (the replay cache is shared by all doors).
+        self._spa_users: dict[str, dict[str, SpaUser]] = {
+            door.name: {user.name: user for user in door.spa.users}
+            for door in doors
+            if door.spa is not None
+        }
 
     # ----------------------------------------------------------------- queries
 
@@ -307,6 +337,8 @@ class KnockEngine:
             self._wall_clock(event, ts, out)  # type: ignore[arg-type]
         elif kind is LocalAddresses:
             self.local = event.addresses  # type: ignore[union-attr]
+        elif kind is NewDoors:
+            self._new_doors(event, ts, out)  # type: ignore[arg-type]
         if ts + self.wall_offset >= self._totp_next:
             self._roll_totp(ts + self.wall_offset)
         if ts >= self._next_expiry:
@@ -318,6 +350,8 @@ class KnockEngine:
             self._packet(event, ts, out)  # type: ignore[arg-type]
         elif kind is SpaKnock:
             self._spa(event, ts, out)  # type: ignore[arg-type]
+        elif kind is Vetted:
+            self._vetted(event, ts, out)  # type: ignore[arg-type]
         return out
 
     def _wall_clock(self, event: WallClock, ts: float, out: list[Command]) -> None:
@@ -420,18 +454,19 @@ class KnockEngine:
         door = state.door
         self.counters.opened += 1
         out.append(Opened(ts, door.name, src))
-        # Records come first: the runtime writes them down before it opens anything,
-        # and refuses the grant and commands when it cannot.
+        records: list[Record] = []
         if state.step is not None:
-            self._use_totp_step(state, src, ts, out)
+            records.append(self._use_totp_step(state, src, ts))
         one_time = door.knock.one_time
         if one_time is not None:
             used = one_time.sequences[state.next_one_time - 1]
-            out.append(MarkSequenceUsed(ts, door.name, src, one_time.path, used.line, used.offset))
+            records.append(
+                MarkSequenceUsed(ts, door.name, src, one_time.path, used.line, used.offset)
+            )
         if door.open is not None:
-            self._act(door, src, door.open.ports, ts + door.open.duration, ts, out)
+            self._vet(door, src, door.open.ports, ts + door.open.duration, ts, records, None, out)
         else:
-            self._act(door, src, (), ts, ts, out)
+            self._vet(door, src, (), ts, ts, records, None, out)
         if one_time is not None:
             self._count -= len(state.attempts)
             remaining = state.advance_one_time()
@@ -439,6 +474,36 @@ class KnockEngine:
             if not state.enabled:
                 out.append(DoorExhausted(ts, door.name, one_time.path))
             self._reindex()
+
+    def _vet(
+        self,
+        door: Door,
+        address: str,
+        ports: tuple[Step, ...],
+        until: float,
+        ts: float,
+        records: list[Record],
+        accepted: SpaAccepted | None,
+        out: list[Command],
+    ) -> None:
+        """Hold a completed knock until the runtime has vetted it (:class:`Vet`)."""
+        self._ticket += 1
+        self._pending[self._ticket] = (door, address, ports, until, accepted)
+        out.append(Vet(ts, self._ticket, door.name, address, tuple(records)))
+
+    def _vetted(self, answer: Vetted, ts: float, out: list[Command]) -> None:
+        pending = self._pending.pop(answer.ticket, None)
+        if pending is None:
+            self.counters.malformed += 1  # no such ticket (answered twice, or made up)
+            return
+        door, address, ports, until, accepted = pending
+        if answer.refusal is not None:
+            self.counters.refused += 1
+            out.append(Refused(ts, door.name, address, answer.refusal))
+            return
+        if accepted is not None:
+            out.append(accepted)
+        self._act(door, address, ports, until, ts, out)
 
     def _act(
         self,
@@ -463,6 +528,31 @@ class KnockEngine:
                 command = RunCommand(due, door.name, address, "stop", stop.replace("%IP%", address))
                 self._stop_seq += 1
                 heapq.heappush(self._stops, (due, self._stop_seq, command))
+
+    # ----------------------------------------------------------------- reload
+
+    def _new_doors(self, event: NewDoors, ts: float, out: list[Command]) -> None:
+        old = {state.door.name: state for state in self._fixed}
+        keep: dict[str, DoorState] = {}
+        kept: list[str] = []
+        changed: list[str] = []
+        added: list[str] = []
+        for door in event.doors:
+            state = old.pop(door.name, None)
+            if state is None:
+                added.append(door.name)
+            elif _same(state.door, door):
+                keep[door.name] = state
+                kept.append(door.name)
+            else:
+                changed.append(door.name)
+        dropped = [state for state in self.doors if state.door.name not in keep]
+        self._count -= sum(len(state.attempts) for state in dropped)
+        self.max_attempts = max(1, event.max_attempts)
+        self._configure(event.doors, keep)
+        self._next_expiry = -math.inf  # recomputed by the next expiry pass
+        self._reindex()
+        out.append(DoorsReloaded(ts, tuple(kept), tuple(changed), tuple(added), tuple(old)))
 
     # ----------------------------------------------------------------- SPA
 
@@ -509,15 +599,15 @@ class KnockEngine:
         # it, and another door may share the key), and a second more against rounding.
         seen_until = knock.timestamp + MAX_SPA_MAX_AGE + 1.0
         self._remember_spa(knock.digest, seen_until)
-        out.append(SpaDigestSeen(ts, door.name, address, knock.digest, seen_until))
+        record = SpaDigestSeen(ts, door.name, address, knock.digest, seen_until)
         default = door.open.duration if door.open is not None else spa.max_time
         duration = float(knock.client_timeout) if knock.client_timeout else default
         duration = min(duration, spa.max_time)
         if user.max_time is not None:
             duration = min(duration, user.max_time)
         ports = knock.ports if door.open is not None else ()
-        out.append(SpaAccepted(ts, door.name, address, knock.src, user.name, ports, ts + duration))
-        self._act(door, address, ports, ts + duration, ts, out)
+        accepted = SpaAccepted(ts, door.name, address, knock.src, user.name, ports, ts + duration)
+        self._vet(door, address, ports, ts + duration, ts, [record], accepted, out)
 
     @staticmethod
     def _spa_allowed(door: Door, user: SpaUser, ports: tuple[Step, ...]) -> bool:
@@ -563,18 +653,18 @@ class KnockEngine:
         if changed:
             self._rebuild()
 
-    def _use_totp_step(self, state: DoorState, src: str, ts: float, out: list[Command]) -> None:
+    def _use_totp_step(self, state: DoorState, src: str, ts: float) -> TotpStepUsed:
         door = state.door
         totp = door.knock.totp
         assert totp is not None and state.step is not None
         # Out of every window then, whatever skew a reload may set.
         until = float((state.step + MAX_TOTP_SKEW + 1) * totp.period)
         self._totp_used[door.name][state.step] = until
-        out.append(TotpStepUsed(ts, door.name, src, state.step, until))
         variant = self._totp[door.name].pop(state.step, None)
         if variant is not None:
             self._count -= len(variant.attempts)
         self._rebuild()
+        return TotpStepUsed(ts, door.name, src, state.step, until)
 
     def _totp_range(self, totp: Totp) -> list[tuple[int, str]]:
         keys = self._range_keys.get(totp)
@@ -655,3 +745,8 @@ class KnockEngine:
                 index.update(dict.fromkeys(keys, states))
                 index.update(overlap)
         self._index = index
+
+
+def _same(old: Door, new: Door) -> bool:
+    """Whether a reloaded door is the running one (where it is written may move)."""
+    return dataclasses.replace(old, origin=None) == dataclasses.replace(new, origin=None)

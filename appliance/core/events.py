@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-from appliance.core.model import Step
+from appliance.core.model import Door, Step
 
 # --------------------------------------------------------------------------- events
 
@@ -93,7 +93,26 @@ class LocalAddresses(NamedTuple):
     addresses: frozenset[str] | None
 
 
-Event = Packet | Tick | SpaKnock | WallClock | LocalAddresses
+class Vetted(NamedTuple):
+    """The runtime's answer to a :class:`Vet`: ``refusal`` is ``None`` when the knocker
+    may go ahead (not held off as a scanner, its records written), else why not."""
+
+    ts: float
+    ticket: int
+    refusal: str | None
+
+
+class NewDoors(NamedTuple):
+    """A reload: these doors replace the running ones. A door that did not change keeps
+    its in-progress attempts (and a one-time door its place in the file); pending stop
+    commands run at their own time whatever happened to their door."""
+
+    ts: float
+    doors: tuple[Door, ...]
+    max_attempts: int
+
+
+Event = Packet | Tick | SpaKnock | WallClock | LocalAddresses | Vetted | NewDoors
 
 # --------------------------------------------------------------------------- commands
 
@@ -175,6 +194,19 @@ class TotpStepUsed(NamedTuple):
 Record = MarkSequenceUsed | SpaDigestSeen | TotpStepUsed
 
 
+class Vet(NamedTuple):
+    """Before a completed knock is acted on, ask the runtime: write ``records`` down
+    and tell whether ``address`` is held off as a scanner. The engine acts when the
+    :class:`Vetted` answer with the same ``ticket`` comes back without a refusal, and
+    does nothing (no grant, no close, no command) when it comes back with one."""
+
+    at: float
+    ticket: int
+    door: str
+    address: str
+    records: tuple[Record, ...]
+
+
 # Log records: what happened to whom. The runtime formats them (knockd-style text or JSON).
 
 
@@ -253,6 +285,26 @@ class DoorExhausted(NamedTuple):
     path: str
 
 
+class Refused(NamedTuple):
+    """A completed knock that was not acted on: ``reason`` says why (held off as a
+    scanner, its use could not be recorded)."""
+
+    at: float
+    door: str
+    address: str
+    reason: str
+
+
+class DoorsReloaded(NamedTuple):
+    """A reload's effect on the doors, by name: ``kept`` keep their attempts."""
+
+    at: float
+    kept: tuple[str, ...]
+    changed: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
 class ClockStepped(NamedTuple):
     """The wall clock jumped by ``by`` seconds against the engine's clock (negative:
     back). Timeouts are unaffected; TOTP steps and SPA ages follow the new wall time."""
@@ -261,12 +313,10 @@ class ClockStepped(NamedTuple):
     by: float
 
 
-Command = (
-    Grant
-    | Revoke
-    | RunCommand
-    | MarkSequenceUsed
-    | StageReached
+# What the runtime carries out (side effects) and what it only logs (notices).
+Effect = Grant | Revoke | RunCommand | Vet
+Notice = (
+    StageReached
     | Opened
     | SequenceReset
     | SequenceTimeout
@@ -274,7 +324,8 @@ Command = (
     | DoorExhausted
     | SpaAccepted
     | SpaRefused
-    | SpaDigestSeen
-    | TotpStepUsed
+    | Refused
+    | DoorsReloaded
     | ClockStepped
 )
+Command = Effect | Notice

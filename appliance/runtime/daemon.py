@@ -12,11 +12,17 @@ wall clock is handed to the engine (``WallClock``) for TOTP steps, SPA ages and
 log stamps, again whenever it jumps. The engine owns its deadlines; the loop
 asks it for the next one after every pass.
 
+The loop is a thin interpreter: queue items are typed (:mod:`appliance.runtime.items`,
+the host watcher's and the service workers' events) and matched exhaustively, as
+are the engine's commands; a log record (a notice) is only logged, a side effect
+(grant, revoke, command, vet) is carried out by its adapter.
+
 Fail closed:
 
-* a completion is refused as a whole (no grant, no command) when its knocker is
-  held off as a scanner, or when its record (one-time line, TOTP step, SPA
-  digest) cannot be written first;
+* a completion is vetted before the engine acts on it (:class:`Vet`): its records
+  (one-time line, TOTP step, SPA digest) are written first and the kernel's scan
+  detector is asked about the knocker; the answer goes back to the engine, which
+  refuses the whole decision (no grant, no close, no command) when either fails;
 * a grant that the firewall refuses is logged and not retried: the port stays
   closed;
 * an unexpected exception in one handler is logged (with its traceback, once per
@@ -25,7 +31,9 @@ Fail closed:
   (keep: they expire at their kernel deadline; revoke), services, then every
   pending stop command, each step guarded so one failure does not skip the rest.
 
-SIGHUP: read the config again; a bad one is logged and the old one kept.
+SIGHUP: read the config again; a bad one is logged and the old one kept. A good one
+goes to the engine as :class:`NewDoors`: unchanged doors keep their attempts, and
+pending stop commands run at their own time.
 """
 
 from __future__ import annotations
@@ -58,14 +66,17 @@ from appliance.core.events import (
     ClockStepped,
     Command,
     DoorExhausted,
+    DoorsReloaded,
     Event,
     Grant,
     LocalAddresses,
     MarkSequenceUsed,
+    NewDoors,
     OneTimeAdvanced,
     Opened,
     Packet,
     Record,
+    Refused,
     Revoke,
     RunCommand,
     SequenceReset,
@@ -75,13 +86,15 @@ from appliance.core.events import (
     SpaRefused,
     StageReached,
     Tick,
-    TotpStepUsed,
+    Vet,
+    Vetted,
     WallClock,
 )
 from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.runtime.actions import CommandRunner, run_command
+from appliance.runtime.items import Signal, StatusRequest
 from appliance.runtime.logs import configure, flush_noise, log_command
 from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.services import ServiceManager
@@ -90,6 +103,10 @@ from appliance.runtime.status import StatusServer
 from appliance.services.launcher import ServiceLauncher
 
 log = logging.getLogger("knockgate")
+
+# What other threads put on the loop's queue (the service workers' items are still
+# tuples until the service lifecycle moves into the core).
+Item = Packet | Signal | StatusRequest | HostState | tuple[Any, ...]
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
 SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
@@ -124,6 +141,7 @@ def firewall_plan(config: Config) -> FirewallPlan:
 class Stats:
     started: float = field(default_factory=time.monotonic)
     held_off: int = 0
+    refused: int = 0  # completed knocks not acted on (held off, unrecorded)
     refused_unrecorded: int = 0  # completions refused because their record failed
     grant_failures: int = 0
     firewall_repairs: int = 0
@@ -179,7 +197,7 @@ class Daemon:
         # Other threads (status socket, host watcher, service launches, signal
         # handlers) hand items over through this queue and wake the loop with a byte
         # on the pipe; packets never go through it (the loop reads the sockets).
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -206,10 +224,6 @@ class Daemon:
         self.watcher: HostWatcher | None = None
         self.host: HostState | None = None  # the links and addresses last reported
         self.status: StatusServer | None = None
-        self.suppressed: set[tuple[str, str, float]] = set()  # stop commands not to run
-        # Completions refused within the command batch being carried out, by (door,
-        # address): held off as a scanner, or their record could not be written.
-        self._refused: dict[tuple[str, str], str] = {}
         self._failing: set[str] = set()  # handlers whose exception was logged in full
         self._stopped = False
         self._firewall_failing = False
@@ -225,7 +239,7 @@ class Daemon:
 
     # ----------------------------------------------------------------- life cycle
 
-    def enqueue(self, item: Any) -> None:
+    def enqueue(self, item: Item) -> None:
         """From any thread (or a signal handler): hand ``item`` to the loop and wake it."""
         self.queue.put(item)
         with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the loop
@@ -257,9 +271,9 @@ class Daemon:
         self.running = True
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.enqueue(("signal", "TERM")))
-        signal.signal(signal.SIGINT, lambda *_: self.enqueue(("signal", "TERM")))
-        signal.signal(signal.SIGHUP, lambda *_: self.enqueue(("signal", "HUP")))
+        signal.signal(signal.SIGTERM, lambda *_: self.enqueue(Signal("stop")))
+        signal.signal(signal.SIGINT, lambda *_: self.enqueue(Signal("stop")))
+        signal.signal(signal.SIGHUP, lambda *_: self.enqueue(Signal("reload")))
 
     def run(self) -> None:
         """Read packets and queued items until SIGTERM; then shut down in order.
@@ -384,26 +398,26 @@ class Daemon:
                 return
             self._guarded(_item_name(item), functools.partial(self._item, item))
 
-    def _item(self, item: Any) -> None:
-        if type(item) is Packet:
-            self.packet(item)
-        elif type(item) is HostState:
-            self._host(item)
-        elif item[0] == "signal":
-            if item[1] == "TERM":
+    def _item(self, item: Item) -> None:
+        match item:
+            case Packet():
+                self.packet(item)
+            case Signal(action="stop"):
                 log.info("shutting down")
                 self.running = False
-            else:
+            case Signal(action="reload"):
                 self.reload()
-        elif item[0] == "status":
-            item[1](self.snapshot())
-        elif item[0] == "service-ready" and self.services is not None:
-            if self.services.ready(item[1], item[2], item[3]):
-                self._log(item[1])
-        elif item[0] == "services-prepared" and self.services is not None:
-            self.services.prepared()
-        else:
-            raise TypeError(f"unknown queue item {item!r}")
+            case StatusRequest(reply=reply):
+                reply(self.snapshot())
+            case HostState():
+                self._host(item)
+            case ("service-ready", grant, str(name), error) if self.services is not None:
+                if self.services.ready(grant, name, error):
+                    self._log(grant)
+            case ("services-prepared",) if self.services is not None:
+                self.services.prepared()
+            case _:
+                raise TypeError(f"unknown queue item {item!r}")
 
     def packet(self, packet: Packet) -> None:
         """One packet (an SPA packet goes through the SPA reader first)."""
@@ -443,7 +457,7 @@ class Daemon:
 
     def _run_pending_stops(self) -> None:
         for command in self.engine.drain():
-            if isinstance(command, RunCommand) and not self._suppressed(command):
+            if isinstance(command, RunCommand):
                 try:
                     run_command(command)
                 except Exception:
@@ -455,48 +469,58 @@ class Daemon:
     # ----------------------------------------------------------------- commands
 
     def _commands(self, commands: list[Command]) -> None:
-        """Carry out one event's commands in order (the engine puts records first)."""
-        refused = self._refused
-        try:
-            for command in commands:
-                match command:
-                    case StageReached() | SequenceReset() | SequenceTimeout():
-                        self._log(command)
-                    case Opened(door=door, address=address):
-                        self._log(command)
-                        if self._is_held(address):
-                            refused[(door, address)] = "held off as a port scanner"
-                            self.stats.held_off += 1
-                    case MarkSequenceUsed() | SpaDigestSeen() | TotpStepUsed():
-                        self._record(command)
-                    case Grant():
-                        self._grant(command)
-                    case RunCommand():
-                        self._run(command)
-                    case Revoke():
-                        self._revoke(command)
-                    case SpaAccepted(door=door, address=address):
-                        reason = refused.get((door, address))
-                        if reason is None:
-                            self._log(command)
-                        else:
-                            log.warning("%s: %s: SPA refused: %s", address, door, reason)
-                    case SpaRefused() | OneTimeAdvanced() | DoorExhausted():
-                        self._log(command)
-                    case ClockStepped():
-                        self.stats.clock_steps += 1
-                        self._log(command)
-                    case _:
-                        assert_never(command)
-        finally:
-            refused.clear()
+        """Carry out one event's commands in order: effects by their adapter, notices
+        to the log."""
+        for command in commands:
+            match command:
+                case Grant():
+                    self._grant(command)
+                case Revoke():
+                    self._revoke(command)
+                case RunCommand():
+                    self.runner.submit(command)
+                case Vet():
+                    self._vet(command)
+                case ClockStepped():
+                    self.stats.clock_steps += 1
+                    self._log(command)
+                case Refused():
+                    self.stats.refused += 1
+                    self._log(command)
+                case (
+                    StageReached()
+                    | Opened()
+                    | SequenceReset()
+                    | SequenceTimeout()
+                    | OneTimeAdvanced()
+                    | DoorExhausted()
+                    | SpaAccepted()
+                    | SpaRefused()
+                    | DoorsReloaded()
+                ):
+                    self._log(command)
+                case _:
+                    assert_never(command)
 
-    def _log(self, command: Command) -> None:
+    def _log(self, command: Command | Record) -> None:
         log_command(command, self.engine.wall_offset)
 
-    def _record(self, record: Record) -> None:
-        """Write a record down before the decision it belongs to is carried out; when it
-        cannot be written, that decision is refused (no grant, no command)."""
+    def _vet(self, vet: Vet) -> None:
+        """Write the completion's records down, then ask the scan detector about the
+        knocker; the engine gets the answer and acts, or refuses the whole decision."""
+        refusal = None
+        for record in vet.records:
+            if not self._record(record):
+                refusal = "its use could not be recorded, so no access"
+        if refusal is not None:
+            self.stats.refused_unrecorded += 1
+        elif self._is_held(vet.address):
+            self.stats.held_off += 1
+            refusal = "held off as a port scanner"
+        self._commands(self.engine.handle(Vetted(vet.at, vet.ticket, refusal)))
+
+    def _record(self, record: Record) -> bool:
+        """Write one record down; ``False`` when it cannot be (then nothing opens)."""
         if isinstance(record, MarkSequenceUsed):
             try:
                 mark_line_used(record.path, record.offset)
@@ -516,14 +540,10 @@ class Daemon:
         else:
             self._log(record)
             written = self.state.totp_used(record.door, record.step, record.until)
-        if written:
-            if self.state.appended >= COMPACT_EVERY:  # the file holds only what is in force
-                self.state.compact(Saved(*self.engine.saved_state()), self.wall())
-            return
-        self.stats.refused_unrecorded += 1
-        self._refused.setdefault(
-            (record.door, record.address), "its use could not be recorded, so no access"
-        )
+        if written and self.state.appended >= COMPACT_EVERY:
+            # The file holds only what is in force.
+            self.state.compact(Saved(*self.engine.saved_state()), self.wall())
+        return written
 
     def _is_held(self, address: str) -> bool:
         if self.config.settings.firewall.scan is None:
@@ -535,10 +555,6 @@ class Daemon:
             return True  # fail closed
 
     def _grant(self, grant: Grant) -> None:
-        reason = self._refused.get((grant.door, grant.address))
-        if reason is not None:
-            log.warning("%s: %s: %s: no access", grant.address, grant.door, reason)
-            return
         door = self.config.door(grant.door)
         if door is not None and door.service is not None:
             service = self.config.service(door.service)
@@ -559,8 +575,6 @@ class Daemon:
         self._log(grant)
 
     def _revoke(self, revoke: Revoke) -> None:
-        if (revoke.by, revoke.address) in self._refused:
-            return  # a refused knock does nothing, closing included
         door = self.config.door(revoke.door)
         if door is None or door.open is None:
             return
@@ -572,27 +586,6 @@ class Daemon:
         self._log(revoke)
         if door.service is not None and self.services is not None:
             self.services.revoked(door.service, revoke.address)
-
-    def _run(self, command: RunCommand) -> None:
-        if command.phase == "start":
-            reason = self._refused.get((command.door, command.address))
-            if reason is not None:
-                door = self.config.door(command.door)
-                if door is not None:  # its stop command is not run either
-                    due = command.at + door.commands.cmd_timeout
-                    self.suppressed.add((command.door, command.address, due))
-                log.warning("%s: %s: %s: command not run", command.address, command.door, reason)
-                return
-        elif self._suppressed(command):
-            return
-        self.runner.submit(command)
-
-    def _suppressed(self, command: RunCommand) -> bool:
-        key = (command.door, command.address, command.at)
-        if key in self.suppressed:
-            self.suppressed.discard(key)
-            return True
-        return False
 
     def _revoke_all(self) -> None:
         try:
@@ -642,7 +635,7 @@ class Daemon:
         now = self.clock()
         since, noise_before, packets_before = self._noise
         if now - since >= FLOOD_WINDOW:
-            counters = self.engine.counters  # a new engine after a reload counts from 0
+            counters = self.engine.counters
             noise = counters.timeouts + counters.resets + counters.evictions
             if noise - noise_before >= FLOOD_NOISE:
                 log.warning(
@@ -721,18 +714,14 @@ class Daemon:
             except FirewallError as again:
                 log.error("firewall: restoring the running rules failed too: %s", again)
             return
-        for command in self.engine.drain():  # pending stops of the old doors still run
-            if isinstance(command, RunCommand) and not self._suppressed(command):
-                self.runner.submit(command)
-        saved = self.engine.saved_state()
-        untrusted = self.engine.untrusted_before
         if loaded.config.settings.state_dir != self.config.settings.state_dir:
             self.state.close()
             self.state = StateStore(loaded.config.settings.state_dir)
-            self.state.compact(Saved(*saved), self.wall())  # one write, not one per entry
+            # One write, not one per entry.
+            self.state.compact(Saved(*self.engine.saved_state()), self.wall())
         self.loaded, self.config = loaded, loaded.config
-        self.engine = self._engine(loaded.config)
-        self.engine.restore(*saved, untrusted_before=untrusted)
+        settings = loaded.config.settings
+        self._event(NewDoors(self.clock(), loaded.config.doors, settings.max_attempts))
         self.spa = SpaReader(loaded.config.doors, self.addresses)
         if self.sniffer is not None:
             self.sniffer.set_filter(capture_filter(loaded.config.doors, self.addresses or ()))
@@ -782,6 +771,7 @@ class Daemon:
                 # Frames the host's own stack would drop (bad checksums, ...): not knocks.
                 **(self.sniffer.rejected if self.sniffer else dict.fromkeys(REASONS, 0)),
                 "held_off": self.stats.held_off,
+                "refused": self.stats.refused,
                 "refused_unrecorded": self.stats.refused_unrecorded,
                 "grant_failures": self.stats.grant_failures,
                 "firewall_repairs": self.stats.firewall_repairs,
@@ -794,10 +784,8 @@ class Daemon:
         }
 
 
-def _item_name(item: Any) -> str:
-    if type(item) is HostState:
-        return "host handler"
-    return "packet" if type(item) is Packet else f"{item[0]} handler"
+def _item_name(item: Item) -> str:
+    return f"{type(item).__name__} handler"
 
 
 def _knock_kind(door: Door) -> str:

@@ -13,13 +13,13 @@ from typing import Any
 
 from appliance.config.schema import LogSettings
 from appliance.core.events import (
-    Command,
+    Refused,
     SequenceReset,
     SequenceTimeout,
     SpaRefused,
     StageReached,
 )
-from appliance.logformat import describe, record
+from appliance.logformat import Line, describe, record
 
 log = logging.getLogger("knockgate")
 events_log = logging.getLogger("knockgate.events")
@@ -126,7 +126,7 @@ def flush_noise() -> None:
     noise.flush()
 
 
-def log_command(command: Command, wall_offset: float = 0.0) -> None:
+def log_command(command: Line, wall_offset: float = 0.0) -> None:
     """Log an engine command (stages, OPEN SESAME, timeouts, ...) as one line.
 
     A lone first knock (stage 1) and a reset at stage 1 are logged at debug level:
@@ -134,7 +134,7 @@ def log_command(command: Command, wall_offset: float = 0.0) -> None:
     flood of log lines. Every later stage, and every decision, is logged at info
     level, as knockd does; lines about attempts are held to a budget per minute.
     """
-    level = logging.INFO
+    level = logging.WARNING if isinstance(command, Refused) else logging.INFO
     if isinstance(command, NOISY):
         if isinstance(command, StageReached | SequenceReset) and command.stage == 1:
             level = logging.DEBUG

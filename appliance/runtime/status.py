@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.errors import KnockgateError
+from appliance.runtime.items import StatusRequest
 
 log = logging.getLogger("knockgate.status")
 
@@ -114,7 +115,7 @@ class StatusServer:
             first = not self._waiting
             self._waiting.append(answer)
         if first:
-            self.enqueue(("status", self._answer_all))
+            self.enqueue(StatusRequest(self._answer_all))
         if not done.wait(REPLY_TIMEOUT):
             with self._lock:
                 if answer in self._waiting:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from appliance.core.engine import KnockEngine
-from appliance.core.events import Command, Event, Packet
+from appliance.core.events import Event, Packet, Vet, Vetted
 from appliance.core.model import (
     Commands,
     Door,
@@ -65,13 +67,22 @@ def udp(ts: float, src: str, port: int, dst: str = HOST) -> Packet:
     return Packet(ts, src, dst, "udp", port, 0)
 
 
-def play(engine: KnockEngine, event: Event) -> list[Command]:
-    """The engine's decisions for one event."""
-    return engine.handle(event)
+def play(engine: KnockEngine, event: Event) -> list[Any]:
+    """The engine's decisions for one event, as the daemon carries them out for a knocker
+    that is not held off and whose records are written: each :class:`Vet` becomes its
+    records, followed by what the engine does once it is answered without a refusal."""
+    out: list[Any] = []
+    for command in engine.handle(event):
+        if isinstance(command, Vet):
+            out.extend(command.records)
+            out.extend(play(engine, Vetted(command.at, command.ticket, None)))
+        else:
+            out.append(command)
+    return out
 
 
-def play_all(engine: KnockEngine, events: list[Event]) -> list[Command]:
-    out: list[Command] = []
+def play_all(engine: KnockEngine, events: list[Event]) -> list[Any]:
+    out: list[Any] = []
     for event in events:
         out.extend(play(engine, event))
     return out

@@ -13,6 +13,7 @@ from appliance.core.events import Packet
 from appliance.core.model import Step
 from appliance.firewall.memory import MemoryBackend
 from appliance.runtime.daemon import Daemon, Overrides, firewall_plan, ssh_lockout
+from appliance.runtime.items import Signal, StatusRequest
 from appliance.spa.keyfile import generate_keys
 from appliance.spa.wire import SpaKeys, new_message, seal
 
@@ -101,7 +102,7 @@ def test_a_held_scanner_gets_no_grant_and_no_command(
     assert not backend.is_open(A, Step(22, "tcp"))
     assert daemon.stats.held_off == 2  # both knocks refused
     clock.now += 5
-    daemon._item(("signal", "TERM"))
+    daemon._item(Signal("stop"))
     daemon.shutdown()
     daemon.runner.shutdown()
     assert not marks.exists()  # neither the start nor the stop command ran
@@ -611,8 +612,8 @@ def test_a_status_client_that_never_reads_blocks_no_one(tmp_path: Path) -> None:
     }
 
     def enqueue(item: object) -> None:  # the loop's side, answering at once
-        assert isinstance(item, tuple)
-        threading.Thread(target=item[1], args=(big,)).start()
+        assert isinstance(item, StatusRequest)
+        threading.Thread(target=item.reply, args=(big,)).start()
 
     server = StatusServer(str(tmp_path / "s.sock"), enqueue)
     server.start()

@@ -23,6 +23,7 @@ from appliance.errors import FirewallError
 from appliance.firewall.memory import MemoryBackend
 from appliance.runtime import daemon as daemon_module
 from appliance.runtime.daemon import Daemon
+from appliance.runtime.items import Signal, StatusRequest
 
 CONFIG = """\
 status_socket: {tmp}/status.sock
@@ -152,7 +153,7 @@ def marks(tmp_path: Path) -> list[str]:
 
 
 def term(at: float) -> Script:
-    return [(at, ("signal", "TERM"))]
+    return [(at, Signal("stop"))]
 
 
 def wait_commands(daemon: Daemon) -> None:
@@ -254,6 +255,47 @@ def test_a_clock_stepped_forward_does_not_cut_a_grant_short(make: Callable[..., 
     assert not backend.is_open(A, Step(22, "tcp"))
 
 
+# ----------------------------------------------------------------- reload
+
+
+def test_a_sighup_keeps_an_unchanged_doors_attempt_and_its_pending_stop(
+    make: Callable[..., Daemon], submitted: list[tuple[str, float]], tmp_path: Path
+) -> None:
+    """Regression: SIGHUP dropped every attempt in progress and ran pending stop
+    commands at once. Now a knock half done before a reload completes after it, and a
+    stop runs cmd_timeout after its start."""
+    script: Script = knock(5000.0, A, "4001", "4002", "4003")  # stop due at 5010.2
+    script += knock(5001.0, B, "7113", "2231/udp")
+    script += [(5002.0, Signal("reload"))]
+    script += knock(5003.0, B, "9157")
+    script += term(5100.0)
+    daemon = make(script, cmd_timeout=10.0)
+    daemon.run()
+    assert submitted == [("start", 5000.2), ("stop", 5010.2)]
+    assert daemon.stats.reloads == 1
+    assert daemon.engine.counters.opened == 2  # B's knock, begun before the reload, too
+
+
+def test_a_sighup_that_changes_a_door_drops_only_that_doors_attempts(
+    make: Callable[..., Daemon], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def edit() -> None:
+        path = tmp_path / "k.yaml"
+        path.write_text(path.read_text().replace("[4001, 4002, 4003]", "[4001, 4002, 4009]"))
+
+    script: Script = knock(5000.0, A, "4001", "4002")
+    script += knock(5000.5, B, "7113", "2231/udp")
+    script += [(5001.0, edit), (5001.5, Signal("reload"))]
+    script += knock(5002.0, A, "4009")
+    script += knock(5002.0, B, "9157")
+    script += term(5100.0)
+    daemon = make(script)
+    daemon.run()
+    assert daemon.engine.counters.opened == 1  # B's ssh; A's cmd attempt was dropped
+    logged = capsys.readouterr().out
+    assert "doors: kept (attempts in progress go on) ssh; changed (attempts dropped) cmd" in logged
+
+
 # ----------------------------------------------------------------- faults
 
 
@@ -297,14 +339,14 @@ def test_an_exception_in_a_handler_is_contained_and_the_daemon_keeps_serving(
         elif fault == "engine":
             monkeypatch.setattr(daemon.engine, "handle", _once(daemon.engine.handle, KeyError(1)))
         elif fault == "status":
-            daemon.enqueue(("status", _raise(ValueError("status bug"))))
+            daemon.enqueue(StatusRequest(_raise(ValueError("status bug"))))
         elif fault == "reload":
             monkeypatch.setattr(daemon_module, "load_config", _raise(MemoryError("reload bug")))
-            daemon.enqueue(("signal", "HUP"))
+            daemon.enqueue(Signal("reload"))
         elif fault == "reload-rollback":
             # The new rules fail, and so does putting the running ones back.
             monkeypatch.setattr(backend, "setup", _raise(FirewallError("setup refused")))
-            daemon.enqueue(("signal", "HUP"))
+            daemon.enqueue(Signal("reload"))
         elif fault == "check":
             monkeypatch.setattr(backend, "check", _raise(RuntimeError("check bug")))
         elif fault == "upkeep":

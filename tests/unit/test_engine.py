@@ -20,6 +20,8 @@ from appliance.core.events import (
     SequenceTimeout,
     StageReached,
     Tick,
+    Vet,
+    Vetted,
 )
 from appliance.core.model import Commands, OneTimeFile, OneTimeSequence, TcpFlags
 from tests.unit.helpers import ACK, FIN, RST, SYN, door, play, play_all, steps, tcp, udp
@@ -305,9 +307,9 @@ def test_commands_get_the_address_and_stop_is_due_after_cmd_timeout() -> None:
     commands = Commands(start="allow %IP% %IP%", stop="deny %IP%", cmd_timeout=10.0)
     engine = KnockEngine([door("k", 7113, 2231, open_ports=None, commands=commands)])
     play(engine, tcp(1.0, A, 7113))
-    assert engine.handle(tcp(1.5, A, 2231)) == [
-        Opened(1.5, "k", A),
-        RunCommand(1.5, "k", A, "start", f"allow {A} {A}"),
+    assert engine.handle(tcp(1.5, A, 2231)) == [Opened(1.5, "k", A), Vet(1.5, 1, "k", A, ())]
+    assert engine.handle(Vetted(1.5, 1, None)) == [
+        RunCommand(1.5, "k", A, "start", f"allow {A} {A}")
     ]
     assert engine.next_deadline() == 6.0  # A's attempt, begun at 1.0 (may be early)
     assert engine.handle(Tick(6.0)) == []

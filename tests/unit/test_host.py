@@ -164,7 +164,11 @@ def test_a_link_that_goes_down_or_away_is_closed_with_one_line(lines: list[str])
     assert capture.capturing == []
     assert capture.readers == []
     assert opener.open_names() == []
-    assert lines == ["eth0: down", "eth0: gone", "docker0: gone"]
+    assert lines == [
+        "eth0: down; capturing again when it comes up",
+        "eth0: gone",
+        "docker0: gone",
+    ]
 
 
 def test_a_link_recreated_under_the_same_name_gets_a_new_socket(lines: list[str]) -> None:
