@@ -258,6 +258,25 @@ def test_another_read_error_closes_the_socket_and_reopens_it_once(lines: list[st
     ]
 
 
+def test_a_reload_that_changes_interfaces_applies_at_once(lines: list[str]) -> None:
+    opener = Opener()
+    capture = sniffer(opener)
+    links = (LOOPBACK, ETH0, DOCKER0)
+    capture.follow(links)
+    lines.clear()
+    capture.want(("docker0", "wg0"), links)
+    assert capture.capturing == ["docker0"]
+    assert opener.open_names() == ["docker0"]
+    assert lines == [
+        "eth0: no longer captured (not in interfaces)",
+        "wg0: not present; capturing it when it appears",
+    ]
+    capture.want(("docker0", "wg0"), links)  # the same names: nothing happens
+    capture.want((), links)  # unset again: everything but lo
+    assert capture.capturing == ["docker0", "eth0"]
+    assert lines[2:] == ["eth0: capturing"]
+
+
 def test_counters_outlive_the_links_they_were_counted_on() -> None:
     capture = sniffer(Opener())
     capture.follow((ETH0, DOCKER0))
