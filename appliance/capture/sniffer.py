@@ -255,6 +255,7 @@ class Sniffer:
         self.opener = opener
         self.readers: list[InterfaceReader] = []  # one per link captured (or failing)
         self.reopen_at: float | None = None  # one re-open attempt after a failed socket
+        self.version = 0  # moves whenever a reader or its socket may have changed
         self._links: dict[str, Link] = {}
         self._said: dict[str, str] = {}  # what was last logged per interface (changes only)
         self._retired = InterfaceReader("", expression)  # counters of readers removed
@@ -272,6 +273,7 @@ class Sniffer:
     def follow(self, links: Sequence[Link]) -> None:
         """Capture exactly the wanted links that are up: open what is new or came up,
         close what is down or gone (or came back under another index)."""
+        self.version += 1
         self._links = {link.name: link for link in links}
         kept: list[InterfaceReader] = []
         for reader in self.readers:
@@ -304,6 +306,7 @@ class Sniffer:
         """
         if error.errno == errno.ENETDOWN:
             return
+        self.version += 1
         reader.close()
         self._say(reader.interface, "failed", f"capture error ({_why(error)}); opening it again")
         self.reopen_at = self.clock() + REOPEN_SECONDS
@@ -311,6 +314,7 @@ class Sniffer:
     def reopen(self) -> None:
         """The one re-open attempt after a failure (the loop calls it at ``reopen_at``)."""
         self.reopen_at = None
+        self.version += 1
         self._open_closed()
         self._tell()
 
@@ -375,6 +379,7 @@ class Sniffer:
                 log.error("%s", error)
 
     def close(self) -> None:
+        self.version += 1
         for reader in self.readers:
             reader.close()
 

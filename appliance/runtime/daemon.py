@@ -291,11 +291,13 @@ class Daemon:
             selector.register(self._wake_r, selectors.EVENT_READ, None)
             registered: dict[InterfaceReader, socket.socket] = {}
             sniffer = self.sniffer
+            seen = -1  # the sniffer's readers as last registered (its version)
             clock = self.clock
             next_check = clock() + CHECK_SECONDS
             next_tick = clock() + SERVICE_TICK
             while self.running:
-                if sniffer is not None:
+                if sniffer is not None and sniffer.version != seen:
+                    seen = sniffer.version
                     self._register(selector, registered, sniffer.readers)
                 now = clock()
                 due = min(next_check, next_tick)
@@ -335,8 +337,9 @@ class Daemon:
     ) -> None:
         """Register the readers' sockets as they are now: sockets of readers removed or
         closed first (their descriptor may be reused by a new one), then the new ones."""
+        current = set(readers)
         for reader, sock in list(registered.items()):
-            if reader.sock is not sock or reader not in readers:
+            if reader.sock is not sock or reader not in current:
                 selector.unregister(sock)
                 del registered[reader]
         for reader in readers:

@@ -623,7 +623,9 @@ def test_the_loop_registers_the_readers_as_they_come_and_go(daemon: Daemon) -> N
         capture.follow((ETH0, DOCKER0))
         daemon._register(selector, registered, capture.readers)
         assert sorted(r.interface for r in registered) == ["docker0", "eth0"]
+        version = capture.version
         capture.follow((DOCKER0,))  # eth0's socket closed: its descriptor is free again
+        assert capture.version != version  # the loop registers again only when it moved
         capture.follow((DOCKER0, Link("eth0", 12, True)))  # and likely reused right away
         daemon._register(selector, registered, capture.readers)
         assert sorted(r.interface for r in registered) == ["docker0", "eth0"]
