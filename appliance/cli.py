@@ -375,9 +375,16 @@ def _keygen(totp: bool) -> int:
 
 def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | None) -> int:
     import os
+    import signal
+
+    # A SIGHUP while starting (Compose's `kill -s HUP` right after `up`) would end the
+    # process by default: it is remembered and becomes a reload once the loop runs.
+    early_hup: list[int] = []
+    signal.signal(signal.SIGHUP, lambda *_: early_hup.append(1))
 
     from appliance.firewall.choose import choose_backend
     from appliance.runtime.daemon import Daemon, Overrides, ssh_lockout
+    from appliance.runtime.items import Signal
     from appliance.runtime.logs import configure
     from appliance.runtime.preflight import command_line, preflight
 
@@ -406,6 +413,8 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
         launcher = ServiceLauncher(DockerRuntime(), loaded.config.services, owner)
     daemon = Daemon(loaded, backend, launcher=launcher, overrides=overrides)
     daemon.install_signal_handlers()
+    if early_hup:
+        daemon.enqueue(Signal("reload"))
     if settings.pid_file:
         with open(settings.pid_file, "w") as handle:
             handle.write(f"{os.getpid()}\n")

@@ -1,7 +1,67 @@
 #!/bin/sh
-# First start: write a configuration with a fresh random knock (never a shipped one)
-# and print how to knock; then hand over to supervisord, which runs `knockgate run`.
-set -e
+# The container's PID 1. First start: write a configuration with a fresh random knock
+# (never a shipped one) and print how to knock; then run supervisord (which runs
+# `knockgate run`) as a child, and stay to translate Docker's signals:
+#
+#   SIGHUP           `supervisorctl signal HUP knockgate`: knockgate re-reads its config in
+#                    place (same pid, services and grants untouched), once supervisord calls
+#                    it RUNNING. supervisord itself must not get it: on SIGHUP it reloads and
+#                    restarts every program.
+#   SIGTERM, SIGINT  supervisord's graceful stop (knockgate gets SIGTERM, stopwaitsecs).
+#
+# The exit status is supervisord's. Orphans re-parented to PID 1 are reaped by the shell
+# while it waits (dash's `wait` collects any child). No Debian package does this mapping:
+# tini and dumb-init forward or renumber a signal to their one child, never run a command.
+set -eu
+
+CONF=/etc/supervisor/knockgate.conf
+say() { echo "knockgate-entrypoint: $*"; }
+
+supervisord_pid=
+stop() {
+    if [ -n "$supervisord_pid" ]; then
+        kill -TERM "$supervisord_pid" 2>/dev/null || true
+    else
+        exit 143 # before supervisord runs (during init): nothing to stop
+    fi
+}
+state() {
+    timeout 10 supervisorctl -c "$CONF" status knockgate 2>/dev/null | awk '$1 == "knockgate" { print $2 }'
+}
+reload() {
+    # Only a RUNNING knockgate (up for supervisord's startsecs) has its SIGHUP handler: one
+    # that is STARTING would die of the signal. Wait for it a little; every call is bounded
+    # (timeout), so a wedged supervisord cannot hold up a later SIGTERM for long.
+    now=$(state)
+    tries=0
+    while [ "$now" = STARTING ] && [ "$tries" -lt 20 ]; do
+        sleep 0.25
+        tries=$((tries + 1))
+        now=$(state)
+    done
+    if [ "$now" != RUNNING ]; then
+        say "SIGHUP: knockgate is not running (${now:-supervisord does not answer}): nothing reloaded"
+    elif ! timeout 10 supervisorctl -c "$CONF" signal HUP knockgate; then
+        say "SIGHUP: could not signal knockgate: nothing reloaded"
+    fi
+}
+trap stop TERM INT
+trap 'say "SIGHUP before knockgate runs: ignored"' HUP
+
 mkdir -p /etc/knockgate/ssh-keys
 knockgate init --config "$KNOCKGATE_CONFIG"
-exec supervisord -n -c /etc/supervisor/knockgate.conf
+
+supervisord -n -c "$CONF" &
+supervisord_pid=$!
+trap reload HUP
+
+# `wait` returns early (128 + signal) whenever a trap ran; wait again until supervisord is
+# gone, then once more for its status (dash keeps it for a child that ended in a trap).
+set +e
+while kill -0 "$supervisord_pid" 2>/dev/null; do
+    wait "$supervisord_pid"
+done
+wait "$supervisord_pid"
+status=$?
+say "supervisord exited with status $status"
+exit "$status"

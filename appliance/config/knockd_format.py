@@ -8,7 +8,9 @@ a door. Differences from knockd, each deliberate:
 * a directive given twice is an error (knockd keeps the last), except TCPFlags,
   whose lines accumulate as in knockd;
 * an unknown directive or a door without a sequence is an error;
-* ``Seq_Timeout`` and ``Cmd_Timeout`` accept fractions of a second;
+* ``Seq_Timeout`` and ``Cmd_Timeout`` accept fractions of a second, not a negative
+  number (knockd takes ``-1``, which then acts as 0); ``Seq_Timeout = 0`` works as in
+  knockd (only a one-step sequence can complete), with a warning for a longer one;
 * ``UseSyslog`` may be bare (knockd) or ``= yes``/``= no``;
 * a relative ``One_Time_Sequences`` path is taken relative to the config file.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from appliance.config.lint import lint_sequence
+from appliance.config.lint import lint_seq_timeout, lint_sequence
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
 from appliance.config.schema import Config, LogSettings, Settings
@@ -249,7 +251,10 @@ def _door(section: _Section, path: str, problems: Problems) -> Door | None:
         )
         return default if parsed is None else parsed
 
-    seq_timeout = seconds("Seq_Timeout", DEFAULT_SEQ_TIMEOUT, 0.001, "seconds, more than 0")
+    seq_timeout = seconds("Seq_Timeout", DEFAULT_SEQ_TIMEOUT, 0.0, "seconds, 0 or more")
+    if (entry := get("Seq_Timeout")) is not None:
+        key = key_path("Seq_Timeout")
+        lint_seq_timeout(seq_timeout, sequence, one_time, problems, entry[1], key)
     cmd_timeout = seconds("Cmd_Timeout", DEFAULT_CMD_TIMEOUT, 0.0, "seconds, 0 or more")
     flags = TcpFlags()
     for text, line in section.flags:

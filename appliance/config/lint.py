@@ -1,5 +1,6 @@
 """Warnings about weak choices: the config is valid, but easy to guess (short, monotonic
-or published sequences) or at odds with the kernel's scan detector."""
+or published sequences), impossible to complete (``seq_timeout`` 0 with several steps)
+or at odds with the kernel's scan detector."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from itertools import pairwise
 from appliance.config.problems import Problems
 from appliance.config.schema import ScanPolicy
 from appliance.config.values import shown
-from appliance.core.model import Door, Step
+from appliance.core.model import Door, OneTimeFile, Step
 
 # Sequences printed in knockd's and knock's man pages and shipped in Debian's
 # /etc/knockd.conf: every scanner and every attacker knows them.
@@ -41,6 +42,35 @@ def lint_sequence(sequence: tuple[Step, ...], problems: Problems, line: int, key
             key,
             "the ports only go up (or only down): a sequential port scan can complete it "
             "(mix the order)",
+        )
+
+
+def lint_seq_timeout(
+    seq_timeout: float,
+    sequence: tuple[Step, ...] | None,
+    one_time: OneTimeFile | None,
+    problems: Problems,
+    line: int,
+    key: str,
+    totp_steps: int = 0,
+) -> None:
+    """``seq_timeout`` 0 (knockd's ``Seq_Timeout = 0``) ends an attempt at the knocker's
+    next packet (knockd drops an attempt when ``now - start >= seq_timeout``): a one-step
+    sequence still opens on its one packet, a longer one never does (for a one-time file,
+    its longest unused line counts)."""
+    if seq_timeout != 0:
+        return
+    lengths = [len(sequence or ()), totp_steps]
+    if one_time is not None:
+        lengths.extend(len(unused.steps) for unused in one_time.sequences)
+    steps = max(lengths)
+    if steps > 1:
+        problems.warn(
+            line,
+            key,
+            f"0 with a {steps}-step sequence: the knock can never complete (an attempt "
+            "times out at its next packet, as in knockd; expected more than 0, or 0 only "
+            "for a one-step sequence)",
         )
 
 

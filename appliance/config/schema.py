@@ -48,6 +48,9 @@ class Service:
     idle_timeout: float = 300.0
     max_lifetime: float = 86_400.0
     keep_warm: bool = False
+    # When knockgate stops: keep the container running (its sessions go on; the next
+    # start adopts it) or stop it.
+    on_shutdown: Literal["keep", "stop"] = "keep"
 
     @property
     def step(self) -> Step:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from yaml.nodes import MappingNode, Node
 
-from appliance.config.lint import lint_scan, lint_sequence
+from appliance.config.lint import lint_scan, lint_seq_timeout, lint_sequence
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
 from appliance.config.schema import (
@@ -120,6 +120,7 @@ SERVICE_KEYS = (
     "idle_timeout",
     "max_lifetime",
     "keep_warm",
+    "on_shutdown",
 )
 READY_KEYS = ("tcp", "banner", "http", "healthcheck", "timeout")
 DOOR_SERVICE_KEYS = ("name", "duration")
@@ -402,10 +403,18 @@ def _knock(
         )
     seq_timeout = knock.get(
         "seq_timeout",
-        lambda v: parse_seconds(
-            v, minimum=0.001, maximum=SECONDS_LIMIT, what="seconds, more than 0"
-        ),
+        lambda v: parse_seconds(v, minimum=0.0, maximum=SECONDS_LIMIT, what="seconds, 0 or more"),
     )
+    if seq_timeout is not None:
+        lint_seq_timeout(
+            seq_timeout,
+            sequence,
+            one_time,
+            problems,
+            knock.line_of("seq_timeout"),
+            knock.key("seq_timeout"),
+            totp_steps=totp.steps if totp else 0,
+        )
     tcpflags = knock.get("tcpflags", lambda v: parse_tcpflags(split_flags(v)))
     target = knock.get("target", parse_address)
     duplicates = knock.get("duplicates", _choice("ignore", "reset"))
@@ -525,6 +534,7 @@ def _service(name: str, spec: _Map, path: str) -> Service | None:
         ),
     )
     keep_warm = spec.get("keep_warm", parse_bool)
+    on_shutdown = spec.get("on_shutdown", _choice("keep", "stop"))
     if problems.error_count != errors_before or container_port is None or host_port is None:
         return None
     default = Service(name, "", 1, 1)
@@ -542,6 +552,7 @@ def _service(name: str, spec: _Map, path: str) -> Service | None:
         idle_timeout=default.idle_timeout if idle is None else idle,
         max_lifetime=default.max_lifetime if lifetime is None else lifetime,
         keep_warm=bool(keep_warm),
+        on_shutdown="stop" if on_shutdown == "stop" else "keep",
     )
 
 

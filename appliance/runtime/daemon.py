@@ -90,6 +90,7 @@ from appliance.core.events import (
     Vetted,
     WallClock,
 )
+from appliance.core.lifecycle import ServiceEvent
 from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
@@ -104,9 +105,8 @@ from appliance.services.launcher import ServiceLauncher
 
 log = logging.getLogger("knockgate")
 
-# What other threads put on the loop's queue (the service workers' items are still
-# tuples until the service lifecycle moves into the core).
-Item = Packet | Signal | StatusRequest | HostState | tuple[Any, ...]
+# What other threads put on the loop's queue.
+Item = Packet | Signal | StatusRequest | HostState | ServiceEvent
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
 SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
@@ -228,7 +228,9 @@ class Daemon:
         self._stopped = False
         self._firewall_failing = False
         self._noise = (clock(), 0, 0)  # flood summary: window start, noise and packets then
-        self.services = ServiceManager(launcher, backend, self.enqueue, clock) if launcher else None
+        self.services = (
+            ServiceManager(launcher, backend, self.enqueue, clock, wall) if launcher else None
+        )
 
     def _engine(self, config: Config) -> KnockEngine:
         engine = KnockEngine(
@@ -414,11 +416,8 @@ class Daemon:
                 reply(self.snapshot())
             case HostState():
                 self._host(item)
-            case ("service-ready", grant, str(name), error) if self.services is not None:
-                if self.services.ready(grant, name, error):
-                    self._log(grant)
-            case ("services-prepared",) if self.services is not None:
-                self.services.prepared()
+            case ServiceEvent() if self.services is not None:
+                self.services.handle(item)
             case _:
                 raise TypeError(f"unknown queue item {item!r}")
 
@@ -564,7 +563,7 @@ class Daemon:
             if self.services is None or service is None:
                 log.error("%s: %s: no container runtime, no access", grant.address, grant.door)
                 return
-            self.services.request(grant, service)
+            self.services.request(grant, service.name)
             return
         seconds = grant.seconds_left(self.clock())
         try:
@@ -697,8 +696,11 @@ class Daemon:
         except KnockgateError as error:
             self._refuse_reload(str(error).replace("\n", "; "))
             return
-        if loaded.config.services != self.config.services:
-            self._refuse_reload("the services catalogue changed (restart knockgate to apply it)")
+        if self.services is None and loaded.config.services:
+            self._refuse_reload(
+                "services were added, and knockgate runs without a container runtime "
+                "(restart knockgate to apply them)"
+            )
             return
         # Everything that can fail comes before the swap, each undone when a later one fails.
         try:
@@ -722,7 +724,10 @@ class Daemon:
             self.state = StateStore(loaded.config.settings.state_dir)
             # One write, not one per entry.
             self.state.compact(Saved(*self.engine.saved_state()), self.wall())
+        services_changed = loaded.config.services != self.config.services
         self.loaded, self.config = loaded, loaded.config
+        if services_changed and self.services is not None:
+            self.services.reload(loaded.config.services)
         settings = loaded.config.settings
         self._event(NewDoors(self.clock(), loaded.config.doors, settings.max_attempts))
         self.spa = SpaReader(loaded.config.doors, self.addresses)

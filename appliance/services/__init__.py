@@ -3,5 +3,7 @@
 * :mod:`appliance.services.runtime` — the ``ContainerRuntime`` protocol and a fake.
 * :mod:`appliance.services.docker_runtime` — the Docker SDK adapter.
 * :mod:`appliance.services.readiness` — "does it answer yet?" checks.
-* :mod:`appliance.services.launcher` — one service's life: start, share, idle, stop.
+* :mod:`appliance.services.launcher` — the Docker side: run, wait ready, stop, adopt
+  (when is decided by :mod:`appliance.core.lifecycle`).
+* :mod:`appliance.services.conntrack` — open connections per host port, over netlink.
 """

@@ -6,11 +6,14 @@ call; the daemon logs it and grants nothing (fail closed).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
 from appliance.config.schema import Service
+from appliance.core.model import Step
 from appliance.errors import ContainerError
 from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container, State
 
@@ -36,6 +39,51 @@ def _address(attrs: dict[str, Any]) -> str | None:
         if network.get("IPAddress"):
             return str(network["IPAddress"])
     return None
+
+
+def _started_at(attrs: dict[str, Any]) -> float | None:
+    """``State.StartedAt`` ("2026-12-01T10:20:30.123456789Z") as unix time, while the
+    container runs or is paused (``None`` otherwise, or when it cannot be read)."""
+    state = attrs.get("State", {})
+    if not (state.get("Running") or state.get("Paused")):
+        return None
+    text = str(state.get("StartedAt") or "")
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if match is None:
+        return None
+    whole, fraction, zone = match.groups()
+    try:
+        stamp = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    except ValueError:
+        return None
+    return stamp.timestamp() + float(f"0.{fraction or 0}")
+
+
+def _inner(attrs: dict[str, Any]) -> Step | None:
+    """The container's own published port ("22/tcp" in ``HostConfig.PortBindings``)."""
+    for key in attrs.get("HostConfig", {}).get("PortBindings") or {}:
+        port, _, proto = str(key).partition("/")
+        if port.isdigit() and proto in ("tcp", "udp"):
+            return Step(int(port), proto)  # type: ignore[arg-type]
+    return None
+
+
+class DockerDeaths:
+    """Docker's event stream, filtered to the ends of one owner's containers."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        try:
+            for event in self.stream:
+                attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                yield str(attributes.get(LABEL, "")), str(event.get("id", ""))
+        except Exception as error:  # requests / urllib3 errors when the engine goes away
+            raise ContainerError(f"docker: event stream: {error}") from None
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class DockerRuntime:
@@ -69,6 +117,8 @@ class DockerRuntime:
             address=_address(attrs),
             labels=labels,
             health=health,
+            started_at=_started_at(attrs),
+            inner=_inner(attrs),
         )
 
     def owned(self, owner: str) -> list[Container]:
@@ -154,6 +204,17 @@ class DockerRuntime:
     def remove(self, container: Container) -> None:
         raw = self._raw(container)
         self._call(f"remove {container.name}", lambda: raw.remove(force=True, v=True))
+
+    def deaths(self, owner: str) -> DockerDeaths:
+        filters = {
+            "label": [f"{LABEL_OWNER}={owner}"],
+            "type": "container",
+            "event": ["die", "stop"],
+        }
+        stream = self._call(
+            "follow events", lambda: self.client.events(filters=filters, decode=True)
+        )
+        return DockerDeaths(stream)
 
     def refresh(self, container: Container) -> Container:
         try:

@@ -1,19 +1,19 @@
-"""One launcher for every service of the catalogue: start on demand, share, stop.
+"""The Docker side of service doors: find, start, wait for, stop and adopt containers.
 
-``ensure_ready`` blocks (Docker calls, readiness polling) and is called from
-worker threads, never from the daemon's loop; a per-service lock makes two
-knockers arriving together share one container. The loop decides *when* a
-service stops (its last grant gone and no connection left for ``idle_timeout``,
-a close knock, ``max_lifetime``); the launcher only carries it out.
+Every method blocks (Docker calls, readiness polling) and is called from the
+runtime's worker threads, never from the daemon's loop. The launcher keeps no
+state of its own: each call asks Docker (one list call) for the service's
+container, so nothing is shared with the loop. *When* a service starts or stops
+is decided by the lifecycle state machine (``appliance.core.lifecycle``), which
+asks for at most one operation per service at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from appliance.config.schema import Service
 from appliance.errors import ContainerError
@@ -24,8 +24,21 @@ log = logging.getLogger("knockgate.services")
 
 
 def config_hash(service: Service) -> str:
-    """Changes whenever the service definition changes (then the container is re-created)."""
-    return hashlib.sha256(repr(service).encode()).hexdigest()[:16]
+    """Names the container definition: when it changes, the container is re-created at
+    its next start. Lifecycle settings (ready, idle_timeout, max_lifetime, keep_warm,
+    on_shutdown) are left out: changing them keeps the container."""
+    definition = (
+        service.name,
+        service.image,
+        service.container_port,
+        service.host_port,
+        service.proto,
+        service.build,
+        service.environment,
+        service.volumes,
+        service.command,
+    )
+    return hashlib.sha256(repr(definition).encode()).hexdigest()[:16]
 
 
 class ServiceLauncher:
@@ -37,86 +50,68 @@ class ServiceLauncher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime = runtime
-        self.services = {service.name: service for service in services}
+        self.services = tuple(services)  # the catalogue at start (the runtime keeps its own)
         self.owner = owner
-        self.clock = clock
-        self.containers: dict[str, Container] = {}
-        self.started_at: dict[str, float] = {}  # when the container last began to serve
-        self.locks = {name: threading.Lock() for name in self.services}
+        self.clock = clock  # only to say how long a launch took
 
     # ----------------------------------------------------------------- start-up
 
-    def adopt(self) -> None:
-        """Take over our own containers from a previous run; remove the orphans.
+    def adopt(self, names: Collection[str]) -> list[Container]:
+        """Our running and paused containers of the services ``names``, to take over;
+        the orphans (no such service any more, a second container of one) are removed.
 
-        Only containers labelled with this owner are looked at: nothing else on
-        the Docker engine is ever touched.
+        Only containers labelled with this owner are looked at: nothing else on the
+        Docker engine is ever touched.
         """
-        for container in self.runtime.owned(self.owner):
-            service = self.services.get(container.service)
-            current = service is not None and container.labels.get(LABEL_CONFIG) == config_hash(
-                service
-            )
-            if not current or container.service in self.containers:
+        kept: list[Container] = []
+        seen: set[str] = set()
+        ranked = sorted(self.runtime.owned(self.owner), key=_liveliness)
+        for container in ranked:
+            if container.service not in names or container.service in seen:
                 log.info("removing orphan container %s (%s)", container.name, container.service)
                 self._quietly(self.runtime.remove, container)
                 continue
-            self.containers[container.service] = container
-            if container.state == "running":
-                self.started_at[container.service] = self.clock()
-            log.info(
-                "adopted container %s (%s, %s)", container.name, container.service, container.state
-            )
-
-    def warm(self, name: str) -> None:
-        """``keep_warm``: created, started, ready, then paused, so a knock only unpauses."""
-        service = self.services[name]
-        with self.locks[name]:
-            container = self._ensure_running(service)
-            self._wait_ready(service, container)
-            self.runtime.pause(container)
-            container.state = "paused"
-            self.started_at.pop(name, None)
-        log.info("%s: warm (paused) and ready", name)
+            seen.add(container.service)
+            if container.state in ("running", "paused"):
+                kept.append(container)
+                log.info(
+                    "adopted container %s (%s, %s)",
+                    container.name,
+                    container.service,
+                    container.state,
+                )
+        return kept
 
     # ----------------------------------------------------------------- serving
 
-    def ensure_ready(self, name: str) -> Container:
-        """Make the service run and answer; raise ContainerError when it cannot."""
-        service = self.services[name]
-        with self.locks[name]:
-            started = time.monotonic()
-            container = self._ensure_running(service)
-            self._wait_ready(service, container)
-            self.started_at.setdefault(name, self.clock())
+    def run(self, service: Service) -> Container:
+        """Make the service's container run (create, start or unpause; one whose
+        definition changed is created anew unless it runs)."""
+        container = self.find(service.name)
+        wanted = config_hash(service)
+        if (
+            container is not None
+            and container.labels.get(LABEL_CONFIG) != wanted
+            and container.state != "running"
+        ):
             log.info(
-                "%s: ready in %.0f ms (%s)",
-                name,
-                (time.monotonic() - started) * 1000,
-                container.name,
+                "%s: definition changed: container %s re-created", service.name, container.name
             )
-            return container
-
-    def _ensure_running(self, service: Service) -> Container:
-        container = self.containers.get(service.name)
-        if container is not None:
-            try:
-                container = self.runtime.refresh(container)
-            except ContainerError:
-                container = None
-        if container is None or container.state == "missing":
-            container = self.runtime.create(service, self.owner, config_hash(service))
+            self.runtime.remove(container)
+            container = None
+        if container is None:
+            container = self.runtime.create(service, self.owner, wanted)
         if container.state == "paused":
             self.runtime.unpause(container)
         elif container.state != "running":
             self.runtime.start(container)
         container = self.runtime.refresh(container)
-        self.containers[service.name] = container
         if container.state != "running":
             raise ContainerError(f"{service.name}: container {container.name} is {container.state}")
         return container
 
-    def _wait_ready(self, service: Service, container: Container) -> None:
+    def wait_ready(self, service: Service, container: Container, began: float) -> None:
+        """Until the service answers; raise ContainerError when it does not in time."""
         if container.address is None:
             raise ContainerError(f"{service.name}: container {container.name} has no address")
 
@@ -128,55 +123,51 @@ class ServiceLauncher:
                 f"{service.name}: not ready after {service.ready.timeout:g} s "
                 f"({service.ready.kind} check on {container.address}:{service.container_port})"
             )
+        log.info(
+            "%s: ready in %.0f ms (%s)",
+            service.name,
+            (self.clock() - began) * 1000,
+            container.name,
+        )
+
+    def find(self, name: str) -> Container | None:
+        """The service's container (the liveliest, should there be more)."""
+        found = sorted(
+            (c for c in self.runtime.owned(self.owner) if c.service == name), key=_liveliness
+        )
+        return found[0] if found else None
 
     # ----------------------------------------------------------------- stopping
 
-    def stop(self, name: str, why: str, force: bool = False) -> None:
-        """Stop the service (pause it when ``keep_warm``); errors are logged, not raised.
+    def stop(self, name: str, why: str, pause: bool = False) -> bool:
+        """Stop (or pause) the service's container; True when it was running or paused.
+        Raises ContainerError when Docker refuses."""
+        container = self.find(name)
+        if container is None or container.state not in ("running", "paused"):
+            return False
+        if pause:
+            if container.state == "running":
+                self.runtime.pause(container)
+        else:
+            if container.state == "paused":
+                self.runtime.unpause(container)
+            self.runtime.stop(container)
+        log.info("%s: %s (%s)", name, "paused" if pause else "stopped", why)
+        return True
 
-        The caller clears ``started_at`` when it decides to stop; a launch that wins
-        the lock before this stop sets it again, and then the stop is dropped (unless
-        ``force``): a knocker who was just granted access keeps a running service.
-        """
-        service = self.services[name]
-        with self.locks[name]:
-            if name in self.started_at and not force:
-                log.info("%s: not stopped (%s): a knock launched it again", name, why)
-                return
-            container = self.containers.get(name)
-            self.started_at.pop(name, None)
-            if container is None:
-                return
-            try:
-                container = self.runtime.refresh(container)
-                if container.state == "running":
-                    if service.keep_warm:
-                        self.runtime.pause(container)
-                    else:
-                        self.runtime.stop(container)
-            except ContainerError as error:
-                log.error("%s: stopping failed: %s", name, error)
-                return
-        log.info("%s: %s (%s)", name, "paused" if service.keep_warm else "stopped", why)
-
-    def stopping(self, name: str) -> None:
-        """The loop decided to stop ``name``: until a launch marks it started again, a
-        queued :meth:`stop` goes ahead (and one that loses to a new launch is dropped)."""
-        self.started_at.pop(name, None)
-
-    def running(self, name: str) -> bool:
-        return name in self.started_at
-
-    def uptime(self, name: str) -> float:
-        started = self.started_at.get(name)
-        return 0.0 if started is None else self.clock() - started
-
-    def shutdown(self) -> None:
-        for name in list(self.started_at):
-            self.stop(name, "knockgate is stopping", force=True)
+    def abandon(self, name: str) -> None:
+        """After a failed start: stop whatever was started, quietly."""
+        try:
+            self.stop(name, "it did not start properly")
+        except ContainerError as error:
+            log.error("%s: cannot stop the failed container: %s", name, error)
 
     def _quietly(self, action: Callable[[Container], None], container: Container) -> None:
         try:
             action(container)
         except ContainerError as error:
             log.error("%s: %s", container.name, error)
+
+
+def _liveliness(container: Container) -> int:
+    return {"running": 0, "paused": 1}.get(container.state, 2)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from appliance.config.schema import Service
+from appliance.core.model import Step
 
 State = Literal["running", "paused", "exited", "created", "missing"]
 
@@ -23,6 +25,17 @@ class Container:
     address: str | None = None  # the container's address on its network
     labels: dict[str, str] = field(default_factory=dict)
     health: str | None = None
+    started_at: float | None = None  # when it last started (unix time), while it runs
+    inner: Step | None = None  # the container's own port (what its host port leads to)
+
+
+class Deaths(Protocol):
+    """Docker's ``die``/``stop`` events of our containers: (service, container id) each,
+    until :meth:`close` (from another thread) ends the iteration."""
+
+    def __iter__(self) -> Iterator[tuple[str, str]]: ...
+
+    def close(self) -> None: ...
 
 
 class ContainerRuntime(Protocol):
@@ -45,3 +58,7 @@ class ContainerRuntime(Protocol):
 
     def refresh(self, container: Container) -> Container:
         """The container's current state, address and health."""
+
+    def deaths(self, owner: str) -> Deaths:
+        """Follow the ends of ``owner``'s containers (raises ContainerError when Docker
+        cannot be asked; the iteration raises it when the stream breaks)."""

@@ -141,7 +141,7 @@ def test_check_bad_config_exits_2_one_line_per_problem_no_traceback(tmp_path: Pa
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"{config}:2: d.sequence: 'abc' is not a port (expected a number from 1 to 65535)",
-        f"{config}:3: d.seq_timeout: 'x' is not a number of seconds (expected seconds, more than 0)",
+        f"{config}:3: d.seq_timeout: 'x' is not a number of seconds (expected seconds, 0 or more)",
     ]
 
 

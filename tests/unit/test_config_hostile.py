@@ -257,7 +257,7 @@ def test_number_of_thousands_of_digits_in_a_door_is_refused(
             "[d]\nsequence = 7113,2231,9157\nseq_timeout = " + "9" * 4301 + "\ncommand = x\n",
             3,
             "d.seq_timeout",
-            "is not a number of seconds (expected seconds, more than 0)",
+            "is not a number of seconds (expected seconds, 0 or more)",
         ),
         (
             "[d]\nsequence = 7113,2231,9157\ncmd_timeout = 1." + "9" * 4301 + "\ncommand = x\n",

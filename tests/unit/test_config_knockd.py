@@ -6,9 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from appliance.cli import main
 from appliance.config import load_config
+from appliance.config.export import to_yaml
+from appliance.core.engine import KnockEngine
+from appliance.core.events import Opened
 from appliance.core.model import Commands, Step, TcpFlags
 from appliance.errors import ConfigError
+from tests.unit.helpers import HOST, play_all, tcp, udp
 
 SYN, ACK, FIN = 0x02, 0x10, 0x01
 
@@ -122,7 +127,8 @@ def test_harmless_variations_are_tolerated(tmp_path: Path) -> None:
             "expected at most 32",
         ),
         ("[d]\nsequence = 1,2,3\nseq_timeout = 5s\ncommand=x\n", 3, "d.seq_timeout", "'5s'"),
-        ("[d]\nsequence = 1,2,3\nseq_timeout = 0\ncommand=x\n", 3, "d.seq_timeout", "out of range"),
+        ("[d]\nsequence = 1,2,3\nseq_timeout = -1\ncommand=x\n", 3, "d.seq_timeout", "'-1'"),
+        ("[d]\nsequence = 1\nseq_timeout = 86401\ncommand=x\n", 3, "d.seq_timeout", "out of range"),
         ("[d]\nsequence = 1,2,3\ncmd_timeout = -1\ncommand=x\n", 3, "d.cmd_timeout", "'-1'"),
         ("[d]\nsequence = 1,2,3\ntcpflags = syn,xmas\ncommand=x\n", 3, "d.tcpflags", "'xmas'"),
         ("[d]\nsequence = 1,2,3\ntcpflags = syn,!syn\ncommand=x\n", 3, "d.tcpflags", "both"),
@@ -210,3 +216,81 @@ def test_missing_one_time_file_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "[d]\none_time_sequences = /nonexistent/seqs\ncommand=x\n")
     (problem,) = errors_of(path)
     assert problem.startswith(f"{path}:2: d.one_time_sequences: cannot read /nonexistent/seqs")
+
+
+# ---------------------------------------------------------------- Seq_Timeout = 0
+
+ZERO = """\
+[one]
+    Sequence = 7113
+    Seq_Timeout = 0
+    Command = open %IP%
+[two]
+    Sequence = 2231:udp,9157
+    Seq_Timeout = 0
+    Command = open %IP%
+"""
+NEVER = "warning: 0 with a 2-step sequence: the knock can never complete"
+
+
+def test_seq_timeout_zero_is_accepted_as_knockd_does(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, ZERO))
+    assert [d.knock.seq_timeout for d in loaded.config.doors] == [0.0, 0.0]
+    # The one-step door gets the usual short-sequence warning, nothing about its timeout.
+    seq_warnings = [w for w in loaded.warnings if ".seq_timeout: " in w]
+    assert seq_warnings == [
+        f"{tmp_path}/knockd.conf:7: two.seq_timeout: {NEVER} (an attempt times out at its "
+        "next packet, as in knockd; expected more than 0, or 0 only for a one-step sequence)"
+    ]
+
+
+def test_check_warns_that_a_multi_step_door_with_seq_timeout_zero_never_opens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, ZERO)
+    assert main(["check", path]) == 0
+    captured = capsys.readouterr()
+    assert f"{path}:7: two.seq_timeout: {NEVER}" in captured.err
+    assert "one.seq_timeout" not in captured.err
+    assert main(["check", "--strict", path]) == 2
+
+
+def test_seq_timeout_zero_in_the_engine_is_knockds_rule(tmp_path: Path) -> None:
+    """knockd drops an attempt when ``now - start >= seq_timeout``: with 0, at the
+    knocker's next packet, even one with the same timestamp. A one-step door opens on
+    every first-step packet; a two-step door never opens."""
+    config = load_config(write(tmp_path, ZERO)).config
+    engine = KnockEngine(config.doors, local=frozenset({HOST}))
+    knocker = "198.18.3.7"
+    events = [
+        udp(100.0, knocker, 2231),
+        tcp(100.0, knocker, 9157),  # the same instant: already too late
+        udp(101.0, knocker, 2231),
+        tcp(101.001, knocker, 9157),
+        tcp(102.0, knocker, 7113),  # the one-step door
+        tcp(103.0, knocker, 7113),
+    ]
+    opened = [c for c in play_all(engine, events) if isinstance(c, Opened)]
+    assert [(c.door, c.at) for c in opened] == [("one", 102.0), ("one", 103.0)]
+    assert engine.counters.timeouts == 2
+
+
+def test_seq_timeout_zero_warning_counts_one_time_lines(tmp_path: Path) -> None:
+    (tmp_path / "ones").write_text("7113\n4001\n")
+    (tmp_path / "mixed").write_text("#7113,2231,9157\n4001\n4002,4003\n")
+    text = (
+        "[ones]\none_time_sequences = ones\nseq_timeout = 0\ncommand = x\n"
+        "[mixed]\none_time_sequences = mixed\nseq_timeout = 0\ncommand = x\n"
+    )
+    warnings = [w for w in load_config(write(tmp_path, text)).warnings if ".seq_timeout: " in w]
+    assert len(warnings) == 1
+    assert f"knockd.conf:7: mixed.seq_timeout: {NEVER}" in warnings[0]  # its line 3
+
+
+def test_seq_timeout_zero_survives_import_knockd(tmp_path: Path) -> None:
+    original = load_config(write(tmp_path, ZERO))
+    text = to_yaml(original.config)
+    assert text.count("seq_timeout: 0") == 2
+    converted = load_config(write(tmp_path, text, "converted.yaml"))
+    assert [d.knock for d in converted.config.doors] == [d.knock for d in original.config.doors]
+    assert any(f"two.knock.seq_timeout: {NEVER}" in w for w in converted.warnings)

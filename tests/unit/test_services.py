@@ -6,19 +6,24 @@ runs a small TCP server that answers like the service would.
 
 from __future__ import annotations
 
+import logging
+import queue
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import pytest
 
 from appliance.config.schema import Readiness, Service
+from appliance.core import lifecycle as lc
 from appliance.core.events import Grant
 from appliance.core.model import Step
 from appliance.errors import ContainerError
 from appliance.firewall.memory import MemoryBackend
 from appliance.runtime.services import ServiceManager
+from appliance.services.conntrack import TCP_ESTABLISHED, ConnectionCounter, Entry
 from appliance.services.fake import FakeRuntime
 from appliance.services.launcher import ServiceLauncher, config_hash
 from appliance.services.readiness import probe, wait_ready
@@ -87,38 +92,48 @@ def test_readiness_checks_need_an_application_answer(banner_server: int) -> None
     assert not wait_ready(Readiness("tcp", timeout=0.3), "127.0.0.1", port)
 
 
-def test_ensure_ready_creates_starts_and_waits(banner_server: int) -> None:
-    runtime = FakeRuntime()
-    launcher = ServiceLauncher(runtime, [ssh_service(banner_server)], owner="o1")
-    container = launcher.ensure_ready("ssh")
-    assert container.state == "running"
-    assert runtime.calls == ["create", "start ssh"]
-    assert launcher.running("ssh")
-    launcher.ensure_ready("ssh")  # a second knocker shares the running container
-    assert runtime.calls == ["create", "start ssh"]
+# ----------------------------------------------------------------- the launcher
 
 
-def test_keep_warm_pauses_and_a_knock_only_unpauses(banner_server: int) -> None:
+def test_run_creates_starts_and_shares(banner_server: int) -> None:
     runtime = FakeRuntime()
-    launcher = ServiceLauncher(runtime, [ssh_service(banner_server, keep_warm=True)], "o1")
-    launcher.warm("ssh")
-    assert runtime.calls == ["create", "start ssh", "pause ssh"]
-    assert not launcher.running("ssh")
-    launcher.ensure_ready("ssh")
+    service = ssh_service(banner_server)
+    launcher = ServiceLauncher(runtime, [service], owner="o1")
+    container = launcher.run(service)
+    launcher.wait_ready(service, container, time.monotonic())
+    assert container.state == "running" and container.inner == Step(banner_server, "tcp")
+    assert launcher.run(service).id == container.id  # a running container is reused
+    assert runtime.calls == ["owned", "create", "start ssh", "owned"]
+
+
+def test_pause_and_unpause(banner_server: int) -> None:
+    runtime = FakeRuntime()
+    service = ssh_service(banner_server, keep_warm=True)
+    launcher = ServiceLauncher(runtime, [service], "o1")
+    launcher.run(service)
+    assert launcher.stop("ssh", "kept warm", pause=True)
+    assert runtime.calls[-1] == "pause ssh"
+    launcher.run(service)
     assert runtime.calls[-1] == "unpause ssh"
-    launcher.stop("ssh", "idle", force=True)
-    assert runtime.calls[-1] == "pause ssh"  # keep_warm: paused again, not stopped
+    launcher.stop("ssh", "pause then stop", pause=True)
+    assert launcher.stop("ssh", "removed")  # a paused container is unpaused, then stopped
+    assert runtime.calls[-2:] == ["unpause ssh", "stop ssh"]
+    assert not launcher.stop("ssh", "again")  # nothing runs: nothing to do
 
 
-def test_a_stop_decided_before_a_new_launch_is_dropped(banner_server: int) -> None:
+def test_a_changed_definition_is_recreated_at_its_next_start(banner_server: int) -> None:
     runtime = FakeRuntime()
-    launcher = ServiceLauncher(runtime, [ssh_service(banner_server)], "o1")
-    launcher.ensure_ready("ssh")
-    launcher.stopping("ssh")  # the loop decided: idle, stop it
-    launcher.ensure_ready("ssh")  # ...but a knock launched it again first
+    old = ssh_service(banner_server)
+    launcher = ServiceLauncher(runtime, [old], "o1")
+    first = launcher.run(old)
+    new = ssh_service(banner_server, environment=(("TZ", "UTC"),))
+    assert launcher.run(new).id == first.id  # still running: kept
     launcher.stop("ssh", "idle")
-    assert "stop ssh" not in runtime.calls
-    assert launcher.running("ssh")
+    second = launcher.run(new)
+    assert second.id != first.id and first.id not in runtime.containers
+    assert second.labels[LABEL_CONFIG] == config_hash(new)
+    # Lifecycle settings are not part of the definition.
+    assert config_hash(old) == config_hash(ssh_service(banner_server, idle_timeout=99.0))
 
 
 def test_not_ready_in_time_is_a_container_error() -> None:
@@ -128,129 +143,333 @@ def test_not_ready_in_time_is_a_container_error() -> None:
     free.close()
     service = ssh_service(port, ready=Readiness("banner", expect="SSH-", timeout=0.3))
     launcher = ServiceLauncher(FakeRuntime(), [service], "o1")
+    container = launcher.run(service)
     with pytest.raises(ContainerError, match=r"not ready after 0\.3 s"):
-        launcher.ensure_ready("ssh")
+        launcher.wait_ready(service, container, time.monotonic())
 
 
-def test_adopt_keeps_current_containers_and_removes_orphans(banner_server: int) -> None:
+def test_adopt_keeps_running_containers_and_removes_orphans(banner_server: int) -> None:
     runtime = FakeRuntime()
     service = ssh_service(banner_server)
-    current = runtime.create(service, "o1", config_hash(service))
+    current = runtime.create(service, "o1", "an-older-definition")
     runtime.start(current)
     stale = runtime.create(ssh_service(banner_server, host_port=2223), "o1", "old-hash")
-    stale.service = "web"  # a service no longer in the catalogue
-    runtime.containers[stale.id].service = "web"
+    runtime.containers[stale.id].service = "web"  # a service no longer in the catalogue
     foreign = runtime.create(service, "someone-else", config_hash(service))
     launcher = ServiceLauncher(runtime, [service], "o1")
-    launcher.adopt()
-    assert launcher.containers["ssh"].id == current.id
-    assert launcher.running("ssh")
+    adopted = launcher.adopt(["ssh"])
+    assert [c.id for c in adopted] == [current.id]  # kept though its definition changed
+    assert adopted[0].started_at is not None
     assert stale.id not in runtime.containers  # orphan removed
     assert foreign.id in runtime.containers  # never touched
-    assert runtime.containers[current.id].labels[LABEL_CONFIG] == config_hash(service)
 
 
-def make_manager(
-    port: int, runtime: FakeRuntime, conns: list[int | None], **changes: Any
-) -> tuple[ServiceManager, MemoryBackend, Clock, list[Any]]:
-    clock = Clock()
-    backend = MemoryBackend(clock)
-    queue: list[Any] = []
-    launcher = ServiceLauncher(runtime, [ssh_service(port, **changes)], "o1", clock=clock)
-    manager = ServiceManager(launcher, backend, queue.append, clock, lambda p, proto: conns[0])
-    return manager, backend, clock, queue
+# ----------------------------------------------------------------- conntrack
 
 
-def grant(clock: Clock, address: str, seconds: float = 30) -> Grant:
-    return Grant(clock.now, "ssh-door", address, (Step(2222, "tcp"),), clock.now + seconds)
+def test_connections_counted_in_one_read_established_tcp_only() -> None:
+    entries: list[Entry] = [
+        ("tcp", 2222, TCP_ESTABLISHED),
+        ("tcp", 2222, TCP_ESTABLISHED),
+        ("tcp", 2222, 7),  # TIME_WAIT
+        ("tcp", 8080, TCP_ESTABLISHED),
+        ("udp", 2222, None),
+        ("udp", 5353, None),
+    ]
+    reads: list[int] = []
+
+    def read() -> Any:
+        reads.append(1)
+        return iter(entries)
+
+    counter = ConnectionCounter(read)
+    wanted = {Step(2222, "tcp"), Step(5353, "udp"), Step(9999, "tcp")}
+    assert counter(wanted) == {Step(2222, "tcp"): 2, Step(5353, "udp"): 1, Step(9999, "tcp"): 0}
+    assert len(reads) == 1
+    assert counter(set()) == {} and len(reads) == 1  # nothing to count: no read
 
 
-def launch(manager: ServiceManager, queue: list[Any], g: Grant) -> bool:
-    manager.request(g, manager.launcher.services["ssh"])
-    manager.pool.shutdown(wait=True)  # wait for the worker
-    manager.pool = type(manager.pool)(max_workers=1)
-    item = queue.pop()
-    assert item[0] == "service-ready"
-    return manager.ready(item[1], item[2], item[3])
+def test_unreadable_conntrack_is_unknown_and_logged_once_per_streak(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = [True]
+
+    def read() -> Any:
+        if broken[0]:
+            raise OSError("netlink: permission denied")
+        return iter([])
+
+    counter = ConnectionCounter(read)
+    with caplog.at_level(logging.WARNING, "knockgate.services"):
+        assert counter({Step(22, "tcp")}) is None
+        assert counter({Step(22, "tcp")}) is None
+        broken[0] = False
+        assert counter({Step(22, "tcp")}) == {Step(22, "tcp"): 0}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "cannot be read" in lines[0] and "2 failed" in lines[1]
 
 
-def test_grant_only_after_ready_and_shared_by_knockers(banner_server: int) -> None:
-    runtime = FakeRuntime()
-    manager, backend, clock, queue = make_manager(banner_server, runtime, [0])
-    assert launch(manager, queue, grant(clock, A))
-    assert launch(manager, queue, grant(clock, B))
-    assert backend.is_open(A, Step(2222, "tcp")) and backend.is_open(B, Step(2222, "tcp"))
-    assert runtime.calls.count("create") == 1
-    assert backend.direct == (("127.0.0.1", Step(banner_server, "tcp")),)
+# ----------------------------------------------------------------- the manager
 
 
-def test_docker_failure_gives_no_grant(banner_server: int) -> None:
-    runtime = FakeRuntime()
-    runtime.fail = "create"
-    manager, backend, clock, queue = make_manager(banner_server, runtime, [0])
-    assert not launch(manager, queue, grant(clock, A))
-    assert not backend.is_open(A, Step(2222, "tcp"))
-    assert manager.failures == 1
+class Harness:
+    """A ServiceManager on the fake runtime; ``pump`` runs the workers' reports
+    through the loop's side, as the daemon does."""
+
+    def __init__(self, runtime: FakeRuntime, services: list[Service], conns: list[int | None]):
+        self.clock = Clock()
+        self.wall_offset = 1_700_000_000.0
+        self.runtime = runtime
+        runtime.wall = self.wall
+        self.backend = MemoryBackend(self.clock)
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.conns = conns
+        launcher = ServiceLauncher(runtime, services, "o1")
+        self.manager = ServiceManager(
+            launcher,
+            self.backend,
+            self.queue.put,
+            self.clock,
+            self.wall,
+            connections=self.count,
+        )
+
+    def wall(self) -> float:
+        return self.clock.now + self.wall_offset
+
+    def count(self, steps: Collection[Step]) -> dict[Step, int] | None:
+        value = self.conns[0]
+        return None if value is None else dict.fromkeys(steps, value)
+
+    def pump(self, until: Any = None, timeout: float = 5.0) -> None:
+        """Feed reports to the manager until one of type ``until`` was handled (or,
+        without ``until``, until the queue stays empty for a moment)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self.queue.get(timeout=0.3 if until is None else 0.05)
+            except queue.Empty:
+                if until is None:
+                    return
+                continue
+            self.manager.handle(item)
+            if until is not None and isinstance(item, until):
+                return
+        if until is not None:
+            raise AssertionError(f"no {until.__name__} within {timeout} s")
+
+    def start(self) -> None:
+        self.manager.start()
+        self.pump(lc.Adopted)
+
+    def knock(self, address: str, seconds: float = 30) -> None:
+        now = self.clock.now
+        grant = Grant(now, "ssh-door", address, (Step(2222, "tcp"),), now + seconds)
+        self.manager.request(grant, "ssh")
+
+    def close(self) -> None:
+        self.manager.shutdown()
 
 
-def test_idle_service_stops_after_last_grant_and_connections(banner_server: int) -> None:
-    runtime = FakeRuntime()
+@pytest.fixture
+def harness(banner_server: int) -> Iterator[Any]:
+    made: list[Harness] = []
+
+    def make(conns: list[int | None] | None = None, **changes: Any) -> Harness:
+        h = Harness(FakeRuntime(), [ssh_service(banner_server, **changes)], conns or [0])
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+SSH = Step(2222, "tcp")
+
+
+def test_grant_only_after_ready_and_shared_by_knockers(harness: Any, banner_server: int) -> None:
+    h = harness()
+    h.start()
+    h.knock(A)
+    assert not h.backend.is_open(A, SSH)  # not before the service answers
+    h.pump(lc.ContainerReady)
+    h.knock(B)
+    assert h.backend.is_open(A, SSH) and h.backend.is_open(B, SSH)
+    assert h.runtime.calls.count("create") == 1
+    assert h.backend.direct == (("127.0.0.1", Step(banner_server, "tcp")),)
+    assert h.manager.launches == 1
+    assert h.manager.snapshot()[0]["state"] == "serving"
+
+
+def test_docker_failure_gives_no_grant(harness: Any, caplog: pytest.LogCaptureFixture) -> None:
+    h = harness()
+    h.runtime.fail = "create"
+    h.start()
+    with caplog.at_level(logging.ERROR, "knockgate.services"):
+        h.knock(A)
+        h.pump(lc.ContainerFailed)
+    assert not h.backend.is_open(A, SSH)
+    assert h.manager.failures == 1
+    assert f"{A}: ssh-door: service ssh unavailable, no access: fake docker" in caplog.text
+
+
+def test_idle_service_stops_after_last_grant_and_connections(harness: Any) -> None:
     conns: list[int | None] = [0]
-    manager, _, clock, queue = make_manager(banner_server, runtime, conns, idle_timeout=10.0)
-    launch(manager, queue, grant(clock, A, seconds=5))
-    clock.now += 6  # grant expired
+    h = harness(conns, idle_timeout=10.0)
+    h.start()
+    h.knock(A, seconds=5)
+    h.pump(lc.ContainerReady)
+    h.clock.now += 6  # the grant expired
     conns[0] = 1  # but a session is still open
-    manager.tick()
-    clock.now += 20
-    manager.tick()
-    assert manager.launcher.running("ssh")
+    h.manager.tick()
+    h.clock.now += 20
+    h.manager.tick()
+    conns[0] = None  # conntrack unreadable: unknown keeps it up
+    h.clock.now += 20
+    h.manager.tick()
     conns[0] = 0
-    manager.tick()  # idle from now
-    clock.now += 9
-    manager.tick()
-    assert manager.launcher.running("ssh")
-    clock.now += 1
-    manager.tick()
-    manager.pool.shutdown(wait=True)
-    assert runtime.calls[-1] == "stop ssh"
+    h.manager.tick()  # idle from now
+    h.clock.now += 9
+    h.manager.tick()
+    assert "stop ssh" not in h.runtime.calls
+    h.clock.now += 1
+    h.manager.tick()
+    h.pump(lc.ContainerStopped)
+    assert h.runtime.calls[-1] == "stop ssh"
+    assert h.manager.snapshot()[0]["state"] == "cold"
+    assert h.backend.direct == ()
 
 
-def test_close_knock_from_the_last_holder_stops_the_service(banner_server: int) -> None:
+def test_close_knock_from_the_last_holder_stops_the_service(harness: Any) -> None:
+    h = harness([5])
+    h.start()
+    h.knock(A)
+    h.pump(lc.ContainerReady)
+    h.knock(B)
+    h.manager.revoked("ssh", A)
+    h.pump()
+    assert "stop ssh" not in h.runtime.calls
+    h.manager.revoked("ssh", B)
+    h.pump(lc.ContainerStopped)
+    assert h.runtime.calls[-1] == "stop ssh"
+
+
+def test_max_lifetime_revokes_and_stops(harness: Any) -> None:
+    h = harness([3], max_lifetime=50.0)
+    h.start()
+    h.knock(A, seconds=500)
+    h.pump(lc.ContainerReady)
+    h.clock.now += 50
+    h.manager.tick()
+    assert not h.backend.is_open(A, SSH)
+    h.pump(lc.ContainerStopped)
+    assert h.runtime.calls[-1] == "stop ssh"
+
+
+def test_max_lifetime_counts_from_the_adopted_containers_original_start(
+    banner_server: int,
+) -> None:
+    """A restart of knockgate does not give a running service a new max_lifetime."""
     runtime = FakeRuntime()
-    manager, _, clock, queue = make_manager(banner_server, runtime, [5])
-    launch(manager, queue, grant(clock, A))
-    launch(manager, queue, grant(clock, B))
-    manager.revoked("ssh", A)
-    assert manager.launcher.running("ssh")
-    manager.revoked("ssh", B)
-    manager.pool.shutdown(wait=True)
-    assert runtime.calls[-1] == "stop ssh"
-
-
-def test_max_lifetime_revokes_and_stops(banner_server: int) -> None:
-    runtime = FakeRuntime()
-    manager, backend, clock, queue = make_manager(banner_server, runtime, [3], max_lifetime=50.0)
-    launch(manager, queue, grant(clock, A, seconds=500))
-    clock.now += 50
-    manager.tick()
-    manager.pool.shutdown(wait=True)
-    assert not backend.is_open(A, Step(2222, "tcp"))
-    assert runtime.calls[-1] == "stop ssh"
+    service = ssh_service(banner_server, max_lifetime=100.0, idle_timeout=1000.0)
+    h = Harness(runtime, [service], [2])
+    try:
+        h.clock.now -= 80  # the previous knockgate started it 80 s ago
+        running = runtime.create(service, "o1", config_hash(service))
+        runtime.start(running)
+        h.clock.now += 80
+        h.backend.grant(A, (SSH,), 60)  # left in the kernel by the previous run
+        h.start()
+        assert h.manager.snapshot()[0] == {
+            "name": "ssh",
+            "state": "serving",
+            "running": True,
+            "uptime": 80.0,
+            "grants": 1,
+        }
+        h.clock.now += 19
+        h.manager.tick()
+        h.pump()
+        assert "stop ssh" not in runtime.calls
+        h.clock.now += 1  # 100 s after its original start
+        h.manager.tick()
+        assert not h.backend.is_open(A, SSH)
+        h.pump(lc.ContainerStopped)
+        assert runtime.calls[-1] == "stop ssh"
+    finally:
+        h.close()
 
 
 def test_grants_that_survived_a_restart_keep_an_adopted_service_up(banner_server: int) -> None:
     runtime = FakeRuntime()
     service = ssh_service(banner_server, idle_timeout=5.0)
-    running = runtime.create(service, "o1", config_hash(service))
-    runtime.start(running)
-    manager, backend, clock, _ = make_manager(banner_server, runtime, [0], idle_timeout=5.0)
-    backend.grant(A, (Step(2222, "tcp"),), 40)  # left in the kernel by the killed daemon
-    manager.launcher.adopt()
-    manager.prepared()
-    assert manager.grants["ssh"] == {A: clock.now + 40}
-    clock.now += 30  # longer than idle_timeout, shorter than the grant
-    manager.tick()
-    clock.now += 1
-    manager.tick()
-    manager.pool.shutdown(wait=True)
-    assert "stop ssh" not in runtime.calls
+    h = Harness(runtime, [service], [0])
+    try:
+        running = runtime.create(service, "o1", config_hash(service))
+        runtime.start(running)
+        h.backend.grant(A, (SSH,), 40)
+        h.start()
+        h.clock.now += 30  # longer than idle_timeout, shorter than the grant
+        h.manager.tick()
+        h.clock.now += 1
+        h.manager.tick()
+        h.pump()
+        assert "stop ssh" not in runtime.calls
+        h.clock.now += 10  # the grant is gone
+        h.manager.tick()
+        h.manager.tick()  # no connection: idle from now
+        h.clock.now += 5
+        h.manager.tick()
+        h.pump(lc.ContainerStopped)
+        assert runtime.calls[-1] == "stop ssh" and "create" not in runtime.calls[1:]
+    finally:
+        h.close()
+
+
+def test_a_container_stopped_outside_knockgate_is_noticed(harness: Any) -> None:
+    h = harness([1])
+    h.start()
+    h.knock(A)
+    h.pump(lc.ContainerReady)
+    (container,) = h.runtime.containers.values()
+    h.runtime.containers[container.id].state = "exited"
+    h.runtime.die(container)  # Docker's die event, through the events listener
+    h.pump(lc.ContainerDied)
+    assert not h.backend.is_open(A, SSH)
+    assert h.manager.snapshot()[0]["state"] == "cold"
+
+
+def test_shutdown_keeps_services_running_unless_told_to_stop(
+    banner_server: int,
+) -> None:
+    for on_shutdown in ("keep", "stop"):
+        runtime = FakeRuntime()
+        h = Harness(runtime, [ssh_service(banner_server, on_shutdown=on_shutdown)], [1])
+        h.start()
+        h.knock(A)
+        h.pump(lc.ContainerReady)
+        h.close()
+        assert ("stop ssh" in runtime.calls) == (on_shutdown == "stop"), on_shutdown
+
+
+def test_reload_adds_removes_and_defers_changes(banner_server: int) -> None:
+    runtime = FakeRuntime()
+    ssh = ssh_service(banner_server)
+    h = Harness(runtime, [ssh], [1])
+    try:
+        h.start()
+        h.knock(A)
+        h.pump(lc.ContainerReady)
+        web = ssh_service(banner_server, name="web", host_port=8080)
+        changed = ssh_service(banner_server, environment=(("TZ", "UTC"),))
+        h.manager.reload((changed, web))
+        assert [s["name"] for s in h.manager.snapshot()] == ["ssh", "web"]
+        assert h.backend.is_open(A, SSH)  # the changed one keeps serving
+        h.manager.reload((web,))  # ssh removed: grants revoked, stopped
+        assert not h.backend.is_open(A, SSH)
+        h.pump(lc.ContainerStopped)
+        assert runtime.calls[-1] == "stop ssh"
+        assert [s["name"] for s in h.manager.snapshot()] == ["web"]
+    finally:
+        h.close()

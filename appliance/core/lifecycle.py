@@ -1,0 +1,634 @@
+"""Service lifecycles: events in, commands out (the policy of on-demand containers).
+
+Pure, like the knock engine: no clock, no threads, no Docker. Every event carries
+``ts`` (the loop's monotonic clock); the runtime feeds the events (knocks from the
+engine, Docker outcomes from its worker threads and events listener, conntrack
+counts, a tick a second) and carries out the commands (Docker work on a worker,
+grants and revokes on the firewall, notices in the log).
+
+One :class:`Lifecycle` per service, its transitions in :data:`TRANSITIONS`
+(state, event type) -> handler; a pair not in the table is a stale report (a
+worker's answer to something already overtaken) and changes nothing.
+:class:`Lifecycles` holds the catalogue: it routes events by service name and
+handles what concerns them all (adoption at start, a changed catalogue).
+
+States::
+
+    cold --knock--> starting --ready--> serving (holders) / ready (none yet)
+    ready <--connections--> idle --idle_timeout--> stopping --stopped--> cold | paused
+    serving --last grant expired--> ready;  --close knock of the last holder--> stopping
+    any running state --max_lifetime--> stopping (every grant revoked first)
+    paused --knock--> starting (unpause);  stopping --knock--> stopping, started again after
+
+Policy (fail closed): a knocker is granted only once the service answers; a grant
+whose deadline passed before that is not made; a service with no holder and no
+connection for ``idle_timeout`` stops (pauses with ``keep_warm``); ``unknown``
+connections keep it up; ``max_lifetime`` counts from the container's start (an
+adopted container's original start) and revokes every grant before the stop. At
+most one Docker operation per service is in flight: each ``Start`` ends in
+``ContainerReady`` or ``ContainerFailed``, each ``Stop``/``Pause`` in
+``ContainerStopped`` or ``ContainerFailed``, and nothing new is asked before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from appliance.core.model import Step
+
+State = Literal["cold", "starting", "ready", "serving", "idle", "stopping", "paused"]
+RUNNING: tuple[State, ...] = ("ready", "serving", "idle")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the lifecycle needs of a catalogue entry (the runtime builds it from
+    ``config.schema.Service``). ``version`` names the container definition: a new
+    one means the container is recreated at its next start."""
+
+    name: str
+    step: Step  # the host port a grant opens
+    idle_timeout: float
+    max_lifetime: float
+    keep_warm: bool = False
+    version: str = ""
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEvent:
+    """Base of everything fed to :class:`Lifecycles` (also what worker threads and the
+    Docker events listener put on the daemon's queue)."""
+
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class KnockCompleted(ServiceEvent):
+    """A knock on a service door: ``address`` may have ``ports`` until ``until``."""
+
+    service: str
+    address: str
+    ports: tuple[Step, ...]
+    until: float
+    door: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseKnock(ServiceEvent):
+    """A close knock: ``address``'s grant was revoked."""
+
+    service: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStarted(ServiceEvent):
+    """The container runs (not necessarily answering yet); ``inner`` is its own port."""
+
+    service: str
+    container: str
+    address: str | None = None
+    inner: Step | None = None
+    version: str = ""  # the definition it was created from
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerReady(ServiceEvent):
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerFailed(ServiceEvent):
+    """A Start, Stop or Pause did not work out; ``reason`` says why."""
+
+    service: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStopped(ServiceEvent):
+    """A Stop (``paused`` False) or Pause (True) is done."""
+
+    service: str
+    paused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerDied(ServiceEvent):
+    """Docker says ``container`` stopped (``die``/``stop``), whoever did it."""
+
+    service: str
+    container: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsSeen(ServiceEvent):
+    """Open connections to the service's host port (``None``: cannot be read)."""
+
+    service: str
+    count: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick(ServiceEvent):
+    """Time has moved on to ``ts`` (expiry, idle_timeout and max_lifetime are decided)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A container of ours found at start. ``started``: its original start, on the
+    loop's clock (may lie far in the past)."""
+
+    service: str
+    container: str
+    state: Literal["running", "paused"]
+    started: float
+    address: str | None = None
+    inner: Step | None = None
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveGrant:
+    """A grant the kernel still holds (left by the previous run), ``until`` on our clock."""
+
+    address: str
+    step: Step
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted(ServiceEvent):
+    """What a previous run left: its containers and the kernel's live grants. Sent once
+    at start (also when Docker could not be asked: ``containers`` is then empty)."""
+
+    containers: tuple[Found, ...] = ()
+    grants: tuple[LiveGrant, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogueChanged(ServiceEvent):
+    """The services catalogue now reads ``policies`` (a reload)."""
+
+    policies: tuple[Policy, ...]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Make the service's container run and answer (create, start or unpause)."""
+
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    service: str
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    service: str
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class GrantAccess:
+    """Open ``ports`` for ``address`` until ``until`` (a knock decided at ``at``)."""
+
+    service: str
+    address: str
+    ports: tuple[Step, ...]
+    until: float
+    door: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeAccess:
+    service: str
+    address: str
+    ports: tuple[Step, ...]
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A line for the log. ``refused``: a knocker got no access because of it."""
+
+    service: str
+    level: Literal["info", "warning", "error"]
+    text: str
+    refused: bool = False
+
+
+Command = Start | Stop | Pause | GrantAccess | RevokeAccess | Notice
+
+
+# --------------------------------------------------------------------------- one service
+
+
+@dataclass(slots=True)
+class Holder:
+    ports: tuple[Step, ...]
+    until: float
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """One service's state. Change it only through :meth:`handle`."""
+
+    policy: Policy
+    state: State = "cold"
+    holders: dict[str, Holder] = field(default_factory=dict)
+    waiting: dict[str, KnockCompleted] = field(default_factory=dict)
+    started: float | None = None  # when the container began to run (max_lifetime)
+    idle_since: float | None = None
+    container: str | None = None
+    address: str | None = None
+    inner: Step | None = None
+    version: str = ""  # the running container's definition
+    pending: Policy | None = None  # a changed definition, in force once it stops
+    restart: bool = False  # a knock came while stopping
+    warming: bool = False  # keep_warm: started to be paused, not for a knocker
+    removed: bool = False  # gone from the catalogue: stopping, then dropped
+    launches: int = 0
+    failures: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    def handle(self, event: ServiceEvent) -> list[Command]:
+        handler = TRANSITIONS.get((self.state, type(event)))
+        return [] if handler is None else handler(self, event)
+
+    # ------------------------------------------------------------- helpers
+
+    def _begin(self, warming: bool = False) -> list[Command]:
+        self.state = "starting"
+        self.warming = warming
+        self.restart = False
+        return [Start(self.name)]
+
+    def _halt(self, why: str) -> list[Command]:
+        """Stop, or pause when keep_warm (a removed service is stopped)."""
+        self.state = "stopping"
+        self.idle_since = None
+        if self.policy.keep_warm and not self.removed:
+            return [Pause(self.name, why)]
+        return [Stop(self.name, why)]
+
+    def _revoke_all(self, why: str) -> list[Command]:
+        out: list[Command] = [
+            RevokeAccess(self.name, address, holder.ports, why)
+            for address, holder in self.holders.items()
+        ]
+        self.holders.clear()
+        return out
+
+    def _refuse_waiting(self, why: str) -> list[Command]:
+        out: list[Command] = [
+            Notice(self.name, "error", f"{k.address}: {k.door}: {why}", refused=True)
+            for k in self.waiting.values()
+        ]
+        self.waiting.clear()
+        return out
+
+    def _gone(self) -> list[Command]:
+        """The container no longer runs: back to cold (or paused), the new definition in
+        force, and started again when a knock is waiting."""
+        self.started = None
+        self.idle_since = None
+        if self.pending is not None:
+            self.policy, self.pending = self.pending, None
+        if self.state != "paused":
+            self.state = "cold"
+            self.container = self.address = self.inner = None
+        if self.restart and not self.removed and self.waiting:
+            return self._begin()
+        self.restart = False
+        return []
+
+    def change(self, policy: Policy) -> list[Command]:
+        """A reload changed this service's entry."""
+        if policy == self.policy and self.pending is None:
+            return []
+        same_container = policy.version == self.version
+        if self.state in ("cold", "paused") or same_container:
+            self.policy, self.pending = policy, None
+            if self.state == "paused" and not policy.keep_warm:
+                return [
+                    Notice(self.name, "info", f"{self.name}: settings changed"),
+                    *self._halt("keep_warm turned off"),
+                ]
+            if not same_container and self.state == "paused":
+                text = f"{self.name}: definition changed; recreated at its next start"
+            else:
+                text = f"{self.name}: settings changed"
+            return [Notice(self.name, "info", text)]
+        self.pending = policy
+        text = (
+            f"{self.name}: definition changed; the running container keeps serving until "
+            "it stops, then it is recreated"
+        )
+        return [Notice(self.name, "info", text)]
+
+    def remove(self) -> list[Command]:
+        """Gone from the catalogue: every grant revoked, the container stopped."""
+        self.removed = True
+        out: list[Command] = [
+            Notice(self.name, "info", f"{self.name}: removed from the catalogue; stopping it")
+        ]
+        why = f"service {self.name} was removed from the catalogue, no access"
+        if self.state in RUNNING:
+            out += self._revoke_all("removed from the catalogue")
+            out += self._halt("removed from the catalogue")
+        elif self.state == "paused":
+            out += self._halt("removed from the catalogue")
+        elif self.state == "stopping":
+            self.restart = False
+            out += self._refuse_waiting(why)
+        return out  # starting: stopped when the start ends
+
+    def adopt(self, found: Found, grants: tuple[LiveGrant, ...], now: float) -> list[Command]:
+        """A container of ours from before this start (only while cold)."""
+        if self.state != "cold":
+            return []
+        self.container, self.address, self.inner = found.container, found.address, found.inner
+        self.version = found.version
+        if found.state == "paused":
+            self.state = "paused"
+            return []
+        self.started = found.started
+        for grant in grants:
+            if grant.step == self.policy.step and grant.until > now:
+                self.holders[grant.address] = Holder((grant.step,), grant.until)
+        self.state = "serving" if self.holders else "ready"
+        return []
+
+    # ------------------------------------------------------------- handlers
+
+    def _on_knock_cold(self, event: KnockCompleted) -> list[Command]:
+        self.waiting[event.address] = event
+        return self._begin()
+
+    def _on_knock_starting(self, event: KnockCompleted) -> list[Command]:
+        self.waiting[event.address] = event
+        return []
+
+    def _on_knock_stopping(self, event: KnockCompleted) -> list[Command]:
+        self.waiting[event.address] = event
+        if self.removed:
+            why = f"service {self.name} was removed from the catalogue, no access"
+            return self._refuse_waiting(why)
+        if self.restart:
+            return []
+        self.restart = True
+        text = f"{self.name}: a knock came while it was stopping: started again once stopped"
+        return [Notice(self.name, "info", text)]
+
+    def _on_knock_running(self, event: KnockCompleted) -> list[Command]:
+        return self._admit(event, event.ts)
+
+    def _admit(self, knock: KnockCompleted, now: float) -> list[Command]:
+        if knock.until <= now:
+            text = (
+                f"{knock.address}: {knock.door}: service {self.name} was ready too late "
+                "for the grant"
+            )
+            return [Notice(self.name, "warning", text, refused=True)]
+        held = self.holders.get(knock.address)
+        until = knock.until if held is None else max(held.until, knock.until)
+        self.holders[knock.address] = Holder(knock.ports, until)
+        self.state = "serving"
+        self.idle_since = None
+        return [
+            GrantAccess(self.name, knock.address, knock.ports, knock.until, knock.door, knock.ts)
+        ]
+
+    def _on_started(self, event: ContainerStarted) -> list[Command]:
+        self.container, self.address, self.inner = event.container, event.address, event.inner
+        self.started = event.ts
+        self.version = event.version
+        return []
+
+    def _on_ready(self, event: ContainerReady) -> list[Command]:
+        self.launches += 1
+        if self.started is None:
+            self.started = event.ts
+        out: list[Command] = []
+        if self.removed:
+            out += self._refuse_waiting(
+                f"service {self.name} was removed from the catalogue, no access"
+            )
+            return out + self._halt("removed from the catalogue")
+        self.state = "ready"
+        for knock in self.waiting.values():
+            out += self._admit(knock, event.ts)
+        self.waiting.clear()
+        if self.state == "ready" and self.warming and self.policy.keep_warm:
+            out += self._halt("kept warm")
+        self.warming = False
+        return out
+
+    def _on_start_failed(self, event: ContainerFailed) -> list[Command]:
+        self.failures += 1
+        why = f"service {self.name} unavailable, no access: {event.reason}"
+        out = self._refuse_waiting(why)
+        if not out:
+            out = [Notice(self.name, "error", f"{self.name}: cannot start: {event.reason}")]
+        self.restart = False
+        self.state = "cold"
+        return out + self._gone()
+
+    def _on_stop_failed(self, event: ContainerFailed) -> list[Command]:
+        self.state = "cold"
+        out: list[Command] = [
+            Notice(self.name, "error", f"{self.name}: stopping failed: {event.reason}")
+        ]
+        return out + self._gone()
+
+    def _on_stopped(self, event: ContainerStopped) -> list[Command]:
+        self.state = "paused" if event.paused and not self.removed else "cold"
+        return self._gone()
+
+    def _on_died(self, event: ContainerDied) -> list[Command]:
+        if event.container != self.container:
+            return []  # an older container's end
+        out = self._revoke_all("the container stopped")
+        out.append(
+            Notice(self.name, "warning", f"{self.name}: its container stopped outside knockgate")
+        )
+        self.state = "cold"
+        return out + self._gone()
+
+    def _on_close(self, event: CloseKnock) -> list[Command]:
+        if self.holders.pop(event.address, None) is None or self.holders:
+            return []
+        return self._halt(f"close knock from {event.address}")
+
+    def _on_close_waiting(self, event: CloseKnock) -> list[Command]:
+        self.waiting.pop(event.address, None)
+        if not self.waiting:
+            self.restart = False
+        return []
+
+    def _on_connections(self, event: ConnectionsSeen) -> list[Command]:
+        if event.count == 0:
+            if self.state == "ready":
+                self.state = "idle"
+                self.idle_since = event.ts
+        elif self.state == "idle":
+            self.state = "ready"
+            self.idle_since = None
+        return []
+
+    def _on_tick(self, event: Tick) -> list[Command]:
+        now = event.ts
+        for address in [a for a, h in self.holders.items() if h.until <= now]:
+            del self.holders[address]
+        if self.state == "serving" and not self.holders:
+            self.state = "ready"
+        if self.started is not None and now - self.started >= self.policy.max_lifetime:
+            return self._revoke_all("max_lifetime reached") + self._halt("max_lifetime reached")
+        since = self.idle_since
+        if self.state == "idle" and since is not None and now - since >= self.policy.idle_timeout:
+            return self._halt(f"idle for {self.policy.idle_timeout:g} s")
+        return []
+
+
+Handler = Callable[[Lifecycle, ServiceEvent], list[Command]]
+
+
+def _table() -> dict[tuple[State, type[ServiceEvent]], Handler]:
+    L = Lifecycle
+    rows: list[tuple[tuple[State, ...], type[ServiceEvent], Callable[..., list[Command]]]] = [
+        (("cold", "paused"), KnockCompleted, L._on_knock_cold),
+        (("starting",), KnockCompleted, L._on_knock_starting),
+        (RUNNING, KnockCompleted, L._on_knock_running),
+        (("stopping",), KnockCompleted, L._on_knock_stopping),
+        (("starting",), ContainerStarted, L._on_started),
+        (("starting",), ContainerReady, L._on_ready),
+        (("starting",), ContainerFailed, L._on_start_failed),
+        (("stopping",), ContainerFailed, L._on_stop_failed),
+        (("stopping",), ContainerStopped, L._on_stopped),
+        ((*RUNNING, "paused"), ContainerDied, L._on_died),
+        (RUNNING, CloseKnock, L._on_close),
+        (("starting", "stopping"), CloseKnock, L._on_close_waiting),
+        (("ready", "idle"), ConnectionsSeen, L._on_connections),
+        (RUNNING, Tick, L._on_tick),
+    ]
+    return {(state, event): handler for states, event, handler in rows for state in states}
+
+
+TRANSITIONS: dict[tuple[State, type[ServiceEvent]], Handler] = _table()
+"""(state, event type) -> handler; every other pair is a stale report and ignored."""
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+
+class Lifecycles:
+    """Every service's lifecycle, by name."""
+
+    def __init__(self, policies: tuple[Policy, ...] = ()) -> None:
+        self.machines: dict[str, Lifecycle] = {p.name: Lifecycle(p) for p in policies}
+        self.adopted = False
+        self.retired_launches = 0  # counters of services dropped from the catalogue
+        self.retired_failures = 0
+
+    @property
+    def launches(self) -> int:
+        return self.retired_launches + sum(m.launches for m in self.machines.values())
+
+    @property
+    def failures(self) -> int:
+        return self.retired_failures + sum(m.failures for m in self.machines.values())
+
+    def handle(self, event: ServiceEvent) -> list[Command]:
+        if isinstance(event, Tick):
+            out: list[Command] = []
+            for machine in self.machines.values():
+                out += machine.handle(event)
+            return out
+        if isinstance(event, Adopted):
+            return self._adopted(event)
+        if isinstance(event, CatalogueChanged):
+            return self._changed(event)
+        name: str = getattr(event, "service", "")
+        target = self.machines.get(name)
+        if target is None or (target.removed and isinstance(event, KnockCompleted)):
+            if isinstance(event, KnockCompleted):
+                text = f"{event.address}: {event.door}: no service {name}, no access"
+                return [Notice(name, "error", text, refused=True)]
+            return []
+        out = target.handle(event)
+        self._drop(target)
+        return out
+
+    def _drop(self, machine: Lifecycle) -> None:
+        if machine.removed and machine.state == "cold":
+            self.retired_launches += machine.launches
+            self.retired_failures += machine.failures
+            del self.machines[machine.name]
+
+    def _adopted(self, event: Adopted) -> list[Command]:
+        if self.adopted:
+            return []
+        self.adopted = True
+        out: list[Command] = []
+        for found in event.containers:
+            machine = self.machines.get(found.service)
+            if machine is not None:
+                out += machine.adopt(found, event.grants, event.ts)
+        for machine in self.machines.values():
+            out += self._warm(machine)
+        return out
+
+    def _warm(self, machine: Lifecycle) -> list[Command]:
+        if machine.policy.keep_warm and machine.state == "cold" and self.adopted:
+            return machine._begin(warming=True)
+        return []
+
+    def _changed(self, event: CatalogueChanged) -> list[Command]:
+        out: list[Command] = []
+        wanted = {policy.name: policy for policy in event.policies}
+        for name, machine in list(self.machines.items()):
+            if name not in wanted and not machine.removed:
+                out += machine.remove()
+                self._drop(machine)
+        for name, policy in wanted.items():
+            known = self.machines.get(name)
+            if known is None:
+                known = self.machines[name] = Lifecycle(policy)
+                out.append(Notice(name, "info", f"{name}: added to the catalogue"))
+            else:
+                known.removed = False  # back before its old container stopped: kept
+                out += known.change(policy)
+            out += self._warm(known)
+        return out
+
+    def counting(self) -> dict[str, Step]:
+        """The services whose connections decide whether they are idle: name -> host port."""
+        return {
+            name: m.policy.step for name, m in self.machines.items() if m.state in ("ready", "idle")
+        }
+
+    def direct(self) -> tuple[tuple[str, Step], ...]:
+        """The containers' own (address, port), gated like their host port."""
+        return tuple(
+            sorted(
+                (m.address, m.inner)
+                for m in self.machines.values()
+                if m.state != "cold" and m.address is not None and m.inner is not None
+            )
+        )

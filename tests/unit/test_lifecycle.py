@@ -1,0 +1,532 @@
+"""The service lifecycle state machine as playbooks: events in, the exact commands out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.core.lifecycle import (
+    TRANSITIONS,
+    Adopted,
+    CatalogueChanged,
+    CloseKnock,
+    Command,
+    ConnectionsSeen,
+    ContainerDied,
+    ContainerFailed,
+    ContainerReady,
+    ContainerStarted,
+    ContainerStopped,
+    Found,
+    GrantAccess,
+    KnockCompleted,
+    Lifecycles,
+    LiveGrant,
+    Notice,
+    Pause,
+    Policy,
+    RevokeAccess,
+    ServiceEvent,
+    Start,
+    Stop,
+    Tick,
+)
+from appliance.core.model import Step
+
+A, B = "198.18.9.1", "198.18.9.2"
+SSH = Step(2222, "tcp")
+INNER = Step(22, "tcp")
+
+
+def ssh(**changes: Any) -> Policy:
+    values: dict[str, Any] = {
+        "name": "ssh",
+        "step": SSH,
+        "idle_timeout": 10.0,
+        "max_lifetime": 100.0,
+        "version": "v1",
+    }
+    values.update(changes)
+    return Policy(**values)
+
+
+def machines(*policies: Policy, adopted: bool = True) -> Lifecycles:
+    m = Lifecycles(policies or (ssh(),))
+    if adopted:
+        m.handle(Adopted(0.0))
+    return m
+
+
+def knock(
+    ts: float, address: str = A, seconds: float = 30.0, service: str = "ssh"
+) -> KnockCompleted:
+    return KnockCompleted(ts, service, address, (SSH,), ts + seconds, door="ssh-door")
+
+
+def granted(k: KnockCompleted) -> GrantAccess:
+    return GrantAccess("ssh", k.address, k.ports, k.until, k.door, k.ts)
+
+
+def play(m: Lifecycles, *steps: tuple[ServiceEvent, list[Command]]) -> None:
+    for event, expected in steps:
+        assert m.handle(event) == expected, event
+
+
+def started(ts: float, container: str = "c1") -> ContainerStarted:
+    return ContainerStarted(ts, "ssh", container, "172.17.0.2", INNER, "v1")
+
+
+def running(m: Lifecycles, ts: float = 1.0, address: str = A) -> KnockCompleted:
+    """Knock, start, ready: ``address`` holds a grant."""
+    k = knock(ts, address)
+    play(
+        m,
+        (k, [Start("ssh")]),
+        (started(ts + 0.1), []),
+        (ContainerReady(ts + 0.3, "ssh"), [granted(k)]),
+    )
+    return k
+
+
+def state(m: Lifecycles, name: str = "ssh") -> str:
+    return m.machines[name].state
+
+
+# ----------------------------------------------------------------- granting
+
+
+def test_grant_only_once_ready_and_shared_by_knockers() -> None:
+    m = machines()
+    first, second = knock(1.0, A), knock(1.1, B)
+    play(
+        m,
+        (first, [Start("ssh")]),
+        (second, []),  # the second knocker waits for the same start
+        (started(1.2), []),
+        (ContainerReady(1.4, "ssh"), [granted(first), granted(second)]),
+    )
+    assert state(m) == "serving"
+    third = knock(2.0, "198.18.9.3")
+    play(m, (third, [granted(third)]))  # running: granted at once
+    assert m.direct() == (("172.17.0.2", INNER),)
+    assert m.launches == 1
+
+
+def test_failed_start_grants_nothing() -> None:
+    m = machines()
+    play(
+        m,
+        (knock(1.0), [Start("ssh")]),
+        (
+            ContainerFailed(2.0, "ssh", "docker: no such image"),
+            [
+                Notice(
+                    "ssh",
+                    "error",
+                    f"{A}: ssh-door: service ssh unavailable, no access: docker: no such image",
+                    refused=True,
+                )
+            ],
+        ),
+    )
+    assert state(m) == "cold" and m.failures == 1
+    play(m, (knock(3.0), [Start("ssh")]))  # the next knock tries again
+
+
+def test_a_grant_whose_deadline_passed_before_ready_is_not_made() -> None:
+    m = machines()
+    late = knock(1.0, seconds=5.0)
+    play(
+        m,
+        (late, [Start("ssh")]),
+        (started(2.0), []),
+        (
+            ContainerReady(7.0, "ssh"),
+            [
+                Notice(
+                    "ssh",
+                    "warning",
+                    f"{A}: ssh-door: service ssh was ready too late for the grant",
+                    refused=True,
+                )
+            ],
+        ),
+    )
+    assert state(m) == "ready"
+
+
+def test_stale_reports_change_nothing() -> None:
+    m = machines()
+    play(
+        m,
+        (ContainerReady(1.0, "ssh"), []),
+        (ContainerStopped(1.0, "ssh"), []),
+        (ContainerDied(1.0, "ssh", "c9"), []),
+        (ConnectionsSeen(1.0, "ssh", 0), []),
+        (ContainerReady(1.0, "nosuch"), []),
+    )
+    assert state(m) == "cold"
+
+
+# ----------------------------------------------------------------- stopping
+
+
+def test_idle_after_last_grant_and_connections_then_stop() -> None:
+    m = machines()
+    running(m, 1.0)  # grant until 31
+    play(
+        m,
+        (Tick(20.0), []),
+        (Tick(31.0), []),  # the grant expired: no holder, connections unknown yet
+        (ConnectionsSeen(31.0, "ssh", 2), []),  # a session keeps it up
+        (Tick(60.0), []),
+        (ConnectionsSeen(61.0, "ssh", None), []),  # unknown: up
+        (Tick(80.0), []),
+        (ConnectionsSeen(81.0, "ssh", 0), []),  # idle from 81
+        (Tick(90.9), []),
+        (Tick(91.0), [Stop("ssh", "idle for 10 s")]),
+        (ContainerDied(91.5, "ssh", "c1"), []),  # our own stop: the worker reports
+        (ContainerStopped(91.6, "ssh"), []),
+    )
+    assert state(m) == "cold" and m.direct() == ()
+
+
+def test_keep_warm_pauses_instead_and_a_knock_unpauses() -> None:
+    m = Lifecycles((ssh(keep_warm=True),))
+    play(
+        m,
+        (Adopted(0.0), [Start("ssh")]),  # warmed up at start
+        (started(0.5), []),
+        (ContainerReady(1.0, "ssh"), [Pause("ssh", "kept warm")]),
+        (ContainerStopped(1.1, "ssh", paused=True), []),
+    )
+    assert state(m) == "paused"
+    assert m.direct() == (("172.17.0.2", INNER),)  # a paused container is still gated
+    k = knock(5.0)
+    play(
+        m,
+        (k, [Start("ssh")]),
+        (started(5.05), []),
+        (ContainerReady(5.1, "ssh"), [granted(k)]),
+        (CloseKnock(6.0, "ssh", A), [Pause("ssh", f"close knock from {A}")]),
+    )
+
+
+def test_close_knock_by_the_last_holder_stops_it() -> None:
+    m = machines()
+    running(m, 1.0, A)
+    b = knock(2.0, B)
+    play(
+        m,
+        (b, [granted(b)]),
+        (CloseKnock(3.0, "ssh", A), []),
+        (CloseKnock(3.5, "ssh", "198.18.9.77"), []),  # never held it
+        (CloseKnock(4.0, "ssh", B), [Stop("ssh", f"close knock from {B}")]),
+    )
+    assert state(m) == "stopping"
+
+
+def test_max_lifetime_revokes_every_grant_then_stops() -> None:
+    m = machines(ssh(max_lifetime=50.0))
+    running(m, 1.0)  # the container started at 1.1
+    b = knock(40.0, B, seconds=500)
+    play(
+        m,
+        (b, [granted(b)]),
+        (Tick(51.0), []),
+        (
+            Tick(51.1),
+            [
+                RevokeAccess("ssh", B, (SSH,), "max_lifetime reached"),
+                Stop("ssh", "max_lifetime reached"),
+            ],
+        ),
+    )
+
+
+def test_a_knock_while_stopping_wins() -> None:
+    m = machines()
+    running(m, 1.0)
+    late = knock(12.0, B)
+    play(
+        m,
+        (CloseKnock(10.0, "ssh", A), [Stop("ssh", f"close knock from {A}")]),
+        (
+            late,
+            [
+                Notice(
+                    "ssh",
+                    "info",
+                    "ssh: a knock came while it was stopping: started again once stopped",
+                )
+            ],
+        ),
+        (ContainerStopped(13.0, "ssh"), [Start("ssh")]),
+        (started(13.2, "c2"), []),
+        (ContainerReady(13.5, "ssh"), [granted(late)]),
+    )
+    assert state(m) == "serving"
+
+
+def test_container_died_outside_knockgate_revokes_its_grants() -> None:
+    m = machines()
+    running(m, 1.0)
+    play(
+        m,
+        (ContainerDied(5.0, "ssh", "an-older-one"), []),
+        (
+            ContainerDied(6.0, "ssh", "c1"),
+            [
+                RevokeAccess("ssh", A, (SSH,), "the container stopped"),
+                Notice("ssh", "warning", "ssh: its container stopped outside knockgate"),
+            ],
+        ),
+    )
+    assert state(m) == "cold"
+
+
+# ----------------------------------------------------------------- restarts
+
+
+def test_adopted_container_keeps_its_original_start_and_live_grants() -> None:
+    m = Lifecycles((ssh(max_lifetime=100.0),))
+    found = Found("ssh", "c1", "running", started=-80.0, address="172.17.0.2", inner=INNER)
+    live = (LiveGrant(A, SSH, 40.0), LiveGrant(B, Step(80, "tcp"), 40.0))
+    play(m, (Adopted(0.0, (found,), live), []))
+    assert state(m) == "serving" and set(m.machines["ssh"].holders) == {A}
+    play(
+        m,
+        (Tick(19.9), []),
+        (
+            Tick(20.0),  # 100 s after its ORIGINAL start, not after adoption
+            [
+                RevokeAccess("ssh", A, (SSH,), "max_lifetime reached"),
+                Stop("ssh", "max_lifetime reached"),
+            ],
+        ),
+    )
+
+
+def test_adopted_without_grants_stops_when_idle() -> None:
+    m = Lifecycles((ssh(),))
+    found = Found("ssh", "c1", "running", started=-5.0)
+    play(
+        m,
+        (Adopted(0.0, (found,), (LiveGrant(A, SSH, -1.0),)), []),  # an expired grant
+        (ConnectionsSeen(1.0, "ssh", 0), []),
+        (Tick(11.0), [Stop("ssh", "idle for 10 s")]),
+    )
+
+
+def test_adoption_happens_once() -> None:
+    m = Lifecycles((ssh(),))
+    found = Found("ssh", "c1", "running", started=0.0)
+    play(m, (Adopted(0.0), []), (Adopted(1.0, (found,)), []))
+    assert state(m) == "cold"
+
+
+# ----------------------------------------------------------------- the catalogue
+
+
+def test_catalogue_added_removed_and_changed() -> None:
+    m = machines(ssh(), ssh(name="web", step=Step(8080, "tcp"), keep_warm=True))
+    assert m.handle(Adopted(0.0)) == []  # machines() adopted already: warming was asked then
+    running(m, 1.0)
+    changed = ssh(version="v2", idle_timeout=20.0)
+    mail = ssh(name="mail", step=Step(2525, "tcp"))
+    play(
+        m,
+        (
+            CatalogueChanged(5.0, (changed, mail)),
+            [
+                Notice("web", "info", "web: removed from the catalogue; stopping it"),
+                Notice(
+                    "ssh",
+                    "info",
+                    "ssh: definition changed; the running container keeps serving until it "
+                    "stops, then it is recreated",
+                ),
+                Notice("mail", "info", "mail: added to the catalogue"),
+            ],
+        ),
+    )
+    assert m.machines["ssh"].policy.idle_timeout == 10.0  # the old one, while it runs
+    play(
+        m,
+        (CloseKnock(6.0, "ssh", A), [Stop("ssh", f"close knock from {A}")]),
+        (ContainerStopped(7.0, "ssh"), []),
+    )
+    assert m.machines["ssh"].policy == changed  # in force once stopped
+    # web was starting (warm-up): stopped once its start ends, then forgotten.
+    play(
+        m,
+        (ContainerReady(8.0, "web"), [Stop("web", "removed from the catalogue")]),
+        (ContainerStopped(9.0, "web"), []),
+    )
+    assert set(m.machines) == {"ssh", "mail"}
+    assert m.handle(knock(10.0, service="web")) == [
+        Notice("web", "error", f"{A}: ssh-door: no service web, no access", refused=True)
+    ]
+
+
+def test_removing_a_running_service_revokes_and_stops() -> None:
+    m = machines()
+    running(m, 1.0)
+    play(
+        m,
+        (
+            CatalogueChanged(5.0, ()),
+            [
+                Notice("ssh", "info", "ssh: removed from the catalogue; stopping it"),
+                RevokeAccess("ssh", A, (SSH,), "removed from the catalogue"),
+                Stop("ssh", "removed from the catalogue"),
+            ],
+        ),
+        (ContainerStopped(6.0, "ssh"), []),
+    )
+    assert m.machines == {}
+
+
+def test_settings_only_change_applies_at_once() -> None:
+    m = machines()
+    running(m, 1.0)
+    play(
+        m,
+        (
+            CatalogueChanged(2.0, (ssh(idle_timeout=3.0),)),
+            [Notice("ssh", "info", "ssh: settings changed")],
+        ),
+        (Tick(31.0), []),
+        (ConnectionsSeen(31.0, "ssh", 0), []),
+        (Tick(34.0), [Stop("ssh", "idle for 3 s")]),
+    )
+
+
+# ----------------------------------------------------------------- properties
+
+ADDRESSES = st.sampled_from([A, B, "198.18.9.3"])
+NAMES = st.sampled_from(["ssh", "web"])
+
+
+def _event(ts: float) -> st.SearchStrategy[ServiceEvent]:
+    name = NAMES
+    return st.one_of(
+        st.builds(
+            lambda n, a, s: KnockCompleted(ts, n, a, (SSH,), ts + s, "d"),
+            name,
+            ADDRESSES,
+            st.floats(-5, 60),
+        ),
+        st.builds(lambda n, a: CloseKnock(ts, n, a), name, ADDRESSES),
+        st.builds(
+            lambda n, c: ContainerStarted(ts, n, c, "172.17.0.2", INNER),
+            name,
+            st.sampled_from(["c1", "c2"]),
+        ),
+        st.builds(lambda n: ContainerReady(ts, n), name),
+        st.builds(lambda n: ContainerFailed(ts, n, "boom"), name),
+        st.builds(lambda n, p: ContainerStopped(ts, n, p), name, st.booleans()),
+        st.builds(lambda n, c: ContainerDied(ts, n, c), name, st.sampled_from(["c1", "c2"])),
+        st.builds(
+            lambda n, c: ConnectionsSeen(ts, n, c), name, st.one_of(st.none(), st.integers(0, 3))
+        ),
+        st.just(Tick(ts)),
+        st.builds(
+            lambda keep, version, rem: CatalogueChanged(
+                ts,
+                tuple(
+                    p
+                    for p in (
+                        ssh(keep_warm=keep, version=version),
+                        ssh(name="web", step=Step(8080, "tcp")),
+                    )
+                    if p.name != rem
+                ),
+            ),
+            st.booleans(),
+            st.sampled_from(["v1", "v2"]),
+            st.sampled_from(["", "ssh", "web"]),
+        ),
+        st.builds(
+            lambda s, a: Adopted(
+                ts,
+                (Found("ssh", "c1", "running", ts - s, "172.17.0.2", INNER),),
+                (LiveGrant(a, SSH, ts + 20),),
+            ),
+            st.floats(0, 200),
+            ADDRESSES,
+        ),
+    )
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> list[ServiceEvent]:
+    gaps = draw(st.lists(st.floats(0, 30), min_size=1, max_size=60))
+    ts, events = 0.0, []
+    for gap in gaps:
+        ts += gap
+        events.append(draw(_event(ts)))
+    return events
+
+
+@settings(max_examples=300, deadline=None)
+@given(scripts(), st.booleans())
+def test_no_event_sequence_raises_or_leaves_a_grant_past_its_deadline(
+    events: list[ServiceEvent], keep_warm: bool
+) -> None:
+    m = Lifecycles(
+        (ssh(keep_warm=keep_warm, max_lifetime=120.0), ssh(name="web", step=Step(8080, "tcp")))
+    )
+    for event in events:
+        for command in m.handle(event):
+            if isinstance(command, GrantAccess):
+                assert command.until > event.ts, "a grant already past its deadline"
+        for machine in m.machines.values():
+            assert (machine.state == "serving") == bool(machine.holders)
+            if isinstance(event, Tick):
+                assert all(h.until > event.ts for h in machine.holders.values())
+                if machine.started is not None and machine.state in ("ready", "serving", "idle"):
+                    assert event.ts - machine.started < machine.policy.max_lifetime
+
+
+def _world_step(
+    m: Lifecycles, outstanding: dict[str, Command], ts: float, choice: int
+) -> list[Command]:
+    """A well-behaved Docker: each asked operation reports exactly once, in order."""
+    if outstanding and choice % 3 == 0:
+        name, op = next(iter(outstanding.items()))
+        del outstanding[name]
+        if isinstance(op, Start):
+            if choice % 2:
+                return m.handle(ContainerFailed(ts, name, "boom"))
+            m.handle(ContainerStarted(ts, name, f"c-{ts}", "172.17.0.2", INNER))
+            return m.handle(ContainerReady(ts, name))
+        return m.handle(ContainerStopped(ts, name, isinstance(op, Pause)))
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(scripts(), st.lists(st.integers(0, 5), min_size=60, max_size=60), st.booleans())
+def test_at_most_one_docker_operation_per_service_at_a_time(
+    events: list[ServiceEvent], choices: list[int], keep_warm: bool
+) -> None:
+    m = Lifecycles((ssh(keep_warm=keep_warm), ssh(name="web", step=Step(8080, "tcp"))))
+    outstanding: dict[str, Command] = {}
+    for event, choice in zip(events, choices, strict=False):
+        if isinstance(
+            event, ContainerStarted | ContainerReady | ContainerFailed | ContainerStopped
+        ):
+            out = _world_step(m, outstanding, event.ts, choice)
+        else:
+            out = m.handle(event)
+        for command in out:
+            if isinstance(command, Start | Stop | Pause):
+                assert command.service not in outstanding, (command, outstanding)
+                outstanding[command.service] = command
+
+
+def test_the_table_names_only_known_states() -> None:
+    states = {"cold", "starting", "ready", "serving", "idle", "stopping", "paused"}
+    assert {state for state, _ in TRANSITIONS} <= states
