@@ -1,6 +1,6 @@
 """``knockgate run``: the loop that owns the engine and carries out its commands.
 
-Threads (address watcher, status socket, service launches, signal handlers) only
+Threads (host watcher, status socket, service launches, signal handlers) only
 put items on one queue; this loop reads the capture sockets itself, takes the
 queued items one at a time, feeds the engine and hands each command to its
 adapter: the firewall backend (grants), the command runner (knockd-style
@@ -53,15 +53,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
-from appliance.capture.addresses import AddressWatcher
 from appliance.capture.bpf import capture_filter
 from appliance.capture.checksum import REASONS
-from appliance.capture.sniffer import (
-    RETRY_SECONDS,
-    InterfaceReader,
-    Sniffer,
-    default_interfaces,
-)
+from appliance.capture.host import HostState, HostWatcher, address_change
+from appliance.capture.sniffer import InterfaceReader, Sniffer
 from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
@@ -100,7 +95,7 @@ from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.runtime.actions import CommandRunner, run_command
-from appliance.runtime.items import HostAddresses, Signal, StatusRequest
+from appliance.runtime.items import Signal, StatusRequest
 from appliance.runtime.logs import configure, flush_noise, log_command
 from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.services import ServiceManager
@@ -111,7 +106,7 @@ from appliance.services.launcher import ServiceLauncher
 log = logging.getLogger("knockgate")
 
 # What other threads put on the loop's queue.
-Item = Packet | Signal | StatusRequest | HostAddresses | ServiceEvent
+Item = Packet | Signal | StatusRequest | HostState | ServiceEvent
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
 SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
@@ -199,7 +194,7 @@ class Daemon:
         self.clock = clock  # the engine's: only goes forward
         self.wall = wall  # unix time, for TOTP, SPA ages and the state file
         self.capture = capture
-        # Other threads (status socket, address watcher, service launches, signal
+        # Other threads (status socket, host watcher, service launches, signal
         # handlers) hand items over through this queue and wake the loop with a byte
         # on the pipe; packets never go through it (the loop reads the sockets).
         self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
@@ -226,7 +221,8 @@ class Daemon:
         self.runner = CommandRunner()
         self.running = False
         self.sniffer: Sniffer | None = None
-        self.watcher: AddressWatcher | None = None
+        self.watcher: HostWatcher | None = None
+        self.host: HostState | None = None  # the links and addresses last reported
         self.status: StatusServer | None = None
         self._failing: set[str] = set()  # handlers whose exception was logged in full
         self._stopped = False
@@ -260,16 +256,20 @@ class Daemon:
         if self.services is not None:
             self.services.start()
         if self.capture:
-            self.watcher = AddressWatcher(lambda now: self.enqueue(HostAddresses(now)))
-            self._set_addresses(self.watcher.current)
-            interfaces = list(self.config.settings.interfaces) or default_interfaces()
+            self.watcher = HostWatcher(self.enqueue)  # each change is a HostState item
+            self.host = self.watcher.current
+            self._set_addresses(self.host.addresses)
             self.sniffer = Sniffer(
-                interfaces, capture_filter(self.config.doors, self.addresses or ()), self.clock
+                self.config.settings.interfaces,
+                capture_filter(self.config.doors, self.addresses or ()),
+                self.clock,
             )
-            for reader in self.sniffer.readers:
-                reader.open()
+            self.sniffer.follow(self.host.links)
             self.watcher.start()
-            log.info("starting up, listening on %s", ", ".join(interfaces))
+            log.info(
+                "starting up, listening on %s",
+                ", ".join(self.sniffer.capturing) or "no interface yet",
+            )
         self.running = True
 
     def install_signal_handlers(self) -> None:
@@ -292,19 +292,23 @@ class Daemon:
         try:
             selector.register(self._wake_r, selectors.EVENT_READ, None)
             registered: dict[InterfaceReader, socket.socket] = {}
-            readers = self.sniffer.readers if self.sniffer is not None else []
+            sniffer = self.sniffer
+            seen = -1  # the sniffer's readers as last registered (its version)
             clock = self.clock
             next_check = clock() + CHECK_SECONDS
             next_tick = clock() + SERVICE_TICK
             while self.running:
-                self._register(selector, registered, readers)
+                if sniffer is not None and sniffer.version != seen:
+                    seen = sniffer.version
+                    self._register(selector, registered, sniffer.readers)
                 now = clock()
                 due = min(next_check, next_tick)
                 deadline = self.engine.next_deadline()
                 if deadline is not None and deadline < due:
                     due = deadline
-                if any(reader.sock is None for reader in readers):
-                    due = min(due, now + RETRY_SECONDS)
+                reopen = sniffer.reopen_at if sniffer is not None else None
+                if reopen is not None:
+                    due = min(due, reopen)
                 for key, _ in selector.select(max(0.0, due - now)):
                     reader = key.data
                     if reader is None:
@@ -316,6 +320,8 @@ class Daemon:
                 deadline = self.engine.next_deadline()
                 if deadline is not None and now >= deadline:
                     self._guarded("timer", functools.partial(self._event, Tick(now)))
+                if reopen is not None and now >= reopen and sniffer is not None:
+                    self._guarded("capture", sniffer.reopen)
                 if now >= next_check:
                     next_check = now + CHECK_SECONDS
                     self._guarded("firewall check", self._check_firewall)
@@ -331,25 +337,25 @@ class Daemon:
         registered: dict[InterfaceReader, socket.socket],
         readers: list[InterfaceReader],
     ) -> None:
-        """(Re-)register the capture sockets; re-open closed ones when due."""
+        """Register the readers' sockets as they are now: sockets of readers removed or
+        closed first (their descriptor may be reused by a new one), then the new ones."""
+        current = set(readers)
+        for reader, sock in list(registered.items()):
+            if reader.sock is not sock or reader not in current:
+                selector.unregister(sock)
+                del registered[reader]
         for reader in readers:
-            sock = registered.get(reader)
-            if reader.sock is not sock:
-                if sock is not None:
-                    selector.unregister(sock)
-                    del registered[reader]
-                if reader.sock is not None:
-                    selector.register(reader.sock, selectors.EVENT_READ, reader)
-                    registered[reader] = reader.sock
-            if reader.sock is None and self.clock() >= reader.retry_at:
-                reader.open()
+            if reader.sock is not None and reader not in registered:
+                selector.register(reader.sock, selectors.EVENT_READ, reader)
+                registered[reader] = reader.sock
 
     def _read(self, reader: InterfaceReader) -> None:
         """One batch of frames from one interface through the engine (the hot path)."""
         try:
             packets = reader.read()
         except OSError as error:
-            reader.failed(error)
+            if self.sniffer is not None:
+                self.sniffer.failed(reader, error)
             return
         handle, route, commands = self.engine.handle, self.spa.route, self._commands
         try:
@@ -408,8 +414,8 @@ class Daemon:
                 self.reload()
             case StatusRequest(reply=reply):
                 reply(self.snapshot())
-            case HostAddresses(addresses=addresses):
-                self._addresses(addresses)
+            case HostState():
+                self._host(item)
             case ServiceEvent() if self.services is not None:
                 self.services.handle(item)
             case _:
@@ -433,7 +439,7 @@ class Daemon:
         if self.sniffer is not None:
             steps.append(("stop capture", self.sniffer.close))
         if self.watcher is not None:
-            steps.append(("stop the address watcher", self.watcher.stop))
+            steps.append(("stop the host watcher", self.watcher.stop))
         if self.config.settings.on_shutdown == "revoke":
             steps.append(("revoke grants", self._revoke_all))
         if self.services is not None:
@@ -608,11 +614,20 @@ class Daemon:
         self.spa.local = addresses
         self._commands(self.engine.handle(LocalAddresses(self.clock(), addresses)))
 
-    def _addresses(self, addresses: frozenset[str]) -> None:
-        self._set_addresses(addresses)
+    def _host(self, state: HostState) -> None:
+        """The host changed: its addresses (engine, SPA reader, capture filter), then
+        which links are captured."""
+        before = self.addresses or frozenset()
+        self.host = state
+        if state.addresses != before:
+            self._set_addresses(state.addresses)
+            change = address_change(before, state.addresses)
+            if change is not None:
+                log.info("%s", change)
+            if self.sniffer is not None:
+                self.sniffer.set_filter(capture_filter(self.config.doors, state.addresses))
         if self.sniffer is not None:
-            self.sniffer.set_filter(capture_filter(self.config.doors, addresses))
-            log.info("host addresses changed: %s", ", ".join(sorted(addresses)))
+            self.sniffer.follow(state.links)
 
     def _upkeep(self) -> None:
         """Once a second: services, the log's noise summary, the flood summary."""
@@ -718,6 +733,8 @@ class Daemon:
         self.spa = SpaReader(loaded.config.doors, self.addresses)
         if self.sniffer is not None:
             self.sniffer.set_filter(capture_filter(loaded.config.doors, self.addresses or ()))
+            if self.host is not None:
+                self.sniffer.want(loaded.config.settings.interfaces, self.host.links)
         self.stats.reloads += 1
         for warning in loaded.warnings:
             log.warning("%s", warning)
@@ -751,6 +768,7 @@ class Daemon:
                 for door in self.config.doors
             ],
             "grants": grants,
+            "interfaces": self.sniffer.capturing if self.sniffer is not None else [],
             "services": self.services.snapshot() if self.services is not None else [],
             "attempts": self.engine.attempt_count,
             "counters": {

@@ -2,7 +2,8 @@
 
 Threads (signal handlers, the status socket, the host watcher, service workers)
 never touch the loop's state; they put one of these on its queue, and the loop
-matches them exhaustively (an unknown item is a bug, raised loudly).
+matches them exhaustively (an unknown item is a bug, raised loudly). The host
+watcher's item is :class:`appliance.capture.host.HostState` itself.
 """
 
 from __future__ import annotations
@@ -24,10 +25,3 @@ class StatusRequest:
     """The status socket asks for a snapshot; ``reply`` gets it (in the loop)."""
 
     reply: Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class HostAddresses:
-    """The host's own addresses changed."""
-
-    addresses: frozenset[str]

@@ -21,6 +21,7 @@ from scapy.packet import Raw
 
 from appliance.capture.checksum import REASONS
 from appliance.capture.decode import decode_ethernet
+from appliance.capture.host import Link
 from appliance.capture.sniffer import (
     ANCILLARY_SPACE,
     PACKET_AUXDATA,
@@ -171,7 +172,9 @@ def test_first_rejection_per_reason_is_logged_once(caplog: pytest.LogCaptureFixt
 
 
 def test_sniffer_sums_the_counters_of_its_interfaces() -> None:
-    sniffer = Sniffer(["eth0", "eth1"], "tcp")
+    opened = lambda interface, expression: FakeSocket([])  # noqa: E731
+    sniffer = Sniffer([], "tcp", opener=opened)  # type: ignore[arg-type]
+    sniffer.follow((Link("eth0", 2, True), Link("eth1", 3, True)))
     assert sniffer.rejected == dict.fromkeys(REASONS, 0)
     sniffer.readers[0].rejected["bad_checksums"] = 2
     sniffer.readers[1].rejected["bad_checksums"] = 3
