@@ -268,7 +268,7 @@ class Soak:
 
     def run(self) -> dict[str, object]:
         self.client("kgsoak-c", "kgsoak-c0", "198.18.220.2")
-        sh("ip", "link", "add", "kgsoak-down", "type", "dummy")  # stays down: silence
+        sh("ip", "link", "add", "kgsoak-down", "type", "ifb")  # stays down: silence
         self.links.append("kgsoak-down")
         self.start_daemon()
         time.sleep(2)
@@ -334,7 +334,7 @@ class Soak:
             return state
         step = state % 5
         if step == 0:
-            sh("ip", "link", "add", "kgsoak-f", "type", "dummy")
+            sh("ip", "link", "add", "kgsoak-f", "type", "ifb")
             sh("ip", "addr", "add", "198.18.222.250/32", "dev", "kgsoak-f")
         elif step in (1, 3):
             sh("ip", "link", "set", "kgsoak-f", "up")
