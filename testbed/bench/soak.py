@@ -15,7 +15,7 @@ What happens during the run (all bounded in time and packets):
   of the run and is deleted at 80 %;
 * a knock on ``web`` every ``--service-every`` seconds from a fresh address: the service
   starts, and stops again when idle;
-* a dummy interface that appears, flaps up and down and disappears, over and over, and one
+* an ifb interface that appears, flaps up and down and disappears, over and over, and one
   that stays administratively down the whole run (as ``ifb0`` on a stock host);
 * a SIGHUP every ``--hup-every`` seconds, alternately with the same file and with one more
   door;
