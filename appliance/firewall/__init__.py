@@ -19,13 +19,38 @@ down: the ports stay closed and the grants expire on their own (fail closed).
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from appliance.config.schema import ScanPolicy
 from appliance.core.model import Proto, Step
 
-__all__ = ["FirewallBackend", "FirewallPlan", "GrantEntry", "PortRange", "ScanPolicy"]
+__all__ = [
+    "GRANT_SLACK",
+    "FirewallBackend",
+    "FirewallPlan",
+    "GrantEntry",
+    "PortRange",
+    "ScanPolicy",
+    "grant_seconds",
+]
+
+# Kernel grant timeouts are whole seconds (nft 1.0.6's JSON reads no fraction, ipset
+# has none). A grant reaches the kernel a millisecond or so after its deadline was set
+# from the packet's timestamp, so a 30 s grant has 29.999 s left: rounded down it would
+# lose a second, and a 1 s grant (fwknop's -f 1) would open nothing.
+GRANT_SLACK = 0.05  # the most a kernel timeout may run past the deadline it was asked for
+
+
+def grant_seconds(seconds: float) -> int:
+    """A fresh grant's kernel timeout: the time left in whole seconds, rounded down
+    unless within GRANT_SLACK of the next second; 0 (open nothing) under that."""
+    if not seconds > 0:
+        return 0
+    if math.isinf(seconds):
+        return 2**31 - 1
+    return math.floor(seconds + GRANT_SLACK)
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -82,7 +82,7 @@ from typing import Literal
 
 from appliance.core.model import Proto, Step
 from appliance.errors import FirewallError
-from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
+from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy, grant_seconds
 
 log = logging.getLogger("knockgate.firewall")
 
@@ -431,7 +431,7 @@ def grant_batch(names: Names, address: str, ports: Sequence[Step], seconds: floa
     """``ipset -exist restore`` input; re-adding an element resets its timeout."""
     ip = _ip(address)
     name = names.set("grants", _version(ip))
-    timeout = grant_timeout(seconds)
+    timeout = min(IPSET_MAX_TIMEOUT, grant_seconds(seconds))
     return "".join(f"add {name} {_element(str(ip), step)} timeout {timeout}\n" for step in ports)
 
 
@@ -767,9 +767,9 @@ class IptablesBackend:
                     self._run([command, "-w", "-D", other, "-j", names.forward_chain])
 
     def grant(self, address: str, ports: tuple[Step, ...], seconds: float) -> None:
-        """Grant for ``floor(seconds)`` kernel seconds; under one second: nothing (as the
-        nftables backend: a grant never lasts longer than asked)."""
-        if not seconds >= 1:
+        """Grant for ``grant_seconds(seconds)`` kernel seconds; under one second: nothing
+        (as with nftables)."""
+        if grant_seconds(seconds) < 1:
             return
         if ports:
             batch = grant_batch(self.names, address, ports, seconds)

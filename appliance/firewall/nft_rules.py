@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.core.model import Proto, Step
-from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy
+from appliance.firewall import FirewallPlan, GrantEntry, ScanPolicy, grant_seconds
 
 JSON = dict[str, Any]
 Batch = list[JSON]
@@ -390,9 +390,9 @@ def setup_batch(
 
 
 def grant_batch(address: str, ports: tuple[Step, ...], seconds: float) -> Batch:
-    """Add (or refresh) the grant for ``whole_seconds(seconds)``; deleting first makes a
+    """Add (or refresh) the grant for ``grant_seconds(seconds)``; deleting first makes a
     re-grant take the new timeout. Empty when that is under one second: nothing opens."""
-    timeout = whole_seconds(seconds)
+    timeout = grant_seconds(seconds)
     if not ports or timeout < 1:
         return []
     name = GRANT_SETS[_family(address)]

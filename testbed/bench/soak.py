@@ -98,7 +98,10 @@ STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -168,8 +171,8 @@ class Soak:
         in_ns(ns, "ip", "link", "set", "kgsoak-peer", "up")
         in_ns(ns, "ip", "addr", "add", f"{address}/{NETMASK}", "dev", "kgsoak-peer")
         sh("ip", "addr", "add", f"{SERVER}/32", "dev", link)
-        sh("ip", "route", "replace", f"{address}/32", "dev", link)
         sh("ip", "link", "set", link, "up")
+        sh("ip", "route", "replace", f"{address}/32", "dev", link)
 
     def start_daemon(self) -> None:
         self.write_config(extra=False)
@@ -315,8 +318,7 @@ class Soak:
             while time.monotonic() < tick_end:
                 self.check_grants(pending)
                 time.sleep(0.2)
-        with contextlib.suppress(subprocess.CalledProcessError):
-            sh("ip", "link", "del", "kgsoak-f")
+        sh("ip", "link", "del", "kgsoak-f", check=False)
         self.event("last action")
         settle_end = time.monotonic() + 30  # grants expire, the service stops when idle
         while time.monotonic() < settle_end:

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from appliance.config.schema import ScanPolicy
 from appliance.core.model import Step
-from appliance.firewall import FirewallPlan, GrantEntry, PortRange
+from appliance.firewall import FirewallPlan, GrantEntry, PortRange, grant_seconds
 from appliance.firewall.nft_rules import (
     Batch,
     carried_grants,
@@ -136,13 +138,13 @@ def test_scan_window_under_a_second_keeps_a_timeout() -> None:
     assert sets["ports_seen4"]["timeout"] == 1 and sets["scan_rate6"]["timeout"] == 1
 
 
-def test_grant_refreshes_the_timeout_in_whole_seconds_never_longer() -> None:
+def test_grant_refreshes_the_timeout_in_whole_seconds_at_most_the_slack_longer() -> None:
     timed = [
         {"elem": {"val": {"concat": ["198.18.0.2", "tcp", 22]}, "timeout": 29}},
         {"elem": {"val": {"concat": ["198.18.0.2", "udp", 53]}, "timeout": 29}},
     ]
     plain = [{"concat": ["198.18.0.2", "tcp", 22]}, {"concat": ["198.18.0.2", "udp", 53]}]
-    assert grant_batch("198.18.0.2", (Step(22, "tcp"), Step(53, "udp")), 29.9996) == [
+    assert grant_batch("198.18.0.2", (Step(22, "tcp"), Step(53, "udp")), 29.94) == [
         {"add": {"element": {**T, "name": "grants4", "elem": timed}}},
         {"delete": {"element": {**T, "name": "grants4", "elem": plain}}},
         {"add": {"element": {**T, "name": "grants4", "elem": timed}}},
@@ -151,9 +153,19 @@ def test_grant_refreshes_the_timeout_in_whole_seconds_never_longer() -> None:
 
 def test_grant_of_less_than_a_second_opens_nothing() -> None:
     """A JSON timeout of 0 would be an element that never expires: no batch at all."""
-    for seconds in (0.999, 0.0, -5.0):
+    for seconds in (0.94, 0.0, -5.0):
         assert grant_batch("198.18.0.2", (Step(22, "tcp"),), seconds) == []
     assert grant_batch("198.18.0.2", (), 30.0) == []
+
+
+@pytest.mark.parametrize(
+    ("seconds", "kernel"), [(30.0, 30), (29.999, 30), (29.94, 29), (1.0, 1), (0.999, 1), (0.5, 0)]
+)
+def test_a_fresh_grant_is_whole_seconds_at_most_50_ms_longer(seconds: float, kernel: int) -> None:
+    """Regression: the time left is a millisecond under the grant by the time it reaches
+    the kernel, so rounding down cut every grant by a second and made a 1 s SPA grant
+    (fwknop -f 1) open nothing."""
+    assert grant_seconds(seconds) == kernel
 
 
 def test_ipv6_grants_go_to_the_ipv6_set() -> None:
