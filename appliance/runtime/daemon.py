@@ -224,7 +224,8 @@ class Daemon:
         self.watcher: HostWatcher | None = None
         self.host: HostState | None = None  # the links and addresses last reported
         self.status: StatusServer | None = None
-        self._failing: set[str] = set()  # handlers whose exception was logged in full
+        # Handlers whose exception was logged in full -> repeats since the last summary.
+        self._failing: dict[str, int] = {}
         self._stopped = False
         self._firewall_failing = False
         self._noise = (clock(), 0, 0)  # flood summary: window start, noise and packets then
@@ -385,12 +386,26 @@ class Daemon:
             self._internal_error(what)
 
     def _internal_error(self, what: str) -> None:
+        """The traceback once per handler; repeats are counted and summed up once a
+        minute by the upkeep, so a bug hit by every packet cannot flood the log."""
         self.stats.internal_errors += 1
-        if what not in self._failing:  # the traceback once per handler, then a count
-            self._failing.add(what)
+        if what not in self._failing:
+            self._failing[what] = 0
             log.exception("internal error in %s (a bug; the daemon goes on)", what)
         else:
-            log.error("internal error in %s again (%d in all)", what, self.stats.internal_errors)
+            self._failing[what] += 1
+
+    def _summarise_errors(self) -> None:
+        for what, repeats in self._failing.items():
+            if repeats:
+                log.error(
+                    "internal error in %s: %d more in the last %.0f s (%d in all)",
+                    what,
+                    repeats,
+                    FLOOD_WINDOW,
+                    self.stats.internal_errors,
+                )
+                self._failing[what] = 0
 
     def _drain_queue(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -407,19 +422,22 @@ class Daemon:
         match item:
             case Packet():
                 self.packet(item)
-            case Signal(action="stop"):
-                log.info("shutting down")
-                self.running = False
-            case Signal(action="reload"):
-                self.reload()
+            case Signal(action=action):
+                if action == "reload":
+                    self.reload()
+                else:
+                    log.info("shutting down")
+                    self.running = False
             case StatusRequest(reply=reply):
                 reply(self.snapshot())
             case HostState():
                 self._host(item)
-            case ServiceEvent() if self.services is not None:
+            case ServiceEvent():
+                if self.services is None:
+                    raise TypeError(f"a service event without services: {item!r}")
                 self.services.handle(item)
             case _:
-                raise TypeError(f"unknown queue item {item!r}")
+                assert_never(item)
 
     def packet(self, packet: Packet) -> None:
         """One packet (an SPA packet goes through the SPA reader first)."""
@@ -436,6 +454,7 @@ class Daemon:
         self._stopped = True
         self.running = False
         steps: list[tuple[str, Callable[[], object]]] = []
+        steps.append(("sum up internal errors", self._summarise_errors))
         if self.sniffer is not None:
             steps.append(("stop capture", self.sniffer.close))
         if self.watcher is not None:
@@ -637,6 +656,7 @@ class Daemon:
         now = self.clock()
         since, noise_before, packets_before = self._noise
         if now - since >= FLOOD_WINDOW:
+            self._summarise_errors()
             counters = self.engine.counters
             noise = counters.timeouts + counters.resets + counters.evictions
             if noise - noise_before >= FLOOD_NOISE:

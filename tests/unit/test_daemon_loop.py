@@ -390,3 +390,31 @@ def _once(real: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
         return real(*args, **kwargs)
 
     return maybe
+
+
+def test_a_bug_hit_by_every_packet_logs_one_traceback_and_a_summary_a_minute(
+    make: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: each repeat of an internal error wrote a line ("again (N in all)"): a
+    bug on the packet path under a flood became a line per packet."""
+    box: dict[str, Daemon] = {}
+
+    def inject() -> None:
+        daemon = box["daemon"]
+        daemon.spa.route = _raise(RuntimeError("route bug"))  # type: ignore[method-assign]
+
+    script: Script = [(5000.0, inject)]
+    for i in range(200):  # 200 packets over 100 s, each one hits the bug
+        at = 5001.0 + i * 0.5
+        script.append((at, Packet(at, B, HOST, "tcp", 7113, 0x02)))
+    script += term(5200.0)
+    daemon = make(script)
+    box["daemon"] = daemon
+    with caplog.at_level("INFO", logger="knockgate"):
+        daemon.run()
+    logged = caplog.text
+    assert daemon.stats.internal_errors == 200
+    assert logged.count("Traceback") == 1
+    summaries = [line for line in logged.splitlines() if "more in the last 60 s" in line]
+    assert 2 <= len(summaries) <= 4  # about one a minute, and one at shutdown
+    assert sum(int(line.split(": ")[1].split()[0]) for line in summaries) == 199
