@@ -66,7 +66,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from appliance.core.events import (
     TCP,
@@ -143,6 +143,16 @@ class Counters:
 #   [DEADLINE]  first knock + seq_timeout
 Attempt = list[Any]
 STAGE, LAST, DEADLINE = 0, 1, 2
+
+
+class Decision(NamedTuple):
+    """A completed knock's actions, waiting for their :class:`Vetted` answer."""
+
+    door: Door
+    address: str
+    ports: tuple[Step, ...]
+    until: float
+    accepted: SpaAccepted | None = None  # an SPA knock's log record, once vetted
 
 
 class DoorState:
@@ -226,7 +236,7 @@ class KnockEngine:
         self._spa_seen: dict[bytes, float] = {}  # digest -> until (wall clock)
         self._spa_expiry: list[tuple[float, bytes]] = []
         # Completed knocks waiting for their Vetted answer, by ticket.
-        self._pending: dict[int, tuple[Door, str, tuple[Step, ...], float, SpaAccepted | None]] = {}
+        self._pending: dict[int, Decision] = {}
         self._ticket = 0
         self._count = 0  # attempts held, all doors
         self._configure(doors, {})
@@ -464,9 +474,10 @@ class KnockEngine:
                 MarkSequenceUsed(ts, door.name, src, one_time.path, used.line, used.offset)
             )
         if door.open is not None:
-            self._vet(door, src, door.open.ports, ts + door.open.duration, ts, records, None, out)
+            decision = Decision(door, src, door.open.ports, ts + door.open.duration)
         else:
-            self._vet(door, src, (), ts, ts, records, None, out)
+            decision = Decision(door, src, (), ts)
+        self._vet(decision, ts, records, out)
         if one_time is not None:
             self._count -= len(state.attempts)
             remaining = state.advance_one_time()
@@ -476,45 +487,29 @@ class KnockEngine:
             self._reindex()
 
     def _vet(
-        self,
-        door: Door,
-        address: str,
-        ports: tuple[Step, ...],
-        until: float,
-        ts: float,
-        records: list[Record],
-        accepted: SpaAccepted | None,
-        out: list[Command],
+        self, decision: Decision, ts: float, records: list[Record], out: list[Command]
     ) -> None:
         """Hold a completed knock until the runtime has vetted it (:class:`Vet`)."""
         self._ticket += 1
-        self._pending[self._ticket] = (door, address, ports, until, accepted)
-        out.append(Vet(ts, self._ticket, door.name, address, tuple(records)))
+        self._pending[self._ticket] = decision
+        out.append(Vet(ts, self._ticket, decision.door.name, decision.address, tuple(records)))
 
     def _vetted(self, answer: Vetted, ts: float, out: list[Command]) -> None:
-        pending = self._pending.pop(answer.ticket, None)
-        if pending is None:
+        decision = self._pending.pop(answer.ticket, None)
+        if decision is None:
             self.counters.malformed += 1  # no such ticket (answered twice, or made up)
             return
-        door, address, ports, until, accepted = pending
         if answer.refusal is not None:
             self.counters.refused += 1
-            out.append(Refused(ts, door.name, address, answer.refusal))
+            out.append(Refused(ts, decision.door.name, decision.address, answer.refusal))
             return
-        if accepted is not None:
-            out.append(accepted)
-        self._act(door, address, ports, until, ts, out)
+        if decision.accepted is not None:
+            out.append(decision.accepted)
+        self._act(decision, ts, out)
 
-    def _act(
-        self,
-        door: Door,
-        address: str,
-        ports: tuple[Step, ...],
-        until: float,
-        ts: float,
-        out: list[Command],
-    ) -> None:
+    def _act(self, decision: Decision, ts: float, out: list[Command]) -> None:
         """A door's actions for ``address``: grant, close other doors, run commands."""
+        door, address, ports, until, _ = decision
         if door.open is not None:
             out.append(Grant(ts, door.name, address, ports, until))
         out.extend(Revoke(ts, closed, address, door.name) for closed in door.close)
@@ -607,7 +602,7 @@ class KnockEngine:
             duration = min(duration, user.max_time)
         ports = knock.ports if door.open is not None else ()
         accepted = SpaAccepted(ts, door.name, address, knock.src, user.name, ports, ts + duration)
-        self._vet(door, address, ports, ts + duration, ts, [record], accepted, out)
+        self._vet(Decision(door, address, ports, ts + duration, accepted), ts, [record], out)
 
     @staticmethod
     def _spa_allowed(door: Door, user: SpaUser, ports: tuple[Step, ...]) -> bool:
