@@ -447,6 +447,7 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         f"knockgate pid {data['pid']}, up {data['uptime']} s, {data['config']}, "
         f"firewall {data['backend']}"
     )
+    print("capturing on: " + (", ".join(data.get("interfaces", [])) or "(no interface)"))
     print("doors:")
     for door in data["doors"]:
         opens = ", ".join(door["open"]) or "(commands only)"
@@ -456,6 +457,14 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
     print(f"open grants: {len(data['grants'])}")
     for grant in data["grants"]:
         print(f"  {grant.get('address')} {grant.get('port')} for {grant.get('expires_in')} s")
+    services = data.get("services", [])
+    if services:
+        print("services:")
+    for service in services:
+        print(
+            f"  {service['name']}: {service.get('state', '?')}, up {service.get('uptime')} s, "
+            f"{service.get('grants')} grant(s)"
+        )
     print(f"attempts in progress: {data['attempts']}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in data["counters"].items()))
     return 0

@@ -473,3 +473,39 @@ def test_check_and_run_refuse_an_unreadable_config_alike(
     assert capsys.readouterr().err == checked
     (line,) = checked.splitlines()
     assert line.startswith(f"{config}:0: (file): ")
+
+
+def test_status_text_shows_interfaces_and_services(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon's snapshot as ``knockgate status`` prints it (without --json)."""
+    from appliance.runtime.items import StatusRequest
+    from appliance.runtime.status import StatusServer
+
+    snapshot = {
+        "pid": 42,
+        "uptime": 12.5,
+        "config": "/etc/knockgate/knockgate.yaml",
+        "backend": "nftables",
+        "interfaces": ["eth0", "kgwg0"],
+        "doors": [{"name": "ssh", "knock": "sequence", "steps": 3, "open": ["2222/tcp"]}],
+        "grants": [{"address": "198.18.0.7", "port": "2222/tcp", "expires_in": 9.0}],
+        "services": [{"name": "ssh", "state": "serving", "uptime": 30.0, "grants": 1}],
+        "attempts": 0,
+        "counters": {"packets": 3},
+    }
+
+    def enqueue(item: object) -> None:  # the loop's side, answering at once
+        assert isinstance(item, StatusRequest)
+        item.reply(snapshot)
+
+    server = StatusServer(str(tmp_path / "s.sock"), enqueue)
+    server.start()
+    try:
+        assert main(["status", "--socket", str(tmp_path / "s.sock")]) == 0
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    assert "capturing on: eth0, kgwg0" in out
+    assert "  ssh: serving, up 30.0 s, 1 grant(s)" in out
+    assert "  198.18.0.7 2222/tcp for 9.0 s" in out
