@@ -19,15 +19,18 @@ States::
     serving --last grant expired--> ready;  --close knock of the last holder--> stopping
     any running state --max_lifetime--> stopping (every grant revoked first)
     paused --knock--> starting (unpause);  stopping --knock--> stopping, started again after
+    stopping --stop failed--> stopping (still gated; asked again on a later tick, backing off)
 
 Policy (fail closed): a knocker is granted only once the service answers; a grant
 whose deadline passed before that is not made; a service with no holder and no
 connection for ``idle_timeout`` stops (pauses with ``keep_warm``); ``unknown``
 connections keep it up; ``max_lifetime`` counts from the container's start (an
-adopted container's original start) and revokes every grant before the stop. At
-most one Docker operation per service is in flight: each ``Start`` ends in
-``ContainerReady`` or ``ContainerFailed``, each ``Stop``/``Pause`` in
-``ContainerStopped`` or ``ContainerFailed``, and nothing new is asked before.
+adopted container's original start) and revokes every grant before the stop; a
+stop that fails leaves the container gated and is asked again until it works (a
+container that may run is never taken for cold). At most one Docker operation per
+service is in flight: each ``Start`` ends in ``ContainerReady`` or
+``ContainerFailed``, each ``Stop``/``Pause`` in ``ContainerStopped`` or
+``ContainerFailed``, and nothing new is asked before.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from appliance.core.model import Step
 
 State = Literal["cold", "starting", "ready", "serving", "idle", "stopping", "paused"]
 RUNNING: tuple[State, ...] = ("ready", "serving", "idle")
+STOP_RETRY = 1.0  # seconds before a failed stop is asked again, doubled up to STOP_RETRY_MAX
+STOP_RETRY_MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +93,18 @@ class CloseKnock(ServiceEvent):
 
 @dataclass(frozen=True, slots=True)
 class ContainerStarted(ServiceEvent):
-    """The container runs (not necessarily answering yet); ``inner`` is its own port."""
+    """The container runs (not necessarily answering yet); ``inner`` is its own port.
+    ``since``: when this run of the container began (Docker's ``State.StartedAt`` on the
+    loop's clock; long ago for a container that already ran, ``None``: unknown);
+    ``resumed``: it was paused and is now unpaused (its run goes on from ``since``)."""
 
     service: str
     container: str
     address: str | None = None
     inner: Step | None = None
     version: str = ""  # the definition it was created from
+    since: float | None = None
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +130,13 @@ class ContainerStopped(ServiceEvent):
 
 @dataclass(frozen=True, slots=True)
 class ContainerDied(ServiceEvent):
-    """Docker says ``container`` stopped (``die``/``stop``), whoever did it."""
+    """Docker says ``container`` stopped (``die``/``stop``), whoever did it. ``died``:
+    Docker's time of the event on the loop's clock (``None``: unknown); a death older
+    than the container's current run is an earlier run's end, reported late."""
 
     service: str
     container: str
+    died: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +177,9 @@ class LiveGrant:
 
 @dataclass(frozen=True, slots=True)
 class Adopted(ServiceEvent):
-    """What a previous run left: its containers and the kernel's live grants. Sent once
-    at start (also when Docker could not be asked: ``containers`` is then empty)."""
+    """What a previous run left: its containers and the kernel's live grants. Sent once,
+    when Docker answered (the runtime asks again, backing off, until it does); until
+    then the gate on the containers' own addresses is left as the previous run set it."""
 
     containers: tuple[Found, ...] = ()
     grants: tuple[LiveGrant, ...] = ()
@@ -249,8 +263,10 @@ class Lifecycle:
     policy: Policy
     state: State = "cold"
     holders: dict[str, Holder] = field(default_factory=dict)
+    live: dict[str, Holder] = field(default_factory=dict)  # adopted while starting
     waiting: dict[str, KnockCompleted] = field(default_factory=dict)
     started: float | None = None  # when the container began to run (max_lifetime)
+    since: float | None = None  # Docker's start of the container's current run (deaths)
     idle_since: float | None = None
     container: str | None = None
     address: str | None = None
@@ -260,6 +276,9 @@ class Lifecycle:
     restart: bool = False  # a knock came while stopping
     warming: bool = False  # keep_warm: started to be paused, not for a knocker
     removed: bool = False  # gone from the catalogue: stopping, then dropped
+    why: str = ""  # why it is stopping (asked again after a failed stop)
+    retry_at: float | None = None  # a failed stop is asked again from then
+    stop_failures: int = 0  # failed stops in a row
     launches: int = 0
     failures: int = 0
 
@@ -283,9 +302,14 @@ class Lifecycle:
         """Stop, or pause when keep_warm (a removed service is stopped)."""
         self.state = "stopping"
         self.idle_since = None
+        self.why = why
+        self.retry_at = None
+        return [self._stop_command()]
+
+    def _stop_command(self) -> Command:
         if self.policy.keep_warm and not self.removed:
-            return [Pause(self.name, why)]
-        return [Stop(self.name, why)]
+            return Pause(self.name, self.why)
+        return Stop(self.name, self.why)
 
     def _revoke_all(self, why: str) -> list[Command]:
         out: list[Command] = [
@@ -308,11 +332,14 @@ class Lifecycle:
         force, and started again when a knock is waiting."""
         self.started = None
         self.idle_since = None
+        self.retry_at = None
+        self.stop_failures = 0
         if self.pending is not None:
             self.policy, self.pending = self.pending, None
         if self.state != "paused":
             self.state = "cold"
             self.container = self.address = self.inner = None
+            self.since = None
         if self.restart and not self.removed and self.waiting:
             return self._begin()
         self.restart = False
@@ -360,20 +387,40 @@ class Lifecycle:
         return out  # starting: stopped when the start ends
 
     def adopt(self, found: Found, grants: tuple[LiveGrant, ...], now: float) -> list[Command]:
-        """A container of ours from before this start (only while cold)."""
+        """A container of ours from before this start. A knock that came before may
+        have started it already (the launcher found it running): its live grants
+        still count as holders."""
+        if self.state in ("starting", *RUNNING) and self.container in (None, found.container):
+            if self.state == "starting":  # holders once it answers
+                self._hold(grants, now, self.live)
+            elif self._hold(grants, now, self.holders):
+                self.state = "serving"
+                self.idle_since = None
+            return []
         if self.state != "cold":
             return []
         self.container, self.address, self.inner = found.container, found.address, found.inner
         self.version = found.version
+        self.since = found.started
         if found.state == "paused":
             self.state = "paused"
             return []
         self.started = found.started
-        for grant in grants:
-            if grant.step == self.policy.step and grant.until > now:
-                self.holders[grant.address] = Holder((grant.step,), grant.until)
+        self._hold(grants, now, self.holders)
         self.state = "serving" if self.holders else "ready"
         return []
+
+    def _hold(self, grants: tuple[LiveGrant, ...], now: float, into: dict[str, Holder]) -> bool:
+        """The kernel's live grants on this service's port count as holders; True when
+        there was one."""
+        found = False
+        for grant in grants:
+            if grant.step == self.policy.step and grant.until > now:
+                held = into.get(grant.address)
+                until = grant.until if held is None else max(held.until, grant.until)
+                into[grant.address] = Holder((grant.step,), until)
+                found = True
+        return found
 
     # ------------------------------------------------------------- handlers
 
@@ -417,7 +464,11 @@ class Lifecycle:
 
     def _on_started(self, event: ContainerStarted) -> list[Command]:
         self.container, self.address, self.inner = event.container, event.address, event.inner
-        self.started = event.ts
+        self.since = event.since
+        # max_lifetime counts from the container's real start (one that already ran
+        # keeps its age), from now for one unpaused or whose start is unknown.
+        resumed = event.resumed or event.since is None
+        self.started = event.ts if resumed else event.since
         self.version = event.version
         return []
 
@@ -426,12 +477,17 @@ class Lifecycle:
         if self.started is None:
             self.started = event.ts
         out: list[Command] = []
+        for address, holder in self.live.items():  # grants adopted while it started
+            if holder.until > event.ts:
+                self.holders[address] = holder
+        self.live.clear()
         if self.removed:
             out += self._refuse_waiting(
                 f"service {self.name} was removed from the catalogue, no access"
             )
+            out += self._revoke_all("removed from the catalogue")
             return out + self._halt("removed from the catalogue")
-        self.state = "ready"
+        self.state = "serving" if self.holders else "ready"
         for knock in self.waiting.values():
             out += self._admit(knock, event.ts)
         self.waiting.clear()
@@ -447,23 +503,44 @@ class Lifecycle:
         if not out:
             out = [Notice(self.name, "error", f"{self.name}: cannot start: {event.reason}")]
         self.restart = False
+        out += [  # live grants adopted while it started
+            RevokeAccess(self.name, address, holder.ports, "the container did not start")
+            for address, holder in self.live.items()
+        ]
+        self.live.clear()
         self.state = "cold"
         return out + self._gone()
 
     def _on_stop_failed(self, event: ContainerFailed) -> list[Command]:
-        self.state = "cold"
-        out: list[Command] = [
-            Notice(self.name, "error", f"{self.name}: stopping failed: {event.reason}")
-        ]
-        return out + self._gone()
+        """The container may still run: it stays stopping (gated), asked again later."""
+        self.stop_failures += 1
+        delay = min(STOP_RETRY_MAX, STOP_RETRY * 2 ** (self.stop_failures - 1))
+        self.retry_at = event.ts + delay
+        if self.stop_failures > 1:
+            return []  # logged once per streak
+        text = f"{self.name}: stopping failed: {event.reason}; asked again until it stops"
+        return [Notice(self.name, "error", text)]
+
+    def _on_tick_stopping(self, event: Tick) -> list[Command]:
+        if self.retry_at is None or event.ts < self.retry_at:
+            return []
+        self.retry_at = None
+        return [self._stop_command()]
 
     def _on_stopped(self, event: ContainerStopped) -> list[Command]:
+        out: list[Command] = []
+        if self.stop_failures:
+            done = "paused" if event.paused else "stopped"
+            text = f"{self.name}: {done} after {self.stop_failures} failed attempts"
+            out.append(Notice(self.name, "info", text))
         self.state = "paused" if event.paused and not self.removed else "cold"
-        return self._gone()
+        return out + self._gone()
 
     def _on_died(self, event: ContainerDied) -> list[Command]:
         if event.container != self.container:
             return []  # an older container's end
+        if event.died is not None and self.since is not None and event.died < self.since:
+            return []  # the end of an earlier run of the same container, reported late
         out = self._revoke_all("the container stopped")
         out.append(
             Notice(self.name, "warning", f"{self.name}: its container stopped outside knockgate")
@@ -521,6 +598,7 @@ def _table() -> dict[tuple[State, type[ServiceEvent]], Handler]:
         (("starting",), ContainerFailed, L._on_start_failed),
         (("stopping",), ContainerFailed, L._on_stop_failed),
         (("stopping",), ContainerStopped, L._on_stopped),
+        (("stopping",), Tick, L._on_tick_stopping),
         ((*RUNNING, "paused"), ContainerDied, L._on_died),
         (RUNNING, CloseKnock, L._on_close),
         (("starting", "stopping"), CloseKnock, L._on_close_waiting),

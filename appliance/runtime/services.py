@@ -14,6 +14,11 @@ Worker threads get immutable arguments (a ``Service``, a name) and report only
 through ``enqueue``: they share no mutable state with the loop. Conntrack is read
 once per tick on a thread of its own, one netlink dump for every service whose
 idleness is in question, and the counts come back as ``ConnectionsSeen`` events.
+
+At start the previous run's containers are looked for (asked again, backing off,
+while Docker fails); until they are, the gate on the containers' own addresses is
+left as the previous run set it. Shutdown waits a few seconds at most for Docker
+work under way (a launch cut short leaves a container the next start adopts).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, assert_never
@@ -39,6 +45,9 @@ from appliance.services.runtime import LABEL_CONFIG, Deaths
 log = logging.getLogger("knockgate.services")
 
 EVENTS_RETRY = 5.0  # seconds between attempts to follow Docker's events again
+ADOPT_RETRY = 1.0  # seconds before looking for our containers again, doubled up to:
+ADOPT_RETRY_MAX = 30.0
+SHUTDOWN_WAIT = 3.0  # seconds shutdown waits for Docker work under way
 LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 Counter = Callable[[Collection[Step]], dict[Step, int] | None]
@@ -54,6 +63,48 @@ def policy(service: Service) -> lc.Policy:
         keep_warm=service.keep_warm,
         version=config_hash(service),
     )
+
+
+class Workers:
+    """Docker work, each job on a daemon thread of its own (the lifecycle asks for at
+    most one operation per service at a time, so they are few). Unlike a
+    ThreadPoolExecutor's, whose threads the interpreter joins at exit, a job still
+    blocked in Docker (an image build, a readiness wait) never holds the process up."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._running: set[threading.Thread] = set()
+        self._closed = False
+
+    def submit(self, job: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._closed:
+                log.debug("%s: not started, shutting down", getattr(job, "__name__", job))
+                return
+            thread = threading.Thread(
+                target=self._run, args=(job, args), name=self.prefix, daemon=True
+            )
+            self._running.add(thread)
+        thread.start()
+
+    def _run(self, job: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            job(*args)
+        finally:
+            with self._lock:
+                self._running.discard(threading.current_thread())
+
+    def close(self, timeout: float) -> int:
+        """No new job; wait up to ``timeout`` s for those under way. Returns how many
+        are still running (left behind: daemon threads)."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._running)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(thread.is_alive() for thread in threads)
 
 
 class ServiceManager:
@@ -75,12 +126,13 @@ class ServiceManager:
         self.connections: Counter = connections or ConnectionCounter()
         self.catalogue = {service.name: service for service in launcher.services}
         self.machines = lc.Lifecycles(tuple(policy(s) for s in launcher.services))
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="service")
+        self.workers = Workers("service")
         self.counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
         self._counting = threading.Event()  # a conntrack read is under way
         self.grant_failures = 0
         self._direct: tuple[tuple[str, Step], ...] | None = None
         self._closing = threading.Event()
+        self._adopt_now = threading.Event()  # look for our containers again at once
         self._deaths: list[Deaths] = []  # the listener's current stream, to close it
         self._listener: threading.Thread | None = None
 
@@ -96,29 +148,51 @@ class ServiceManager:
 
     def start(self) -> None:
         """Adopt what a previous run left (off the loop); follow Docker's events."""
-        self.pool.submit(self._adopt, tuple(self.catalogue))
+        self.workers.submit(self._adopt, tuple(self.catalogue))
         self._listener = threading.Thread(
             target=self._follow_deaths, name="service-events", daemon=True
         )
         self._listener.start()
 
     def _adopt(self, names: tuple[str, ...]) -> None:
-        """Worker: our running and paused containers, with their original start time."""
+        """Worker: our running and paused containers, with their original start time.
+        While Docker fails, asked again (backing off; logged once per streak, and
+        at once when a launch worked meanwhile); ``Adopted`` only once it answered."""
+        delay, failures = ADOPT_RETRY, 0
+        while not self._closing.is_set():
+            try:
+                found = self._look(names)
+            except Exception as error:
+                failures += 1
+                if failures == 1 and isinstance(error, ContainerError):
+                    log.error(
+                        "cannot look for knockgate's containers (asked again, every %g s at "
+                        "most; their addresses stay gated as before): %s",
+                        ADOPT_RETRY_MAX,
+                        error,
+                    )
+                elif failures == 1:
+                    log.exception("looking for knockgate's containers failed")
+                self._adopt_now.wait(delay)
+                self._adopt_now.clear()
+                delay = min(ADOPT_RETRY_MAX, delay * 2)
+                continue
+            if failures:
+                log.warning("knockgate's containers looked for after %d failed attempts", failures)
+            self.enqueue(lc.Adopted(self.clock(), found))
+            return
+
+    def _look(self, names: tuple[str, ...]) -> tuple[lc.Found, ...]:
         found: list[lc.Found] = []
-        try:
-            containers = self.launcher.adopt(names)
-            offset = self.wall() - self.clock()  # unix time -> the loop's clock
-            now = self.clock()
-            for c in containers:
-                state: Any = c.state
-                started = now if c.started_at is None else c.started_at - offset
-                version = c.labels.get(LABEL_CONFIG, "")
-                found.append(lc.Found(c.service, c.id, state, started, c.address, c.inner, version))
-        except ContainerError as error:
-            log.error("cannot look for knockgate's containers: %s", error)
-        except Exception:
-            log.exception("looking for knockgate's containers failed")
-        self.enqueue(lc.Adopted(self.clock(), tuple(found)))
+        containers = self.launcher.adopt(names)
+        offset = self.wall() - self.clock()  # unix time -> the loop's clock
+        now = self.clock()
+        for c in containers:
+            state: Any = c.state
+            started = now if c.started_at is None else c.started_at - offset
+            version = c.labels.get(LABEL_CONFIG, "")
+            found.append(lc.Found(c.service, c.id, state, started, c.address, c.inner, version))
+        return tuple(found)
 
     def _follow_deaths(self) -> None:
         """Listener thread: Docker's die/stop events of our containers, as events."""
@@ -133,8 +207,10 @@ class ServiceManager:
                 if failing:
                     log.warning("docker events: followed again")
                     failing = False
-                for service, container in stream:
-                    self.enqueue(lc.ContainerDied(self.clock(), service, container))
+                for death in stream:
+                    now = self.clock()
+                    died = None if death.at is None else death.at - (self.wall() - now)
+                    self.enqueue(lc.ContainerDied(now, death.service, death.container, died))
             except ContainerError as error:
                 if not failing and not self._closing.is_set():
                     log.warning(
@@ -154,6 +230,8 @@ class ServiceManager:
         """In the loop: one event through the machine, its commands carried out."""
         if isinstance(event, lc.Adopted):  # the kernel's live grants count as holders
             event = dataclasses.replace(event, grants=self._live_grants(event.ts))
+        elif isinstance(event, lc.ContainerStarted) and not self.machines.adopted:
+            self._adopt_now.set()  # Docker answers again: adopt before the next backoff
         self._carry_out(self.machines.handle(event))
         self._update_direct()
 
@@ -212,11 +290,11 @@ class ServiceManager:
                     service = self.catalogue.get(name)
                     if service is None:  # the machine starts only catalogue entries
                         raise AssertionError(f"start of {name}, not in the catalogue")
-                    self.pool.submit(self._start, service)
+                    self.workers.submit(self._start, service)
                 case lc.Stop(service=name, why=why):
-                    self.pool.submit(self._stop, name, why, False)
+                    self.workers.submit(self._stop, name, why, False)
                 case lc.Pause(service=name, why=why):
-                    self.pool.submit(self._stop, name, why, True)
+                    self.workers.submit(self._stop, name, why, True)
                 case lc.GrantAccess():
                     self._grant(command)
                 case lc.RevokeAccess(service=name, address=address, ports=ports, why=why):
@@ -254,6 +332,10 @@ class ServiceManager:
         log_command(grant, self.wall() - now)
 
     def _update_direct(self) -> None:
+        if not self.machines.adopted:
+            # The kernel keeps what the previous run set for containers that may still
+            # run; replaced once we know which of them do.
+            return
         entries = self.machines.direct()
         if entries == self._direct:
             return
@@ -272,11 +354,23 @@ class ServiceManager:
         name = service.name
         began = self.clock()
         try:
-            container = self.launcher.run(service)
+            launched = self.launcher.run(service)
+            container = launched.container
             version = container.labels.get(LABEL_CONFIG, "")
+            now = self.clock()
+            since = None  # Docker's start of this run (one already running keeps its age)
+            if container.started_at is not None:
+                since = container.started_at - (self.wall() - now)
             self.enqueue(
                 lc.ContainerStarted(
-                    self.clock(), name, container.id, container.address, container.inner, version
+                    now,
+                    name,
+                    container.id,
+                    container.address,
+                    container.inner,
+                    version,
+                    since,
+                    launched.resumed,
                 )
             )
             self.launcher.wait_ready(service, container, began)
@@ -316,16 +410,25 @@ class ServiceManager:
         ]
 
     def shutdown(self) -> None:
-        """Pending launches finish; services with ``on_shutdown: stop`` are stopped, the
-        others keep running (and serving their sessions) for the next start to adopt."""
+        """Docker work under way gets ``SHUTDOWN_WAIT`` s at most (a launch cut short
+        leaves a container the next start adopts); services with ``on_shutdown: stop``
+        are stopped, the others keep running (and serving their sessions) for the next
+        start to adopt."""
         self._closing.set()
+        self._adopt_now.set()
         for stream in list(self._deaths):
             try:
                 stream.close()
             except Exception as error:
                 log.debug("closing docker events: %s", error)
-        self.pool.shutdown(wait=True)
-        self.counter.shutdown(wait=True, cancel_futures=True)
+        left = self.workers.close(SHUTDOWN_WAIT)
+        if left:
+            log.warning(
+                "shutdown: %d Docker operation(s) still under way after %g s, left behind",
+                left,
+                SHUTDOWN_WAIT,
+            )
+        self.counter.shutdown(wait=False, cancel_futures=True)
         kept: list[str] = []
         for name, machine in self.machines.machines.items():
             if machine.state == "cold":

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from appliance.config.schema import Service
 from appliance.core.model import Step
 from appliance.errors import ContainerError
-from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container, State
+from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container, Death, State
 
 T = TypeVar("T")
 STOP_TIMEOUT = 5  # seconds Docker waits before SIGKILL
@@ -68,17 +68,26 @@ def _inner(attrs: dict[str, Any]) -> Step | None:
     return None
 
 
+def _when(event: dict[str, Any]) -> float | None:
+    """An event's time as unix time: ``timeNano`` (ns), else ``time`` (s)."""
+    for key, scale in (("timeNano", 1e-9), ("time", 1.0)):
+        value = event.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value) * scale
+    return None
+
+
 class DockerDeaths:
     """Docker's event stream, filtered to the ends of one owner's containers."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
+    def __iter__(self) -> Iterator[Death]:
         try:
             for event in self.stream:
                 attributes = (event.get("Actor") or {}).get("Attributes") or {}
-                yield str(attributes.get(LABEL, "")), str(event.get("id", ""))
+                yield Death(str(attributes.get(LABEL, "")), str(event.get("id", "")), _when(event))
         except Exception as error:  # requests / urllib3 errors when the engine goes away
             raise ContainerError(f"docker: event stream: {error}") from None
 

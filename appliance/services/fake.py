@@ -10,16 +10,16 @@ from collections.abc import Callable, Iterator
 from appliance.config.schema import Service
 from appliance.core.model import Step
 from appliance.errors import ContainerError
-from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container
+from appliance.services.runtime import LABEL, LABEL_CONFIG, LABEL_OWNER, Container, Death
 
 
 class FakeDeaths:
     """What :meth:`FakeRuntime.stop` (or a test's :meth:`die`) reports, until closed."""
 
     def __init__(self) -> None:
-        self.items: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self.items: queue.SimpleQueue[Death | None] = queue.SimpleQueue()
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
+    def __iter__(self) -> Iterator[Death]:
         while (item := self.items.get()) is not None:
             yield item
 
@@ -88,10 +88,12 @@ class FakeRuntime:
         self._set("stop", container, "exited")
         self.die(container)
 
-    def die(self, container: Container) -> None:
-        """Report the container's end to the watchers (as Docker's ``die`` event)."""
+    def die(self, container: Container, at: float | None = None) -> None:
+        """Report the container's end to the watchers (as Docker's ``die`` event, stamped
+        ``at``, unix time: now unless told)."""
+        death = Death(container.service, container.id, self.wall() if at is None else at)
         for watcher in self.watchers:
-            watcher.items.put((container.service, container.id))
+            watcher.items.put(death)
 
     def remove(self, container: Container) -> None:
         self._call("remove", container)

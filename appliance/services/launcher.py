@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 from appliance.config.schema import Service
 from appliance.errors import ContainerError
@@ -39,6 +40,16 @@ def config_hash(service: Service) -> str:
         service.command,
     )
     return hashlib.sha256(repr(definition).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    """What :meth:`ServiceLauncher.run` made of the container: it runs; ``resumed``:
+    it was paused and is now unpaused (its ``started_at`` is the start of a run that
+    was paused since)."""
+
+    container: Container
+    resumed: bool = False
 
 
 class ServiceLauncher:
@@ -84,9 +95,10 @@ class ServiceLauncher:
 
     # ----------------------------------------------------------------- serving
 
-    def run(self, service: Service) -> Container:
+    def run(self, service: Service) -> Launched:
         """Make the service's container run (create, start or unpause; one whose
-        definition changed is created anew unless it runs)."""
+        definition changed is created anew unless it runs; one that runs already is
+        taken as it is, its ``started_at`` its real start)."""
         container = self.find(service.name)
         wanted = config_hash(service)
         if (
@@ -101,14 +113,15 @@ class ServiceLauncher:
             container = None
         if container is None:
             container = self.runtime.create(service, self.owner, wanted)
-        if container.state == "paused":
+        resumed = container.state == "paused"
+        if resumed:
             self.runtime.unpause(container)
         elif container.state != "running":
             self.runtime.start(container)
         container = self.runtime.refresh(container)
         if container.state != "running":
             raise ContainerError(f"{service.name}: container {container.name} is {container.state}")
-        return container
+        return Launched(container, resumed)
 
     def wait_ready(self, service: Service, container: Container, began: float) -> None:
         """Until the service answers; raise ContainerError when it does not in time."""

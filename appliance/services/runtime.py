@@ -29,11 +29,21 @@ class Container:
     inner: Step | None = None  # the container's own port (what its host port leads to)
 
 
-class Deaths(Protocol):
-    """Docker's ``die``/``stop`` events of our containers: (service, container id) each,
-    until :meth:`close` (from another thread) ends the iteration."""
+@dataclass(frozen=True, slots=True)
+class Death:
+    """One ``die``/``stop`` event: ``at`` is Docker's time of it (unix time, ``None``
+    when the event did not say)."""
 
-    def __iter__(self) -> Iterator[tuple[str, str]]: ...
+    service: str
+    container: str
+    at: float | None = None
+
+
+class Deaths(Protocol):
+    """Docker's ``die``/``stop`` events of our containers, until :meth:`close` (from
+    another thread) ends the iteration."""
+
+    def __iter__(self) -> Iterator[Death]: ...
 
     def close(self) -> None: ...
 

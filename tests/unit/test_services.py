@@ -99,10 +99,10 @@ def test_run_creates_starts_and_shares(banner_server: int) -> None:
     runtime = FakeRuntime()
     service = ssh_service(banner_server)
     launcher = ServiceLauncher(runtime, [service], owner="o1")
-    container = launcher.run(service)
+    container = launcher.run(service).container
     launcher.wait_ready(service, container, time.monotonic())
     assert container.state == "running" and container.inner == Step(banner_server, "tcp")
-    assert launcher.run(service).id == container.id  # a running container is reused
+    assert launcher.run(service).container.id == container.id  # a running one is reused
     assert runtime.calls == ["owned", "create", "start ssh", "owned"]
 
 
@@ -113,7 +113,7 @@ def test_pause_and_unpause(banner_server: int) -> None:
     launcher.run(service)
     assert launcher.stop("ssh", "kept warm", pause=True)
     assert runtime.calls[-1] == "pause ssh"
-    launcher.run(service)
+    assert launcher.run(service).resumed
     assert runtime.calls[-1] == "unpause ssh"
     launcher.stop("ssh", "pause then stop", pause=True)
     assert launcher.stop("ssh", "removed")  # a paused container is unpaused, then stopped
@@ -125,11 +125,11 @@ def test_a_changed_definition_is_recreated_at_its_next_start(banner_server: int)
     runtime = FakeRuntime()
     old = ssh_service(banner_server)
     launcher = ServiceLauncher(runtime, [old], "o1")
-    first = launcher.run(old)
+    first = launcher.run(old).container
     new = ssh_service(banner_server, environment=(("TZ", "UTC"),))
-    assert launcher.run(new).id == first.id  # still running: kept
+    assert launcher.run(new).container.id == first.id  # still running: kept
     launcher.stop("ssh", "idle")
-    second = launcher.run(new)
+    second = launcher.run(new).container
     assert second.id != first.id and first.id not in runtime.containers
     assert second.labels[LABEL_CONFIG] == config_hash(new)
     # Lifecycle settings are not part of the definition.
@@ -143,7 +143,7 @@ def test_not_ready_in_time_is_a_container_error() -> None:
     free.close()
     service = ssh_service(port, ready=Readiness("banner", expect="SSH-", timeout=0.3))
     launcher = ServiceLauncher(FakeRuntime(), [service], "o1")
-    container = launcher.run(service)
+    container = launcher.run(service).container
     with pytest.raises(ContainerError, match=r"not ready after 0\.3 s"):
         launcher.wait_ready(service, container, time.monotonic())
 
