@@ -287,6 +287,91 @@ def test_container_died_outside_knockgate_revokes_its_grants() -> None:
     assert state(m) == "cold"
 
 
+def test_failed_stop_keeps_the_container_gated_and_asks_again() -> None:
+    """Defect c: a failed Stop set the state to cold and forgot the container, which may
+    still run: direct() dropped it from the gate and nothing stopped it again."""
+    m = machines()
+    running(m, 1.0)
+    play(
+        m,
+        (CloseKnock(5.0, "ssh", A), [Stop("ssh", f"close knock from {A}")]),
+        (
+            ContainerFailed(5.5, "ssh", "docker: connection refused"),
+            [
+                Notice(
+                    "ssh",
+                    "error",
+                    "ssh: stopping failed: docker: connection refused; asked again until it stops",
+                )
+            ],
+        ),
+    )
+    assert state(m) == "stopping" and m.direct() == (("172.17.0.2", INNER),)
+    play(
+        m,
+        (Tick(6.0), []),  # 1 s after the failure
+        (Tick(6.5), [Stop("ssh", f"close knock from {A}")]),
+        (ContainerFailed(7.0, "ssh", "docker: connection refused"), []),  # logged once
+        (Tick(8.5), []),  # backing off: 2 s now
+        (Tick(9.0), [Stop("ssh", f"close knock from {A}")]),
+        (
+            ContainerStopped(9.5, "ssh"),
+            [Notice("ssh", "info", "ssh: stopped after 2 failed attempts")],
+        ),
+    )
+    assert state(m) == "cold" and m.direct() == ()
+
+
+def test_failed_pause_of_a_warm_service_is_asked_again_as_a_pause() -> None:
+    m = Lifecycles((ssh(keep_warm=True),))
+    play(
+        m,
+        (Adopted(0.0), [Start("ssh")]),
+        (started(0.5), []),
+        (ContainerReady(1.0, "ssh"), [Pause("ssh", "kept warm")]),
+        (
+            ContainerFailed(1.1, "ssh", "boom"),
+            [Notice("ssh", "error", "ssh: stopping failed: boom; asked again until it stops")],
+        ),
+        (Tick(2.1), [Pause("ssh", "kept warm")]),
+        (
+            ContainerStopped(2.2, "ssh", paused=True),
+            [Notice("ssh", "info", "ssh: paused after 1 failed attempts")],
+        ),
+    )
+    assert state(m) == "paused"
+
+
+def test_a_late_death_from_our_own_stop_does_not_end_the_restarted_run() -> None:
+    """Defect d: Docker starts the same stopped container again under the same id; the
+    die event of knockgate's own stop, arriving after the restart, revoked the live
+    grants and marked the running container cold (ungated)."""
+    m = machines()
+    running(m, 1.0)  # Docker started c1 at 1.1
+    b = knock(12.0, B)
+    play(
+        m,
+        (CloseKnock(10.0, "ssh", A), [Stop("ssh", f"close knock from {A}")]),
+        (ContainerStopped(11.0, "ssh"), []),
+        (b, [Start("ssh")]),
+        (ContainerStarted(12.3, "ssh", "c1", "172.17.0.2", INNER, "v1", since=12.2), []),
+        (ContainerReady(12.5, "ssh"), [granted(b)]),
+        (ContainerDied(12.6, "ssh", "c1", died=10.8), []),  # the stop at 10.8, late
+    )
+    assert state(m) == "serving" and m.direct() == (("172.17.0.2", INNER),)
+    play(
+        m,
+        (
+            ContainerDied(20.0, "ssh", "c1", died=19.9),  # this run's end
+            [
+                RevokeAccess("ssh", B, (SSH,), "the container stopped"),
+                Notice("ssh", "warning", "ssh: its container stopped outside knockgate"),
+            ],
+        ),
+    )
+    assert state(m) == "cold"
+
+
 # ----------------------------------------------------------------- restarts
 
 
@@ -325,6 +410,96 @@ def test_adoption_happens_once() -> None:
     found = Found("ssh", "c1", "running", started=0.0)
     play(m, (Adopted(0.0), []), (Adopted(1.0, (found,)), []))
     assert state(m) == "cold"
+
+
+def test_a_knock_before_adoption_keeps_the_containers_age_and_live_grants() -> None:
+    """Defect e: a knock before ``Adopted`` put the machine in starting, so adoption was
+    ignored; the launcher returned the container that already ran and max_lifetime
+    counted from then, and the kernel's live grants were not holders."""
+    m = Lifecycles((ssh(max_lifetime=100.0),))
+    b = knock(5.0, B)
+    found = Found("ssh", "c1", "running", started=-80.0, address="172.17.0.2", inner=INNER)
+    play(
+        m,
+        (b, [Start("ssh")]),
+        (ContainerStarted(5.1, "ssh", "c1", "172.17.0.2", INNER, "v1", since=-80.0), []),
+        (Adopted(5.2, (found,), (LiveGrant(A, SSH, 40.0),)), []),
+        (ContainerReady(5.3, "ssh"), [granted(b)]),
+    )
+    assert state(m) == "serving" and set(m.machines["ssh"].holders) == {A, B}
+    play(
+        m,
+        (Tick(19.9), []),
+        (
+            Tick(20.0),  # 100 s after its real start
+            [
+                RevokeAccess("ssh", A, (SSH,), "max_lifetime reached"),
+                RevokeAccess("ssh", B, (SSH,), "max_lifetime reached"),
+                Stop("ssh", "max_lifetime reached"),
+            ],
+        ),
+    )
+
+
+def test_adoption_after_a_knock_made_it_ready_adds_the_live_grants() -> None:
+    m = Lifecycles((ssh(),))
+    b = knock(5.0, B, seconds=3.0)
+    play(
+        m,
+        (b, [Start("ssh")]),
+        (ContainerStarted(5.1, "ssh", "c1", "172.17.0.2", INNER, "v1", since=-80.0), []),
+        (ContainerReady(5.3, "ssh"), [granted(b)]),
+        (Tick(8.0), []),  # B's grant is over
+        (ConnectionsSeen(8.0, "ssh", 0), []),  # idle from 8
+        (Adopted(9.0, (Found("ssh", "c1", "running", -80.0),), (LiveGrant(A, SSH, 40.0),)), []),
+    )
+    assert state(m) == "serving" and set(m.machines["ssh"].holders) == {A}
+    play(m, (Tick(19.0), []))  # A's live grant keeps it up past idle_timeout
+
+
+def test_live_grants_adopted_while_starting_are_revoked_when_the_start_fails() -> None:
+    m = Lifecycles((ssh(),))
+    play(
+        m,
+        (knock(5.0, B), [Start("ssh")]),
+        (Adopted(5.2, (Found("ssh", "c1", "running", -80.0),), (LiveGrant(A, SSH, 40.0),)), []),
+        (
+            ContainerFailed(6.0, "ssh", "boom"),
+            [
+                Notice(
+                    "ssh",
+                    "error",
+                    f"{B}: ssh-door: service ssh unavailable, no access: boom",
+                    refused=True,
+                ),
+                RevokeAccess("ssh", A, (SSH,), "the container did not start"),
+            ],
+        ),
+    )
+    assert state(m) == "cold" and not m.machines["ssh"].holders
+
+
+def test_an_unpaused_container_counts_max_lifetime_from_the_unpause() -> None:
+    m = Lifecycles((ssh(keep_warm=True, max_lifetime=50.0),))
+    k = knock(500.0, seconds=100.0)
+    play(
+        m,
+        (Adopted(0.0, (Found("ssh", "c1", "paused", -1000.0, "172.17.0.2", INNER),)), []),
+        (k, [Start("ssh")]),
+        (
+            ContainerStarted(500.1, "ssh", "c1", "172.17.0.2", INNER, "v1", -1000.0, resumed=True),
+            [],
+        ),
+        (ContainerReady(500.2, "ssh"), [granted(k)]),
+        (Tick(550.0), []),
+        (
+            Tick(550.1),
+            [
+                RevokeAccess("ssh", A, (SSH,), "max_lifetime reached"),
+                Pause("ssh", "max_lifetime reached"),
+            ],
+        ),
+    )
 
 
 # ----------------------------------------------------------------- the catalogue
@@ -421,14 +596,23 @@ def _event(ts: float) -> st.SearchStrategy[ServiceEvent]:
         ),
         st.builds(lambda n, a: CloseKnock(ts, n, a), name, ADDRESSES),
         st.builds(
-            lambda n, c: ContainerStarted(ts, n, c, "172.17.0.2", INNER),
+            lambda n, c, since, resumed: ContainerStarted(
+                ts, n, c, "172.17.0.2", INNER, since=since, resumed=resumed
+            ),
             name,
             st.sampled_from(["c1", "c2"]),
+            st.one_of(st.none(), st.floats(ts - 200, ts)),
+            st.booleans(),
         ),
         st.builds(lambda n: ContainerReady(ts, n), name),
         st.builds(lambda n: ContainerFailed(ts, n, "boom"), name),
         st.builds(lambda n, p: ContainerStopped(ts, n, p), name, st.booleans()),
-        st.builds(lambda n, c: ContainerDied(ts, n, c), name, st.sampled_from(["c1", "c2"])),
+        st.builds(
+            lambda n, c, died: ContainerDied(ts, n, c, died),
+            name,
+            st.sampled_from(["c1", "c2"]),
+            st.one_of(st.none(), st.floats(ts - 30, ts)),
+        ),
         st.builds(
             lambda n, c: ConnectionsSeen(ts, n, c), name, st.one_of(st.none(), st.integers(0, 3))
         ),
@@ -494,7 +678,8 @@ def test_no_event_sequence_raises_or_leaves_a_grant_past_its_deadline(
 def _world_step(
     m: Lifecycles, outstanding: dict[str, Command], ts: float, choice: int
 ) -> list[Command]:
-    """A well-behaved Docker: each asked operation reports exactly once, in order."""
+    """A well-behaved Docker: each asked operation reports exactly once, in order (a
+    start or a stop may fail)."""
     if outstanding and choice % 3 == 0:
         name, op = next(iter(outstanding.items()))
         del outstanding[name]
@@ -503,6 +688,8 @@ def _world_step(
                 return m.handle(ContainerFailed(ts, name, "boom"))
             m.handle(ContainerStarted(ts, name, f"c-{ts}", "172.17.0.2", INNER))
             return m.handle(ContainerReady(ts, name))
+        if choice % 2:  # Docker refused: asked again on a later tick
+            return m.handle(ContainerFailed(ts, name, "boom"))
         return m.handle(ContainerStopped(ts, name, isinstance(op, Pause)))
     return []
 
