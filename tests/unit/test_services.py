@@ -22,12 +22,14 @@ from appliance.core.events import Grant
 from appliance.core.model import Step
 from appliance.errors import ContainerError
 from appliance.firewall.memory import MemoryBackend
+from appliance.runtime import services
 from appliance.runtime.services import ServiceManager
 from appliance.services.conntrack import TCP_ESTABLISHED, ConnectionCounter, Entry
+from appliance.services.docker_runtime import DockerDeaths
 from appliance.services.fake import FakeRuntime
 from appliance.services.launcher import ServiceLauncher, config_hash
 from appliance.services.readiness import probe, wait_ready
-from appliance.services.runtime import LABEL_CONFIG
+from appliance.services.runtime import LABEL, LABEL_CONFIG, Death
 
 A, B = "198.18.5.1", "198.18.5.2"
 
@@ -493,3 +495,156 @@ def test_reload_adds_removes_and_defers_changes(banner_server: int) -> None:
         assert [s["name"] for s in h.manager.snapshot()] == ["web"]
     finally:
         h.close()
+
+
+# ----------------------------------------------------------------- regressions
+
+
+def test_docker_down_at_start_keeps_the_gate_and_adopts_once_it_answers(
+    banner_server: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect b: the first tick called set_direct(()) while every machine was still cold,
+    clearing the gate entries of containers the previous run left running; and when
+    Docker failed at start, adoption was given up for good."""
+    monkeypatch.setattr(services, "ADOPT_RETRY", 0.02)
+    runtime = FakeRuntime()
+    service = ssh_service(banner_server, idle_timeout=5.0)
+    h = Harness(runtime, [service], [0])
+    try:
+        kept = runtime.create(service, "o1", config_hash(service))
+        runtime.start(kept)
+        left = (("127.0.0.1", Step(banner_server, "tcp")),)
+        h.backend.direct = left  # what the previous run set, still in the kernel
+        runtime.fail = "owned"
+        with caplog.at_level(logging.INFO, "knockgate.services"):
+            h.manager.start()
+            for _ in range(3):
+                h.clock.now += 1
+                h.tick()
+                time.sleep(0.1)  # a few failed attempts
+            assert h.backend.direct == left and "set_direct" not in h.backend.calls
+            assert runtime.calls.count("owned") >= 3
+            runtime.fail = None
+            h.pump(lc.Adopted)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len([line for line in lines if "cannot look for" in line]) == 1, lines
+        assert any("looked for after" in line for line in lines), lines
+        assert h.backend.direct == left
+        assert h.manager.snapshot()[0]["state"] == "ready"
+        h.tick()  # no connection: idle from now, and it stops on its own rule
+        h.clock.now += 5
+        h.tick()
+        h.pump(lc.ContainerStopped)
+        assert runtime.calls[-1] == "stop ssh" and h.backend.direct == ()
+    finally:
+        h.close()
+
+
+def test_a_failed_stop_is_asked_again_and_the_container_stays_gated(
+    harness: Any, banner_server: int
+) -> None:
+    """Defect c: a failed Stop made the service cold while its container ran on, out of
+    the gate, and nothing stopped it again."""
+    h = harness([1])
+    h.start()
+    h.knock(A)
+    h.pump(lc.ContainerReady)
+    h.runtime.fail = "stop"
+    h.manager.revoked("ssh", A)
+    h.pump(lc.ContainerFailed)
+    gated = (("127.0.0.1", Step(banner_server, "tcp")),)
+    assert h.manager.snapshot()[0]["state"] == "stopping" and h.backend.direct == gated
+    h.runtime.fail = None
+    h.clock.now += 1
+    h.tick()  # asked again
+    h.pump(lc.ContainerStopped)
+    assert h.runtime.calls.count("stop ssh") == 2
+    assert h.manager.snapshot()[0]["state"] == "cold" and h.backend.direct == ()
+
+
+def test_a_late_death_from_our_own_stop_does_not_end_the_restarted_container(
+    harness: Any,
+) -> None:
+    """Defect d: the die event of knockgate's own stop, arriving after the same container
+    (same id) was started again, revoked the new grants and ungated it."""
+    h = harness([1])
+    h.start()
+    h.knock(A)
+    h.pump(lc.ContainerReady)
+    listeners, h.runtime.watchers = h.runtime.watchers, []  # the event is late
+    stopped_at = h.wall()
+    h.manager.revoked("ssh", A)
+    h.pump(lc.ContainerStopped)
+    h.clock.now += 2
+    h.knock(B)
+    h.pump(lc.ContainerReady)
+    (container,) = h.runtime.containers.values()
+    assert h.runtime.calls.count("create") == 1  # the same container, started again
+    h.runtime.watchers = listeners
+    h.runtime.die(container, at=stopped_at)
+    h.pump(lc.ContainerDied)
+    assert h.backend.is_open(B, SSH) and h.backend.direct != ()
+    assert h.manager.snapshot()[0]["state"] == "serving"
+
+
+def test_a_knock_before_adoption_keeps_the_containers_age_and_live_grants(
+    banner_server: int,
+) -> None:
+    """Defect e: a knock before ``Adopted`` got the container that already ran reported
+    as started now (max_lifetime counted from then) and the live grants were ignored."""
+    runtime = FakeRuntime()
+    service = ssh_service(banner_server, max_lifetime=100.0, idle_timeout=1000.0)
+    h = Harness(runtime, [service], [2])
+    try:
+        h.clock.now -= 80  # the previous knockgate started it 80 s ago
+        running = runtime.create(service, "o1", config_hash(service))
+        runtime.start(running)
+        h.clock.now += 80
+        h.backend.grant(A, (SSH,), 60)  # left in the kernel by the previous run
+        h.knock(B, seconds=60)  # before adoption (Docker slow to list)
+        h.pump(lc.ContainerReady)
+        h.start()
+        snapshot = h.manager.snapshot()[0]
+        assert (snapshot["uptime"], snapshot["grants"]) == (80.0, 2)
+        assert runtime.calls.count("create") == 1  # the one the previous run made
+        h.clock.now += 20  # 100 s after its real start
+        h.tick()
+        assert not h.backend.is_open(A, SSH) and not h.backend.is_open(B, SSH)
+        h.pump(lc.ContainerStopped)
+    finally:
+        h.close()
+
+
+def test_shutdown_does_not_wait_for_a_slow_launch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defect g: shutdown waited for launches under way (an image build, a readiness
+    timeout) past supervisord's SIGKILL."""
+    monkeypatch.setattr(services, "SHUTDOWN_WAIT", 0.3)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing answers: the readiness wait lasts its whole timeout
+    service = ssh_service(port, ready=Readiness("tcp", timeout=5.0))
+    h = Harness(FakeRuntime(), [service], [0])
+    h.start()
+    h.knock(A)
+    time.sleep(0.1)  # the launch is waiting for readiness
+    began = time.monotonic()
+    h.close()
+    assert time.monotonic() - began < 1.5
+
+
+def test_docker_death_events_carry_dockers_time() -> None:
+    """The events API's ``timeNano`` (else ``time``) travels with each death (defect d)."""
+    actor = {"Attributes": {LABEL: "ssh"}}
+    events = [
+        {"id": "c1", "Actor": actor, "time": 1_700_000_000, "timeNano": 1_700_000_000_250_000_000},
+        {"id": "c2", "Actor": actor, "time": 1_700_000_001},
+        {"id": "c3"},
+    ]
+    assert list(DockerDeaths(iter(events))) == [
+        Death("ssh", "c1", 1_700_000_000.25),
+        Death("ssh", "c2", 1_700_000_001.0),
+        Death("", "c3", None),
+    ]
