@@ -402,16 +402,19 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
         print(f"knockgate run: refusing to start: {reason}", file=sys.stderr)
         return 2
     backend = choose_backend(settings.firewall.backend)
-    launcher = None
-    if loaded.config.services:
-        import hashlib
+    import hashlib
 
-        from appliance.services.docker_runtime import DockerRuntime
-        from appliance.services.launcher import ServiceLauncher
+    from appliance.config.schema import Service
+    from appliance.services.docker_runtime import DockerRuntime
+    from appliance.services.launcher import ServiceLauncher
 
-        owner = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
-        launcher = ServiceLauncher(DockerRuntime(), loaded.config.services, owner)
-    daemon = Daemon(loaded, backend, launcher=launcher, overrides=overrides)
+    owner = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+
+    def launchers(services: tuple[Service, ...]) -> ServiceLauncher:
+        return ServiceLauncher(DockerRuntime(), services, owner)
+
+    launcher = launchers(loaded.config.services) if loaded.config.services else None
+    daemon = Daemon(loaded, backend, launcher=launcher, launchers=launchers, overrides=overrides)
     daemon.install_signal_handlers()
     if early_hup:
         daemon.enqueue(Signal("reload"))

@@ -24,7 +24,8 @@ class ConfigError(KnockgateError):
 
 
 class CaptureError(KnockgateError):
-    """A capture file that cannot be read."""
+    """What packets come from cannot be used: a capture file that cannot be read, a
+    filter the kernel refuses, the host's links and addresses that cannot be followed."""
 
 
 class KnockError(KnockgateError):

@@ -46,6 +46,8 @@ RTMGRP_IPV6_IFADDR = 0x100
 GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
 COALESCE_SECONDS = 0.01  # events that follow each other this closely make one change
 COALESCE_LIMIT = 0.2  # however long a burst lasts, the state is read again after this
+RESUBSCRIBE_FIRST = 1.0  # after the watcher failed: seconds before subscribing again,
+RESUBSCRIBE_LAST = 30.0  # doubling up to this
 DUMP_ATTEMPTS = 5  # a dump interrupted by a change (NLM_F_DUMP_INTR) is tried again
 EVENT_BUFFER = 1 << 20  # the event socket's receive buffer; an overflow only costs a dump
 
@@ -215,6 +217,7 @@ class HostWatcher:
         except OSError as error:
             self._events.close()
             raise CaptureError(f"cannot read the host's links and addresses: {error}") from None
+        self._new_events = events
         self._failing = False
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = threading.Event()
@@ -241,18 +244,41 @@ class HostWatcher:
         os.close(self._wake_w)
 
     def _run(self) -> None:
+        """Follow events; when that fails (a bug, a netlink socket gone bad), log it once,
+        subscribe again after a growing pause and read the host again: a watcher that
+        died would leave new interfaces uncaptured for good."""
+        pause = RESUBSCRIBE_FIRST
+        while not self._stopping.is_set():
+            try:
+                self._follow()
+                return
+            except Exception:
+                if not self._failing:
+                    log.exception("host watcher failed; subscribing again in %g s", pause)
+                self._failing = True
+            if self._stopping.wait(pause):
+                return
+            pause = min(pause * 2, RESUBSCRIBE_LAST)
+            try:
+                fresh = self._new_events()
+            except Exception:
+                continue
+            with contextlib.suppress(Exception):
+                self._events.close()
+            self._events = fresh
+            with contextlib.suppress(Exception):  # a failure here shows in _follow again
+                self._reread()  # what changed meanwhile; logs that it works again
+
+    def _follow(self) -> None:
         events = self._events.fileno()
-        try:
-            while not self._stopping.is_set():
-                ready = select.select([events, self._wake_r], [], [])[0]
-                if self._wake_r in ready:
-                    return
-                self._gather(events)
-                if self._stopping.is_set():
-                    return
-                self._reread()
-        except Exception:
-            log.exception("host watcher failed; links and addresses are no longer followed")
+        while not self._stopping.is_set():
+            ready = select.select([events, self._wake_r], [], [])[0]
+            if self._wake_r in ready:
+                return
+            self._gather(events)
+            if self._stopping.is_set():
+                return
+            self._reread()
 
     def _gather(self, events: int) -> None:
         """Drain events until none came for ``coalesce`` seconds (at most COALESCE_LIMIT)."""

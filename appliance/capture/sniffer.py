@@ -48,7 +48,7 @@ from appliance.capture.checksum import (
 from appliance.capture.decode import decode_ethernet
 from appliance.capture.host import Link
 from appliance.core.events import Packet
-from appliance.errors import KnockgateError
+from appliance.errors import CaptureError
 
 log = logging.getLogger("knockgate.capture")
 
@@ -81,10 +81,6 @@ _WHY = {
 
 def _why(error: Exception) -> str:
     return (error.strerror if isinstance(error, OSError) else None) or str(error)
-
-
-class CaptureError(KnockgateError):
-    """The capture filter could not be compiled or attached."""
 
 
 def _attach(sock: socket.socket, expression: str, interface: str) -> None:

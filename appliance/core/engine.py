@@ -546,7 +546,7 @@ class KnockEngine:
         self.max_attempts = max(1, event.max_attempts)
         self._configure(event.doors, keep)
         self._next_expiry = -math.inf  # recomputed by the next expiry pass
-        self._reindex()
+        self._rebuild()  # the kept TOTP doors' time steps too
         out.append(DoorsReloaded(ts, tuple(kept), tuple(changed), tuple(added), tuple(old)))
 
     # ----------------------------------------------------------------- SPA

@@ -60,7 +60,7 @@ from appliance.capture.sniffer import InterfaceReader, Sniffer
 from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
-from appliance.config.schema import Config
+from appliance.config.schema import Config, Service
 from appliance.core.engine import KnockEngine
 from appliance.core.events import (
     ClockStepped,
@@ -105,7 +105,9 @@ from appliance.services.launcher import ServiceLauncher
 
 log = logging.getLogger("knockgate")
 
-# What other threads put on the loop's queue.
+# What other threads put on the loop's queue. Captured packets never go through it (the
+# loop reads the sockets); a Packet item is one handed over from elsewhere (a test's
+# scripted loop, a replay).
 Item = Packet | Signal | StatusRequest | HostState | ServiceEvent
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
@@ -141,7 +143,6 @@ def firewall_plan(config: Config) -> FirewallPlan:
 class Stats:
     started: float = field(default_factory=time.monotonic)
     held_off: int = 0
-    refused: int = 0  # completed knocks not acted on (held off, unrecorded)
     refused_unrecorded: int = 0  # completions refused because their record failed
     grant_failures: int = 0
     firewall_repairs: int = 0
@@ -185,8 +186,11 @@ class Daemon:
         wall: Callable[[], float] = time.time,
         capture: bool = True,
         launcher: ServiceLauncher | None = None,
+        launchers: Callable[[tuple[Service, ...]], ServiceLauncher] | None = None,
         overrides: Overrides | None = None,
     ) -> None:
+        """``launcher``: the services of the configuration at start; ``launchers``: makes
+        one when a reload adds services to a configuration that had none."""
         self.overrides = overrides or Overrides()
         self.loaded = loaded
         self.config = loaded.config
@@ -229,6 +233,7 @@ class Daemon:
         self._stopped = False
         self._firewall_failing = False
         self._noise = (clock(), 0, 0)  # flood summary: window start, noise and packets then
+        self.launchers = launchers
         self.services = (
             ServiceManager(launcher, backend, self.enqueue, clock, wall) if launcher else None
         )
@@ -314,7 +319,7 @@ class Daemon:
                     reader = key.data
                     if reader is None:
                         self._drain_queue()
-                    else:
+                    elif reader.sock is key.fileobj:  # not closed by an item just handled
                         self._read(reader)
                 now = clock()
                 self._follow_wall_clock(now)
@@ -357,6 +362,9 @@ class Daemon:
         except OSError as error:
             if self.sniffer is not None:
                 self.sniffer.failed(reader, error)
+            return
+        except Exception:  # a bug in the capture: this batch is lost, not the daemon
+            self._internal_error("capture")
             return
         handle, route, commands = self.engine.handle, self.spa.route, self._commands
         try:
@@ -446,8 +454,8 @@ class Daemon:
             self._event(event)
 
     def shutdown(self) -> None:
-        """Stop capture, apply ``on_shutdown``, stop services, run every pending stop
-        command, close the status socket and the state file. Each step is guarded:
+        """Stop capture, apply ``on_shutdown``, run every pending stop command, save the
+        state file, close the status socket, then the services. Each step is guarded:
         one that fails is logged and the next still runs. Runs once."""
         if self._stopped:
             return
@@ -461,14 +469,16 @@ class Daemon:
             steps.append(("stop the host watcher", self.watcher.stop))
         if self.config.settings.on_shutdown == "revoke":
             steps.append(("revoke grants", self._revoke_all))
-        if self.services is not None:
-            steps.append(("stop services", self.services.shutdown))
-        # Start commands still running finish before their stops.
+        # Start commands still running finish before their stops; the stops close holes,
+        # so they come before the services (whose Docker work may take a while, and a
+        # supervisor's SIGKILL may end it).
         steps.append(("wait for commands", self.runner.shutdown))
         steps.append(("run pending stop commands", self._run_pending_stops))
+        steps.append(("save the state file", self._save_state))
         if self.status is not None:
             steps.append(("close the status socket", self.status.stop))
-        steps.append(("save the state file", self._save_state))
+        if self.services is not None:
+            steps.append(("stop services", self.services.shutdown))
         for what, step in steps:
             try:
                 step()
@@ -505,9 +515,6 @@ class Daemon:
                 case ClockStepped():
                     self.stats.clock_steps += 1
                     self._log(command)
-                case Refused():
-                    self.stats.refused += 1
-                    self._log(command)
                 case (
                     StageReached()
                     | Opened()
@@ -517,6 +524,7 @@ class Daemon:
                     | DoorExhausted()
                     | SpaAccepted()
                     | SpaRefused()
+                    | Refused()
                     | DoorsReloaded()
                 ):
                     self._log(command)
@@ -716,12 +724,18 @@ class Daemon:
         except KnockgateError as error:
             self._refuse_reload(str(error).replace("\n", "; "))
             return
-        if self.services is None and loaded.config.services:
-            self._refuse_reload(
-                "services were added, and knockgate runs without a container runtime "
-                "(restart knockgate to apply them)"
-            )
-            return
+        services = self.services
+        if services is None and loaded.config.services:
+            # The first services of a configuration that had none: a runtime for them.
+            if self.launchers is None:
+                self._refuse_reload("services were added, and there is no container runtime")
+                return
+            try:
+                launcher = self.launchers(loaded.config.services)
+            except KnockgateError as error:
+                self._refuse_reload(f"services were added: {error}")
+                return
+            services = ServiceManager(launcher, self.backend, self.enqueue, self.clock, self.wall)
         # Everything that can fail comes before the swap, each undone when a later one fails.
         try:
             configure(loaded.config.settings.log)
@@ -746,19 +760,30 @@ class Daemon:
             self.state.compact(Saved(*self.engine.saved_state()), self.wall())
         services_changed = loaded.config.services != self.config.services
         self.loaded, self.config = loaded, loaded.config
-        if services_changed and self.services is not None:
-            self.services.reload(loaded.config.services)
+        # Swapped: from here on the new configuration is in force. Each step is guarded
+        # on its own, so a failure (a bug) in one does not skip the others.
         settings = loaded.config.settings
         self._event(NewDoors(self.clock(), loaded.config.doors, settings.max_attempts))
         self.spa = SpaReader(loaded.config.doors, self.addresses)
         if self.sniffer is not None:
-            self.sniffer.set_filter(capture_filter(loaded.config.doors, self.addresses or ()))
-            if self.host is not None:
-                self.sniffer.want(loaded.config.settings.interfaces, self.host.links)
+            self._guarded("reload capture", self._reload_capture)
+        if services is not None and services is not self.services:
+            self.services = services
+            self._guarded("start services", services.start)
+        elif services is not None and services_changed:
+            self._guarded(
+                "reload services", functools.partial(services.reload, loaded.config.services)
+            )
         self.stats.reloads += 1
         for warning in loaded.warnings:
             log.warning("%s", warning)
         log.info("configuration reloaded: %d door(s)", len(loaded.config.doors))
+
+    def _reload_capture(self) -> None:
+        assert self.sniffer is not None
+        self.sniffer.set_filter(capture_filter(self.config.doors, self.addresses or ()))
+        if self.host is not None:
+            self.sniffer.want(self.config.settings.interfaces, self.host.links)
 
     def _refuse_reload(self, why: str) -> None:
         self.stats.reload_failures += 1
@@ -799,7 +824,6 @@ class Daemon:
                 # Frames the host's own stack would drop (bad checksums, ...): not knocks.
                 **(self.sniffer.rejected if self.sniffer else dict.fromkeys(REASONS, 0)),
                 "held_off": self.stats.held_off,
-                "refused": self.stats.refused,
                 "refused_unrecorded": self.stats.refused_unrecorded,
                 "grant_failures": self.stats.grant_failures,
                 "firewall_repairs": self.stats.firewall_repairs,

@@ -282,6 +282,59 @@ def test_service_door_grants_only_once_the_service_answers(tmp_path: Path, how: 
     assert "stop web" not in runtime.calls
 
 
+def test_the_first_services_added_by_a_reload_start_their_runtime(tmp_path: Path) -> None:
+    """Regression: a knockgate started without services refused a reload that added
+    some ("restart knockgate to apply them")."""
+    import socket
+
+    from appliance.config.schema import Service
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.launcher import ServiceLauncher
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    path = tmp_path / "k.yaml"
+    head = f"status_socket: {tmp_path / 's.sock'}\nstate_dir: {tmp_path / 'state'}\n"
+    path.write_text(head + "doors:\n  ssh:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n")
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    runtime = FakeRuntime()
+    made: list[ServiceLauncher] = []
+
+    def launchers(services: tuple[Service, ...]) -> ServiceLauncher:
+        made.append(ServiceLauncher(runtime, services, "o1", clock=clock))
+        return made[-1]
+
+    daemon = Daemon(
+        load_config(str(path)), backend, clock=clock, wall=clock, capture=False, launchers=launchers
+    )
+    daemon.start()
+    try:
+        assert daemon.services is None and made == []
+        path.write_text(
+            head + "services:\n"
+            f"  web: {{image: 'web:test', container_port: {port}, host_port: 8080,"
+            " ready: {tcp: true, timeout: 2}}\n"
+            "doors:\n  web:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+            "    service: {name: web, duration: 30}\n"
+        )
+        daemon.reload()
+        assert daemon.stats.reloads == 1 and daemon.stats.reload_failures == 0
+        assert daemon.services is not None and len(made) == 1
+        knock(daemon, clock, A, "7113", "2231/udp", "9157")
+        for _ in range(20):
+            item = daemon.queue.get(timeout=5)
+            daemon._item(item)
+            if type(item).__name__ == "ContainerReady":
+                break
+        assert backend.is_open(A, Step(8080, "tcp"))
+    finally:
+        daemon.shutdown()
+        listener.close()
+
+
 # ----------------------------------------------------------------- SPA and TOTP
 
 SPA_CONFIG = """\

@@ -359,3 +359,24 @@ def test_spa_age_is_measured_on_the_packets_own_clock_after_a_step_back() -> Non
     play(engine, spa_knock(5000.0, digest=b"first"))  # the host clock ran an hour fast
     out = play(engine, spa_knock(1400.0, digest=b"second"))  # NTP stepped it back
     assert any(isinstance(c, SpaAccepted) for c in out)
+
+
+def test_a_reload_keeps_a_totp_doors_attempts_counted_and_expiring() -> None:
+    """Regression: a reload that kept a TOTP door dropped its time-step states from the
+    engine's list of doors until the next roll: their attempts were neither expired nor
+    evicted, and the attempt count drifted."""
+    from appliance.core.events import NewDoors, Tick
+
+    engine = KnockEngine([totp_door()])
+    step = time_step(TOTP, NOW)
+    first = totp_sequence(TOTP, step)[0].port
+    play(engine, tcp(NOW, A, first))
+    assert engine.attempt_count == 1
+    engine.handle(NewDoors(NOW + 0.1, (totp_door(),), 100))
+    assert engine.attempt_count == sum(len(state.attempts) for state in engine.doors) == 1
+    assert engine.next_deadline() is not None
+    engine.handle(Tick(NOW + 6.0))  # seq_timeout 5 s: the attempt is gone
+    assert engine.attempt_count == sum(len(state.attempts) for state in engine.doors) == 0
+    assert knock(engine, NOW + 7.0, B, step)[-1] == Grant(
+        NOW + 7.02, "otp", B, steps(22), NOW + 17.02
+    )

@@ -639,3 +639,101 @@ def test_the_loop_registers_the_readers_as_they_come_and_go(daemon: Daemon) -> N
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
+
+
+class OnePassSelector:
+    """Reports, in one pass, the wake pipe and every registered capture socket as ready
+    (the wake pipe first), then stops the loop."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.keys: dict[Any, selectors.SelectorKey] = {}
+        self.passes = 0
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        self.keys[fileobj] = selectors.SelectorKey(fileobj, fd, events, data)
+        return self.keys[fileobj]
+
+    def unregister(self, fileobj: Any) -> None:
+        self.keys.pop(fileobj)
+
+    def close(self) -> None:
+        pass
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self.passes += 1
+        if self.passes > 1:
+            self.daemon.running = False
+            return []
+        keys = sorted(self.keys.values(), key=lambda key: key.data is not None)
+        return [(key, selectors.EVENT_READ) for key in keys]
+
+
+def test_a_reader_closed_by_an_item_of_the_same_pass_is_not_read(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a HostState without a link (or a reload dropping it from interfaces:)
+    handled from the wake pipe closed that link's reader, and the same pass then read
+    the closed reader: an AssertionError left the loop and the daemon shut down."""
+    from appliance.runtime import daemon as daemon_module
+
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def opener(interface: str, expression: str) -> socket.socket:
+        pairs.append(socket.socketpair())
+        pairs[-1][1].send(b"x" * 60)  # a frame waits: the socket is ready
+        return pairs[-1][0]
+
+    daemon.sniffer = Sniffer((), "tcp", daemon.clock, opener=opener)
+    daemon.sniffer.follow((ETH0,))
+    daemon._drain_queue()
+    daemon.enqueue(HostState(frozenset({"198.18.0.1"}), (LOOPBACK,)))  # eth0 is gone
+    monkeypatch.setattr(daemon_module.selectors, "DefaultSelector", lambda: OnePassSelector(daemon))
+    daemon.running = True
+    try:
+        daemon._loop()
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+    assert daemon.sniffer.capturing == []
+    assert daemon.stats.internal_errors == 0
+
+
+class Breaking(Events):
+    """An event source whose drain raises once (a bug, a socket gone bad)."""
+
+    def drain(self) -> None:
+        raise RuntimeError("netlink went bad")
+
+
+def test_a_watcher_that_fails_subscribes_again_and_catches_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: any unexpected exception ended the watcher thread for good, and an
+    interface that appeared afterwards was never captured."""
+    from appliance.capture import host as host_module
+
+    monkeypatch.setattr(host_module, "RESUBSCRIBE_FIRST", 0.05)
+    host, changed = Host(ONE), Watched()
+    sources = [Breaking(), Events()]
+    made = list(sources)
+    watch = HostWatcher(changed, events=lambda: made.pop(0), read=host, coalesce=0.01)
+    watch.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="knockgate"):
+            sources[0].event()  # the first source breaks on its first event
+            host.state = TWO  # meanwhile wg0 appears
+            assert changed.event.wait(5)  # caught up after subscribing again
+            assert changed.states == [TWO]
+            changed.event.clear()
+            host.state = ONE
+            sources[1].event()  # the new source is followed
+            assert changed.event.wait(5)
+            assert changed.states == [TWO, ONE]
+    finally:
+        watch.stop()
+    assert sources[0].closed
+    failures = [r for r in caplog.records if "host watcher failed" in r.getMessage()]
+    assert len(failures) == 1
