@@ -128,6 +128,8 @@ class Knock:
     door: str
     address: str
     sent: float
+    link: str = ""
+    wall: float = 0.0
     deadline: float = 0.0
     opened: bool = False
 
@@ -230,7 +232,7 @@ class Soak:
         in_ns(ns, "ip", "addr", "add", f"{address}/32", "dev", "kgsoak-peer")
         sh("ip", "route", "replace", f"{address}/32", "dev", link)
         steps = SSH_STEPS if door == "ssh" else WEB_STEPS
-        knock = Knock(door, address, time.monotonic())
+        knock = Knock(door, address, time.monotonic(), link, time.time())
         in_ns(ns, PYTHON, "-c", SEND, address, SERVER, *(f"{p}/{q}" for p, q in steps))
         self.knocks.append(knock)
         self.event(f"knock {door} from {address}")
@@ -338,7 +340,7 @@ class Soak:
         step = state % 5
         if step == 0:
             sh("ip", "link", "add", "kgsoak-f", "type", "ifb")
-            sh("ip", "addr", "add", "198.18.222.250/32", "dev", "kgsoak-f")
+            sh("ip", "addr", "add", "198.18.230.250/32", "dev", "kgsoak-f")
         elif step in (1, 3):
             sh("ip", "link", "set", "kgsoak-f", "up")
         elif step == 2:
@@ -381,6 +383,21 @@ class Soak:
         result["grants past their deadline"] = len(self.late_grants)
         for line in (quiet + noise)[:20]:
             print(f"  unexpected: {line}", file=sys.stderr)
+        for knock in self.knocks:
+            if not knock.opened:  # what happened around it, for the reader
+                at = time.strftime("%H:%M:%S", time.gmtime(knock.wall))
+                near = [w for t, w in self.events if abs(t - knock.wall) < 3 and w[:5] != "knock"]
+                print(
+                    f"  not opened: {knock.door} from {knock.address} via {knock.link} at {at} "
+                    f"(near: {', '.join(near) or 'nothing'})",
+                    file=sys.stderr,
+                )
+                for line in [x for x in lines if knock.address + ":" in x]:
+                    print(f"    {line}", file=sys.stderr)
+        if any(not k.opened for k in self.knocks) or quiet or noise:
+            kept = Path(tempfile.gettempdir()) / "kgsoak-last.log"
+            kept.write_text("\n".join(lines) + "\n")
+            print(f"  the daemon's log is kept in {kept}", file=sys.stderr)
         return result
 
     # ------------------------------------------------------------ clean-up
