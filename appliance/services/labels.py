@@ -47,7 +47,8 @@ case-sensitive; values are taken with surrounding blanks removed.
     Containers started together on a knock, in dependency order. ``<name>`` is
     1-63 of ``a-z 0-9 _ . -``, starting with a letter or digit, global on the host
     (as Sablier's ``sablier.group``). The order comes from compose's own
-    ``com.docker.compose.depends_on`` label among members of one compose project.
+    ``com.docker.compose.depends_on`` label among members of one compose project
+    (:func:`start_order`; a cycle is a problem of the group; stopped in reverse).
     A gated member needs ``start_on_knock=true``. A member without
     ``knockgate.door`` (a database behind a gated app) is started and stopped with
     its group and never gated: it may carry only ``group`` and ``ready``.
@@ -60,9 +61,10 @@ A key under ``knockgate.`` (in any case) that is not one of the above is a probl
 (a typo must not silently leave a port open or a container running), except
 ``knockgate.service``, ``knockgate.owner`` and ``knockgate.config-hash``, which mark
 knockgate's own catalogue containers: such a container is never label-gated, and one
-that also carries ``knockgate.door`` is a problem. Values are echoed escaped and cut
-short. A container with any problem is not a :class:`GatedContainer`: the caller keeps
-its ports closed (fail closed) and logs the lines.
+that also carries ``knockgate.door`` or ``knockgate.group`` is a problem. Values are
+echoed escaped and cut short. A container with any problem is not a
+:class:`GatedContainer`: the caller keeps its ports closed (fail closed) and logs the
+lines.
 """
 
 from __future__ import annotations
@@ -266,10 +268,11 @@ def parse(facts: ContainerFacts, doors: Collection[str]) -> GatedContainer | Lab
     ours = {k: v.strip() for k, v in labels.items() if k.lower().startswith(PREFIX)}
 
     own = [k for k in OWN if k in ours]
-    if own and DOOR in ours:
-        problems.add(
-            DOOR, ours[DOOR], f"a knockgate catalogue container ({own[0]}) is never label-gated"
-        )
+    for key in (DOOR, GROUP):
+        if own and key in ours:
+            problems.add(
+                key, ours[key], f"a knockgate catalogue container ({own[0]}) is never label-gated"
+            )
     for key in ours:
         if key not in KNOWN and key not in OWN:
             near = [k for k in KNOWN if k.lower() == key.lower()]
@@ -361,3 +364,36 @@ def parse(facts: ContainerFacts, doors: Collection[str]) -> GatedContainer | Lab
         compose_service=labels.get(COMPOSE_SERVICE) or None,
         depends_on=_depends_on(labels.get(COMPOSE_DEPENDS_ON, "")),
     )
+
+
+def start_order(members: Collection[GatedContainer]) -> tuple[GatedContainer, ...] | str:
+    """The members of one group in the order to start them (stop in reverse), or why
+    there is none. A member comes after those it ``depends_on`` in its own compose
+    project (compose's ``depends_on`` names services of the same project; a
+    dependency outside the group is not knockgate's to start and is left out of the
+    order); ties go by name, so the order is the same on every run."""
+    groups = sorted({m.group or "" for m in members})
+    if len(groups) > 1:
+        return f"members of several groups: {', '.join(groups)}"
+    by_service: dict[tuple[str | None, str | None], GatedContainer] = {
+        (m.compose_project, m.compose_service): m
+        for m in members
+        if m.compose_project is not None and m.compose_service is not None
+    }
+    before: dict[str, set[str]] = {m.id: set() for m in members}
+    for m in members:
+        for service in m.depends_on:
+            dependency = by_service.get((m.compose_project, service))
+            if dependency is not None and dependency.id != m.id:
+                before[m.id].add(dependency.id)
+    order: list[GatedContainer] = []
+    waiting = sorted(members, key=lambda m: (m.name, m.id))
+    while waiting:
+        done = {m.id for m in order}
+        ready = [m for m in waiting if before[m.id] <= done]
+        if not ready:
+            names = ", ".join(m.name for m in waiting)
+            return f"group {groups[0]}: a dependency cycle among {names}"
+        order.append(ready[0])
+        waiting.remove(ready[0])
+    return tuple(order)

@@ -14,6 +14,7 @@ from appliance.services.labels import (
     LabelProblem,
     Published,
     parse,
+    start_order,
 )
 
 DOORS = frozenset({"web", "ssh"})
@@ -166,6 +167,7 @@ def test_the_issue_example_names_container_label_and_what_was_expected() -> None
             "a group member without knockgate.door is never gated",
         ),
         ({"knockgate.door": "web", "knockgate.owner": "x"}, "catalogue container"),
+        ({"knockgate.group": "app", "knockgate.service": "ssh"}, "catalogue container"),
     ],
 )
 def test_each_bad_label_is_one_line_naming_container_and_label(
@@ -259,3 +261,57 @@ def test_arbitrary_labels_never_raise(
         assert all("\n" not in line for line in result.lines)
     elif result.door is not None:
         assert result.door in DOORS and result.ports
+
+
+def member(
+    name: str, service: str, depends_on: tuple[str, ...] = (), project: str = "blog"
+) -> GatedContainer:
+    return GatedContainer(
+        id=f"id-{name}",
+        name=name,
+        state="exited",
+        door=None,
+        ports=(),
+        group="blog",
+        compose_project=project,
+        compose_service=service,
+        depends_on=depends_on,
+    )
+
+
+def test_a_group_starts_in_compose_dependency_order() -> None:
+    app = member("blog-app-1", "app", ("db", "cache"))
+    db = member("blog-db-1", "db")
+    cache = member("blog-cache-1", "cache", ("db",))
+    worker = member("blog-worker-1", "worker", ("app", "mail"))  # mail: not in the group
+    assert start_order([worker, app, db, cache]) == (db, cache, app, worker)
+
+
+def test_depends_on_counts_only_within_one_compose_project() -> None:
+    app = member("a-app", "app", ("db",), project="a")
+    other_db = member("b-db", "db", project="b")
+    assert start_order([other_db, app]) == (app, other_db)  # no order: by name
+
+
+def test_a_dependency_cycle_or_mixed_groups_are_refused() -> None:
+    one, two = member("one", "one", ("two",)), member("two", "two", ("one",))
+    assert start_order([one, two]) == "group blog: a dependency cycle among one, two"
+    other = GatedContainer("x", "x", "exited", None, (), group="other")
+    assert start_order([one, other]) == "members of several groups: blog, other"
+    assert start_order([]) == ()
+
+
+@settings(max_examples=200, deadline=None)
+@given(edges=st.lists(st.tuples(st.sampled_from("abcde"), st.sampled_from("abcdef")), max_size=10))
+def test_any_order_found_respects_every_dependency(edges: list[tuple[str, str]]) -> None:
+    names = sorted({a for a, _ in edges} | {"a"})
+    members = [member(n, n, tuple(b for a, b in edges if a == n)) for n in names]
+    order = start_order(members)
+    if isinstance(order, str):
+        assert "cycle" in order
+        return
+    position = {m.compose_service: i for i, m in enumerate(order)}
+    assert sorted(position) == names
+    for a, b in edges:
+        if b in position and a != b:
+            assert position[b] < position[a]
