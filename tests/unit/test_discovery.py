@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.services.discovery import (
     Changed,
@@ -301,3 +303,41 @@ def test_facts_feed_the_parser() -> None:
     assert isinstance(ok, GatedContainer) and ok.ports == (
         Published(80, "tcp", (Binding("", 8080),)),
     )
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+EVENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "Action": st.sampled_from(["create", "start", "die", "destroy", "exec_start"]) | JSON,
+        "status": JSON,
+        "id": JSON,
+        "Actor": st.fixed_dictionaries(
+            {},
+            optional={
+                "ID": st.text(max_size=8) | JSON,
+                "Attributes": st.dictionaries(
+                    st.sampled_from(["knockgate.door", "knockgate.group", "name", "x"]),
+                    st.text(max_size=8),
+                )
+                | JSON,
+            },
+        )
+        | JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=EVENTS | JSON)
+def test_any_event_gives_nothing_or_a_typed_event(event: Any) -> None:
+    docker = FakeDocker()
+    docker.containers["a"] = inspect("a", {"knockgate.door": "web"})
+    change = Discovery(lambda e: None, Client(docker), clock=lambda: 1.0)._change(event)
+    assert change is None or isinstance(change, Changed | Removed)
