@@ -6,4 +6,8 @@
 * :mod:`appliance.services.launcher` — the Docker side: run, wait ready, stop, adopt
   (when is decided by :mod:`appliance.core.lifecycle`).
 * :mod:`appliance.services.conntrack` — open connections per host port, over netlink.
+* :mod:`appliance.services.labels` — ``knockgate.*`` labels on the user's own containers,
+  parsed and validated (label-gated services; not wired into the daemon yet).
+* :mod:`appliance.services.discovery` — labelled containers from Docker's listing and
+  events (not wired into the daemon yet).
 """
