@@ -6,14 +6,11 @@
 # Runs as root (AuthorizedKeysCommandUser root): the mounted file may belong to any uid with
 # any mode. sshd runs it only when it and its directories are root-owned and writable by no
 # one else. Only a regular file is read, and at most 1 MiB of it; anything else prints
-# nothing (no key, no login), and the reason goes to the log.
+# nothing (no key, no login; the entry script warns about a missing file at start).
 set -u
 
 user=${1:-}
 file=${2:-/keys/authorized_keys}
 [ "$user" = root ] || exit 0
-if [ ! -f "$file" ] || [ ! -r "$file" ]; then
-    echo "knockgate-ssh: $file missing, unreadable or not a file: no key can log in" >&2
-    exit 0
-fi
+[ -f "$file" ] && [ -r "$file" ] || exit 0
 exec head -c 1048576 -- "$file"

@@ -24,7 +24,7 @@ done
 # authorized_keys: read at every login by /usr/local/libexec/knockgate-authorized-keys (the
 # AuthorizedKeysCommand, as root: any owner and mode of the mounted file), so a key added
 # while sshd runs counts at the next login. A missing file means no one can log in (sshd
-# still starts); said once here, and again at each refused login.
+# still starts); said here, once.
 if [ ! -r "$KEYS_SRC" ]; then
     echo "knockgate-ssh: warning: $KEYS_SRC missing or unreadable: no key can log in" >&2
 fi
