@@ -453,10 +453,12 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
     print("capturing on: " + (", ".join(data.get("interfaces", [])) or "(no interface)"))
     print("doors:")
     for door in data["doors"]:
-        opens = ", ".join(door["open"]) or "(commands only)"
         kind = door.get("knock", "sequence")
         how = kind if kind.startswith("spa") else f"{door['steps']}-step {kind}"
-        print(f"  {door['name']}: {how}, opens {opens}")
+        does = [f"opens {', '.join(door['open'])}"] if door["open"] else []
+        if door.get("closes"):
+            does.append(f"closes {', '.join(door['closes'])} (the knocker's grants)")
+        print(f"  {door['name']}: {how}, " + ("; ".join(does) or "opens (commands only)"))
     print(f"open grants: {len(data['grants'])}")
     for grant in data["grants"]:
         print(f"  {grant.get('address')} {grant.get('port')} for {grant.get('expires_in')} s")
@@ -464,10 +466,9 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
     if services:
         print("services:")
     for service in services:
-        print(
-            f"  {service['name']}: {service.get('state', '?')}, up {service.get('uptime')} s, "
-            f"{service.get('grants')} grant(s)"
-        )
+        up = f"up {service.get('uptime')} s, " if service.get("running", True) else ""
+        state, grants = service.get("state", "?"), service.get("grants")
+        print(f"  {service['name']}: {state}, {up}{grants} grant(s)")
     print(f"attempts in progress: {data['attempts']}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in data["counters"].items()))
     return 0

@@ -130,7 +130,8 @@ class ContainerStopped(ServiceEvent):
 
 @dataclass(frozen=True, slots=True)
 class ContainerDied(ServiceEvent):
-    """Docker says ``container`` stopped (``die``/``stop``), whoever did it. ``died``:
+    """Docker says ``container`` stopped or is gone (``die``/``stop``/``destroy``), whoever
+    did it (a repeat for the same end is ignored: the machine is cold by then). ``died``:
     Docker's time of the event on the loop's clock (``None``: unknown); a death older
     than the container's current run is an earlier run's end, reported late."""
 

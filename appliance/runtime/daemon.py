@@ -809,6 +809,7 @@ class Daemon:
                     "knock": _knock_kind(door),
                     "steps": len(self.engine.active_sequence(door.name)),
                     "open": [str(p) for p in door.open.ports] if door.open else [],
+                    "closes": list(door.close),  # a close door: the doors it revokes
                 }
                 for door in self.config.doors
             ],

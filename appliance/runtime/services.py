@@ -195,7 +195,7 @@ class ServiceManager:
         return tuple(found)
 
     def _follow_deaths(self) -> None:
-        """Listener thread: Docker's die/stop events of our containers, as events."""
+        """Listener thread: Docker's die/stop/destroy events of our containers, as events."""
         failing = False
         while not self._closing.is_set():
             try:

@@ -215,10 +215,12 @@ class DockerRuntime:
         self._call(f"remove {container.name}", lambda: raw.remove(force=True, v=True))
 
     def deaths(self, owner: str) -> DockerDeaths:
+        """``die`` and ``stop`` end a run; ``destroy`` (a container removed, also by hand
+        with `docker rm -f`) is followed too, so a removal is never missed."""
         filters = {
             "label": [f"{LABEL_OWNER}={owner}"],
             "type": "container",
-            "event": ["die", "stop"],
+            "event": ["die", "stop", "destroy"],
         }
         stream = self._call(
             "follow events", lambda: self.client.events(filters=filters, decode=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import shutil
 import smtplib
 import socket
@@ -28,6 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -479,3 +481,177 @@ def test_start_to_first_answer_is_fast(kind: str, network: str, tmp_path: Path) 
     print(f"{kind}: docker start -> first answer, median of {len(times)}: {median * 1000:.0f} ms "
           f"(runs: {', '.join(f'{t * 1000:.0f}' for t in times)})")  # fmt: skip
     assert median < START_BOUND, times
+
+
+# ---------------------------------------------------------------------------- issue 11
+
+
+def ssh_login(ip: str, known: Path, key: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*ssh_cmd(ip, known, "-i", str(key), "-o", "IdentitiesOnly=yes",
+                  "-o", "StrictHostKeyChecking=no"), "echo", "knockgate-ok"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_ssh_keys_changed_while_running_count_at_the_next_login(run: Run, tmp_path: Path) -> None:
+    """A key added to the mounted file while sshd runs logs in at once, a key removed is
+    refused at once (no restart); the file may belong to another uid with mode 0600, and
+    AUTHORIZED_KEYS names another file."""
+    for tool in ("ssh", "ssh-keygen"):
+        require(shutil.which(tool) is not None, f"{tool} not installed (openssh-client)")
+    first, second = tmp_path / "first_ed25519", tmp_path / "second_ed25519"
+    for k in (first, second):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kg-test", "-f", str(k)],
+            check=True,
+        )
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    keyfile = keys / "authorized_keys"
+    keyfile.write_text(Path(f"{first}.pub").read_text())
+    os.chmod(keyfile, 0o600)
+    os.chmod(keys, 0o700)
+    if os.geteuid() == 0:
+        os.chown(keyfile, 4321, 4321)
+        os.chown(keys, 4321, 4321)
+    known = tmp_path / "known_hosts"
+    ip = IPS["ssh"]
+    name = run("ssh", IMAGES["ssh"], ip, "--read-only", "--tmpfs", "/run",
+               "--tmpfs", "/etc/ssh/hostkeys", "-v", f"{keys}:/keys:ro")  # fmt: skip
+    wait_ready("ssh", ip, name=name)
+
+    assert ssh_login(ip, known, first).returncode == 0
+    refused = ssh_login(ip, known, second)
+    assert refused.returncode == 255 and "Permission denied (publickey)." in refused.stderr
+
+    with keyfile.open("a") as handle:  # added while sshd runs
+        handle.write(Path(f"{second}.pub").read_text())
+    added = ssh_login(ip, known, second)
+    assert added.returncode == 0 and added.stdout.strip() == "knockgate-ok", added.stderr
+
+    keyfile.write_text(Path(f"{second}.pub").read_text())  # the first key removed
+    assert ssh_login(ip, known, first).returncode == 255
+    assert ssh_login(ip, known, second).returncode == 0
+
+    # Another path through AUTHORIZED_KEYS; an unsafe value is refused at start.
+    ip2 = IPS["ssh2"]
+    other = run("ssh2", IMAGES["ssh"], ip2, "-e", "AUTHORIZED_KEYS=/etc/kg-keys/list",
+                "-v", f"{keyfile}:/etc/kg-keys/list:ro")  # fmt: skip
+    wait_ready("ssh", ip2, name=other)
+    assert ssh_login(ip2, known, second).returncode == 0
+    assert ssh_login(ip2, known, first).returncode == 255
+    docker("rm", "-f", other)
+    bad = run("ssh2", IMAGES["ssh"], ip2, "-e", "AUTHORIZED_KEYS=/keys/a b")
+    status = docker("wait", bad, timeout=30).stdout.strip()
+    assert status == "2", docker("logs", bad, check=False)
+    assert "AUTHORIZED_KEYS may hold only" in docker("logs", bad).stderr
+
+
+def health(name: str) -> str:
+    return docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()
+
+
+@pytest.mark.parametrize("kind", ["web", "ssh"])
+def test_image_healthcheck_reports_healthy_quietly(kind: str, run: Run, tmp_path: Path) -> None:
+    """The image's HEALTHCHECK turns healthy within the default readiness timeout (20 s),
+    and its checks leave nothing in the service's log (BusyBox wget -T segfaulted: the
+    web image was never healthy)."""
+    mount = tmp_path / "mnt"
+    mount.mkdir(mode=0o755)
+    target = {"web": "/srv/www", "ssh": "/keys"}[kind]
+    name = run(kind, IMAGES[kind], IPS[kind], "-v", f"{mount}:{target}:ro")
+    wait_ready(kind, IPS[kind], name=name)
+    logged = docker("logs", name).stdout + docker("logs", name).stderr
+    t0 = time.monotonic()
+    while health(name) != "healthy":
+        assert time.monotonic() - t0 < 15, docker("inspect", "-f", "{{json .State.Health}}", name)
+        time.sleep(0.2)
+    time.sleep(5.5)  # one more check
+    log = docker("inspect", "-f", "{{json .State.Health.Log}}", name).stdout
+    assert health(name) == "healthy" and '"ExitCode":0' in log and '"ExitCode":1' not in log, log
+    assert docker("logs", name).stdout + docker("logs", name).stderr == logged
+
+
+class LiveServices:
+    """A ServiceManager on the real Docker engine (a memory firewall): the daemon's
+    service side without packets. Its containers carry owner ``kg-svc-test``."""
+
+    OWNER = "kg-svc-test"
+
+    def __init__(self, service: Any) -> None:
+        from appliance.firewall.memory import MemoryBackend
+        from appliance.runtime.services import ServiceManager
+        from appliance.services.docker_runtime import DockerRuntime
+        from appliance.services.launcher import ServiceLauncher
+
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.backend = MemoryBackend(time.monotonic)
+        launcher = ServiceLauncher(DockerRuntime(), [service], self.OWNER)
+        self.manager = ServiceManager(
+            launcher, self.backend, self.queue.put, time.monotonic, time.time,
+            connections=lambda steps: dict.fromkeys(steps, 0),
+        )  # fmt: skip
+
+    def pump(self, until: type, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.manager.handle(item)
+            if isinstance(item, until):
+                return item
+        raise AssertionError(f"no {until.__name__} within {timeout} s")
+
+    @classmethod
+    def remove_containers(cls) -> None:
+        label = "label=knockgate.owner=" + cls.OWNER
+        ids = docker("ps", "-aq", "--filter", label, check=False).stdout.split()
+        if ids:
+            docker("rm", "-f", "-v", *ids, check=False)
+
+
+def test_healthcheck_readiness_grants_and_a_removed_container_goes_cold(network: str) -> None:
+    """A service with ``ready: {healthcheck: true}`` on the web image grants the knocker once
+    Docker says healthy; `docker rm -f` by hand revokes the grant and the service shows cold."""
+    from appliance.config.schema import Readiness, Service
+    from appliance.core import lifecycle as lc
+    from appliance.core.events import Grant
+    from appliance.core.model import Step
+    from appliance.services.runtime import LABEL_OWNER
+
+    assert LABEL_OWNER == "knockgate.owner"
+    service = Service(
+        name="kg-svc-test-web", image=IMAGES["web"], container_port=80, host_port=18080,
+        ready=Readiness("healthcheck", timeout=20.0), on_shutdown="stop",
+    )  # fmt: skip
+    step, knocker = Step(18080, "tcp"), "198.18.240.99"
+    LiveServices.remove_containers()
+    live = LiveServices(service)
+    try:
+        live.manager.start()
+        live.pump(lc.Adopted, 30)
+        now = time.monotonic()
+        t0 = time.monotonic()
+        live.manager.request(Grant(now, "web", knocker, (step,), now + 120), service.name)
+        ready = live.pump(lc.ContainerReady | lc.ContainerFailed, 40)  # type: ignore[arg-type]
+        assert isinstance(ready, lc.ContainerReady), ready
+        print(f"knock -> healthy grant: {(time.monotonic() - t0) * 1000:.0f} ms")
+        assert live.backend.is_open(knocker, step)
+        (entry,) = live.manager.snapshot()
+        assert entry["state"] == "serving" and entry["running"], entry
+        (cid,) = docker(
+            "ps", "-q", "--filter", f"label={LABEL_OWNER}={LiveServices.OWNER}"
+        ).stdout.split()
+        assert health(cid) == "healthy"
+
+        docker("rm", "-f", cid)
+        live.pump(lc.ContainerDied, 15)
+        (entry,) = live.manager.snapshot()
+        assert entry["state"] == "cold" and not entry["running"], entry
+        assert not live.backend.is_open(knocker, step)
+    finally:
+        live.manager.shutdown()
+        LiveServices.remove_containers()

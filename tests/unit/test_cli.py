@@ -509,3 +509,63 @@ def test_status_text_shows_interfaces_and_services(
     assert "capturing on: eth0, kgwg0" in out
     assert "  ssh: serving, up 30.0 s, 1 grant(s)" in out
     assert "  198.18.0.7 2222/tcp for 9.0 s" in out
+
+
+def test_status_text_describes_a_close_door_and_a_stopped_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A close door says what it closes (it was shown as "opens (commands only)"); a
+    service whose container is gone shows cold, without an uptime. The doors come from
+    a real daemon's snapshot."""
+    from appliance.config import load_config
+    from appliance.firewall.memory import MemoryBackend
+    from appliance.runtime.daemon import Daemon
+    from appliance.runtime.items import StatusRequest
+    from appliance.runtime.status import StatusServer
+
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path}/status.sock\n"
+        f"state_dir: {tmp_path}/state\n"
+        "doors:\n"
+        "  ssh:\n"
+        "    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+        "    open: {ports: [22/tcp], duration: 30}\n"
+        "  ssh-close:\n"
+        "    knock: {sequence: [9157, 2231/udp, 7113]}\n"
+        "    close: [ssh]\n"
+        "  cmd:\n"
+        "    knock: {sequence: [4001, 4002]}\n"
+        "    start_command: 'true'\n"
+    )
+    clock = lambda: 1000.0  # noqa: E731
+    daemon = Daemon(
+        load_config(str(path)), MemoryBackend(clock), clock=clock, wall=clock, capture=False
+    )
+    daemon.start()
+    try:
+        snapshot = daemon.snapshot()
+    finally:
+        daemon.shutdown()
+    assert [d["closes"] for d in snapshot["doors"]] == [[], ["ssh"], []]
+    snapshot["services"] = [
+        {"name": "ssh", "state": "cold", "running": False, "uptime": 0.0, "grants": 0},
+        {"name": "web", "state": "idle", "running": True, "uptime": 12.0, "grants": 0},
+    ]
+
+    def enqueue(item: object) -> None:
+        assert isinstance(item, StatusRequest)
+        item.reply(snapshot)
+
+    server = StatusServer(str(tmp_path / "s.sock"), enqueue)
+    server.start()
+    try:
+        assert main(["status", "--socket", str(tmp_path / "s.sock")]) == 0
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    assert "  ssh: 3-step sequence, opens 22/tcp\n" in out
+    assert "  ssh-close: 3-step sequence, closes ssh (the knocker's grants)\n" in out
+    assert "  cmd: 2-step sequence, opens (commands only)\n" in out
+    assert "  ssh: cold, 0 grant(s)\n" in out
+    assert "  web: idle, up 12.0 s, 0 grant(s)\n" in out

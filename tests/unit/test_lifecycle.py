@@ -717,3 +717,47 @@ def test_at_most_one_docker_operation_per_service_at_a_time(
 def test_the_table_names_only_known_states() -> None:
     states = {"cold", "starting", "ready", "serving", "idle", "stopping", "paused"}
     assert {state for state, _ in TRANSITIONS} <= states
+
+
+def test_a_container_removed_by_hand_goes_cold_once_for_die_and_destroy() -> None:
+    """`docker rm -f` reports die, then destroy, of the same container: the first ends
+    the run (grants revoked, cold, no longer gated), the second changes nothing; a knock
+    after that starts a new container, which a late destroy of the old one cannot end."""
+    m = machines()
+    running(m, 1.0)
+    play(
+        m,
+        (
+            ContainerDied(6.0, "ssh", "c1", died=5.9),  # die
+            [
+                RevokeAccess("ssh", A, (SSH,), "the container stopped"),
+                Notice("ssh", "warning", "ssh: its container stopped outside knockgate"),
+            ],
+        ),
+        (ContainerDied(6.1, "ssh", "c1", died=6.0), []),  # destroy
+    )
+    assert state(m) == "cold" and m.direct() == ()
+    k = knock(7.0)
+    play(
+        m,
+        (k, [Start("ssh")]),
+        (started(7.1, "c2"), []),
+        (ContainerDied(7.2, "ssh", "c1", died=6.0), []),  # a late destroy of c1
+        (ContainerReady(7.3, "ssh"), [granted(k)]),
+    )
+    assert state(m) == "serving"
+
+
+def test_a_paused_container_removed_by_hand_goes_cold() -> None:
+    m = Lifecycles((ssh(keep_warm=True),))
+    play(
+        m,
+        (Adopted(0.0), [Start("ssh")]),
+        (started(0.5), []),
+        (ContainerReady(1.0, "ssh"), [Pause("ssh", "kept warm")]),
+        (ContainerStopped(1.1, "ssh", paused=True), []),
+    )
+    assert state(m) == "paused"
+    out = m.handle(ContainerDied(5.0, "ssh", "c1", died=4.9))
+    assert out == [Notice("ssh", "warning", "ssh: its container stopped outside knockgate")]
+    assert state(m) == "cold" and m.direct() == ()

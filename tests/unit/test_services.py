@@ -648,3 +648,45 @@ def test_docker_death_events_carry_dockers_time() -> None:
         Death("ssh", "c2", 1_700_000_001.0),
         Death("", "c3", None),
     ]
+
+
+def test_docker_deaths_follow_die_stop_and_destroy_of_our_containers() -> None:
+    """A container removed by hand (`docker rm -f`) is followed as well (``destroy``), so
+    the service never stays shown running after its container is gone."""
+    from appliance.services.docker_runtime import DockerRuntime
+
+    asked: list[dict[str, Any]] = []
+
+    class Client:
+        def events(self, filters: dict[str, Any], decode: bool) -> Iterator[dict[str, Any]]:
+            asked.append(filters)
+            return iter(
+                [{"id": "c1", "Action": "destroy", "Actor": {"Attributes": {LABEL: "ssh"}}}]
+            )
+
+    deaths = DockerRuntime(Client()).deaths("o1")
+    assert asked == [
+        {
+            "label": ["knockgate.owner=o1"],
+            "type": "container",
+            "event": ["die", "stop", "destroy"],
+        }
+    ]
+    assert list(deaths) == [Death("ssh", "c1", None)]
+
+
+def test_a_container_removed_by_hand_is_shown_cold(harness: Any) -> None:
+    h = harness([1])
+    h.start()
+    h.knock(A)
+    h.pump(lc.ContainerReady)
+    assert h.manager.snapshot()[0]["running"]
+    (container,) = h.runtime.containers.values()
+    h.runtime.remove(container)  # `docker rm -f`: die, then destroy
+    h.runtime.die(container)
+    h.runtime.die(container)
+    h.pump(lc.ContainerDied)
+    h.pump()
+    assert not h.backend.is_open(A, SSH)
+    (entry,) = h.manager.snapshot()
+    assert entry["state"] == "cold" and not entry["running"] and entry["grants"] == 0

@@ -1,15 +1,13 @@
 #!/bin/sh
-# knockgate/ssh entry: prepare host keys and authorized_keys, then exec sshd as PID 1.
+# knockgate/ssh entry: prepare host keys, then exec sshd as PID 1.
 # Runs in a few milliseconds when the host keys exist (every launch after the first).
 set -eu
 
 HOSTKEYS=/etc/ssh/hostkeys
 KEYS_SRC=${AUTHORIZED_KEYS:-/keys/authorized_keys}
-KEYS_DIR=/run/knockgate/authorized_keys
 
-mkdir -p /run/sshd "$KEYS_DIR"
-chmod 0755 /run/sshd /run/knockgate
-chmod 0711 "$KEYS_DIR"
+mkdir -p /run/sshd
+chmod 0755 /run/sshd
 
 # Host keys: generated only when missing (first start on a fresh volume).
 mkdir -p "$HOSTKEYS"
@@ -23,15 +21,24 @@ for type in ed25519 ecdsa rsa; do
     chmod 0600 "$key"
 done
 
-# authorized_keys: root may read the volume's file whatever its owner and mode; the copy is
-# root-owned 0600 in a root-owned 0711 directory, which StrictModes accepts. A directory
-# mounted at /keys without the file means no one can log in (sshd still starts).
-if [ -r "$KEYS_SRC" ]; then
-    install -m 0600 -o root -g root "$KEYS_SRC" "$KEYS_DIR/root"
-else
-    : >"$KEYS_DIR/root"
-    chmod 0600 "$KEYS_DIR/root"
+# authorized_keys: read at every login by /usr/local/libexec/knockgate-authorized-keys (the
+# AuthorizedKeysCommand, as root: any owner and mode of the mounted file), so a key added
+# while sshd runs counts at the next login. A missing file means no one can log in (sshd
+# still starts); said here, once.
+if [ ! -r "$KEYS_SRC" ]; then
     echo "knockgate-ssh: warning: $KEYS_SRC missing or unreadable: no key can log in" >&2
+fi
+if [ "$KEYS_SRC" != /keys/authorized_keys ]; then
+    case $KEYS_SRC in
+        /*) ;;
+        *) echo "knockgate-ssh: AUTHORIZED_KEYS must be an absolute path, not $KEYS_SRC" >&2; exit 2 ;;
+    esac
+    case $KEYS_SRC in
+        *[!A-Za-z0-9._/-]*)
+            echo "knockgate-ssh: AUTHORIZED_KEYS may hold only letters, digits and . _ - /: $KEYS_SRC" >&2
+            exit 2 ;;
+    esac
+    set -- -o "AuthorizedKeysCommand /usr/local/libexec/knockgate-authorized-keys %u $KEYS_SRC" "$@"
 fi
 
 # -D: foreground, -e: log to stderr (docker logs). Extra arguments go to sshd.
