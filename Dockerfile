@@ -11,10 +11,11 @@ RUN apt-get update \
 
 COPY appliance /opt/knockgate/appliance
 COPY compose/services /opt/knockgate/services
-COPY compose/supervisord.conf /etc/supervisor/knockgate.conf
+COPY compose/supervisord.conf /etc/supervisor/knockgate.conf.in
 COPY compose/entrypoint.sh /usr/local/bin/knockgate-entrypoint
+COPY compose/knockgate-serve /usr/local/bin/knockgate-serve
 RUN printf '#!/bin/sh\nexec python3 -m appliance.cli "$@"\n' > /usr/local/bin/knockgate \
- && chmod 0755 /usr/local/bin/knockgate /usr/local/bin/knockgate-entrypoint \
+ && chmod 0755 /usr/local/bin/knockgate /usr/local/bin/knockgate-entrypoint /usr/local/bin/knockgate-serve \
  && python3 -m compileall -q /opt/knockgate/appliance
 ENV PYTHONPATH=/opt/knockgate PYTHONUNBUFFERED=1 KNOCKGATE_CONFIG=/etc/knockgate/knockgate.yaml
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -146,6 +147,44 @@ def _parser() -> argparse.ArgumentParser:
     spa_family.add_argument("-6", "--ipv6", action="store_const", const=6, dest="family")
     spa.add_argument("-v", "--verbose", action="store_true")
 
+    default_config = os.environ.get("KNOCKGATE_CONFIG")
+    config_help = "the configuration (default: $KNOCKGATE_CONFIG, as in the appliance)"
+
+    show_knock = commands.add_parser(
+        "show-knock", help="print each door's knock again: the commands a client types"
+    )
+    show_knock.add_argument("--config", default=default_config, metavar="FILE", help=config_help)
+    show_knock.add_argument("--door", metavar="NAME", help="only this door")
+    show_knock.add_argument(
+        "--host", default="HOST", metavar="HOST", help="the server's name in the commands"
+    )
+
+    uninstall = commands.add_parser(
+        "uninstall",
+        help="remove knockgate's service containers, their volumes and its firewall "
+        "(after docker compose down)",
+    )
+    uninstall.add_argument("--config", default=default_config, metavar="FILE", help=config_help)
+    uninstall.add_argument(
+        "--keep-volumes", action="store_true", help="keep the service containers' volumes"
+    )
+
+    edit = commands.add_parser(
+        "config",
+        help="show the configuration, or replace it with a checked one and reload",
+        description="knockgate config show | knockgate config apply < NEW.yaml: apply checks "
+        "the new file as `check` does, refuses it (exit 2, nothing changed) when invalid, "
+        "else writes it and reloads the running appliance in place.",
+    )
+    edit.add_argument("action", choices=["show", "apply"])
+    edit.add_argument("--config", default=default_config, metavar="FILE", help=config_help)
+    edit.add_argument(
+        "--from", dest="source", metavar="FILE", help="apply this file instead of stdin"
+    )
+    edit.add_argument(
+        "--no-reload", action="store_true", help="write it only (reload later with SIGHUP)"
+    )
+
     keygen = commands.add_parser(
         "keygen", help="new SPA keys (fwknop --key-gen's format) or a TOTP secret"
     )
@@ -176,6 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _spa(args)
         if args.command == "keygen":
             return _keygen(args.totp)
+        if args.command in ("show-knock", "uninstall", "config") and not args.config:
+            raise KnockgateError("no configuration: give --config FILE (or set KNOCKGATE_CONFIG)")
+        if args.command == "show-knock":
+            return _show_knock(args.config, args.door, args.host)
+        if args.command == "uninstall":
+            return _uninstall(args.config, args.keep_volumes)
+        if args.command == "config":
+            return _config(args.action, args.config, args.source, not args.no_reload)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -505,6 +552,109 @@ def _teardown(path: str) -> int:
     backend.teardown()
     print(f"knockgate: {backend.name} rules and grants removed")
     return 0
+
+
+def _show_knock(path: str, door_name: str | None, host: str) -> int:
+    from appliance.show_knock import show_door, show_knocks
+
+    config = load_config(path).config
+    if door_name is None:
+        lines = show_knocks(config, path, host)
+    else:
+        door = config.door(door_name)
+        if door is None:
+            names = ", ".join(door.name for door in config.doors)
+            raise KnockgateError(f"no door {door_name!r} in {path} (doors: {names})")
+        lines = show_door(door, path, host)
+    print("\n".join(lines))
+    return 0
+
+
+def _uninstall(path: str, keep_volumes: bool) -> int:
+    from appliance.uninstall import (
+        DockerEngine,
+        UninstallError,
+        host_firewalls,
+        owner_of,
+        uninstall,
+    )
+
+    try:
+        report = uninstall(DockerEngine(), host_firewalls(), owner_of(path), keep_volumes)
+    except UninstallError as error:
+        print(f"knockgate uninstall: {error}", file=sys.stderr)
+        return 1
+    for line in report:
+        print(f"knockgate: {line}")
+    print("knockgate: now `docker compose down -v` removes the appliance and its volumes")
+    return 0
+
+
+def _config(action: str, path: str, source: str | None, reload: bool) -> int:
+    from appliance.runtime.preflight import preflight
+
+    if action == "show":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                sys.stdout.write(handle.read())
+        except OSError as error:
+            raise ConfigError([f"{path}: cannot read it: {error.strerror}"]) from None
+        return 0
+    if source is None:
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as error:
+            raise ConfigError([f"{source}: cannot read it: {error.strerror}"]) from None
+    # Checked under a name next to the real one (relative paths resolve alike), then moved
+    # over it; a bind-mounted file (rename refused) is rewritten in place.
+    candidate = f"{path}.new"
+    try:
+        descriptor = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as error:
+        raise ConfigError([f"{candidate}: cannot write it: {error.strerror}"]) from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        loaded = load_config(candidate)
+        preflight(loaded)
+        for warning in loaded.warnings:
+            print(warning, file=sys.stderr)
+        try:
+            os.replace(candidate, path)
+        except OSError:
+            try:
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+            except OSError as error:
+                raise ConfigError([f"{path}: cannot write it: {error.strerror}"]) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(candidate)
+    doors = len(loaded.config.doors)
+    print(f"knockgate: {path} replaced: valid, {doors} door(s)")
+    if not reload:
+        print("knockgate: reload with: docker compose kill -s HUP knockgate")
+        return 0
+    if os.getpid() != 1 and _appliance_pid_1():
+        import signal
+
+        os.kill(1, signal.SIGHUP)  # the entrypoint turns it into knockgate's reload
+        print("knockgate: reload requested (docker compose logs knockgate: configuration reloaded)")
+    else:
+        print("knockgate: no appliance here; reload with: docker compose kill -s HUP knockgate")
+    return 0
+
+
+def _appliance_pid_1() -> bool:
+    try:
+        with open("/proc/1/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"knockgate-entrypoint") for arg in argv)
 
 
 if __name__ == "__main__":

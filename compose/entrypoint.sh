@@ -1,7 +1,12 @@
 #!/bin/sh
-# The container's PID 1. First start: write a configuration with a fresh random knock
-# (never a shipped one) and print how to knock; then run supervisord (which runs
-# `knockgate run`) as a child, and stay to translate Docker's signals:
+# The container's PID 1.
+#
+# With arguments (`docker compose run --rm knockgate teardown --config ...`), it runs that
+# knockgate subcommand instead of the appliance: `exec knockgate "$@"`.
+#
+# Without: first start writes a configuration with a fresh random knock (never a shipped
+# one) and prints how to knock; then it runs supervisord (which runs compose/knockgate-serve,
+# then `knockgate run`) as a child, and stays to translate Docker's signals:
 #
 #   SIGHUP           `supervisorctl signal HUP knockgate`: knockgate re-reads its config in
 #                    place (same pid, services and grants untouched), once supervisord calls
@@ -14,8 +19,20 @@
 # tini and dumb-init forward or renumber a signal to their one child, never run a command.
 set -eu
 
-CONF=/etc/supervisor/knockgate.conf
 say() { echo "knockgate-entrypoint: $*"; }
+
+if [ "$#" -gt 0 ]; then
+    exec knockgate "$@"
+fi
+
+# supervisord's control socket takes a password, new at every start (supervisord logs a
+# CRIT line for a socket without one): the config with it is readable by root only.
+CONF=/run/supervisor/knockgate.conf
+umask 077
+mkdir -p /run/supervisor
+password=$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')
+sed "s/@PASSWORD@/$password/" /etc/supervisor/knockgate.conf.in > "$CONF"
+umask 022
 
 supervisord_pid=
 stop() {
@@ -49,7 +66,9 @@ trap stop TERM INT
 trap 'say "SIGHUP before knockgate runs: ignored"' HUP
 
 mkdir -p /etc/knockgate/ssh-keys
-knockgate init --config "$KNOCKGATE_CONFIG"
+# An existing config that is broken is reported here and waited for (knockgate-serve): the
+# container starts anyway, so that it does not restart in a loop.
+knockgate init --config "$KNOCKGATE_CONFIG" || say "$KNOCKGATE_CONFIG is not valid (above)"
 
 supervisord -n -c "$CONF" &
 supervisord_pid=$!

@@ -9,6 +9,9 @@ from appliance.core.model import Proto
 
 FIRST_PORT, LAST_PORT = 1024, 65535
 RESERVED = {2222, 2525, 8080}  # the bundled services' host ports
+# Linux's default ip_local_port_range: the host's own outgoing connections use these as
+# source ports, so replies to them and knocks would share ports. Knocks never use them.
+EPHEMERAL = range(32768, 61000)
 
 
 def random_sequence(steps: int = 4, avoid: set[int] = RESERVED) -> list[tuple[int, Proto]]:
@@ -17,7 +20,7 @@ def random_sequence(steps: int = 4, avoid: set[int] = RESERVED) -> list[tuple[in
         ports: list[int] = []
         while len(ports) < steps:
             port = FIRST_PORT + secrets.randbelow(LAST_PORT - FIRST_PORT + 1)
-            if port not in avoid and port not in ports:
+            if port not in avoid and port not in EPHEMERAL and port not in ports:
                 ports.append(port)
         pairs = list(pairwise(ports))
         if not (all(a < b for a, b in pairs) or all(a > b for a, b in pairs)):

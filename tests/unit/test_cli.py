@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -569,3 +571,192 @@ def test_status_text_describes_a_close_door_and_a_stopped_service(
     assert "  cmd: 2-step sequence, opens (commands only)\n" in out
     assert "  ssh: cold, 0 grant(s)\n" in out
     assert "  web: idle, up 12.0 s, 0 grant(s)\n" in out
+
+
+# ---------------------------------------------------------------- show-knock, config, uninstall
+
+
+def test_show_knock_prints_each_doors_commands_and_never_a_secret(tmp_path: Path) -> None:
+    import base64
+
+    secret = base64.b32encode(b"0123456789abcdefghij").decode()
+    key, mac = (base64.b64encode(c * 32).decode() for c in (b"k", b"h"))
+    body = (
+        CONFIG + "  otp:\n    knock: {totp: {secret: " + secret + ", steps: 3, period: 60, "
+        "ports: 40000-40999, protocol: udp}}\n    open: {ports: [23/tcp]}\n"
+        f"  pkt:\n    spa: {{users: {{alice: {{key_base64: {key}, hmac_key_base64: {mac}}}}}}}\n"
+        "    open: {ports: [24/tcp]}\n"
+        "  shut:\n    knock: {sequence: [1111, 2222/udp, 1333]}\n    close: [ssh]\n"
+    )
+    path = write(tmp_path, "k.yaml", body)
+    result = run("show-knock", "--config", path, "--host", "gate.example")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "door ssh: opens 22/tcp for 60 s" in out
+    assert "sequence 7113:tcp 2231:udp 9157:tcp within 1.5 s:" in out
+    assert f"knockgate knock gate.example --door ssh --config {path}" in out
+    assert "or: knock gate.example 7113:tcp 2231:udp 9157:tcp" in out
+    assert "TOTP: 3 udp ports in 40000-40999, new every 60 s" in out
+    assert f"knockgate spa gate.example --door pkt --key-file KEYS --config {path}" in out
+    assert "door shut: closes ssh" in out
+    assert "or: knock gate.example 1111:tcp 2222:udp 1333:tcp" in out
+    for secret_text in (secret, key, mac):
+        assert secret_text not in out
+
+    only = run("show-knock", "--config", path, "--door", "shut")
+    assert only.returncode == 0 and only.stdout.startswith("door shut:")
+    assert "door ssh:" not in only.stdout
+
+
+def test_show_knock_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "k.yaml", CONFIG)
+    unknown = run("show-knock", "--config", path, "--door", "nope")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == f"knockgate: no door 'nope' in {path} (doors: ssh)"
+    env = {k: v for k, v in os.environ.items() if k != "KNOCKGATE_CONFIG"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "show-knock"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert missing.returncode == 2 and "give --config FILE" in missing.stderr
+    assert "Traceback" not in missing.stderr + unknown.stderr
+
+
+def test_show_knock_takes_the_config_from_knockgate_config(tmp_path: Path) -> None:
+
+    path = write(tmp_path, "k.yaml", CONFIG)
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "show-knock"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "KNOCKGATE_CONFIG": path},
+    )
+    assert result.returncode == 0 and "door ssh:" in result.stdout
+
+
+def test_config_apply_refuses_a_broken_file_and_keeps_the_old_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "k.yaml", CONFIG)
+    broken = CONFIG.replace("seq_timeout: 1.5", "seq_timeout: soon")
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "config", "apply", "--config", path],
+        input=broken,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "seq_timeout" in result.stderr and "Traceback" not in result.stderr
+    assert Path(path).read_text() == CONFIG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.yaml"]  # no .new left
+
+
+def test_config_apply_writes_a_valid_file_and_show_prints_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "k.yaml", CONFIG)
+    new = CONFIG.replace("7113", "7117")
+    source = write(tmp_path, "edited.yaml", new)
+    result = run("config", "apply", "--config", path, "--from", source, "--no-reload")
+    assert result.returncode == 0, result.stderr
+    assert f"{path} replaced: valid, 1 door(s)" in result.stdout
+    assert "docker compose kill -s HUP knockgate" in result.stdout
+    assert Path(path).read_text() == new
+    assert (Path(path).stat().st_mode & 0o777) == 0o600
+    shown = run("config", "show", "--config", path)
+    assert shown.returncode == 0 and shown.stdout == new
+
+
+class FakeEngine:
+    """In memory: containers (owner -> Owned) and volumes (name -> users)."""
+
+    def __init__(self) -> None:
+        from appliance.uninstall import Owned
+
+        self.appliances: list[str] = []
+        self.containers = {
+            "mine": Owned("c1", "knockgate-ssh", "ssh", ("knockgate-ssh-hostkeys", "keys")),
+            "theirs": Owned("c2", "knockgate-web", "web", ("www",)),
+        }
+        self.volume_users = {"knockgate-ssh-hostkeys": 1, "keys": 2, "www": 1}
+
+    def running_appliances(self) -> list[str]:
+        return list(self.appliances)
+
+    def owned(self, owner: str) -> list[Any]:
+        return [self.containers[owner]] if owner in self.containers else []
+
+    def remove(self, container: Any) -> None:
+        owner = next(o for o, c in self.containers.items() if c == container)
+        del self.containers[owner]
+        for volume in container.volumes:
+            self.volume_users[volume] -= 1
+
+    def remove_volume(self, name: str) -> str | None:
+        if self.volume_users[name] > 0:
+            return "in use by kg-other"
+        del self.volume_users[name]
+        return None
+
+
+def test_uninstall_removes_only_its_owners_containers_volumes_and_firewall() -> None:
+    from appliance.uninstall import Firewall, uninstall
+
+    engine = FakeEngine()
+    torn: list[str] = []
+    firewalls = [
+        Firewall("nftables table inet knockgate", lambda: True, lambda: torn.append("nft")),
+        Firewall("iptables chains", lambda: False, lambda: torn.append("ipt")),
+    ]
+    report = uninstall(engine, firewalls, "mine")
+    assert report == [
+        "removed container knockgate-ssh (service ssh)",
+        "removed volume knockgate-ssh-hostkeys",
+        "kept volume keys: in use by kg-other",
+        "removed nftables table inet knockgate",
+        "no iptables chains",
+    ]
+    assert torn == ["nft"]
+    assert list(engine.containers) == ["theirs"]  # another owner's container stays
+    assert engine.volume_users == {"keys": 1, "www": 1}
+    again = uninstall(engine, firewalls[1:], "mine")  # idempotent
+    assert again == ["no service container of owner mine", "no iptables chains"]
+
+
+def test_uninstall_refuses_while_an_appliance_runs_and_touches_nothing() -> None:
+    from appliance.uninstall import Firewall, UninstallError, uninstall
+
+    engine = FakeEngine()
+    engine.appliances = ["knockgate-knockgate-1"]
+    torn: list[str] = []
+    with pytest.raises(UninstallError, match=r"knockgate-knockgate-1.*docker compose down"):
+        uninstall(engine, [Firewall("t", lambda: True, lambda: torn.append("t"))], "mine")
+    assert torn == [] and "mine" in engine.containers
+
+
+def test_uninstall_runs_every_step_when_one_fails() -> None:
+    from appliance.errors import FirewallError
+    from appliance.uninstall import Firewall, UninstallError, uninstall
+
+    def broken() -> None:
+        raise FirewallError("nft: permission denied")
+
+    torn: list[str] = []
+    firewalls = [
+        Firewall("nft", lambda: True, broken),
+        Firewall("ipt", lambda: True, lambda: torn.append("ipt")),
+    ]
+    engine = FakeEngine()
+    with pytest.raises(UninstallError, match="nft: nft: permission denied"):
+        uninstall(engine, firewalls, "mine")
+    assert torn == ["ipt"] and "mine" not in engine.containers
+
+
+def test_uninstall_owner_is_the_daemons_owner_label() -> None:
+    import hashlib
+
+    from appliance.uninstall import owner_of
+
+    path = "/etc/knockgate/knockgate.yaml"
+    assert owner_of(path) == hashlib.sha256(path.encode()).hexdigest()[:12]
