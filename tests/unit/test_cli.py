@@ -477,13 +477,28 @@ def test_check_and_run_refuse_an_unreadable_config_alike(
     assert line.startswith(f"{config}:0: (file): ")
 
 
+def status_text(tmp_path: Path, capsys: pytest.CaptureFixture[str], snapshot: object) -> str:
+    """What ``knockgate status`` prints (without --json) for a daemon answering ``snapshot``."""
+    from appliance.runtime.items import StatusRequest
+    from appliance.runtime.status import StatusServer
+
+    def enqueue(item: object) -> None:  # the loop's side, answering at once
+        assert isinstance(item, StatusRequest)
+        item.reply(snapshot)  # type: ignore[arg-type]
+
+    server = StatusServer(str(tmp_path / "s.sock"), enqueue)
+    server.start()
+    try:
+        assert main(["status", "--socket", str(tmp_path / "s.sock")]) == 0
+    finally:
+        server.stop()
+    return capsys.readouterr().out
+
+
 def test_status_text_shows_interfaces_and_services(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A daemon's snapshot as ``knockgate status`` prints it (without --json)."""
-    from appliance.runtime.items import StatusRequest
-    from appliance.runtime.status import StatusServer
-
     snapshot = {
         "pid": 42,
         "uptime": 12.5,
@@ -496,18 +511,7 @@ def test_status_text_shows_interfaces_and_services(
         "attempts": 0,
         "counters": {"packets": 3},
     }
-
-    def enqueue(item: object) -> None:  # the loop's side, answering at once
-        assert isinstance(item, StatusRequest)
-        item.reply(snapshot)
-
-    server = StatusServer(str(tmp_path / "s.sock"), enqueue)
-    server.start()
-    try:
-        assert main(["status", "--socket", str(tmp_path / "s.sock")]) == 0
-    finally:
-        server.stop()
-    out = capsys.readouterr().out
+    out = status_text(tmp_path, capsys, snapshot)
     assert "capturing on: eth0, kgwg0" in out
     assert "  ssh: serving, up 30.0 s, 1 grant(s)" in out
     assert "  198.18.0.7 2222/tcp for 9.0 s" in out
@@ -522,8 +526,6 @@ def test_status_text_describes_a_close_door_and_a_stopped_service(
     from appliance.config import load_config
     from appliance.firewall.memory import MemoryBackend
     from appliance.runtime.daemon import Daemon
-    from appliance.runtime.items import StatusRequest
-    from appliance.runtime.status import StatusServer
 
     path = tmp_path / "k.yaml"
     path.write_text(
@@ -554,18 +556,7 @@ def test_status_text_describes_a_close_door_and_a_stopped_service(
         {"name": "ssh", "state": "cold", "running": False, "uptime": 0.0, "grants": 0},
         {"name": "web", "state": "idle", "running": True, "uptime": 12.0, "grants": 0},
     ]
-
-    def enqueue(item: object) -> None:
-        assert isinstance(item, StatusRequest)
-        item.reply(snapshot)
-
-    server = StatusServer(str(tmp_path / "s.sock"), enqueue)
-    server.start()
-    try:
-        assert main(["status", "--socket", str(tmp_path / "s.sock")]) == 0
-    finally:
-        server.stop()
-    out = capsys.readouterr().out
+    out = status_text(tmp_path, capsys, snapshot)
     assert "  ssh: 3-step sequence, opens 22/tcp\n" in out
     assert "  ssh-close: 3-step sequence, closes ssh (the knocker's grants)\n" in out
     assert "  cmd: 2-step sequence, opens (commands only)\n" in out
