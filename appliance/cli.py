@@ -449,13 +449,12 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
         print(f"knockgate run: refusing to start: {reason}", file=sys.stderr)
         return 2
     backend = choose_backend(settings.firewall.backend)
-    import hashlib
-
     from appliance.config.schema import Service
     from appliance.services.docker_runtime import DockerRuntime
     from appliance.services.launcher import ServiceLauncher
+    from appliance.services.runtime import owner_of
 
-    owner = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+    owner = owner_of(path)
 
     def launchers(services: tuple[Service, ...]) -> ServiceLauncher:
         return ServiceLauncher(DockerRuntime(), services, owner)

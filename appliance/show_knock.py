@@ -17,12 +17,10 @@ def show_knocks(config: Config, config_path: str, host: str = "HOST") -> list[st
 def _what_it_does(door: Door) -> str:
     if door.close:
         return "closes " + ", ".join(door.close)
-    if door.service is not None and door.open is not None:
-        ports = ", ".join(f"{s.port}/{s.proto}" for s in door.open.ports)
-        return f"starts service {door.service} and opens {ports} for {door.open.duration:g} s"
     if door.open is not None:
-        ports = ", ".join(f"{s.port}/{s.proto}" for s in door.open.ports)
-        return f"opens {ports} for {door.open.duration:g} s"
+        ports = ", ".join(map(str, door.open.ports))
+        opens = f"opens {ports} for {door.open.duration:g} s"
+        return opens if door.service is None else f"starts service {door.service} and {opens}"
     return "runs its commands"
 
 

@@ -13,24 +13,18 @@ is reported at the end (exit 1).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from appliance.errors import ContainerError, KnockgateError
-from appliance.services.runtime import LABEL, LABEL_OWNER
+from appliance.services.docker_runtime import docker_call, docker_client
+from appliance.services.runtime import LABEL, LABEL_OWNER, owner_of
+
+__all__ = ["DockerEngine", "Firewall", "UninstallError", "host_firewalls", "owner_of", "uninstall"]
 
 ENTRYPOINT = "/usr/local/bin/knockgate-entrypoint"  # the appliance image's (Dockerfile)
-
-
-def owner_of(config_path: str) -> str:
-    """The owner label of the containers a daemon started with ``config_path`` creates
-    (as ``knockgate run`` computes it)."""
-    return hashlib.sha256(os.path.abspath(config_path).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -123,25 +117,10 @@ class DockerEngine:
     """The Docker SDK behind :class:`Engine`."""
 
     def __init__(self, client: Any = None) -> None:
-        if client is None:
-            import docker
-
-            from appliance.services.docker_runtime import API_VERSION
-
-            try:
-                client = docker.from_env(version=API_VERSION, timeout=30)
-            except Exception as error:
-                raise ContainerError(f"docker: cannot create a client: {error}") from None
-        self.client = client
-
-    def _call(self, what: str, action: Callable[[], Any]) -> Any:
-        try:
-            return action()
-        except Exception as error:  # docker.errors.*, requests.*, OSError
-            raise ContainerError(f"docker: {what}: {error}") from None
+        self.client = docker_client() if client is None else client
 
     def running_appliances(self) -> list[str]:
-        found = self._call("list containers", lambda: self.client.containers.list())
+        found = docker_call("list containers", lambda: self.client.containers.list())
         names = []
         for raw in found:
             config = raw.attrs.get("Config", {})
@@ -150,7 +129,7 @@ class DockerEngine:
         return names
 
     def owned(self, owner: str) -> list[Owned]:
-        found = self._call(
+        found = docker_call(
             "list containers",
             lambda: self.client.containers.list(
                 all=True, filters={"label": [f"{LABEL_OWNER}={owner}"]}
@@ -171,10 +150,10 @@ class DockerEngine:
         ]
 
     def remove(self, container: Owned) -> None:
-        raw = self._call(
+        raw = docker_call(
             f"inspect {container.name}", lambda: self.client.containers.get(container.id)
         )
-        self._call(f"remove {container.name}", lambda: raw.remove(force=True, v=True))
+        docker_call(f"remove {container.name}", lambda: raw.remove(force=True, v=True))
 
     def remove_volume(self, name: str) -> str | None:
         import docker.errors
@@ -185,14 +164,14 @@ class DockerEngine:
             return None  # an anonymous volume, gone with its container
         except Exception as error:
             raise ContainerError(f"docker: inspect volume {name}: {error}") from None
-        users = self._call(
+        users = docker_call(
             "list containers",
             lambda: self.client.containers.list(all=True, filters={"volume": name}),
         )
         if users:
             using = ", ".join(str(raw.name) for raw in users)
             return f"in use by {using} (docker compose down -v removes the appliance's own)"
-        self._call(f"remove volume {name}", volume.remove)
+        docker_call(f"remove volume {name}", volume.remove)
         return None
 
 
@@ -202,13 +181,8 @@ def host_firewalls() -> list[Firewall]:
     if shutil.which("nft"):
         from appliance.firewall.nftables import NftablesBackend
 
-        def nft_present() -> bool:
-            argv = ["nft", "list", "table", "inet", "knockgate"]
-            return subprocess.run(argv, capture_output=True, check=False).returncode == 0
-
-        found.append(
-            Firewall("nftables table inet knockgate", nft_present, NftablesBackend().teardown)
-        )
+        nft = NftablesBackend()
+        found.append(Firewall("nftables table inet knockgate", nft.installed, nft.teardown))
     if shutil.which("iptables"):
         from appliance.firewall.iptables import IptablesBackend
 

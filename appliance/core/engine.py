@@ -343,12 +343,13 @@ class KnockEngine:
             self.now = ts
         out: list[Command] = []
         kind = type(event)
-        if kind is WallClock:
-            self._wall_clock(event, ts, out)  # type: ignore[arg-type]
-        elif kind is LocalAddresses:
-            self.local = event.addresses  # type: ignore[union-attr]
-        elif kind is NewDoors:
-            self._new_doors(event, ts, out)  # type: ignore[arg-type]
+        if kind is not Packet:  # the settings events; a packet (the hot path) skips them
+            if kind is WallClock:
+                self._wall_clock(event, ts, out)  # type: ignore[arg-type]
+            elif kind is LocalAddresses:
+                self.local = event.addresses  # type: ignore[union-attr]
+            elif kind is NewDoors:
+                self._new_doors(event, ts, out)  # type: ignore[arg-type]
         if ts + self.wall_offset >= self._totp_next:
             self._roll_totp(ts + self.wall_offset)
         if ts >= self._next_expiry:

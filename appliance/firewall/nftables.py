@@ -192,6 +192,10 @@ class NftablesBackend:
             return False
         return True
 
+    def installed(self) -> bool:
+        """Whether knockgate's table is there (one netlink read, nothing listed)."""
+        return TABLE in self._nft.table_flags()
+
     def check(self) -> bool:
         """True while the table is as setup left it: every chain, rule, hook, priority,
         policy, set definition and table flag, and the elements of the small sets

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.errors import ContainerError
+from appliance.services.docker_runtime import docker_client
 from appliance.services.labels import DOOR, GROUP, Binding, ContainerFacts, Published
 
 log = logging.getLogger("knockgate.services.discovery")
@@ -39,7 +40,6 @@ LABELS = (DOOR, GROUP)  # a container with either is looked at
 ACTIONS = ("create", "start", "die", "destroy")
 RETRY = 1.0  # seconds before trying Docker again, doubled up to:
 RETRY_MAX = 30.0
-API_VERSION = "1.41"  # as appliance.services.docker_runtime
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +141,7 @@ class Discovery:
 
     def _docker(self) -> Any:
         if self.client is None:
-            import docker
-
-            try:  # a fixed API version: no call to the engine here
-                self.client = docker.from_env(version=API_VERSION, timeout=30)
-            except Exception as error:
-                raise ContainerError(f"docker: cannot create a client: {error}") from None
+            self.client = docker_client()
         return self.client
 
     def list(self) -> tuple[ContainerFacts, ...]:

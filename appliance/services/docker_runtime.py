@@ -95,24 +95,30 @@ class DockerDeaths:
         self.stream.close()
 
 
+def docker_client() -> Any:
+    """A Docker SDK client. No connection is made here (a fixed API version: the client
+    does not ask the engine at creation): an engine that is down fails each call later."""
+    import docker
+
+    try:
+        return docker.from_env(version=API_VERSION, timeout=30)
+    except Exception as error:
+        raise ContainerError(f"docker: cannot create a client: {error}") from None
+
+
+def docker_call(what: str, action: Callable[[], T]) -> T:
+    """Run one Docker call; any failure becomes a ContainerError naming ``what``."""
+    try:
+        return action()
+    except Exception as error:  # docker.errors.*, requests.*, OSError
+        raise ContainerError(f"docker: {what}: {error}") from None
+
+
 class DockerRuntime:
     def __init__(self, client: Any = None) -> None:
-        """No connection is made here: an engine that is down now fails each call later
-        (no grant, a clear log line) and is used again once it is back."""
-        if client is None:
-            import docker
-
-            try:  # a fixed API version: the client does not ask the engine at creation
-                client = docker.from_env(version=API_VERSION, timeout=30)
-            except Exception as error:
-                raise ContainerError(f"docker: cannot create a client: {error}") from None
-        self.client = client
-
-    def _call(self, what: str, action: Callable[[], T]) -> T:
-        try:
-            return action()
-        except Exception as error:  # docker.errors.*, requests.*, OSError
-            raise ContainerError(f"docker: {what}: {error}") from None
+        """An engine that is down now fails each call later (no grant, a clear log line)
+        and is used again once it is back."""
+        self.client = docker_client() if client is None else client
 
     def _wrap(self, raw: Any) -> Container:
         attrs = raw.attrs
@@ -131,7 +137,7 @@ class DockerRuntime:
         )
 
     def owned(self, owner: str) -> list[Container]:
-        found = self._call(
+        found = docker_call(
             "list containers",
             lambda: self.client.containers.list(
                 all=True, filters={"label": [f"{LABEL_OWNER}={owner}"]}
@@ -154,7 +160,7 @@ class DockerRuntime:
         if service.command is not None:
             kwargs["command"] = list(service.command)
         self._remove_by_name(kwargs["name"], owner)
-        raw = self._call(
+        raw = docker_call(
             f"create {service.name}",
             lambda: self.client.containers.create(service.image, **kwargs),
         )
@@ -162,12 +168,12 @@ class DockerRuntime:
 
     def _remove_by_name(self, name: str, owner: str) -> None:
         """A stale container of ours with the same name would block the create."""
-        for raw in self._call(
+        for raw in docker_call(
             "list", lambda: self.client.containers.list(all=True, filters={"name": f"^{name}$"})
         ):
             labels = raw.attrs.get("Config", {}).get("Labels") or {}
             if labels.get(LABEL_OWNER) == owner:
-                self._call(f"remove {name}", partial(raw.remove, force=True, v=True))
+                docker_call(f"remove {name}", partial(raw.remove, force=True, v=True))
             else:
                 raise ContainerError(
                     f"docker: a container named {name} exists and is not knockgate's: "
@@ -184,35 +190,35 @@ class DockerRuntime:
 
         if present() or service.build is None:
             return
-        self._call(
+        docker_call(
             f"build {service.image} from {service.build}",
             lambda: self.client.images.build(path=service.build, tag=service.image, rm=True),
         )
 
     def _raw(self, container: Container) -> Any:
-        return self._call(
+        return docker_call(
             f"inspect {container.name}", lambda: self.client.containers.get(container.id)
         )
 
     def start(self, container: Container) -> None:
         raw = self._raw(container)
-        self._call(f"start {container.name}", raw.start)
+        docker_call(f"start {container.name}", raw.start)
 
     def pause(self, container: Container) -> None:
         raw = self._raw(container)
-        self._call(f"pause {container.name}", raw.pause)
+        docker_call(f"pause {container.name}", raw.pause)
 
     def unpause(self, container: Container) -> None:
         raw = self._raw(container)
-        self._call(f"unpause {container.name}", raw.unpause)
+        docker_call(f"unpause {container.name}", raw.unpause)
 
     def stop(self, container: Container) -> None:
         raw = self._raw(container)
-        self._call(f"stop {container.name}", lambda: raw.stop(timeout=STOP_TIMEOUT))
+        docker_call(f"stop {container.name}", lambda: raw.stop(timeout=STOP_TIMEOUT))
 
     def remove(self, container: Container) -> None:
         raw = self._raw(container)
-        self._call(f"remove {container.name}", lambda: raw.remove(force=True, v=True))
+        docker_call(f"remove {container.name}", lambda: raw.remove(force=True, v=True))
 
     def deaths(self, owner: str) -> DockerDeaths:
         """``die`` and ``stop`` end a run; ``destroy`` (a container removed, also by hand
@@ -222,7 +228,7 @@ class DockerRuntime:
             "type": "container",
             "event": ["die", "stop", "destroy"],
         }
-        stream = self._call(
+        stream = docker_call(
             "follow events", lambda: self.client.events(filters=filters, decode=True)
         )
         return DockerDeaths(stream)

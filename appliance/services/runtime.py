@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -14,6 +16,12 @@ State = Literal["running", "paused", "exited", "created", "missing"]
 LABEL = "knockgate.service"  # every container knockgate creates carries it
 LABEL_OWNER = "knockgate.owner"  # which knockgate installation (a stable id)
 LABEL_CONFIG = "knockgate.config-hash"  # the service definition it was created from
+
+
+def owner_of(config_path: str) -> str:
+    """The ``knockgate.owner`` of an installation: a stable id of its config file's path
+    (``run`` labels what it creates with it; ``uninstall`` removes only that)."""
+    return hashlib.sha256(os.path.abspath(config_path).encode()).hexdigest()[:12]
 
 
 @dataclass

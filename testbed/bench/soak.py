@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -50,6 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from appliance.services.runtime import owner_of  # noqa: E402
+
 PYTHON = sys.executable
 DOCKER = os.environ.get("KG_DOCKER", "/usr/bin/docker")
 WEB_IMAGE = "knockgate/web:local"
@@ -420,7 +423,7 @@ class Soak:
                 str(self.config_path()),
                 check=False,
             )
-        owner = hashlib.sha256(os.path.abspath(self.config_path()).encode()).hexdigest()[:12]
+        owner = owner_of(str(self.config_path()))
         listed = sh(DOCKER, "ps", "-aq", "--filter", f"label=knockgate.owner={owner}", check=False)
         for container in listed.stdout.split():
             sh(DOCKER, "rm", "-f", container, check=False)

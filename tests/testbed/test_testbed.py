@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from typing import Any, TypeVar
 import pytest
 
 from appliance.config import load_config
+from appliance.services.runtime import owner_of
 from tests.integration.conftest import require
 from tests.integration.netns import pid_alive
 
@@ -68,10 +68,9 @@ GATEWAY = "198.18.64.1"  # kgtb0's address on the host: where the knockers knock
 CLIENT = "198.18.64.10"
 OTHER = "198.18.64.11"
 BRIDGE = "kgtb0"
-# The appliance's config path (compose.yaml) and knockgate's owner label derived from it
-# (appliance/cli.py: the first 12 hex digits of sha256 of the absolute path).
+# The appliance's config path (compose.yaml) and knockgate's owner label derived from it.
 APPLIANCE_CONFIG = "/etc/knockgate/testbed.yaml"
-OWNER = hashlib.sha256(APPLIANCE_CONFIG.encode()).hexdigest()[:12]
+OWNER = owner_of(APPLIANCE_CONFIG)
 CLIENT_CONFIG = "/etc/knockgate/knockgate.yaml"  # the same file, in the clients
 VOLUMES = ("kgtb-ssh-keys", "kgtb-ssh-hostkeys", "kgtb-www", "kgtb-maildir")
 KEY = "/root/kgtb_key"  # the throwaway key pair, made in the client container
