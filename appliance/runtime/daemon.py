@@ -206,7 +206,7 @@ class Daemon:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.stats = Stats(started=clock())
-        self.addresses: frozenset[str] | None = None  # None until known (or no capture)
+        self.host: HostState | None = None  # the links and addresses last reported
         self.engine = self._engine(self.config)
         self.state = StateStore(self.config.settings.state_dir)
         started = wall()
@@ -226,7 +226,6 @@ class Daemon:
         self.running = False
         self.sniffer: Sniffer | None = None
         self.watcher: HostWatcher | None = None
-        self.host: HostState | None = None  # the links and addresses last reported
         self.status: StatusServer | None = None
         # Handlers whose exception was logged in full -> repeats since the last summary.
         self._failing: dict[str, int] = {}
@@ -264,7 +263,7 @@ class Daemon:
         if self.capture:
             self.watcher = HostWatcher(self.enqueue)  # each change is a HostState item
             self.host = self.watcher.current
-            self._set_addresses(self.host.addresses)
+            self._tell_addresses(self.host.addresses)
             self.sniffer = Sniffer(
                 self.config.settings.interfaces,
                 capture_filter(self.config.doors, self.addresses or ()),
@@ -631,13 +630,18 @@ class Daemon:
 
     # ----------------------------------------------------------------- upkeep
 
-    def _set_addresses(self, addresses: frozenset[str]) -> None:
+    @property
+    def addresses(self) -> frozenset[str] | None:
+        """The host's own addresses (``None`` until known, or without capture)."""
+        return None if self.host is None else self.host.addresses
+
+    def _tell_addresses(self, addresses: frozenset[str]) -> None:
+        """The engine and the SPA reader learn the host's addresses."""
         if not addresses:
             log.error(
                 "the host's addresses are unknown: doors without target count no knock "
                 "until they are read"
             )
-        self.addresses = addresses
         self.spa.local = addresses
         self._commands(self.engine.handle(LocalAddresses(self.clock(), addresses)))
 
@@ -647,7 +651,7 @@ class Daemon:
         before = self.addresses or frozenset()
         self.host = state
         if state.addresses != before:
-            self._set_addresses(state.addresses)
+            self._tell_addresses(state.addresses)
             change = address_change(before, state.addresses)
             if change is not None:
                 log.info("%s", change)
