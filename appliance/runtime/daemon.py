@@ -503,6 +503,21 @@ class Daemon:
         to the log."""
         for command in commands:
             match command:
+                # Notices first, the stages and resets of attempts leading: under a flood
+                # of first knocks they are nearly every command (the hot path).
+                case (
+                    StageReached()
+                    | SequenceReset()
+                    | SequenceTimeout()
+                    | Opened()
+                    | OneTimeAdvanced()
+                    | DoorExhausted()
+                    | SpaAccepted()
+                    | SpaRefused()
+                    | Refused()
+                    | DoorsReloaded()
+                ):
+                    self._log(command)
                 case Grant():
                     self._grant(command)
                 case Revoke():
@@ -513,19 +528,6 @@ class Daemon:
                     self._vet(command)
                 case ClockStepped():
                     self.stats.clock_steps += 1
-                    self._log(command)
-                case (
-                    StageReached()
-                    | Opened()
-                    | SequenceReset()
-                    | SequenceTimeout()
-                    | OneTimeAdvanced()
-                    | DoorExhausted()
-                    | SpaAccepted()
-                    | SpaRefused()
-                    | Refused()
-                    | DoorsReloaded()
-                ):
                     self._log(command)
                 case _:
                     assert_never(command)
