@@ -76,10 +76,23 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", metavar="DIR", help="override the state directory (SPA replay cache)"
     )
     run.add_argument(
+        "--launcher",
+        metavar="SOCKET",
+        help="reach Docker only through `knockgate launcher` at SOCKET (the appliance's "
+        "privilege separation; without it, run uses Docker itself)",
+    )
+    run.add_argument(
         "--i-know",
         action="store_true",
         help="start even when this SSH session's port is protected and its address not allowed",
     )
+
+    launcher = commands.add_parser(
+        "launcher",
+        help="the only process that reaches Docker: serves the daemon's container requests",
+    )
+    launcher.add_argument("--config", required=True, metavar="FILE", help="its catalogue")
+    launcher.add_argument("--socket", required=True, metavar="PATH", help="the socket to serve")
 
     status = commands.add_parser("status", help="ask the running daemon for its state")
     status.add_argument("--config", metavar="FILE", help="take the socket path from this config")
@@ -204,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "knock":
             return _knock(args)
         if args.command == "run":
-            return _run(args.config, args.i_know, args.status_socket, args.state_dir)
+            return _run(args.config, args.i_know, args.status_socket, args.state_dir, args.launcher)
+        if args.command == "launcher":
+            return _launcher(args.config, args.socket)
         if args.command == "status":
             return _status(args.config, args.socket, args.json)
         if args.command == "teardown":
@@ -420,7 +435,22 @@ def _keygen(totp: bool) -> int:
     return 0
 
 
-def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | None) -> int:
+def _launcher(config: str, socket_path: str) -> int:
+    from appliance.config.schema import LogSettings
+    from appliance.runtime.logs import configure
+    from appliance.services.broker import serve
+
+    configure(LogSettings())
+    return serve(config, socket_path)
+
+
+def _run(
+    path: str,
+    i_know: bool,
+    status_socket: str | None,
+    state_dir: str | None,
+    launcher_socket: str | None = None,
+) -> int:
     import os
     import signal
 
@@ -452,12 +482,18 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
     from appliance.config.schema import Service
     from appliance.services.docker_runtime import DockerRuntime
     from appliance.services.launcher import ServiceLauncher
-    from appliance.services.runtime import owner_of
+    from appliance.services.remote import RemoteRuntime
+    from appliance.services.runtime import ContainerRuntime, owner_of
 
     owner = owner_of(path)
+    if launcher_socket is not None:
+        log.info("containers through the launcher at %s", launcher_socket)
 
     def launchers(services: tuple[Service, ...]) -> ServiceLauncher:
-        return ServiceLauncher(DockerRuntime(), services, owner)
+        runtime: ContainerRuntime = (
+            DockerRuntime() if launcher_socket is None else RemoteRuntime(launcher_socket)
+        )
+        return ServiceLauncher(runtime, services, owner)
 
     launcher = launchers(loaded.config.services) if loaded.config.services else None
     daemon = Daemon(loaded, backend, launcher=launcher, launchers=launchers, overrides=overrides)
@@ -621,6 +657,10 @@ def _config(action: str, path: str, source: str | None, reload: bool) -> int:
         preflight(loaded)
         for warning in loaded.warnings:
             print(warning, file=sys.stderr)
+        with contextlib.suppress(OSError):  # the launcher's group may read the file: kept
+            current = os.stat(path)
+            os.chown(candidate, -1, current.st_gid)
+            os.chmod(candidate, current.st_mode & 0o7777)
         try:
             os.replace(candidate, path)
         except OSError:
