@@ -372,7 +372,7 @@ def test_a_broken_stream_raises_in_the_client(served: tuple[FakeEngine, str]) ->
 def test_a_hostile_client_gets_errors_and_others_are_served(
     served: tuple[FakeEngine, str],
 ) -> None:
-    engine, path = served
+    _, path = served
     hostile = socket.socket(socket.AF_UNIX)
     hostile.connect(path)
     reader = hostile.makefile("rb")
