@@ -9,6 +9,10 @@ RUN apt-get update \
       nftables iptables ipset conntrack iproute2 supervisor \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
+# The launcher's user: the only one given the Docker socket (the entrypoint adds its group).
+RUN useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin knockgate-launcher
+
 COPY appliance /opt/knockgate/appliance
 COPY compose/services /opt/knockgate/services
 COPY compose/supervisord.conf /etc/supervisor/knockgate.conf.in
