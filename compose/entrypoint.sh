@@ -117,10 +117,14 @@ mkdir -p /etc/knockgate/ssh-keys
 # container starts anyway, so that it does not restart in a loop.
 knockgate init --config "$KNOCKGATE_CONFIG" || say "$KNOCKGATE_CONFIG is not valid (above)"
 prepare_launcher
-# (a read-only bind-mounted config keeps its mode: readable by all, or the launcher says so)
-chgrp knockgate-launcher "$KNOCKGATE_CONFIG" 2>/dev/null && chmod g+r,o-rwx "$KNOCKGATE_CONFIG" 2>/dev/null || true
-runuser -u knockgate-launcher -- test -r "$KNOCKGATE_CONFIG" \
-    || say "warning: the launcher (user knockgate-launcher) cannot read $KNOCKGATE_CONFIG: catalogue services cannot be created"
+as_launcher() { setpriv --reuid=knockgate-launcher --regid=knockgate-launcher --init-groups "$@"; }
+# The launcher reads the catalogue (services:) from the config: the file init made 0600 gets
+# the launcher's group (a bind-mounted file it can read already is left as it is).
+if ! as_launcher test -r "$KNOCKGATE_CONFIG" 2>/dev/null; then
+    { chgrp knockgate-launcher "$KNOCKGATE_CONFIG" && chmod g+r "$KNOCKGATE_CONFIG"; } 2>/dev/null || true
+    as_launcher test -r "$KNOCKGATE_CONFIG" 2>/dev/null \
+        || say "warning: the launcher (user knockgate-launcher) cannot read $KNOCKGATE_CONFIG: catalogue services cannot be created"
+fi
 
 supervisord -n -c "$CONF" &
 supervisord_pid=$!
