@@ -64,7 +64,7 @@ prepare_launcher() {
         chmod 0700 "$DOCKER_DIR"
     fi
     if [ "${legacy_socket:-}" = yes ]; then
-        say "warning: the Docker socket is mounted at /var/run/docker.sock (an older compose file): the monitor can reach Docker too; mount it at $DOCKER_DIR/docker.sock (README: Upgrading)"
+        say "warning: the Docker socket is mounted at /var/run/docker.sock (an older compose file): the monitor can reach Docker too; mount it at $DOCKER_DIR/docker.sock (README: Operating the appliance)"
     fi
     # root (by owning it) and the launcher's group only: the monitor connects, nobody else.
     mkdir -p "$LAUNCHER_DIR"
