@@ -657,10 +657,13 @@ def _config(action: str, path: str, source: str | None, reload: bool) -> int:
         preflight(loaded)
         for warning in loaded.warnings:
             print(warning, file=sys.stderr)
-        with contextlib.suppress(OSError):  # the launcher's group may read the file: kept
+        # 0600, but a group that is not root's (the appliance's launcher reads its catalogue
+        # through it) keeps its group read.
+        with contextlib.suppress(OSError):
             current = os.stat(path)
-            os.chown(candidate, -1, current.st_gid)
-            os.chmod(candidate, current.st_mode & 0o7777)
+            if current.st_gid != 0 and current.st_mode & 0o040:
+                os.chown(candidate, -1, current.st_gid)
+                os.chmod(candidate, 0o640)
         try:
             os.replace(candidate, path)
         except OSError:
