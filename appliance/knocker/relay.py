@@ -108,6 +108,11 @@ def relay(
     closed when the socket's input ends; ``sock`` is left to the caller to close.
     """
     result = RelayResult()
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        # What is read is passed on at once: Nagle's algorithm would hold back each small
+        # write until the previous one is acknowledged (40 ms a round trip with delayed
+        # ACKs; ssh sets TCP_NODELAY on its own sockets for the same reason).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     fds = {stdin, stdout, sock.fileno()}
     flags = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) for fd in fds}
 

@@ -56,7 +56,7 @@ def test_wait_progress_silence_is_reported_once() -> None:
 def test_wait_progress_retries_fast_then_slower_and_never_past_the_deadline() -> None:
     progress = WaitProgress("h", 22, started=0.0, timeout=3.0)
     progress.probed("refused", 0.0)
-    assert progress.next_try(0.0) == pytest.approx(0.05)
+    assert progress.next_try(0.0) == pytest.approx(0.02)
     for _ in range(30):
         progress.probed("refused", 0.1)
     assert progress.next_try(1.0) == pytest.approx(1.25)
