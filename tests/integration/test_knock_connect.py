@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.spa.keyfile import format_keys, generate_keys
 from tests.integration.conftest import require
 from tests.integration.daemon import PYTHON, REPO, Knockgate, connect
 from tests.integration.netns import Topology, cleanup_stale, ensure_root_tools
@@ -44,6 +45,31 @@ doors:
   ssh:
     knock: {{sequence: [7113/tcp, 2231/udp, 9157/tcp], seq_timeout: 5}}
     open: {{ports: [{port}/tcp], duration: {grant}}}
+  spa:
+    spa:
+      port: 62201
+      users:
+        alice: {{key_base64: {spa_key}, hmac_key_base64: {spa_hmac}}}
+    open: {{ports: [{echo}/tcp], duration: {grant}}}
+  otp:
+    knock:
+      totp: {{secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP, steps: 3, period: 30, ports: 20000-20999}}
+      seq_timeout: 5
+    open: {{ports: [{echo}/tcp], duration: {grant}}}
+"""
+ECHO_PORT = 2224  # an echo server: reads to the end, sends it all back, closes
+ECHO = """import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{address}", {port}))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while chunk := c.recv(65536):
+        data += chunk
+    c.sendall(data)
+    c.close()
 """
 
 SSHD_CONFIG = """\
@@ -183,8 +209,17 @@ def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
                 stderr=subprocess.STDOUT,
             )
             sshd_log.close()
+            spa_key, spa_hmac = generate_keys()
+            (keys / "alice.key").write_text(format_keys(spa_key, spa_hmac))
+            topo.popen("server", [PYTHON, "-c", ECHO.format(address=server, port=ECHO_PORT)])
             config = CONFIG.format(
-                state_dir=tmp_path / "state", port=SSH_PORT, grant=GRANT, backend=backend
+                state_dir=tmp_path / "state",
+                port=SSH_PORT,
+                grant=GRANT,
+                backend=backend,
+                spa_key=spa_key,
+                spa_hmac=spa_hmac,
+                echo=ECHO_PORT,
             )
             daemon = Knockgate(topo, tmp_path, config).start()
             yield Lab(topo, tmp_path, daemon, keys)
@@ -308,3 +343,27 @@ def test_ssh_wall_time_through_connect(lab: Lab, capsys: pytest.CaptureFixture[s
             f"port open {statistics.median(opened_after) * 1000:.0f} ms after the knock"
         )
     assert statistics.median(through) < 5.0
+
+
+@pytest.mark.parametrize("door", ["spa", "otp"])
+def test_connect_knocks_spa_and_totp_doors_and_relays_both_ways(lab: Lab, door: str) -> None:
+    """The echo server answers only after the end of its input: the relay's half-close."""
+    assert connect(lab.topo, "client", lab.server, ECHO_PORT) == "refused"
+    argv = ["connect", lab.server, str(ECHO_PORT), "--door", door]
+    argv += ["--config", str(lab.daemon.config_path), "-v"]
+    if door == "spa":
+        argv += ["--key-file", str(lab.keys / "alice.key")]
+    payload = "".join(f"line {n}\n" for n in range(20000))  # 220 kB, past every buffer
+    done = lab.topo.run(
+        "client",
+        [PYTHON, "-m", "appliance.cli", *argv],
+        check=False,
+        input=payload,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, (done, lab.daemon.log())
+    assert done.stdout == payload
+    assert "accepts connections: open after" in done.stderr
+    kind = "SPA packet" if door == "spa" else "TOTP sequence of 3 knock(s)"
+    assert f"knock sent: {kind}" in done.stderr
