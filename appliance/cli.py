@@ -138,7 +138,6 @@ def _parser() -> argparse.ArgumentParser:
     knock.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"how long --wait waits (default {DEFAULT_TIMEOUT:g})",
     )
@@ -406,7 +405,10 @@ def _knock(args: argparse.Namespace) -> int:
         steps = tuple(Step(step.port, "udp") for step in steps)
     if args.delay < 0:
         raise KnockError("the delay cannot be negative")
+    if not args.wait and (args.wait_port is not None or args.timeout is not None):
+        raise KnockError("--port and --timeout go with --wait")
     wait_port = _wait_port(args, door) if args.wait else None
+    timeout: float = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     family: Literal[4, 6] | None = args.family
     address_family, address = resolve_host(args.host, family)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
@@ -417,7 +419,7 @@ def _knock(args: argparse.Namespace) -> int:
         from appliance.knocker.wait import wait_open
 
         _progress(f"knock sent to {address}: {len(steps)} knock(s), waiting for port {wait_port}")
-        sock, _ = wait_open(address_family, address, wait_port, args.timeout, _progress)
+        sock, _ = wait_open(address_family, address, wait_port, timeout, _progress)
         sock.close()
     return 0
 
@@ -428,7 +430,7 @@ def _progress(line: str) -> None:
 
 def _wait_port(args: argparse.Namespace, door: Door | None) -> int:
     """The port --wait waits for: --port, else the first TCP port the door opens."""
-    if args.timeout <= 0:
+    if args.timeout is not None and args.timeout <= 0:
         raise KnockError("--timeout must be more than 0 seconds")
     if args.wait_port is not None:
         if not 1 <= args.wait_port <= 65535:

@@ -24,8 +24,6 @@ from appliance.errors import KnockError
 from appliance.spa.keyfile import ClientProfile
 from appliance.spa.wire import SpaError, new_message, parse_access, seal
 
-FRAGMENT_WARNING = 1200  # bytes of SPA payload: more may not fit a 1280-byte IPv6 path
-
 
 @dataclass(frozen=True, slots=True)
 class SpaRequest:
@@ -111,12 +109,6 @@ class DoorKnocker:
         assert self.spa is not None
         asked = self.spa.fw_timeout
         return min(float(asked) if asked else self.door.open.duration, spa.max_time)
-
-    @property
-    def kind(self) -> str:
-        if self.door.spa is not None:
-            return "SPA"
-        return "TOTP" if self.door.knock.totp is not None else "sequence"
 
     def knock(self, now: float | None = None) -> str | None:
         """Send the knock; return what was sent (for progress lines), or ``None`` when a

@@ -395,3 +395,28 @@ def test_connect_refuses_a_port_the_door_does_not_open(
     err = capsys.readouterr().err
     assert "door 'ssh' opens 2222/tcp, not 22/tcp" in err
     assert capsys.readouterr().out == ""
+
+
+def test_knock_port_and_timeout_without_wait_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["knock", "127.0.0.1", "7000", "--port", "22"]) == 1
+    assert "--port and --timeout go with --wait" in capsys.readouterr().err
+
+
+def test_connect_to_a_port_that_never_opens_exits_3_with_nothing_on_stdout(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pathlib
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    path = pathlib.Path(str(tmp_path)) / "knockgate.yaml"
+    path.write_text(CONFIG.replace("2222/tcp", f"{port}/tcp"))
+    argv = ["connect", "127.0.0.1", str(port), "--door", "ssh", "--config", str(path)]
+    assert main([*argv, "--timeout", "0.3"]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"knockgate connect: 127.0.0.1 port {port}/tcp did not open within 0.3 s" in err
