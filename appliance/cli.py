@@ -31,8 +31,9 @@ from appliance.client import (
 from appliance.config import load_config
 from appliance.config.export import to_yaml
 from appliance.core.events import Command, Record
-from appliance.core.model import Proto, Step
+from appliance.core.model import Door, Proto, Step
 from appliance.errors import ConfigError, KnockError, KnockgateError
+from appliance.knocker.wait import DEFAULT_TIMEOUT, STATUS_TIMED_OUT, PortStayedClosed
 from appliance.logformat import clock, describe, json_line
 from appliance.simulate import Summary, packets, replay
 
@@ -121,6 +122,68 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="send the next unused line of this knockd one-time-sequences file and mark it used",
     )
+    knock.add_argument(
+        "--wait",
+        action="store_true",
+        help="then wait until the port accepts a TCP connection (progress on stderr; "
+        "exit 3 when it does not open in time)",
+    )
+    knock.add_argument(
+        "--port",
+        type=int,
+        dest="wait_port",
+        metavar="PORT",
+        help="the TCP port to wait for (default: the first TCP port the --door opens)",
+    )
+    knock.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long --wait waits (default {DEFAULT_TIMEOUT:g})",
+    )
+
+    connect = commands.add_parser(
+        "connect",
+        help="knock a door, wait until PORT opens, relay stdin/stdout to it (ssh ProxyCommand)",
+        description="knockgate connect HOST PORT --door NAME [--config FILE] [--key-file FILE]: "
+        "for ~/.ssh/config: ProxyCommand knockgate connect %%h %%p --door ssh --config FILE. "
+        "While the connection is open the grant is renewed before it ends. Errors on stderr; "
+        "exit 3 when the port does not open in time.",
+    )
+    connect.add_argument("host", metavar="HOST")
+    connect.add_argument("port", type=int, metavar="PORT")
+    connect.add_argument("--door", required=True, metavar="NAME", help="the door to knock")
+    connect.add_argument(
+        "--config",
+        default=os.environ.get("KNOCKGATE_CONFIG"),
+        metavar="FILE",
+        help="the client's copy of the configuration (default: $KNOCKGATE_CONFIG)",
+    )
+    connect.add_argument(
+        "--key-file", metavar="FILE", help="SPA doors: the key file (its [NAME] stanza)"
+    )
+    connect.add_argument(
+        "-f", "--fw-timeout", type=int, metavar="SECONDS", help="SPA doors: the access time"
+    )
+    connect.add_argument(
+        "-d", "--delay", type=int, default=0, metavar="MS", help="milliseconds between knocks"
+    )
+    connect.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for PORT to open (default {DEFAULT_TIMEOUT:g})",
+    )
+    connect.add_argument(
+        "--no-keepalive", action="store_true", help="do not renew the grant while connected"
+    )
+    connect_family = connect.add_mutually_exclusive_group()
+    connect_family.add_argument("-4", "--ipv4", action="store_const", const=4, dest="family")
+    connect_family.add_argument("-6", "--ipv6", action="store_const", const=6, dest="family")
+    connect.add_argument(
+        "-v", "--verbose", action="store_true", help="progress and each renewal on stderr"
+    )
 
     spa = commands.add_parser(
         "spa",
@@ -203,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args.config, args.pcap, args.host, args.json)
         if args.command == "knock":
             return _knock(args)
+        if args.command == "connect":
+            return _connect(args)
         if args.command == "run":
             return _run(args.config, args.i_know, args.status_socket, args.state_dir)
         if args.command == "status":
@@ -223,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _uninstall(args.config, args.keep_volumes)
         if args.command == "config":
             return _config(args.action, args.config, args.source, not args.no_reload)
+    except PortStayedClosed as error:
+        print(f"knockgate {args.command}: {error}", file=sys.stderr)
+        return STATUS_TIMED_OUT
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -311,6 +379,7 @@ def _print_summary(summary: Summary, as_json: bool) -> None:
 def _knock(args: argparse.Namespace) -> int:
     default_proto: Proto = "tcp"
     one_time: tuple[str, int] | None = None
+    door: Door | None = None
     if args.one_time is not None:
         if args.ports or args.door is not None or args.config is not None:
             raise KnockError("--one-time takes the sequence from its file: no ports or --door")
@@ -325,6 +394,7 @@ def _knock(args: argparse.Namespace) -> int:
             raise KnockError("give either ports or --door, not both")
         config = load_config(args.config).config
         steps = sequence_for_door(config, args.door, time.time())
+        door = config.door(args.door)
     else:
         if not args.ports:
             raise KnockError(
@@ -335,12 +405,109 @@ def _knock(args: argparse.Namespace) -> int:
         steps = tuple(Step(step.port, "udp") for step in steps)
     if args.delay < 0:
         raise KnockError("the delay cannot be negative")
+    if not args.wait and (args.wait_port is not None or args.timeout is not None):
+        raise KnockError("--port and --timeout go with --wait")
+    wait_port = _wait_port(args, door) if args.wait else None
+    timeout: float = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     family: Literal[4, 6] | None = args.family
     address_family, address = resolve_host(args.host, family)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
     if one_time is not None:  # used before it is sent: a failed send burns it, never repeats it
         use_one_time(*one_time)
     send_knocks(address_family, address, steps, args.delay, verbose)
+    if wait_port is not None:
+        from appliance.knocker.wait import wait_open
+
+        _progress(f"knock sent to {address}: {len(steps)} knock(s), waiting for port {wait_port}")
+        sock, _ = wait_open(address_family, address, wait_port, timeout, _progress)
+        sock.close()
+    return 0
+
+
+def _progress(line: str) -> None:
+    print(f"knockgate: {line}", file=sys.stderr, flush=True)
+
+
+def _wait_port(args: argparse.Namespace, door: Door | None) -> int:
+    """The port --wait waits for: --port, else the first TCP port the door opens."""
+    if args.timeout is not None and args.timeout <= 0:
+        raise KnockError("--timeout must be more than 0 seconds")
+    if args.wait_port is not None:
+        if not 1 <= args.wait_port <= 65535:
+            raise KnockError(f"--port {args.wait_port}: must be 1..65535")
+        return int(args.wait_port)
+    if door is None:
+        raise KnockError("--wait needs --port PORT (or --door NAME --config FILE)")
+    tcp = [step.port for step in (door.open.ports if door.open else ()) if step.proto == "tcp"]
+    if not tcp:
+        raise KnockError(f"door {door.name!r} opens no TCP port: give --port PORT to wait for")
+    return tcp[0]
+
+
+def _connect(args: argparse.Namespace) -> int:
+    """Knock, wait until PORT accepts, relay stdin/stdout to it (renewing the grant)."""
+    from appliance.knocker.door import DoorKnocker, SpaRequest
+    from appliance.knocker.keepalive import Renewal
+    from appliance.knocker.relay import relay
+    from appliance.knocker.wait import wait_open
+
+    if args.config is None:
+        raise KnockError("no configuration: give --config FILE (or set KNOCKGATE_CONFIG)")
+    if not 1 <= args.port <= 65535:
+        raise KnockError(f"port {args.port}: must be 1..65535")
+    if args.timeout <= 0:
+        raise KnockError("--timeout must be more than 0 seconds")
+    if args.delay < 0:
+        raise KnockError("the delay cannot be negative")
+    config = load_config(args.config).config
+    door = config.door(args.door)
+    if door is None:
+        names = ", ".join(door.name for door in config.doors) or "none"
+        raise KnockError(f"unknown door {args.door!r} in {args.config} (doors: {names})")
+    opens = door.open.ports if door.open is not None else ()
+    if opens and Step(args.port, "tcp") not in opens:
+        listed = ", ".join(str(step) for step in opens)
+        raise KnockError(
+            f"door {args.door!r} opens {listed}, not {args.port}/tcp "
+            "(for ssh: set Port in ~/.ssh/config to the door's port)"
+        )
+    spa: SpaRequest | None = None
+    if door.spa is not None:
+        from appliance.spa.keyfile import read_key_file
+
+        if args.key_file is None:
+            raise KnockError(f"door {args.door!r} is an SPA door: give --key-file FILE")
+        profile = read_key_file(args.key_file, args.door)
+        spa = SpaRequest(
+            profile,
+            door.spa.port,
+            f"tcp/{args.port}",
+            allow_ip=profile.allow_ip,
+            fw_timeout=args.fw_timeout if args.fw_timeout is not None else profile.fw_timeout,
+            username=profile.username,
+        )
+    family: Literal[4, 6] | None = args.family
+    address_family, address = resolve_host(args.host, family)
+    knocker = DoorKnocker(door, address_family, address, spa=spa, delay_ms=args.delay)
+    say = _progress if args.verbose else (lambda line: None)
+    sent = knocker.knock()
+    knocked = time.monotonic()
+    if sent is None:  # a TOTP door knocked a moment ago (another connect) uses its next step
+        raise KnockError(f"door {args.door!r}: every TOTP time step is used, try again shortly")
+    say(f"knock sent: {sent}")
+    sock, _ = wait_open(address_family, address, args.port, args.timeout, say)
+    renewal = None
+    if not args.no_keepalive:
+        renewal = Renewal(knocker.knock, knocker.grant, knocked, _progress, verbose=args.verbose)
+    try:
+        result = relay(sock, sys.stdin.fileno(), sys.stdout.fileno(), timer=renewal)
+    finally:
+        sock.close()
+    if renewal is not None:
+        say(f"{renewal.renewals} renewal(s) of a {knocker.grant:g} s grant")
+    if result.error is not None:
+        _progress(f"connection to {address} port {args.port} ended: {result.error}")
+        return 1
     return 0
 
 
