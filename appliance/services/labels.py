@@ -4,7 +4,7 @@ Any container on the host (any compose project) with a ``knockgate.door`` label 
 gated service. This module turns one container's labels and Docker facts into a frozen
 :class:`GatedContainer`, or a :class:`LabelProblem` whose every line names the
 container and the label. Pure: standard library only, never raises on any label
-dict (a property test draws hostile ones). Not wired into the daemon yet.
+dict (a property test draws hostile ones).
 
 Label schema
 ============
@@ -138,6 +138,7 @@ class ContainerFacts:
     state: str
     labels: tuple[tuple[str, str], ...] = ()
     published: tuple[Published, ...] = ()
+    address: str | None = None  # its address on its network, while it has one
 
     @property
     def label_map(self) -> dict[str, str]:
