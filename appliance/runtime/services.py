@@ -349,8 +349,13 @@ class ServiceManager:
         """A close knock revoked ``door`` for ``address``: its units' grants too."""
         now = self.clock()
         for unit in list(self.units.values()):
-            if door in unit.doors:
-                self.handle(lc.CloseKnock(now, unit.name, address))
+            if door not in unit.doors:
+                continue
+            machine = self.labelled.machines.get(unit.name)
+            holder = None if machine is None else machine.holders.get(address)
+            if holder is not None:  # the daemon revoked the door's own ports only
+                self._carry_out([lc.RevokeAccess(unit.name, address, holder.ports, "close knock")])
+            self.handle(lc.CloseKnock(now, unit.name, address))
 
     @property
     def label_protected(self) -> tuple[Step, ...]:
