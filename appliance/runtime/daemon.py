@@ -239,6 +239,7 @@ class Daemon:
         self.launchers = launchers
         self.labels = labels  # label-gated containers are followed when given
         self._labelled: tuple[Step, ...] = ()  # their host ports, as the firewall has them
+        self._labels_failing = False
         self.services = self._service_manager(launcher) if launcher else None
 
     def _service_manager(self, launcher: ServiceLauncher) -> ServiceManager:
@@ -267,7 +268,17 @@ class Daemon:
             os.write(self._wake_w, b"\0")
 
     def start(self) -> None:
-        """Firewall first (reconcile: stale rules replaced, live grants kept), then capture."""
+        """Firewall first (reconcile: stale rules replaced, live grants kept), then capture.
+        Labelled containers are listed before it, so a restart does not open their ports
+        while discovery catches up."""
+        if self.services is not None and self.labels is not None:
+            try:
+                found = self.labels.labelled()
+            except KnockgateError as error:
+                log.warning("labelled containers not listed at start (followed later): %s", error)
+            else:
+                self.services.discovered(Listed(self.clock(), found))
+                self._labelled = self.services.label_protected
         self.backend.setup(self._plan())
         log.info("firewall: %s rules in place", self.backend.name)
         self.status = StatusServer(self.config.settings.status_socket, self.enqueue)
@@ -744,8 +755,13 @@ class Daemon:
         try:
             self.backend.setup(firewall_plan(self.config, wanted))
         except FirewallError as error:
-            log.error("firewall: cannot close the labelled containers' ports: %s", error)
+            if not self._labels_failing:  # tried again every second: logged once a streak
+                log.error("firewall: cannot set the labelled containers' ports: %s", error)
+            self._labels_failing = True
             return
+        if self._labels_failing:
+            log.warning("firewall: the labelled containers' ports are set again")
+        self._labels_failing = False
         self._labelled = wanted
 
     def reload(self) -> None:

@@ -781,3 +781,46 @@ def test_labelled_containers_are_closed_and_opened_by_their_door(tmp_path: Path)
         assert web not in backend.plan.protected and daemon.snapshot()["gated"] == []
     finally:
         daemon.shutdown()
+
+
+def test_labelled_ports_are_closed_by_the_first_setup(tmp_path: Path) -> None:
+    """Regression guard: a restart must not open a labelled container's port until
+    discovery catches up; the containers are listed before the first firewall setup."""
+    from appliance.services.discovery import EventStream
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.labels import Binding, ContainerFacts, Published
+    from appliance.services.launcher import ServiceLauncher
+
+    class Source:
+        def labelled(self) -> tuple[ContainerFacts, ...]:
+            published = (Published(80, "tcp", (Binding("", 8080),)),)
+            labels = (("knockgate.door", "web"),)
+            return (ContainerFacts("c1", "app-1", "running", labels, published),)
+
+        def inspect(self, ident: str) -> ContainerFacts | None:
+            return None
+
+        def events(self) -> EventStream:
+            from appliance.errors import ContainerError
+
+            raise ContainerError("no events in this test")
+
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path / 's.sock'}\nstate_dir: {tmp_path / 'state'}\n"
+        "doors:\n  web:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+        "    open: {duration: 30}\n"
+    )
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    launcher = ServiceLauncher(FakeRuntime(), (), "o1", clock=clock)
+    daemon = Daemon(
+        load_config(str(path)), backend, clock=clock, wall=clock, capture=False,
+        launcher=launcher, labels=Source(),
+    )  # fmt: skip
+    daemon.start()
+    try:
+        assert backend.plan is not None and Step(8080, "tcp") in backend.plan.protected
+        assert backend.calls.count("setup") == 1
+    finally:
+        daemon.shutdown()
