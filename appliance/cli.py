@@ -626,8 +626,16 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
     def launchers(services: tuple[Service, ...]) -> ServiceLauncher:
         return ServiceLauncher(DockerRuntime(), services, owner)
 
-    launcher = launchers(loaded.config.services) if loaded.config.services else None
-    daemon = Daemon(loaded, backend, launcher=launcher, launchers=launchers, overrides=overrides)
+    from appliance.services.discovery import DockerLabelSource
+    from appliance.services.docker_runtime import docker_present
+
+    # Label-gated containers are followed wherever Docker runs (its socket is there).
+    labels = DockerLabelSource() if docker_present() else None
+    wanted = loaded.config.services or labels is not None
+    launcher = launchers(loaded.config.services) if wanted else None
+    daemon = Daemon(
+        loaded, backend, launcher=launcher, launchers=launchers, overrides=overrides, labels=labels
+    )
     daemon.install_signal_handlers()
     if early_hup:
         daemon.enqueue(Signal("reload"))
@@ -682,6 +690,20 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         up = f"up {service.get('uptime')} s, " if service.get("running", True) else ""
         state, grants = service.get("state", "?"), service.get("grants")
         print(f"  {service['name']}: {state}, {up}{grants} grant(s)")
+    gated = data.get("gated", [])
+    if gated:
+        print("label-gated containers:")
+    for row in gated:
+        ports = ", ".join(row.get("ports") or []) or "no port"
+        door = row.get("door") or "(group member, no door)"
+        unit = f" [{row['unit']}]" if (row.get("unit") or "").startswith("group ") else ""
+        how = ", start on knock" if row.get("start_on_knock") else ""
+        print(
+            f"  {row['name']}: door {door}, {ports}, {row.get('state')} "
+            f"(docker: {row.get('docker')}){how}, {row.get('grants', 0)} grant(s){unit}"
+        )
+        for problem in row.get("problems") or []:
+            print(f"    problem: {problem}")
     print(f"attempts in progress: {data['attempts']}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in data["counters"].items()))
     return 0

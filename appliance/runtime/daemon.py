@@ -101,6 +101,7 @@ from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.services import ServiceManager
 from appliance.runtime.state import COMPACT_EVERY, Saved, StateStore
 from appliance.runtime.status import StatusServer
+from appliance.services.discovery import Changed, LabelSource, Listed, Removed
 from appliance.services.launcher import ServiceLauncher
 
 log = logging.getLogger("knockgate")
@@ -108,7 +109,7 @@ log = logging.getLogger("knockgate")
 # What other threads put on the loop's queue. Captured packets never go through it (the
 # loop reads the sockets); a Packet item is one handed over from elsewhere (a test's
 # scripted loop, a replay).
-Item = Packet | Signal | StatusRequest | HostState | ServiceEvent
+Item = Packet | Signal | StatusRequest | HostState | ServiceEvent | Listed | Changed | Removed
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
 SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
@@ -117,8 +118,10 @@ FLOOD_WINDOW = 60.0  # seconds over which knock noise is summed for the flood su
 FLOOD_NOISE = 6000  # lone first knocks and resets in a window that make it a flood
 
 
-def firewall_plan(config: Config) -> FirewallPlan:
-    protected: dict[Step, None] = {}
+def firewall_plan(config: Config, labelled: tuple[Step, ...] = ()) -> FirewallPlan:
+    """The rules for ``config``; ``labelled``: the host ports of label-gated containers
+    (closed like a door's own ports, opened by a knock on their door)."""
+    protected: dict[Step, None] = dict.fromkeys(labelled)
     knock: set[PortRange] = set()
     for door in config.doors:
         if door.open is not None:
@@ -188,6 +191,7 @@ class Daemon:
         launcher: ServiceLauncher | None = None,
         launchers: Callable[[tuple[Service, ...]], ServiceLauncher] | None = None,
         overrides: Overrides | None = None,
+        labels: LabelSource | None = None,
     ) -> None:
         """``launcher``: the services of the configuration at start; ``launchers``: makes
         one when a reload adds services to a configuration that had none."""
@@ -233,9 +237,20 @@ class Daemon:
         self._firewall_failing = False
         self._noise = (clock(), 0, 0)  # flood summary: window start, noise and packets then
         self.launchers = launchers
-        self.services = (
-            ServiceManager(launcher, backend, self.enqueue, clock, wall) if launcher else None
+        self.labels = labels  # label-gated containers are followed when given
+        self._labelled: tuple[Step, ...] = ()  # their host ports, as the firewall has them
+        self._labels_failing = False
+        self.services = self._service_manager(launcher) if launcher else None
+
+    def _service_manager(self, launcher: ServiceLauncher) -> ServiceManager:
+        manager = ServiceManager(
+            launcher, self.backend, self.enqueue, self.clock, self.wall, labels=self.labels
         )
+        manager.set_doors(_granting(self.config))
+        return manager
+
+    def _plan(self, config: Config | None = None) -> FirewallPlan:
+        return firewall_plan(config or self.config, self._labelled)
 
     def _engine(self, config: Config) -> KnockEngine:
         engine = KnockEngine(
@@ -253,8 +268,18 @@ class Daemon:
             os.write(self._wake_w, b"\0")
 
     def start(self) -> None:
-        """Firewall first (reconcile: stale rules replaced, live grants kept), then capture."""
-        self.backend.setup(firewall_plan(self.config))
+        """Firewall first (reconcile: stale rules replaced, live grants kept), then capture.
+        Labelled containers are listed before it, so a restart does not open their ports
+        while discovery catches up."""
+        if self.services is not None and self.labels is not None:
+            try:
+                found = self.labels.labelled()
+            except KnockgateError as error:
+                log.warning("labelled containers not listed at start (followed later): %s", error)
+            else:
+                self.services.discovered(Listed(self.clock(), found))
+                self._labelled = self.services.label_protected
+        self.backend.setup(self._plan())
         log.info("firewall: %s rules in place", self.backend.name)
         self.status = StatusServer(self.config.settings.status_socket, self.enqueue)
         self.status.start()
@@ -443,6 +468,11 @@ class Daemon:
                 if self.services is None:
                     raise TypeError(f"a service event without services: {item!r}")
                 self.services.handle(item)
+            case Listed() | Changed() | Removed():
+                if self.services is None:
+                    raise TypeError(f"a discovery event without services: {item!r}")
+                self.services.discovered(item)
+                self._sync_labelled()
             case _:
                 assert_never(item)
 
@@ -585,7 +615,11 @@ class Daemon:
             return True  # fail closed
 
     def _grant(self, grant: Grant) -> None:
+        if self.services is not None:
+            self.services.knocked(grant)  # the door's label-gated containers
         door = self.config.door(grant.door)
+        if not grant.ports:
+            return  # a door that opens only its labelled containers
         if door is not None and door.service is not None:
             service = self.config.service(door.service)
             if self.services is None or service is None:
@@ -607,6 +641,10 @@ class Daemon:
     def _revoke(self, revoke: Revoke) -> None:
         door = self.config.door(revoke.door)
         if door is None or door.open is None:
+            return
+        if self.services is not None:
+            self.services.closed(revoke.door, revoke.address)
+        if not door.open.ports:
             return
         try:
             self.backend.revoke(revoke.address, door.open.ports)
@@ -686,10 +724,11 @@ class Daemon:
     def _check_firewall(self) -> None:
         """Verify knockgate's rules; repair any drift. A failure is logged once per streak
         (the check runs every second), and its end once."""
+        self._sync_labelled()
         try:
             if not self.backend.check():
                 log.warning("firewall: knockgate's rules were changed or removed; restoring them")
-                self.backend.setup(firewall_plan(self.config))
+                self.backend.setup(self._plan())
                 self.stats.firewall_repairs += 1
         except FirewallError as error:
             self.stats.firewall_check_failures += 1
@@ -706,6 +745,24 @@ class Daemon:
             )
             self._firewall_failing = False
             self.stats.firewall_check_failures = 0
+
+    def _sync_labelled(self) -> None:
+        """The label-gated containers' host ports into the firewall, when they changed
+        (a failure is logged and tried again at the next firewall check)."""
+        if self.services is None or self.services.label_protected == self._labelled:
+            return
+        wanted = self.services.label_protected
+        try:
+            self.backend.setup(firewall_plan(self.config, wanted))
+        except FirewallError as error:
+            if not self._labels_failing:  # tried again every second: logged once a streak
+                log.error("firewall: cannot set the labelled containers' ports: %s", error)
+            self._labels_failing = True
+            return
+        if self._labels_failing:
+            log.warning("firewall: the labelled containers' ports are set again")
+        self._labels_failing = False
+        self._labelled = wanted
 
     def reload(self) -> None:
         """SIGHUP: validate first; keep the running config when the new one is bad.
@@ -741,7 +798,7 @@ class Daemon:
             except KnockgateError as error:
                 self._refuse_reload(f"services were added: {error}")
                 return
-            services = ServiceManager(launcher, self.backend, self.enqueue, self.clock, self.wall)
+            services = self._service_manager(launcher)
         # Everything that can fail comes before the swap, each undone when a later one fails.
         try:
             configure(loaded.config.settings.log)
@@ -750,12 +807,12 @@ class Daemon:
             self._refuse_reload(f"log: {error}")
             return
         try:
-            self.backend.setup(firewall_plan(loaded.config))
+            self.backend.setup(self._plan(loaded.config))
         except FirewallError as error:
             configure(self.config.settings.log)
             self._refuse_reload(f"firewall setup failed: {error}")
             try:
-                self.backend.setup(firewall_plan(self.config))
+                self.backend.setup(self._plan())
             except FirewallError as again:
                 log.error("firewall: restoring the running rules failed too: %s", again)
             return
@@ -780,10 +837,18 @@ class Daemon:
             self._guarded(
                 "reload services", functools.partial(services.reload, loaded.config.services)
             )
+        if services is not None:
+            self._guarded("reload labels", self._relabel)
         self.stats.reloads += 1
         for warning in loaded.warnings:
             log.warning("%s", warning)
         log.info("configuration reloaded: %d door(s)", len(loaded.config.doors))
+
+    def _relabel(self) -> None:
+        """Every label parsed again against the new doors; the firewall follows."""
+        assert self.services is not None
+        self.services.set_doors(_granting(self.config))
+        self._sync_labelled()
 
     def _reload_capture(self) -> None:
         assert self.sniffer is not None
@@ -822,6 +887,7 @@ class Daemon:
             "grants": grants,
             "interfaces": self.sniffer.capturing if self.sniffer is not None else [],
             "services": self.services.snapshot() if self.services is not None else [],
+            "gated": self.services.gated() if self.services is not None else [],
             "attempts": self.engine.attempt_count,
             "counters": {
                 **self.engine.counters.as_dict(),
@@ -841,6 +907,11 @@ class Daemon:
                 "service_failures": self.services.failures if self.services else 0,
             },
         }
+
+
+def _granting(config: Config) -> dict[str, bool]:
+    """Door name -> whether a knock on it grants (labels may name only those)."""
+    return {door.name: door.open is not None for door in config.doors}
 
 
 def _item_name(item: Item) -> str:
