@@ -70,10 +70,10 @@ def drop_privileges(uid: int, gid: int) -> None:
     """Become ``uid``/``gid`` with no supplementary group, no capability, no new
     privileges; verified (CapabilityError or OSError when anything is left)."""
     if os.geteuid() == 0:
-        caps.keep_only(frozenset())  # bounding set first: needs CAP_SETPCAP, still held
+        caps.drop_bounding(frozenset())  # first: needs CAP_SETPCAP, still held
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # clears the permitted and effective sets
     caps.no_new_privs()
     held = caps.capabilities()
     if os.geteuid() == 0 or held["CapEff"] or held["CapPrm"] or os.getgroups() not in ([], [gid]):

@@ -94,13 +94,19 @@ def no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
+def drop_bounding(keep: frozenset[int]) -> None:
+    """Reduce the bounding set to ``keep``: no later execve can gain more (needs
+    CAP_SETPCAP; the permitted and effective sets are untouched)."""
+    for cap in range(last_cap() + 1):
+        if cap not in keep:
+            _prctl(PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP {cap}")
+
+
 def keep_only(keep: frozenset[int]) -> None:
     """Reduce this thread's bounding, permitted, effective, inheritable and ambient sets
     to ``keep`` (empty: none), then check every thread of the process (CapabilityError
     when a thread kept more, or the kernel refused)."""
-    for cap in range(last_cap() + 1):
-        if cap not in keep:
-            _prctl(PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP {cap}")
+    drop_bounding(keep)
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
     bits = mask(keep)
     header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
