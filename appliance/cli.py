@@ -544,6 +544,9 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         f"firewall {data['backend']}"
     )
     print("capturing on: " + (", ".join(data.get("interfaces", [])) or "(no interface)"))
+    packet = data.get("packet_process")
+    if isinstance(packet, dict):
+        print(f"packet process: pid {packet.get('pid')}, user {packet.get('user')}")
     print("doors:")
     for door in data["doors"]:
         kind = door.get("knock", "sequence")
