@@ -29,7 +29,7 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from socket import AF_INET6, inet_ntoa, inet_ntop
+from socket import AF_INET6, inet_aton, inet_ntoa, inet_ntop, inet_pton
 from typing import NamedTuple
 
 from appliance.capture.checksum import REASONS
@@ -61,6 +61,7 @@ _LOG_HEAD = struct.Struct("!BBBH")  # kind, logger, level, length
 LOGGERS = ("knockgate.capture", "knockgate.spa")
 LEVELS = (logging.INFO, logging.WARNING, logging.ERROR)
 MAX_LOG = 1024
+MAX_NAMES = 1024  # IPv4 destinations' text kept (the host's addresses, doors' targets)
 MAX_TEXT = 255  # a door's, user's or client's name
 MAX_PORTS = 64
 DIGEST_SIZE = 32  # SHA-256
@@ -70,15 +71,13 @@ DIGEST_SIZE = 32  # SHA-256
 
 
 def encode_packet(packet: Packet) -> bytes:
-    """``packet`` without its payload (raises on an address that is not one: a bug)."""
+    """``packet`` without its payload (OSError on an address that is not one: a bug)."""
     proto = _NUMBERS[packet.proto]
     if ":" in packet.src:
-        src = ipaddress.IPv6Address(packet.src).packed
-        dst = ipaddress.IPv6Address(packet.dst).packed
+        src, dst = inet_pton(AF_INET6, packet.src), inet_pton(AF_INET6, packet.dst)
         return _P6.pack(PACKET6, proto, packet.flags, packet.dport, src, dst)
-    src4 = ipaddress.IPv4Address(packet.src).packed
-    dst4 = ipaddress.IPv4Address(packet.dst).packed
-    return _P4.pack(PACKET4, proto, packet.flags, packet.dport, src4, dst4)
+    src, dst = inet_aton(packet.src), inet_aton(packet.dst)
+    return _P4.pack(PACKET4, proto, packet.flags, packet.dport, src, dst)
 
 
 def _text(value: str) -> bytes:
@@ -161,6 +160,7 @@ class RecordReader:
     def __init__(self, spa_users: Mapping[str, frozenset[str]] | None = None) -> None:
         self.spa_users: Mapping[str, frozenset[str]] = spa_users or {}
         self.malformed = 0  # messages (or their rest) dropped as malformed
+        self._names: dict[bytes, str] = {}
 
     def read(self, data: bytes, now: float) -> Batch:
         """The records of one message, stamped ``now``; whatever is malformed is counted
@@ -172,15 +172,23 @@ class RecordReader:
         events = batch.events
         append = events.append
         offset, size = 2, len(data)
-        p4, p6 = _P4.unpack_from, _P6.unpack_from
-        protos = _PROTOS
+        p4, p6, size4 = _P4.unpack_from, _P6.unpack_from, _P4.size
+        protos, new = _PROTOS, tuple.__new__
+        names = self._names  # destinations: the host's few addresses (bounded below)
+        if len(names) > MAX_NAMES:
+            names.clear()
         try:
             while offset < size:
                 kind = data[offset]
                 if kind == PACKET4:
                     _, proto, flags, port, src, dst = p4(data, offset)
-                    offset += _P4.size
-                    append(Packet(now, inet_ntoa(src), inet_ntoa(dst), protos[proto], port, flags))
+                    offset += size4
+                    text = names.get(dst)
+                    if text is None:
+                        text = names[dst] = inet_ntoa(dst)
+                    append(
+                        new(Packet, (now, inet_ntoa(src), text, protos[proto], port, flags, b""))
+                    )
                 elif kind == PACKET6:
                     _, proto, flags, port, src, dst = p6(data, offset)
                     offset += _P6.size
@@ -199,11 +207,11 @@ class RecordReader:
                 elif kind == LOG:
                     _, name, rank, length = _LOG_HEAD.unpack_from(data, offset)
                     offset += _LOG_HEAD.size
-                    text = data[offset : offset + length]
+                    raw = data[offset : offset + length]
                     offset += length
-                    if len(text) != length or length > MAX_LOG:
+                    if len(raw) != length or length > MAX_LOG:
                         raise Malformed("log record cut short")
-                    line = _CONTROL.sub("?", text.decode("utf-8", "replace"))
+                    line = _CONTROL.sub("?", raw.decode("utf-8", "replace"))
                     batch.logs.append(LogLine(LOGGERS[name], LEVELS[rank], line))
                 else:
                     raise Malformed(f"unknown record kind {kind}")
