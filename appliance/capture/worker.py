@@ -107,6 +107,7 @@ class Worker:
         self.sent: tuple[int, ...] = ()  # the counters last sent
         self.counters_at = 0.0
         self.drops_at = 0.0
+        self.bugs = 0  # batches lost to an unexpected exception
 
     def run(self) -> int:
         logger = logging.getLogger("knockgate")
@@ -122,7 +123,7 @@ class Worker:
                     if key.data is None:
                         if not self._control():
                             return 0
-                    else:
+                    elif key.data.sock is key.fileobj:  # not closed by a message just read
                         self._read(key.data)
                 now = time.monotonic()
                 if now >= self.drops_at:
@@ -188,6 +189,20 @@ class Worker:
     # ------------------------------------------------------------ to the monitor
 
     def _read(self, reader: InterfaceReader) -> None:
+        """One batch of frames from one socket to the monitor. A bug on some input loses
+        this batch, not the process (its traceback is logged once)."""
+        try:
+            self._batch(reader)
+        except Exception as error:
+            self.bugs += 1
+            if self.bugs == 1:  # the monitor logs lines, not tracebacks: the type and text
+                log.error(
+                    "internal error in the packet process (a bug; it goes on): %s: %s",
+                    type(error).__name__,
+                    error,
+                )
+
+    def _batch(self, reader: InterfaceReader) -> None:
         try:
             packets = reader.read()
         except OSError as error:  # ENETDOWN and the like: the monitor follows the links
