@@ -81,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start even when this SSH session's port is protected and its address not allowed",
     )
+    run.add_argument(
+        "--packet-user",
+        metavar="USER",
+        help="the packet process's user (default: knockgate-packet if it exists, else nobody)",
+    )
+    # The packet process, started by `run` (privilege separation); not for people.
+    packet = commands.add_parser("packet")
+    packet.add_argument("--fd", type=int, required=True)
+    packet.add_argument("--user")
 
     status = commands.add_parser("status", help="ask the running daemon for its state")
     status.add_argument("--config", metavar="FILE", help="take the socket path from this config")
@@ -269,7 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "connect":
             return _connect(args)
         if args.command == "run":
-            return _run(args.config, args.i_know, args.status_socket, args.state_dir)
+            return _run(
+                args.config, args.i_know, args.status_socket, args.state_dir, args.packet_user
+            )
+        if args.command == "packet":
+            return _packet(args.fd, args.user)
         if args.command == "status":
             return _status(args.config, args.socket, args.json)
         if args.command == "teardown":
@@ -587,7 +600,24 @@ def _keygen(totp: bool) -> int:
     return 0
 
 
-def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | None) -> int:
+def _packet(fd: int, user: str | None) -> int:
+    import pwd
+
+    from appliance.capture.worker import main as packet_main
+
+    if user is None:
+        return packet_main(fd, None, None)
+    entry = pwd.getpwnam(user)
+    return packet_main(fd, entry.pw_uid, entry.pw_gid)
+
+
+def _run(
+    path: str,
+    i_know: bool,
+    status_socket: str | None,
+    state_dir: str | None,
+    packet_user: str | None = None,
+) -> int:
     import os
     import signal
 
@@ -626,15 +656,30 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
     def launchers(services: tuple[Service, ...]) -> ServiceLauncher:
         return ServiceLauncher(DockerRuntime(), services, owner)
 
+    import functools
+
+    from appliance.runtime import caps
+    from appliance.runtime.privsep import packet_user as find_packet_user
+    from appliance.runtime.privsep import spawn
     from appliance.services.discovery import DockerLabelSource
     from appliance.services.docker_runtime import docker_present
 
+    if os.geteuid() == 0:
+        find_packet_user(packet_user)  # a clear error now, before anything is touched
     # Label-gated containers are followed wherever Docker runs (its socket is there).
     labels = DockerLabelSource() if docker_present() else None
     wanted = loaded.config.services or labels is not None
     launcher = launchers(loaded.config.services) if wanted else None
     daemon = Daemon(
-        loaded, backend, launcher=launcher, launchers=launchers, overrides=overrides, labels=labels
+        loaded,
+        backend,
+        launcher=launcher,
+        launchers=launchers,
+        overrides=overrides,
+        labels=labels,
+        packets=functools.partial(spawn, packet_user),
+        # Root keeps only NET_ADMIN and NET_RAW once the packet process runs.
+        confine=functools.partial(caps.keep_only, caps.NETWORK) if os.geteuid() == 0 else None,
     )
     daemon.install_signal_handlers()
     if early_hup:
@@ -649,7 +694,7 @@ def _run(path: str, i_know: bool, status_socket: str | None, state_dir: str | No
         if settings.pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(settings.pid_file)
-    return 0
+    return daemon.exit_status
 
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
@@ -672,6 +717,9 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         f"firewall {data['backend']}"
     )
     print("capturing on: " + (", ".join(data.get("interfaces", [])) or "(no interface)"))
+    packet = data.get("packet_process")
+    if isinstance(packet, dict):
+        print(f"packet process: pid {packet.get('pid')}, user {packet.get('user')}")
     print("doors:")
     for door in data["doors"]:
         kind = door.get("knock", "sequence")
