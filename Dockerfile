@@ -8,6 +8,9 @@ RUN apt-get update \
       python3 python3-yaml python3-scapy python3-docker python3-cryptography python3-pyroute2 libpcap0.8 \
       nftables iptables ipset conntrack iproute2 supervisor \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+# The packet process (`knockgate packet`, started by `knockgate run`) reads untrusted bytes
+# as this user: no home, no shell, no groups, no capabilities (README: security model).
+RUN useradd --system --no-create-home --shell /usr/sbin/nologin knockgate-packet
 
 # The launcher's user: the only one given the Docker socket (the entrypoint adds its group).
 RUN useradd --system --user-group --no-create-home --home-dir /nonexistent \

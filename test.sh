@@ -12,8 +12,8 @@ cd "$(dirname "$0")"
 
 # Real peers and real firewalls: knockd (its knock client and, for the benchmark, the
 # daemon), tcpdump and libpcap, nftables, iptables and ipset, nmap, hping3, iproute2,
-# curl, conntrack.
-APT_PACKAGES=(knockd fwknop-client tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client)
+# curl, conntrack, OpenSSH's client and server (connect's tests run a real sshd in a namespace).
+APT_PACKAGES=(knockd fwknop-client tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client openssh-server)
 
 install_peers() {
     local missing=()
@@ -29,8 +29,22 @@ install_peers() {
     echo "test.sh: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    # knockd's package would start nothing (START_KNOCKD=0), but keep services off anyway.
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # knockd's package would start nothing (START_KNOCKD=0), but openssh-server's would start
+    # and enable sshd on the host (the tests run their own sshd in a namespace): a
+    # policy-rc.d that refuses every start keeps services off while apt runs.
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
+    fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || {
+        [ -n "$made_policy" ] && rm -f "$policy"
+        return 1
+    }
+    [ -n "$made_policy" ] && rm -f "$policy"
+    if [[ " ${missing[*]} " == *" openssh-server "* ]]; then  # nor started at the next boot
+        systemctl disable ssh.service >/dev/null 2>&1 || true
+    fi
+    return 0
 }
 
 setup_venv() {

@@ -31,8 +31,9 @@ from appliance.client import (
 from appliance.config import load_config
 from appliance.config.export import to_yaml
 from appliance.core.events import Command, Record
-from appliance.core.model import Proto, Step
+from appliance.core.model import Door, Proto, Step
 from appliance.errors import ConfigError, KnockError, KnockgateError
+from appliance.knocker.wait import DEFAULT_TIMEOUT, STATUS_TIMED_OUT, PortStayedClosed
 from appliance.logformat import clock, describe, json_line
 from appliance.simulate import Summary, packets, replay
 
@@ -86,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start even when this SSH session's port is protected and its address not allowed",
     )
+    run.add_argument(
+        "--packet-user",
+        metavar="USER",
+        help="the packet process's user (default: knockgate-packet if it exists, else nobody)",
+    )
+    # The packet process, started by `run` (privilege separation); not for people.
+    packet = commands.add_parser("packet")
+    packet.add_argument("--fd", type=int, required=True)
+    packet.add_argument("--user")
 
     launcher = commands.add_parser(
         "launcher",
@@ -133,6 +143,68 @@ def _parser() -> argparse.ArgumentParser:
         "--one-time",
         metavar="FILE",
         help="send the next unused line of this knockd one-time-sequences file and mark it used",
+    )
+    knock.add_argument(
+        "--wait",
+        action="store_true",
+        help="then wait until the port accepts a TCP connection (progress on stderr; "
+        "exit 3 when it does not open in time)",
+    )
+    knock.add_argument(
+        "--port",
+        type=int,
+        dest="wait_port",
+        metavar="PORT",
+        help="the TCP port to wait for (default: the first TCP port the --door opens)",
+    )
+    knock.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long --wait waits (default {DEFAULT_TIMEOUT:g})",
+    )
+
+    connect = commands.add_parser(
+        "connect",
+        help="knock a door, wait until PORT opens, relay stdin/stdout to it (ssh ProxyCommand)",
+        description="knockgate connect HOST PORT --door NAME [--config FILE] [--key-file FILE]: "
+        "for ~/.ssh/config: ProxyCommand knockgate connect %%h %%p --door ssh --config FILE. "
+        "While the connection is open the grant is renewed before it ends. Errors on stderr; "
+        "exit 3 when the port does not open in time.",
+    )
+    connect.add_argument("host", metavar="HOST")
+    connect.add_argument("port", type=int, metavar="PORT")
+    connect.add_argument("--door", required=True, metavar="NAME", help="the door to knock")
+    connect.add_argument(
+        "--config",
+        default=os.environ.get("KNOCKGATE_CONFIG"),
+        metavar="FILE",
+        help="the client's copy of the configuration (default: $KNOCKGATE_CONFIG)",
+    )
+    connect.add_argument(
+        "--key-file", metavar="FILE", help="SPA doors: the key file (its [NAME] stanza)"
+    )
+    connect.add_argument(
+        "-f", "--fw-timeout", type=int, metavar="SECONDS", help="SPA doors: the access time"
+    )
+    connect.add_argument(
+        "-d", "--delay", type=int, default=0, metavar="MS", help="milliseconds between knocks"
+    )
+    connect.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for PORT to open (default {DEFAULT_TIMEOUT:g})",
+    )
+    connect.add_argument(
+        "--no-keepalive", action="store_true", help="do not renew the grant while connected"
+    )
+    connect_family = connect.add_mutually_exclusive_group()
+    connect_family.add_argument("-4", "--ipv4", action="store_const", const=4, dest="family")
+    connect_family.add_argument("-6", "--ipv6", action="store_const", const=6, dest="family")
+    connect.add_argument(
+        "-v", "--verbose", action="store_true", help="progress and each renewal on stderr"
     )
 
     spa = commands.add_parser(
@@ -216,10 +288,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args.config, args.pcap, args.host, args.json)
         if args.command == "knock":
             return _knock(args)
+        if args.command == "connect":
+            return _connect(args)
         if args.command == "run":
-            return _run(args.config, args.i_know, args.status_socket, args.state_dir, args.launcher)
+            return _run(
+                args.config,
+                args.i_know,
+                args.status_socket,
+                args.state_dir,
+                args.packet_user,
+                args.launcher,
+            )
         if args.command == "launcher":
             return _launcher(args.config, args.socket)
+        if args.command == "packet":
+            return _packet(args.fd, args.user)
         if args.command == "status":
             return _status(args.config, args.socket, args.json)
         if args.command == "teardown":
@@ -238,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _uninstall(args.config, args.keep_volumes)
         if args.command == "config":
             return _config(args.action, args.config, args.source, not args.no_reload)
+    except PortStayedClosed as error:
+        print(f"knockgate {args.command}: {error}", file=sys.stderr)
+        return STATUS_TIMED_OUT
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -326,6 +412,7 @@ def _print_summary(summary: Summary, as_json: bool) -> None:
 def _knock(args: argparse.Namespace) -> int:
     default_proto: Proto = "tcp"
     one_time: tuple[str, int] | None = None
+    door: Door | None = None
     if args.one_time is not None:
         if args.ports or args.door is not None or args.config is not None:
             raise KnockError("--one-time takes the sequence from its file: no ports or --door")
@@ -340,6 +427,7 @@ def _knock(args: argparse.Namespace) -> int:
             raise KnockError("give either ports or --door, not both")
         config = load_config(args.config).config
         steps = sequence_for_door(config, args.door, time.time())
+        door = config.door(args.door)
     else:
         if not args.ports:
             raise KnockError(
@@ -350,12 +438,109 @@ def _knock(args: argparse.Namespace) -> int:
         steps = tuple(Step(step.port, "udp") for step in steps)
     if args.delay < 0:
         raise KnockError("the delay cannot be negative")
+    if not args.wait and (args.wait_port is not None or args.timeout is not None):
+        raise KnockError("--port and --timeout go with --wait")
+    wait_port = _wait_port(args, door) if args.wait else None
+    timeout: float = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     family: Literal[4, 6] | None = args.family
     address_family, address = resolve_host(args.host, family)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
     if one_time is not None:  # used before it is sent: a failed send burns it, never repeats it
         use_one_time(*one_time)
     send_knocks(address_family, address, steps, args.delay, verbose)
+    if wait_port is not None:
+        from appliance.knocker.wait import wait_open
+
+        _progress(f"knock sent to {address}: {len(steps)} knock(s), waiting for port {wait_port}")
+        sock, _ = wait_open(address_family, address, wait_port, timeout, _progress)
+        sock.close()
+    return 0
+
+
+def _progress(line: str) -> None:
+    print(f"knockgate: {line}", file=sys.stderr, flush=True)
+
+
+def _wait_port(args: argparse.Namespace, door: Door | None) -> int:
+    """The port --wait waits for: --port, else the first TCP port the door opens."""
+    if args.timeout is not None and args.timeout <= 0:
+        raise KnockError("--timeout must be more than 0 seconds")
+    if args.wait_port is not None:
+        if not 1 <= args.wait_port <= 65535:
+            raise KnockError(f"--port {args.wait_port}: must be 1..65535")
+        return int(args.wait_port)
+    if door is None:
+        raise KnockError("--wait needs --port PORT (or --door NAME --config FILE)")
+    tcp = [step.port for step in (door.open.ports if door.open else ()) if step.proto == "tcp"]
+    if not tcp:
+        raise KnockError(f"door {door.name!r} opens no TCP port: give --port PORT to wait for")
+    return tcp[0]
+
+
+def _connect(args: argparse.Namespace) -> int:
+    """Knock, wait until PORT accepts, relay stdin/stdout to it (renewing the grant)."""
+    from appliance.knocker.door import DoorKnocker, SpaRequest
+    from appliance.knocker.keepalive import Renewal
+    from appliance.knocker.relay import relay
+    from appliance.knocker.wait import wait_open
+
+    if args.config is None:
+        raise KnockError("no configuration: give --config FILE (or set KNOCKGATE_CONFIG)")
+    if not 1 <= args.port <= 65535:
+        raise KnockError(f"port {args.port}: must be 1..65535")
+    if args.timeout <= 0:
+        raise KnockError("--timeout must be more than 0 seconds")
+    if args.delay < 0:
+        raise KnockError("the delay cannot be negative")
+    config = load_config(args.config).config
+    door = config.door(args.door)
+    if door is None:
+        names = ", ".join(door.name for door in config.doors) or "none"
+        raise KnockError(f"unknown door {args.door!r} in {args.config} (doors: {names})")
+    opens = door.open.ports if door.open is not None else ()
+    if opens and Step(args.port, "tcp") not in opens:
+        listed = ", ".join(str(step) for step in opens)
+        raise KnockError(
+            f"door {args.door!r} opens {listed}, not {args.port}/tcp "
+            "(for ssh: set Port in ~/.ssh/config to the door's port)"
+        )
+    spa: SpaRequest | None = None
+    if door.spa is not None:
+        from appliance.spa.keyfile import read_key_file
+
+        if args.key_file is None:
+            raise KnockError(f"door {args.door!r} is an SPA door: give --key-file FILE")
+        profile = read_key_file(args.key_file, args.door)
+        spa = SpaRequest(
+            profile,
+            door.spa.port,
+            f"tcp/{args.port}",
+            allow_ip=profile.allow_ip,
+            fw_timeout=args.fw_timeout if args.fw_timeout is not None else profile.fw_timeout,
+            username=profile.username,
+        )
+    family: Literal[4, 6] | None = args.family
+    address_family, address = resolve_host(args.host, family)
+    knocker = DoorKnocker(door, address_family, address, spa=spa, delay_ms=args.delay)
+    say = _progress if args.verbose else (lambda line: None)
+    sent = knocker.knock()
+    knocked = time.monotonic()
+    if sent is None:  # a TOTP door knocked a moment ago (another connect) uses its next step
+        raise KnockError(f"door {args.door!r}: every TOTP time step is used, try again shortly")
+    say(f"knock sent: {sent}")
+    sock, _ = wait_open(address_family, address, args.port, args.timeout, say)
+    renewal = None
+    if not args.no_keepalive:
+        renewal = Renewal(knocker.knock, knocker.grant, knocked, _progress, verbose=args.verbose)
+    try:
+        result = relay(sock, sys.stdin.fileno(), sys.stdout.fileno(), timer=renewal)
+    finally:
+        sock.close()
+    if renewal is not None:
+        say(f"{renewal.renewals} renewal(s) of a {knocker.grant:g} s grant")
+    if result.error is not None:
+        _progress(f"connection to {address} port {args.port} ended: {result.error}")
+        return 1
     return 0
 
 
@@ -444,11 +629,23 @@ def _launcher(config: str, socket_path: str) -> int:
     return serve(config, socket_path)
 
 
+def _packet(fd: int, user: str | None) -> int:
+    import pwd
+
+    from appliance.capture.worker import main as packet_main
+
+    if user is None:
+        return packet_main(fd, None, None)
+    entry = pwd.getpwnam(user)
+    return packet_main(fd, entry.pw_uid, entry.pw_gid)
+
+
 def _run(
     path: str,
     i_know: bool,
     status_socket: str | None,
     state_dir: str | None,
+    packet_user: str | None = None,
     launcher_socket: str | None = None,
 ) -> int:
     import os
@@ -495,8 +692,36 @@ def _run(
         )
         return ServiceLauncher(runtime, services, owner)
 
-    launcher = launchers(loaded.config.services) if loaded.config.services else None
-    daemon = Daemon(loaded, backend, launcher=launcher, launchers=launchers, overrides=overrides)
+    import functools
+
+    from appliance.runtime import caps
+    from appliance.runtime.privsep import packet_user as find_packet_user
+    from appliance.runtime.privsep import spawn
+    from appliance.services.discovery import DockerLabelSource, LabelSource
+    from appliance.services.docker_runtime import docker_present
+
+    if os.geteuid() == 0:
+        find_packet_user(packet_user)  # a clear error now, before anything is touched
+    # Label-gated containers are followed wherever Docker runs (its socket is there), or
+    # through the launcher.
+    labels: LabelSource | None
+    if launcher_socket is not None:
+        labels = RemoteRuntime(launcher_socket)
+    else:
+        labels = DockerLabelSource() if docker_present() else None
+    wanted = loaded.config.services or labels is not None
+    launcher = launchers(loaded.config.services) if wanted else None
+    daemon = Daemon(
+        loaded,
+        backend,
+        launcher=launcher,
+        launchers=launchers,
+        overrides=overrides,
+        labels=labels,
+        packets=functools.partial(spawn, packet_user),
+        # Root keeps only NET_ADMIN and NET_RAW once the packet process runs.
+        confine=functools.partial(caps.keep_only, caps.NETWORK) if os.geteuid() == 0 else None,
+    )
     daemon.install_signal_handlers()
     if early_hup:
         daemon.enqueue(Signal("reload"))
@@ -510,7 +735,7 @@ def _run(
         if settings.pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(settings.pid_file)
-    return 0
+    return daemon.exit_status
 
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
@@ -533,6 +758,9 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         f"firewall {data['backend']}"
     )
     print("capturing on: " + (", ".join(data.get("interfaces", [])) or "(no interface)"))
+    packet = data.get("packet_process")
+    if isinstance(packet, dict):
+        print(f"packet process: pid {packet.get('pid')}, user {packet.get('user')}")
     print("doors:")
     for door in data["doors"]:
         kind = door.get("knock", "sequence")
@@ -551,6 +779,20 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         up = f"up {service.get('uptime')} s, " if service.get("running", True) else ""
         state, grants = service.get("state", "?"), service.get("grants")
         print(f"  {service['name']}: {state}, {up}{grants} grant(s)")
+    gated = data.get("gated", [])
+    if gated:
+        print("label-gated containers:")
+    for row in gated:
+        ports = ", ".join(row.get("ports") or []) or "no port"
+        door = row.get("door") or "(group member, no door)"
+        unit = f" [{row['unit']}]" if (row.get("unit") or "").startswith("group ") else ""
+        how = ", start on knock" if row.get("start_on_knock") else ""
+        print(
+            f"  {row['name']}: door {door}, {ports}, {row.get('state')} "
+            f"(docker: {row.get('docker')}){how}, {row.get('grants', 0)} grant(s){unit}"
+        )
+        for problem in row.get("problems") or []:
+            print(f"    problem: {problem}")
     print(f"attempts in progress: {data['attempts']}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in data["counters"].items()))
     return 0

@@ -60,6 +60,7 @@ RECEIVE_BUFFER = 4 << 20
 BATCH = 256  # frames read per wake-up at most, so other events are not starved
 REOPEN_SECONDS = 1.0  # after a socket error (not a link going down): one new attempt
 SOL_PACKET = 263
+SO_LOCK_FILTER = 44  # SOL_SOCKET: the attached filter can no longer be changed or removed
 PACKET_STATISTICS = 6  # struct tpacket_stats {unsigned tp_packets, tp_drops}; reset on read
 PACKET_AUXDATA = 8  # a struct tpacket_auxdata with every frame read by recvmsg
 # struct tpacket_auxdata: tp_status, tp_len (the frame's real length), tp_snaplen, tp_mac,
@@ -105,14 +106,16 @@ def check_filter(expression: str) -> None:
 
 
 def open_socket(interface: str, expression: str) -> socket.socket:
-    """A non-blocking AF_PACKET socket on ``interface`` with ``expression`` attached
-    (OSError or CaptureError when the kernel refuses)."""
+    """A non-blocking AF_PACKET socket on ``interface`` with ``expression`` attached and
+    locked (OSError or CaptureError when the kernel refuses). Whoever gets the socket
+    (the packet process) cannot widen what it sees: a new filter needs a new socket."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         # Filter before bind: no unfiltered packet is ever queued on the socket.
         _attach(sock, expression, interface)
+        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
         sock.bind((interface, ETH_P_ALL))
         sock.setblocking(False)
     except BaseException:
@@ -171,9 +174,11 @@ class InterfaceReader:
         return self._dropped
 
     def set_filter(self, expression: str) -> None:
+        """A new socket with ``expression`` in place of the open one (its filter is locked)."""
         self.expression = expression
         if self.sock is not None:
-            _attach(self.sock, expression, self.interface)
+            self.close()
+            self.open()
 
     def read(self) -> list[Packet]:
         """Every frame waiting (up to BATCH), decoded, without those the host's stack
@@ -365,14 +370,19 @@ class Sniffer:
         return [reader.interface for reader in self.readers if reader.sock is not None]
 
     def set_filter(self, expression: str) -> None:
+        """Replace the open sockets by new ones with ``expression`` (their filter is locked);
+        a socket that cannot be opened again is logged and tried on the next change."""
         check_filter(expression)
+        if expression == self.expression:
+            return
         self.expression = expression
+        self.version += 1
         for reader in self.readers:
             reader.expression = expression
             try:
                 reader.set_filter(expression)
-            except CaptureError as error:
-                log.error("%s", error)
+            except (OSError, CaptureError) as error:
+                self._say(reader.interface, "failed", f"cannot capture ({_why(error)})")
 
     def close(self) -> None:
         self.version += 1

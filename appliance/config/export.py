@@ -58,6 +58,8 @@ def door_to_data(door: Door) -> dict[str, Any]:
     data: dict[str, Any] = {"knock": knock}
     if door.open is not None:
         data["open"] = {"ports": _steps(door.open.ports), "duration": _number(door.open.duration)}
+        if not door.open.ports:  # a door for labelled containers only
+            del data["open"]["ports"]
     if door.close:
         data["close"] = _Flow(door.close)
     commands = door.commands

@@ -435,9 +435,8 @@ def _open(door: _Map, problems: Problems) -> OpenPorts | None:
     spec = door.mapping("open", OPEN_KEYS)
     if spec is None:
         return None
-    ports = spec.get("ports", parse_sequence)
-    if "ports" not in spec.items:
-        problems.error(spec.line, spec.key("ports"), "missing (expected a list like [22/tcp])")
+    # Left out: the door opens only the ports of containers labelled with it.
+    ports = spec.get("ports", parse_sequence) if "ports" in spec.items else ()
     duration = spec.get(
         "duration",
         lambda v: parse_seconds(

@@ -21,6 +21,14 @@ States::
     paused --knock--> starting (unpause);  stopping --knock--> stopping, started again after
     stopping --stop failed--> stopping (still gated; asked again on a later tick, backing off)
 
+Label-gated containers (:mod:`appliance.services.labels`) are run by the same machine,
+one per unit (a container alone, or a group started in order): their policy is not
+``managed`` when ``knockgate.start_on_knock`` is false (knockgate never starts nor stops
+them: a knock on a stopped one is refused, and only grants expire), and Docker's own
+view of them comes as :class:`Observed` (a container started or stopped by hand).
+Knockgate never creates nor removes them; a unit whose labels go away is forgotten
+(:meth:`Lifecycles.forget`: its grants revoked, its container left as it is).
+
 Policy (fail closed): a knocker is granted only once the service answers; a grant
 whose deadline passed before that is not made; a service with no holder and no
 connection for ``idle_timeout`` stops (pauses with ``keep_warm``); ``unknown``
@@ -59,6 +67,12 @@ class Policy:
     max_lifetime: float
     keep_warm: bool = False
     version: str = ""
+    steps: tuple[Step, ...] = ()  # every host port a grant opens (a labelled unit); () -> step
+    managed: bool = True  # False: never started nor stopped (start_on_knock=false)
+
+    @property
+    def ports(self) -> tuple[Step, ...]:
+        return self.steps or (self.step,)
 
 
 # --------------------------------------------------------------------------- events
@@ -146,6 +160,17 @@ class ConnectionsSeen(ServiceEvent):
 
     service: str
     count: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Observed(ServiceEvent):
+    """Docker's view of a labelled unit now (from discovery): ``running`` when every
+    container of it runs. One that runs while cold is taken over (started by hand, or
+    running when knockgate started); one that no longer runs while running is cold."""
+
+    service: str
+    running: bool
+    container: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +441,7 @@ class Lifecycle:
         there was one."""
         found = False
         for grant in grants:
-            if grant.step == self.policy.step and grant.until > now:
+            if grant.step in self.policy.ports and grant.until > now:
                 held = into.get(grant.address)
                 until = grant.until if held is None else max(held.until, grant.until)
                 into[grant.address] = Holder((grant.step,), until)
@@ -426,6 +451,12 @@ class Lifecycle:
     # ------------------------------------------------------------- handlers
 
     def _on_knock_cold(self, event: KnockCompleted) -> list[Command]:
+        if not self.policy.managed:
+            text = (
+                f"{event.address}: {event.door}: {self.name} is not running "
+                "(knockgate.start_on_knock is false), no access"
+            )
+            return [Notice(self.name, "warning", text, refused=True)]
         self.waiting[event.address] = event
         return self._begin()
 
@@ -456,7 +487,8 @@ class Lifecycle:
             return [Notice(self.name, "warning", text, refused=True)]
         held = self.holders.get(knock.address)
         until = knock.until if held is None else max(held.until, knock.until)
-        self.holders[knock.address] = Holder(knock.ports, until)
+        ports = knock.ports if held is None else tuple(dict.fromkeys(held.ports + knock.ports))
+        self.holders[knock.address] = Holder(ports, until)
         self.state = "serving"
         self.idle_since = None
         return [
@@ -549,8 +581,25 @@ class Lifecycle:
         self.state = "cold"
         return out + self._gone()
 
+    def _on_observed(self, event: Observed) -> list[Command]:
+        if event.running and self.state == "cold":
+            self.state = "ready"
+            self.container = event.container
+            self.started = event.ts
+            return [Notice(self.name, "info", f"{self.name}: running, gated")]
+        if not event.running and self.state in (*RUNNING, "paused"):
+            out = self._revoke_all("the container stopped")
+            text = f"{self.name}: stopped outside knockgate"
+            out.append(Notice(self.name, "info" if not self.policy.managed else "warning", text))
+            self.state = "cold"
+            return out + self._gone()
+        return []
+
     def _on_close(self, event: CloseKnock) -> list[Command]:
         if self.holders.pop(event.address, None) is None or self.holders:
+            return []
+        if not self.policy.managed:
+            self.state = "ready"
             return []
         return self._halt(f"close knock from {event.address}")
 
@@ -576,6 +625,8 @@ class Lifecycle:
             del self.holders[address]
         if self.state == "serving" and not self.holders:
             self.state = "ready"
+        if not self.policy.managed:
+            return []  # the user's container: only its grants expire
         if self.started is not None and now - self.started >= self.policy.max_lifetime:
             return self._revoke_all("max_lifetime reached") + self._halt("max_lifetime reached")
         since = self.idle_since
@@ -605,6 +656,7 @@ def _table() -> dict[tuple[State, type[ServiceEvent]], Handler]:
         (("starting", "stopping"), CloseKnock, L._on_close_waiting),
         (("ready", "idle"), ConnectionsSeen, L._on_connections),
         (RUNNING, Tick, L._on_tick),
+        (("cold", "paused", *RUNNING), Observed, L._on_observed),
     ]
     return {(state, event): handler for states, event, handler in rows for state in states}
 
@@ -696,10 +748,41 @@ class Lifecycles:
             out += self._warm(known)
         return out
 
-    def counting(self) -> dict[str, Step]:
-        """The services whose connections decide whether they are idle: name -> host port."""
+    def forget(self, name: str, why: str) -> list[Command]:
+        """A labelled unit gone (its container removed, its labels changed): every grant
+        revoked, every waiting knocker refused, the machine dropped. Its containers are
+        left as they are (they are the user's)."""
+        machine = self.machines.pop(name, None)
+        if machine is None:
+            return []
+        self.retired_launches += machine.launches
+        self.retired_failures += machine.failures
+        out = machine._refuse_waiting(f"{name}: {why}, no access")
+        return out + machine._revoke_all(why)
+
+    def put(self, policy: Policy) -> list[Command]:
+        """A labelled unit found, or its labels changed (grants on ports it no longer
+        gates are revoked)."""
+        known = self.machines.get(policy.name)
+        if known is None:
+            self.machines[policy.name] = Lifecycle(policy)
+            return []
+        if known.policy == policy:
+            return []
+        out: list[Command] = []
+        if known.policy.ports != policy.ports:
+            out += known._revoke_all("its gated ports changed")
+            if known.state == "serving":
+                known.state = "ready"
+        known.policy = policy
+        return out
+
+    def counting(self) -> dict[str, tuple[Step, ...]]:
+        """The services whose connections decide whether they are idle: name -> host ports."""
         return {
-            name: m.policy.step for name, m in self.machines.items() if m.state in ("ready", "idle")
+            name: m.policy.ports
+            for name, m in self.machines.items()
+            if m.state in ("ready", "idle") and m.policy.managed
         }
 
     def direct(self) -> tuple[tuple[str, Step], ...]:

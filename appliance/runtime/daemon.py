@@ -1,10 +1,16 @@
 """``knockgate run``: the loop that owns the engine and carries out its commands.
 
 Threads (host watcher, status socket, service launches, signal handlers) only
-put items on one queue; this loop reads the capture sockets itself, takes the
-queued items one at a time, feeds the engine and hands each command to its
+put items on one queue; this loop reads the packet process's records itself, takes
+the queued items one at a time, feeds the engine and hands each command to its
 adapter: the firewall backend (grants), the command runner (knockd-style
 commands), the one-time file and the state file (records), and the log.
+
+Capture is privilege-separated (:mod:`appliance.runtime.privsep`): this process opens
+the capture sockets (filters locked) as the host's links come and go and passes them
+to the packet process, which reads and decodes the frames, verifies SPA packets and
+sends back validated records. When that process dies, the daemon stops (exit status 1)
+after its normal shutdown; a supervisor starts both again.
 
 Time: the engine runs on ``time.monotonic()``, so a wall clock stepped back or
 forward never stretches a sequence timeout, a grant or a command delay; the
@@ -54,8 +60,8 @@ from dataclasses import dataclass, field
 from typing import Any, assert_never
 
 from appliance.capture.bpf import capture_filter
-from appliance.capture.checksum import REASONS
 from appliance.capture.host import HostState, HostWatcher, address_change
+from appliance.capture.records import COUNTER_NAMES
 from appliance.capture.sniffer import InterfaceReader, Sniffer
 from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
@@ -98,9 +104,11 @@ from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.items import Signal, StatusRequest
 from appliance.runtime.logs import configure, flush_noise, log_command
 from appliance.runtime.preflight import command_line, preflight
+from appliance.runtime.privsep import PacketChannel, PacketProcessGone, spawn
 from appliance.runtime.services import ServiceManager
 from appliance.runtime.state import COMPACT_EVERY, Saved, StateStore
 from appliance.runtime.status import StatusServer
+from appliance.services.discovery import Changed, LabelSource, Listed, Removed
 from appliance.services.launcher import ServiceLauncher
 
 log = logging.getLogger("knockgate")
@@ -108,7 +116,7 @@ log = logging.getLogger("knockgate")
 # What other threads put on the loop's queue. Captured packets never go through it (the
 # loop reads the sockets); a Packet item is one handed over from elsewhere (a test's
 # scripted loop, a replay).
-Item = Packet | Signal | StatusRequest | HostState | ServiceEvent
+Item = Packet | Signal | StatusRequest | HostState | ServiceEvent | Listed | Changed | Removed
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
 SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
@@ -117,8 +125,10 @@ FLOOD_WINDOW = 60.0  # seconds over which knock noise is summed for the flood su
 FLOOD_NOISE = 6000  # lone first knocks and resets in a window that make it a flood
 
 
-def firewall_plan(config: Config) -> FirewallPlan:
-    protected: dict[Step, None] = {}
+def firewall_plan(config: Config, labelled: tuple[Step, ...] = ()) -> FirewallPlan:
+    """The rules for ``config``; ``labelled``: the host ports of label-gated containers
+    (closed like a door's own ports, opened by a knock on their door)."""
+    protected: dict[Step, None] = dict.fromkeys(labelled)
     knock: set[PortRange] = set()
     for door in config.doors:
         if door.open is not None:
@@ -188,9 +198,15 @@ class Daemon:
         launcher: ServiceLauncher | None = None,
         launchers: Callable[[tuple[Service, ...]], ServiceLauncher] | None = None,
         overrides: Overrides | None = None,
+        labels: LabelSource | None = None,
+        packets: Callable[[], PacketChannel] | None = None,
+        confine: Callable[[], None] | None = None,
     ) -> None:
         """``launcher``: the services of the configuration at start; ``launchers``: makes
-        one when a reload adds services to a configuration that had none."""
+        one when a reload adds services to a configuration that had none. With
+        ``capture``: ``packets`` starts the packet process (default: :func:`spawn` with the
+        default user), then ``confine`` drops this process's privileges (before any thread
+        starts: capabilities belong to threads)."""
         self.overrides = overrides or Overrides()
         self.loaded = loaded
         self.config = loaded.config
@@ -198,6 +214,12 @@ class Daemon:
         self.clock = clock  # the engine's: only goes forward
         self.wall = wall  # unix time, for TOTP, SPA ages and the state file
         self.capture = capture
+        self.packets = packets or functools.partial(spawn, None)
+        self.confine = confine
+        self.channel: PacketChannel | None = None  # the packet process, once started
+        self._passed: dict[InterfaceReader, tuple[socket.socket, int]] = {}  # sockets sent
+        self._keys = 0
+        self.exit_status = 0
         # Other threads (status socket, host watcher, service launches, signal
         # handlers) hand items over through this queue and wake the loop with a byte
         # on the pipe; packets never go through it (the loop reads the sockets).
@@ -233,9 +255,20 @@ class Daemon:
         self._firewall_failing = False
         self._noise = (clock(), 0, 0)  # flood summary: window start, noise and packets then
         self.launchers = launchers
-        self.services = (
-            ServiceManager(launcher, backend, self.enqueue, clock, wall) if launcher else None
+        self.labels = labels  # label-gated containers are followed when given
+        self._labelled: tuple[Step, ...] = ()  # their host ports, as the firewall has them
+        self._labels_failing = False
+        self.services = self._service_manager(launcher) if launcher else None
+
+    def _service_manager(self, launcher: ServiceLauncher) -> ServiceManager:
+        manager = ServiceManager(
+            launcher, self.backend, self.enqueue, self.clock, self.wall, labels=self.labels
         )
+        manager.set_doors(_granting(self.config))
+        return manager
+
+    def _plan(self, config: Config | None = None) -> FirewallPlan:
+        return firewall_plan(config or self.config, self._labelled)
 
     def _engine(self, config: Config) -> KnockEngine:
         engine = KnockEngine(
@@ -253,8 +286,24 @@ class Daemon:
             os.write(self._wake_w, b"\0")
 
     def start(self) -> None:
-        """Firewall first (reconcile: stale rules replaced, live grants kept), then capture."""
-        self.backend.setup(firewall_plan(self.config))
+        """The packet process and the drop of privileges first (no thread runs yet), then
+        the firewall (reconcile: stale rules replaced, live grants kept), then capture.
+        Labelled containers are listed before the firewall, so a restart does not open their
+        ports while discovery catches up."""
+        if self.capture:
+            self.channel = self.packets()
+            self.channel.configure(self.config.doors, None)
+            if self.confine is not None:
+                self.confine()
+        if self.services is not None and self.labels is not None:
+            try:
+                found = self.labels.labelled()
+            except KnockgateError as error:
+                log.warning("labelled containers not listed at start (followed later): %s", error)
+            else:
+                self.services.discovered(Listed(self.clock(), found))
+                self._labelled = self.services.label_protected
+        self.backend.setup(self._plan())
         log.info("firewall: %s rules in place", self.backend.name)
         self.status = StatusServer(self.config.settings.status_socket, self.enqueue)
         self.status.start()
@@ -296,7 +345,9 @@ class Daemon:
         selector = selectors.DefaultSelector()
         try:
             selector.register(self._wake_r, selectors.EVENT_READ, None)
-            registered: dict[InterfaceReader, socket.socket] = {}
+            channel = self.channel
+            if channel is not None:
+                selector.register(channel.fileno(), selectors.EVENT_READ, channel)
             sniffer = self.sniffer
             seen = -1  # the sniffer's readers as last registered (its version)
             clock = self.clock
@@ -305,7 +356,7 @@ class Daemon:
             while self.running:
                 if sniffer is not None and sniffer.version != seen:
                     seen = sniffer.version
-                    self._register(selector, registered, sniffer.readers)
+                    self._guarded("capture", self._pass_sockets)
                 now = clock()
                 due = min(next_check, next_tick)
                 deadline = self.engine.next_deadline()
@@ -315,11 +366,10 @@ class Daemon:
                 if reopen is not None:
                     due = min(due, reopen)
                 for key, _ in selector.select(max(0.0, due - now)):
-                    reader = key.data
-                    if reader is None:
+                    if key.data is None:
                         self._drain_queue()
-                    elif reader.sock is key.fileobj:  # not closed by an item just handled
-                        self._read(reader)
+                    elif self.running:
+                        self._receive(key.data)
                 now = clock()
                 self._follow_wall_clock(now)
                 deadline = self.engine.next_deadline()
@@ -336,45 +386,51 @@ class Daemon:
         finally:
             selector.close()
 
-    def _register(
-        self,
-        selector: selectors.BaseSelector,
-        registered: dict[InterfaceReader, socket.socket],
-        readers: list[InterfaceReader],
-    ) -> None:
-        """Register the readers' sockets as they are now: sockets of readers removed or
-        closed first (their descriptor may be reused by a new one), then the new ones."""
-        current = set(readers)
-        for reader, sock in list(registered.items()):
-            if reader.sock is not sock or reader not in current:
-                selector.unregister(sock)
-                del registered[reader]
-        for reader in readers:
-            if reader.sock is not None and reader not in registered:
-                selector.register(reader.sock, selectors.EVENT_READ, reader)
-                registered[reader] = reader.sock
+    def _pass_sockets(self) -> None:
+        """Hand the sniffer's sockets over as they are now: those of readers removed or
+        reopened are closed in the packet process first, then the new ones are passed."""
+        assert self.sniffer is not None and self.channel is not None
+        current = {r: r.sock for r in self.sniffer.readers if r.sock is not None}
+        for reader, (sock, key) in list(self._passed.items()):
+            if current.get(reader) is not sock:
+                del self._passed[reader]
+                self.channel.remove(key)
+        for reader, sock in current.items():
+            if reader not in self._passed:
+                self._keys += 1
+                self._passed[reader] = (sock, self._keys)
+                self.channel.add(self._keys, reader.interface, sock)
 
-    def _read(self, reader: InterfaceReader) -> None:
-        """One batch of frames from one interface through the engine (the hot path)."""
+    def _receive(self, channel: PacketChannel) -> None:
+        """The packet process's records through the engine (the hot path)."""
         try:
-            packets = reader.read()
-        except OSError as error:
-            if self.sniffer is not None:
-                self.sniffer.failed(reader, error)
+            batch = channel.receive(self.clock())
+        except PacketProcessGone as error:
+            self._packet_process_gone(str(error))
             return
-        except Exception:  # a bug in the capture: this batch is lost, not the daemon
-            self._internal_error("capture")
-            return
-        handle, route, commands = self.engine.handle, self.spa.route, self._commands
+        for line in batch.logs:
+            logging.getLogger(line.logger).log(line.level, "%s", line.text)
+        handle, commands = self.engine.handle, self._commands
         try:
-            for packet in packets:
-                event = route(packet)
-                if event is not None:
-                    out = handle(event)
-                    if out:
-                        commands(out)
+            for event in batch.events:
+                out = handle(event)
+                if out:
+                    commands(out)
         except Exception:  # a bug: the rest of this batch is lost, not the daemon
             self._internal_error("packet")
+
+    def _packet_process_gone(self, why: str) -> None:
+        """The packet process died: without it no knock is seen. It cannot be started
+        again (this process gave up the right to change uid): stop, exit status 1."""
+        status = None
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                self.channel.close()
+            status = self.channel.exit_status()
+            self.channel = None
+        log.error("packet process gone (%s, exit status %s): stopping", why, status)
+        self.exit_status = 1
+        self.running = False
 
     def _follow_wall_clock(self, now: float) -> None:
         """Tell the engine when the wall clock has moved against its own (a step)."""
@@ -443,6 +499,11 @@ class Daemon:
                 if self.services is None:
                     raise TypeError(f"a service event without services: {item!r}")
                 self.services.handle(item)
+            case Listed() | Changed() | Removed():
+                if self.services is None:
+                    raise TypeError(f"a discovery event without services: {item!r}")
+                self.services.discovered(item)
+                self._sync_labelled()
             case _:
                 assert_never(item)
 
@@ -466,6 +527,8 @@ class Daemon:
             steps.append(("stop capture", self.sniffer.close))
         if self.watcher is not None:
             steps.append(("stop the host watcher", self.watcher.stop))
+        if self.channel is not None:
+            steps.append(("stop the packet process", self.channel.close))
         if self.config.settings.on_shutdown == "revoke":
             steps.append(("revoke grants", self._revoke_all))
         # Start commands still running finish before their stops; the stops close holes,
@@ -585,7 +648,11 @@ class Daemon:
             return True  # fail closed
 
     def _grant(self, grant: Grant) -> None:
+        if self.services is not None:
+            self.services.knocked(grant)  # the door's label-gated containers
         door = self.config.door(grant.door)
+        if not grant.ports:
+            return  # a door that opens only its labelled containers
         if door is not None and door.service is not None:
             service = self.config.service(door.service)
             if self.services is None or service is None:
@@ -607,6 +674,10 @@ class Daemon:
     def _revoke(self, revoke: Revoke) -> None:
         door = self.config.door(revoke.door)
         if door is None or door.open is None:
+            return
+        if self.services is not None:
+            self.services.closed(revoke.door, revoke.address)
+        if not door.open.ports:
             return
         try:
             self.backend.revoke(revoke.address, door.open.ports)
@@ -645,6 +716,8 @@ class Daemon:
                 "until they are read"
             )
         self.spa.local = addresses
+        if self.channel is not None:
+            self.channel.configure(self.config.doors, addresses)
         self._commands(self.engine.handle(LocalAddresses(self.clock(), addresses)))
 
     def _host(self, state: HostState) -> None:
@@ -686,10 +759,11 @@ class Daemon:
     def _check_firewall(self) -> None:
         """Verify knockgate's rules; repair any drift. A failure is logged once per streak
         (the check runs every second), and its end once."""
+        self._sync_labelled()
         try:
             if not self.backend.check():
                 log.warning("firewall: knockgate's rules were changed or removed; restoring them")
-                self.backend.setup(firewall_plan(self.config))
+                self.backend.setup(self._plan())
                 self.stats.firewall_repairs += 1
         except FirewallError as error:
             self.stats.firewall_check_failures += 1
@@ -706,6 +780,24 @@ class Daemon:
             )
             self._firewall_failing = False
             self.stats.firewall_check_failures = 0
+
+    def _sync_labelled(self) -> None:
+        """The label-gated containers' host ports into the firewall, when they changed
+        (a failure is logged and tried again at the next firewall check)."""
+        if self.services is None or self.services.label_protected == self._labelled:
+            return
+        wanted = self.services.label_protected
+        try:
+            self.backend.setup(firewall_plan(self.config, wanted))
+        except FirewallError as error:
+            if not self._labels_failing:  # tried again every second: logged once a streak
+                log.error("firewall: cannot set the labelled containers' ports: %s", error)
+            self._labels_failing = True
+            return
+        if self._labels_failing:
+            log.warning("firewall: the labelled containers' ports are set again")
+        self._labels_failing = False
+        self._labelled = wanted
 
     def reload(self) -> None:
         """SIGHUP: validate first; keep the running config when the new one is bad.
@@ -741,7 +833,7 @@ class Daemon:
             except KnockgateError as error:
                 self._refuse_reload(f"services were added: {error}")
                 return
-            services = ServiceManager(launcher, self.backend, self.enqueue, self.clock, self.wall)
+            services = self._service_manager(launcher)
         # Everything that can fail comes before the swap, each undone when a later one fails.
         try:
             configure(loaded.config.settings.log)
@@ -750,12 +842,12 @@ class Daemon:
             self._refuse_reload(f"log: {error}")
             return
         try:
-            self.backend.setup(firewall_plan(loaded.config))
+            self.backend.setup(self._plan(loaded.config))
         except FirewallError as error:
             configure(self.config.settings.log)
             self._refuse_reload(f"firewall setup failed: {error}")
             try:
-                self.backend.setup(firewall_plan(self.config))
+                self.backend.setup(self._plan())
             except FirewallError as again:
                 log.error("firewall: restoring the running rules failed too: %s", again)
             return
@@ -771,6 +863,11 @@ class Daemon:
         settings = loaded.config.settings
         self._event(NewDoors(self.clock(), loaded.config.doors, settings.max_attempts))
         self.spa = SpaReader(loaded.config.doors, self.addresses)
+        if self.channel is not None:
+            self._guarded(
+                "reload packet process",
+                functools.partial(self.channel.configure, loaded.config.doors, self.addresses),
+            )
         if self.sniffer is not None:
             self._guarded("reload capture", self._reload_capture)
         if services is not None and services is not self.services:
@@ -780,10 +877,18 @@ class Daemon:
             self._guarded(
                 "reload services", functools.partial(services.reload, loaded.config.services)
             )
+        if services is not None:
+            self._guarded("reload labels", self._relabel)
         self.stats.reloads += 1
         for warning in loaded.warnings:
             log.warning("%s", warning)
         log.info("configuration reloaded: %d door(s)", len(loaded.config.doors))
+
+    def _relabel(self) -> None:
+        """Every label parsed again against the new doors; the firewall follows."""
+        assert self.services is not None
+        self.services.set_doors(_granting(self.config))
+        self._sync_labelled()
 
     def _reload_capture(self) -> None:
         assert self.sniffer is not None
@@ -821,15 +926,17 @@ class Daemon:
             ],
             "grants": grants,
             "interfaces": self.sniffer.capturing if self.sniffer is not None else [],
+            "packet_process": self.channel.describe() if self.channel is not None else None,
             "services": self.services.snapshot() if self.services is not None else [],
+            "gated": self.services.gated() if self.services is not None else [],
             "attempts": self.engine.attempt_count,
             "counters": {
                 **self.engine.counters.as_dict(),
-                **self.spa.counters.as_dict(),
-                "frames": self.sniffer.frames if self.sniffer else 0,
-                "frames_dropped": self.sniffer.dropped if self.sniffer else 0,
-                # Frames the host's own stack would drop (bad checksums, ...): not knocks.
-                **(self.sniffer.rejected if self.sniffer else dict.fromkeys(REASONS, 0)),
+                # From the packet process: frames, kernel drops, frames the host's own
+                # stack would drop (bad checksums, ...: not knocks), SPA packets dropped;
+                # plus the SPA packets handed over here (a replay, a test).
+                **self._capture_counters(),
+                "capture_malformed": self.channel.malformed if self.channel else 0,
                 "held_off": self.stats.held_off,
                 "refused_unrecorded": self.stats.refused_unrecorded,
                 "grant_failures": self.stats.grant_failures,
@@ -841,6 +948,20 @@ class Daemon:
                 "service_failures": self.services.failures if self.services else 0,
             },
         }
+
+    def _capture_counters(self) -> dict[str, int]:
+        counters = dict.fromkeys(COUNTER_NAMES, 0)
+        if self.channel is not None:
+            counters.update(self.channel.counters)
+        for name, count in self.spa.counters.as_dict().items():
+            counters[name] += count
+        del counters["undecoded"]
+        return counters
+
+
+def _granting(config: Config) -> dict[str, bool]:
+    """Door name -> whether a knock on it grants (labels may name only those)."""
+    return {door.name: door.open is not None for door in config.doors}
 
 
 def _item_name(item: Item) -> str:

@@ -15,6 +15,13 @@ through ``enqueue``: they share no mutable state with the loop. Conntrack is rea
 once per tick on a thread of its own, one netlink dump for every service whose
 idleness is in question, and the counts come back as ``ConnectionsSeen`` events.
 
+Label-gated containers (any container with ``knockgate.door``/``knockgate.group``)
+are followed by :class:`~appliance.services.discovery.Discovery` on a thread of its
+own; its events come through the loop (:meth:`ServiceManager.discovered`), which parses
+every labelled container against the doors it holds now
+(:func:`appliance.services.labels.plan`): one lifecycle machine per unit (a container,
+or a group), the ports the firewall closes, and one log line per label problem (once).
+
 At start the previous run's containers are looked for (asked again, backing off,
 while Docker fails); until they are, the gate on the containers' own addresses is
 left as the previous run set it. Shutdown waits a few seconds at most for Docker
@@ -39,8 +46,19 @@ from appliance.errors import ContainerError, FirewallError
 from appliance.firewall import FirewallBackend
 from appliance.runtime.logs import log_command
 from appliance.services.conntrack import ConnectionCounter
+from appliance.services.discovery import Changed, Discovery, DiscoveryEvent, LabelSource, Listed
+from appliance.services.labels import (
+    ContainerFacts,
+    GatedContainer,
+    LabelPlan,
+    Published,
+    Unit,
+    host_steps,
+    plan,
+)
 from appliance.services.launcher import ServiceLauncher, config_hash
-from appliance.services.runtime import LABEL_CONFIG, Deaths
+from appliance.services.readiness import wait_ready
+from appliance.services.runtime import LABEL_CONFIG, Container, Deaths
 
 log = logging.getLogger("knockgate.services")
 
@@ -51,6 +69,19 @@ SHUTDOWN_WAIT = 3.0  # seconds shutdown waits for Docker work under way
 LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 Counter = Callable[[Collection[Step]], dict[Step, int] | None]
+
+
+def unit_policy(unit: Unit) -> lc.Policy:
+    """What the lifecycle machine needs of a labelled unit."""
+    ports = unit.ports()
+    return lc.Policy(
+        name=unit.name,
+        step=ports[0] if ports else Step(0, "tcp"),
+        idle_timeout=unit.idle_timeout,
+        max_lifetime=unit.max_lifetime,
+        steps=ports,
+        managed=unit.managed,
+    )
 
 
 def policy(service: Service) -> lc.Policy:
@@ -117,6 +148,7 @@ class ServiceManager:
         wall: Callable[[], float],
         *,
         connections: Counter | None = None,
+        labels: LabelSource | None = None,
     ) -> None:
         self.launcher = launcher
         self.backend = backend
@@ -135,6 +167,19 @@ class ServiceManager:
         self._adopt_now = threading.Event()  # look for our containers again at once
         self._deaths: list[Deaths] = []  # the listener's current stream, to close it
         self._listener: threading.Thread | None = None
+        # Label-gated containers: Docker's facts as discovery last said, parsed against
+        # the doors (door name -> whether a knock on it grants).
+        self.label_source = labels
+        self.discovery: Discovery | None = None
+        self.labelled = lc.Lifecycles()
+        self.labelled.adopted = True  # found live by discovery, not adopted at start
+        self.facts: dict[str, ContainerFacts] = {}
+        self.doors: dict[str, bool] = {}
+        self.plan = LabelPlan()
+        self.units: dict[str, Unit] = {}
+        self.listed = False  # discovery has listed them at least once
+        self._reported: dict[str, tuple[str, ...]] = {}  # container id -> problems logged
+        self._announced: dict[str, str] = {}  # unit name -> what was logged of it
 
     @property
     def launches(self) -> int:
@@ -153,6 +198,9 @@ class ServiceManager:
             target=self._follow_deaths, name="service-events", daemon=True
         )
         self._listener.start()
+        if self.label_source is not None and self.discovery is None:
+            self.discovery = Discovery(self.enqueue, self.label_source, clock=self.clock)
+            self.discovery.start()
 
     def _adopt(self, names: tuple[str, ...]) -> None:
         """Worker: our running and paused containers, with their original start time.
@@ -232,8 +280,87 @@ class ServiceManager:
             event = dataclasses.replace(event, grants=self._live_grants(event.ts))
         elif isinstance(event, lc.ContainerStarted) and not self.machines.adopted:
             self._adopt_now.set()  # Docker answers again: adopt before the next backoff
-        self._carry_out(self.machines.handle(event))
+        if isinstance(event, lc.Tick):
+            self._carry_out(self.machines.handle(event) + self.labelled.handle(event))
+        elif getattr(event, "service", None) in self.labelled.machines:
+            self._carry_out(self.labelled.handle(event))
+        else:
+            self._carry_out(self.machines.handle(event))
         self._update_direct()
+
+    # ----------------------------------------------------------------- labelled containers
+
+    def discovered(self, event: DiscoveryEvent) -> None:
+        """In the loop: what discovery found (a listing, a change, a removal)."""
+        if isinstance(event, Listed):
+            self.facts = {f.id: f for f in event.containers}
+            self.listed = True
+        elif isinstance(event, Changed):
+            self.facts[event.container.id] = event.container
+        else:
+            self.facts.pop(event.id, None)
+        self._relabel(event.at)
+
+    def set_doors(self, doors: dict[str, bool]) -> None:
+        """The doors now (at start and at each reload): every label parsed again."""
+        self.doors = dict(doors)
+        if self.listed:
+            self._relabel(self.clock())
+
+    def _relabel(self, now: float) -> None:
+        self.plan = plan(tuple(self.facts.values()), self.doors)
+        out: list[lc.Command] = []
+        reported: dict[str, tuple[str, ...]] = {}
+        for problem in self.plan.problems:
+            reported[problem.id] = problem.lines
+            if self._reported.get(problem.id) != problem.lines:
+                for line in problem.lines:
+                    log.error("%s; its ports stay closed", line)
+        self._reported = reported
+        units = {unit.name: unit for unit in self.plan.units}
+        for name in [n for n in self.labelled.machines if n not in units]:
+            out += self.labelled.forget(name, "no longer label-gated")
+            self._announced.pop(name, None)
+            log.info("%s: no longer label-gated", name)
+        for name, unit in units.items():
+            out += self.labelled.put(unit_policy(unit))
+            text = _describe(unit)
+            if self._announced.get(name) != text:
+                self._announced[name] = text
+                log.info("%s: %s", name, text)
+            running = all(self.facts[m.id].state == "running" for m in unit.members)
+            first = unit.members[0].id if unit.members else None
+            out += self.labelled.handle(lc.Observed(now, name, running, first))
+        self.units = units
+        self._carry_out(out)
+        self._update_direct()
+
+    def knocked(self, grant: Grant) -> None:
+        """A granted knock on ``grant.door``: every unit gated by it, once it answers."""
+        now = self.clock()
+        for unit in self.units.values():
+            if grant.door in unit.doors:
+                ports = unit.ports(grant.door)
+                self.handle(
+                    lc.KnockCompleted(now, unit.name, grant.address, ports, grant.until, grant.door)
+                )
+
+    def closed(self, door: str, address: str) -> None:
+        """A close knock revoked ``door`` for ``address``: its units' grants too."""
+        now = self.clock()
+        for unit in list(self.units.values()):
+            if door not in unit.doors:
+                continue
+            machine = self.labelled.machines.get(unit.name)
+            holder = None if machine is None else machine.holders.get(address)
+            if holder is not None:  # the daemon revoked the door's own ports only
+                self._carry_out([lc.RevokeAccess(unit.name, address, holder.ports, "close knock")])
+            self.handle(lc.CloseKnock(now, unit.name, address))
+
+    @property
+    def label_protected(self) -> tuple[Step, ...]:
+        """The host ports the firewall closes for labelled containers."""
+        return self.plan.protected
 
     def request(self, grant: Grant, service: str) -> None:
         """A completed knock on a service door: granted once the service answers."""
@@ -249,7 +376,7 @@ class ServiceManager:
     def tick(self) -> None:
         """Once a second: one conntrack read, then expiry, idle_timeout, max_lifetime."""
         now = self.clock()
-        counting = self.machines.counting()
+        counting = {**self.machines.counting(), **self.labelled.counting()}
         if counting and not self._counting.is_set():
             # The dump takes 10-50 ms: on a thread of its own, never in the packet loop;
             # a read still under way when the next tick comes is not doubled.
@@ -257,13 +384,13 @@ class ServiceManager:
             self.counter.submit(self._count, dict(counting))
         self.handle(lc.Tick(now))
 
-    def _count(self, counting: dict[str, Step]) -> None:
+    def _count(self, counting: dict[str, tuple[Step, ...]]) -> None:
         """Worker: one conntrack read; each service's count goes back as an event."""
         try:
-            counts = self.connections(set(counting.values()))
+            counts = self.connections({step for steps in counting.values() for step in steps})
             now = self.clock()
-            for name, step in counting.items():
-                seen = None if counts is None else counts.get(step, 0)
+            for name, steps in counting.items():
+                seen = None if counts is None else sum(counts.get(step, 0) for step in steps)
                 self.enqueue(lc.ConnectionsSeen(now, name, seen))
         finally:
             self._counting.clear()
@@ -286,6 +413,12 @@ class ServiceManager:
     def _carry_out(self, commands: list[lc.Command]) -> None:
         for command in commands:
             match command:
+                case lc.Start(service=name) if name in self.units:
+                    self.workers.submit(self._start_unit, self.units[name])
+                case lc.Stop(service=name, why=why) | lc.Pause(service=name, why=why) if (
+                    name in self.units
+                ):
+                    self.workers.submit(self._stop_unit, self.units[name], why)
                 case lc.Start(service=name):
                     service = self.catalogue.get(name)
                     if service is None:  # the machine starts only catalogue entries
@@ -336,7 +469,7 @@ class ServiceManager:
             # The kernel keeps what the previous run set for containers that may still
             # run; replaced once we know which of them do.
             return
-        entries = self.machines.direct()
+        entries = tuple(sorted({*self.machines.direct(), *self.plan.direct}))
         if entries == self._direct:
             return
         try:
@@ -348,6 +481,87 @@ class ServiceManager:
         self._direct = entries
 
     # ----------------------------------------------------------------- workers
+
+    def _start_unit(self, unit: Unit) -> None:
+        """Worker: start a labelled unit's containers in order, each answering before the
+        next is started; report started, then ready (or failed)."""
+        runtime = self.launcher.runtime
+        began = self.clock()
+        try:
+            for index, member in enumerate(unit.members):
+                container = runtime.refresh(Container(member.id, member.name, "", "exited"))
+                if container.state == "missing":
+                    raise ContainerError(f"container {member.name} is gone")
+                if container.state == "paused":
+                    runtime.unpause(container)
+                elif container.state != "running":
+                    runtime.start(container)
+                container = runtime.refresh(container)
+                if container.state != "running":
+                    raise ContainerError(f"container {member.name} is {container.state}")
+                if index == 0:
+                    self.enqueue(lc.ContainerStarted(self.clock(), unit.name, container.id))
+                self._wait_member(member, container)
+        except Exception as error:  # ContainerError, or a bug: either way, no grant
+            if not isinstance(error, ContainerError):
+                log.exception("%s: start failed", unit.name)
+            reason = str(error) if isinstance(error, ContainerError) else f"internal error: {error}"
+            self._stop_members(unit, "it did not start properly")
+            self.enqueue(lc.ContainerFailed(self.clock(), unit.name, reason))
+            return
+        log.info("%s: ready in %.0f ms", unit.name, (self.clock() - began) * 1000)
+        self.enqueue(lc.ContainerReady(self.clock(), unit.name))
+
+    def _wait_member(self, member: GatedContainer, container: Container) -> None:
+        """Until a started member answers its check: on its first gated (else published)
+        port; a member without a port is ready when it runs, unless it has a healthcheck."""
+        ready = member.ready
+        ports = member.ports or self._published(member.id)
+        if ready.kind != "healthcheck" and not ports:
+            return
+        if container.address is None and ready.kind != "healthcheck":
+            raise ContainerError(f"container {member.name} has no address")
+        runtime = self.launcher.runtime
+
+        def healthy() -> bool:
+            return runtime.refresh(container).health == "healthy"
+
+        port = ports[0].port if ports else 0
+        if not wait_ready(ready, container.address or "", port, healthy):
+            raise ContainerError(
+                f"container {member.name}: not ready after {ready.timeout:g} s "
+                f"({ready.kind} check on {container.address}:{port})"
+            )
+
+    def _published(self, ident: str) -> tuple[Published, ...]:
+        facts = self.facts.get(ident)  # read-only: a frozen value, replaced, never changed
+        return () if facts is None else facts.published
+
+    def _stop_unit(self, unit: Unit, why: str) -> None:
+        """Worker: stop a labelled unit's containers in reverse order, and report."""
+        try:
+            self._stop_members(unit, why, quietly=False)
+        except Exception as error:
+            if not isinstance(error, ContainerError):
+                log.exception("%s: stop failed", unit.name)
+            self.enqueue(lc.ContainerFailed(self.clock(), unit.name, str(error)))
+            return
+        self.enqueue(lc.ContainerStopped(self.clock(), unit.name))
+
+    def _stop_members(self, unit: Unit, why: str, quietly: bool = True) -> None:
+        runtime = self.launcher.runtime
+        for member in reversed(unit.members):
+            try:
+                container = runtime.refresh(Container(member.id, member.name, "", "exited"))
+                if container.state == "paused":
+                    runtime.unpause(container)
+                if container.state in ("running", "paused"):
+                    runtime.stop(container)
+                    log.info("container %s: stopped (%s)", member.name, why)
+            except ContainerError as error:
+                if not quietly:
+                    raise
+                log.error("container %s: cannot stop it: %s", member.name, error)
 
     def _start(self, service: Service) -> None:
         """Worker: run the container, report it started, wait until it answers."""
@@ -396,6 +610,40 @@ class ServiceManager:
 
     # ----------------------------------------------------------------- status, shutdown
 
+    def gated(self) -> list[dict[str, Any]]:
+        """The labelled containers, for ``knockgate status``."""
+        rows: list[dict[str, Any]] = []
+        problems = {p.id: p for p in self.plan.problems}
+        members = {m.id: (u, m) for u in self.plan.units for m in u.members}
+        for facts in sorted(self.facts.values(), key=lambda f: (f.name, f.id)):
+            row: dict[str, Any] = {"name": facts.name, "docker": facts.state}
+            if facts.id in members:
+                unit, member = members[facts.id]
+                machine = self.labelled.machines.get(unit.name)
+                row |= {
+                    "unit": unit.name,
+                    "door": member.door,
+                    "ports": [str(s) for s in unit_ports(member)],
+                    "state": machine.state if machine is not None else "cold",
+                    "start_on_knock": member.start_on_knock,
+                    "grants": len(machine.holders) if machine is not None else 0,
+                    "problems": [],
+                }
+            else:
+                label = dict(facts.labels)
+                problem = problems.get(facts.id)
+                row |= {
+                    "unit": None,
+                    "door": label.get("knockgate.door"),
+                    "ports": [str(s) for s in _host(facts)],
+                    "state": "closed" if problem is not None else "not gated",
+                    "start_on_knock": False,
+                    "grants": 0,
+                    "problems": list(problem.lines) if problem is not None else [],
+                }
+            rows.append(row)
+        return rows
+
     def snapshot(self) -> list[dict[str, Any]]:
         now = self.clock()
         return [
@@ -416,6 +664,8 @@ class ServiceManager:
         start to adopt."""
         self._closing.set()
         self._adopt_now.set()
+        if self.discovery is not None:
+            self.discovery.close(timeout=1.0)
         for stream in list(self._deaths):
             try:
                 stream.close()
@@ -445,3 +695,27 @@ class ServiceManager:
             log.info(
                 "services left running for the next start (on_shutdown: keep): %s", ", ".join(kept)
             )
+
+
+def unit_ports(member: GatedContainer) -> tuple[Step, ...]:
+    return host_steps(member.ports)
+
+
+def _host(facts: ContainerFacts) -> tuple[Step, ...]:
+    return host_steps(facts.published)
+
+
+def _describe(unit: Unit) -> str:
+    """One line for the log: what gates the unit, and how it runs."""
+    gated = ", ".join(
+        f"{m.name} ({m.door}: {' '.join(str(s) for s in unit_ports(m))})" for m in unit.gated
+    )
+    how = (
+        f"started on a knock, stopped after {unit.idle_timeout:g} s idle"
+        if unit.managed
+        else "gated only (start_on_knock=false)"
+    )
+    order = ""
+    if len(unit.members) > 1:
+        order = "; start order " + " -> ".join(m.name for m in unit.members)
+    return f"gated: {gated}; {how}{order}"

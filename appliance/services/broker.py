@@ -27,21 +27,20 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from appliance.config.files import CONFIG_LIMIT, read_bounded
 from appliance.config.problems import Problems
 from appliance.config.schema import Service
 from appliance.errors import ConfigError, ContainerError, KnockgateError
-from appliance.services.discovery import ACTIONS, LABELS, Discovery, facts_of
-from appliance.services.docker_runtime import DockerRuntime, docker_call
+from appliance.services.discovery import DockerLabelSource, EventStream
+from appliance.services.docker_runtime import DockerRuntime
 from appliance.services.labels import DOOR, GROUP, ContainerFacts
 from appliance.services.launcher import config_hash
 from appliance.services.rpc import (
     MAX_REQUEST,
     STREAMS,
-    ContainerEvent,
     Invalid,
     Request,
     container_json,
@@ -60,12 +59,6 @@ IDLE = 60.0  # seconds a connection may wait between requests (or block a reply)
 REMEMBERED = 4096  # refused containers remembered (to log each once)
 
 
-class EventStream(Protocol):
-    def __iter__(self) -> Iterator[ContainerEvent]: ...
-
-    def close(self) -> None: ...
-
-
 class Engine(ContainerRuntime, Protocol):
     """What the launcher asks Docker: the runtime protocol, plus a look at one
     container and the labelled ones."""
@@ -80,42 +73,13 @@ class Engine(ContainerRuntime, Protocol):
     def events(self) -> EventStream: ...
 
 
-class LabelledEvents:
-    """Docker's container events, only those of labelled containers, as ContainerEvents."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def __iter__(self) -> Iterator[ContainerEvent]:
-        try:
-            for event in self.stream:
-                found = _labelled_event(event)
-                if found is not None:
-                    yield found
-        except Exception as error:  # requests / urllib3 errors when the engine goes away
-            raise ContainerError(f"docker: event stream: {error}") from None
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-def _labelled_event(event: object) -> ContainerEvent | None:
-    if not isinstance(event, dict):
-        return None
-    action = str(event.get("Action") or event.get("status") or "")
-    actor = event.get("Actor")
-    actor = actor if isinstance(actor, dict) else {}
-    attributes = actor.get("Attributes")
-    ident = str(actor.get("ID") or event.get("id") or "")
-    if action not in ACTIONS or not ident or not isinstance(attributes, dict):
-        return None
-    if not any(label in attributes for label in LABELS):
-        return None
-    return ContainerEvent(action, ident, str(attributes.get("name", "")))
-
-
 class DockerEngine(DockerRuntime):
-    """The Docker SDK behind :class:`Engine` (DockerRuntime, as the monitor used it)."""
+    """The Docker SDK behind :class:`Engine`: DockerRuntime and DockerLabelSource, as the
+    monitor used them in process."""
+
+    def __init__(self, client: Any = None) -> None:
+        super().__init__(client)
+        self.source = DockerLabelSource(self.client)
 
     def get(self, ident: str) -> Container | None:
         try:
@@ -127,22 +91,13 @@ class DockerEngine(DockerRuntime):
         return self._wrap(raw)
 
     def labelled(self) -> tuple[ContainerFacts, ...]:
-        return Discovery(lambda _: None, client=self.client).list()
+        return self.source.labelled()
 
     def facts(self, ident: str) -> ContainerFacts | None:
-        try:
-            return facts_of(self.client.containers.get(ident).attrs)
-        except Exception as error:
-            if type(error).__name__ == "NotFound":
-                return None
-            raise ContainerError(f"docker: inspect {ident[:12]}: {error}") from None
+        return self.source.inspect(ident)
 
-    def events(self) -> LabelledEvents:
-        filters = {"type": "container", "event": list(ACTIONS)}
-        stream = docker_call(
-            "follow events", lambda: self.client.events(filters=filters, decode=True)
-        )
-        return LabelledEvents(stream)
+    def events(self) -> EventStream:
+        return self.source.events()
 
 
 def read_catalogue(path: str) -> dict[str, Service]:

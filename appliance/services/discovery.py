@@ -1,8 +1,9 @@
 """Finding label-gated containers: a listing, then Docker's events, as typed events.
 
-One thread (:meth:`Discovery.start`) asks Docker and hands each finding to a callback
-as a frozen event; it shares no mutable state with whoever receives them (the
-daemon's loop, once this is wired in: not yet). It carries :class:`ContainerFacts`,
+One thread (:meth:`Discovery.start`) asks a :class:`LabelSource` (Docker in process,
+:class:`DockerLabelSource`, or the launcher's client) and hands each finding to a
+callback as a frozen event; it shares no mutable state with whoever receives them
+(the daemon's loop, which puts them on its queue). It carries :class:`ContainerFacts`,
 not parse results: the loop parses them with :func:`appliance.services.labels.parse`
 against the doors it holds now, so a reload needs no new listing.
 
@@ -26,9 +27,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from appliance.errors import ContainerError
 from appliance.services.docker_runtime import docker_client
@@ -73,6 +74,37 @@ class Removed:
 DiscoveryEvent = Listed | Changed | Removed
 
 
+class ContainerEvent(NamedTuple):
+    """A Docker container event of a labelled container."""
+
+    action: str  # "create" | "start" | "die" | "destroy"
+    id: str
+    name: str
+
+
+class EventStream(Protocol):
+    def __iter__(self) -> Iterator[ContainerEvent]: ...
+
+    def close(self) -> None:
+        """From another thread: ends the iteration."""
+
+
+class LabelSource(Protocol):
+    """Discovery's view of Docker (in process: :class:`DockerLabelSource`; the
+    launcher's client implements it too)."""
+
+    def labelled(self) -> tuple[ContainerFacts, ...]:
+        """Every container with knockgate.door or knockgate.group; ContainerError when
+        Docker cannot be asked."""
+
+    def inspect(self, ident: str) -> ContainerFacts | None:
+        """The container's facts now; ``None``: it is gone."""
+
+    def events(self) -> EventStream:
+        """Only labelled containers' create/start/die/destroy; ContainerError (also from
+        the iteration when the stream breaks)."""
+
+
 def _port(text: object) -> int:
     """A ``HostPort``: "" (or anything not a port) is an ephemeral port, 0."""
     value = str(text or "")
@@ -101,6 +133,20 @@ def published(attrs: dict[str, Any]) -> tuple[Published, ...]:
     return tuple(sorted(out, key=lambda p: (p.port, p.proto)))
 
 
+def _address(attrs: dict[str, Any]) -> str | None:
+    """The container's address on its (first) network, while it has one."""
+    settings = attrs.get("NetworkSettings") or {}
+    if not isinstance(settings, dict):
+        return None
+    if settings.get("IPAddress"):
+        return str(settings["IPAddress"])
+    networks = settings.get("Networks") or {}
+    for network in networks.values() if isinstance(networks, dict) else ():
+        if isinstance(network, dict) and network.get("IPAddress"):
+            return str(network["IPAddress"])
+    return None
+
+
 def facts_of(attrs: dict[str, Any]) -> ContainerFacts:
     """One ``docker inspect`` answer as :class:`ContainerFacts`."""
     labels = (attrs.get("Config") or {}).get("Labels") or {}
@@ -110,6 +156,7 @@ def facts_of(attrs: dict[str, Any]) -> ContainerFacts:
         state=str((attrs.get("State") or {}).get("Status", "missing")),
         labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
         published=published(attrs),
+        address=_address(attrs),
     )
 
 
@@ -117,35 +164,52 @@ def _labelled(labels: object) -> bool:
     return isinstance(labels, dict) and any(label in labels for label in LABELS)
 
 
-class Discovery:
-    """Follows Docker for labelled containers; ``deliver`` gets each event (called on
-    this object's thread)."""
+class DockerEvents:
+    """Docker's event stream as :class:`ContainerEvent` s of labelled containers."""
 
-    def __init__(
-        self,
-        deliver: Callable[[DiscoveryEvent], None],
-        client: Any = None,
-        clock: Callable[[], float] = time.monotonic,
-        retry: float = RETRY,
-        retry_max: float = RETRY_MAX,
-    ) -> None:
-        self.deliver = deliver
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[ContainerEvent]:
+        try:
+            for raw in self.stream:
+                event = container_event(raw)
+                if event is not None:
+                    yield event
+        except Exception as error:  # requests / urllib3 errors when the engine goes away
+            raise ContainerError(f"docker: event stream: {error}") from None
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def container_event(raw: object) -> ContainerEvent | None:
+    """One decoded Docker event, when it is a labelled container's create/start/die/destroy."""
+    if not isinstance(raw, dict):
+        return None
+    action = str(raw.get("Action") or raw.get("status") or "")
+    actor = raw.get("Actor") or {}
+    attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+    ident = str((actor.get("ID") if isinstance(actor, dict) else None) or raw.get("id") or "")
+    if action not in ACTIONS or not ident or not _labelled(attributes):
+        return None
+    assert isinstance(attributes, dict)
+    return ContainerEvent(action, ident, str(attributes.get("name", "")))
+
+
+class DockerLabelSource:
+    """:class:`LabelSource` through the Docker SDK, in process (the client is made at
+    the first call)."""
+
+    def __init__(self, client: Any = None) -> None:
         self.client = client
-        self.clock = clock
-        self.retry, self.retry_max = retry, retry_max
-        self._closing = threading.Event()
-        self._stream: Any = None
-        self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------------ Docker calls
 
     def _docker(self) -> Any:
         if self.client is None:
             self.client = docker_client()
         return self.client
 
-    def list(self) -> tuple[ContainerFacts, ...]:
-        """Every container with a ``knockgate.door`` or ``knockgate.group`` label."""
+    def labelled(self) -> tuple[ContainerFacts, ...]:
         client = self._docker()
         found: dict[str, ContainerFacts] = {}
         for label in LABELS:
@@ -158,8 +222,7 @@ class Discovery:
                 found[facts.id] = facts
         return tuple(sorted(found.values(), key=lambda f: (f.name, f.id)))
 
-    def _inspect(self, ident: str) -> ContainerFacts | None:
-        """The container's facts now (``None``: it is gone)."""
+    def inspect(self, ident: str) -> ContainerFacts | None:
         try:
             return facts_of(self._docker().containers.get(ident).attrs)
         except Exception as error:
@@ -167,12 +230,37 @@ class Discovery:
                 return None
             raise ContainerError(f"docker: inspect {ident[:12]}: {error}") from None
 
-    def _events(self) -> Any:
+    def events(self) -> DockerEvents:
         filters = {"type": "container", "event": list(ACTIONS)}
         try:
-            return self._docker().events(filters=filters, decode=True)
+            return DockerEvents(self._docker().events(filters=filters, decode=True))
         except Exception as error:
             raise ContainerError(f"docker: follow events: {error}") from None
+
+
+class Discovery:
+    """Follows Docker for labelled containers; ``deliver`` gets each event (called on
+    this object's thread)."""
+
+    def __init__(
+        self,
+        deliver: Callable[[DiscoveryEvent], None],
+        source: LabelSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        retry: float = RETRY,
+        retry_max: float = RETRY_MAX,
+    ) -> None:
+        self.deliver = deliver
+        self.source: LabelSource = DockerLabelSource() if source is None else source
+        self.clock = clock
+        self.retry, self.retry_max = retry, retry_max
+        self._closing = threading.Event()
+        self._stream: EventStream | None = None
+        self._thread: threading.Thread | None = None
+
+    def list(self) -> tuple[ContainerFacts, ...]:
+        """Every container with a ``knockgate.door`` or ``knockgate.group`` label."""
+        return self.source.labelled()
 
     # ------------------------------------------------------------------ the thread
 
@@ -197,7 +285,7 @@ class Discovery:
         delay, failures = self.retry, 0
         while not self._closing.is_set():
             try:
-                stream = self._events()
+                stream = self.source.events()
                 self._stream = stream
                 if self._closing.is_set():
                     break
@@ -241,38 +329,27 @@ class Discovery:
             except Exception:
                 log.debug("closing the event stream failed", exc_info=True)
 
-    def _changes(self, stream: Iterable[Any]) -> Iterator[DiscoveryEvent]:
+    def _changes(self, stream: EventStream) -> Iterator[DiscoveryEvent]:
         try:
             for event in stream:
                 if self._closing.is_set():
                     return
-                change = self._change(event)
-                if change is not None:
-                    yield change
+                if event.action in ACTIONS:
+                    yield self._change(event)
         except ContainerError:
             raise
         except Exception as error:  # requests / urllib3 errors when the engine goes away
             if not self._closing.is_set():
                 raise ContainerError(f"docker: event stream: {error}") from None
 
-    def _change(self, event: object) -> DiscoveryEvent | None:
-        if not isinstance(event, dict):
-            return None
-        action = str(event.get("Action") or event.get("status") or "")
-        actor = event.get("Actor") or {}
-        attributes = actor.get("Attributes") if isinstance(actor, dict) else None
-        ident = str((actor.get("ID") if isinstance(actor, dict) else None) or event.get("id") or "")
-        if action not in ACTIONS or not ident or not _labelled(attributes):
-            return None
-        assert isinstance(attributes, dict)
-        name = str(attributes.get("name", ""))
+    def _change(self, event: ContainerEvent) -> DiscoveryEvent:
         now = self.clock()
-        if action == "destroy":
-            return Removed(now, ident, name)
-        facts = self._inspect(ident)
+        if event.action == "destroy":
+            return Removed(now, event.id, event.name)
+        facts = self.source.inspect(event.id)
         if facts is None:
-            return Removed(now, ident, name)
-        return Changed(now, action, facts)
+            return Removed(now, event.id, event.name)
+        return Changed(now, event.action, facts)
 
     def _give(self, event: DiscoveryEvent) -> None:
         try:

@@ -106,6 +106,14 @@ def docker_client() -> Any:
         raise ContainerError(f"docker: cannot create a client: {error}") from None
 
 
+def docker_present() -> bool:
+    """Whether a Docker engine is configured here: ``DOCKER_HOST`` set, or the default
+    socket present (label-gated containers are then followed)."""
+    import os
+
+    return bool(os.environ.get("DOCKER_HOST")) or os.path.exists("/var/run/docker.sock")
+
+
 def docker_call(what: str, action: Callable[[], T]) -> T:
     """Run one Docker call; any failure becomes a ContainerError naming ``what``."""
     try:

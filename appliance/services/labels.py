@@ -4,7 +4,7 @@ Any container on the host (any compose project) with a ``knockgate.door`` label 
 gated service. This module turns one container's labels and Docker facts into a frozen
 :class:`GatedContainer`, or a :class:`LabelProblem` whose every line names the
 container and the label. Pure: standard library only, never raises on any label
-dict (a property test draws hostile ones). Not wired into the daemon yet.
+dict (a property test draws hostile ones).
 
 Label schema
 ============
@@ -75,7 +75,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from appliance.config.schema import Readiness
-from appliance.core.model import Proto
+from appliance.core.model import Proto, Step
 
 PREFIX = "knockgate."
 DOOR = "knockgate.door"
@@ -138,6 +138,7 @@ class ContainerFacts:
     state: str
     labels: tuple[tuple[str, str], ...] = ()
     published: tuple[Published, ...] = ()
+    address: str | None = None  # its address on its network, while it has one
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -397,3 +398,136 @@ def start_order(members: Collection[GatedContainer]) -> tuple[GatedContainer, ..
         order.append(ready[0])
         waiting.remove(ready[0])
     return tuple(order)
+
+
+# --------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """What one lifecycle machine runs: a gated container alone (``container NAME``) or
+    a group (``group NAME``), its members in start order (stopped in reverse)."""
+
+    name: str
+    members: tuple[GatedContainer, ...]
+
+    @property
+    def gated(self) -> tuple[GatedContainer, ...]:
+        return tuple(m for m in self.members if m.door is not None)
+
+    @property
+    def doors(self) -> frozenset[str]:
+        return frozenset(m.door for m in self.gated if m.door is not None)
+
+    def ports(self, door: str | None = None) -> tuple[Step, ...]:
+        """The host ports a knock on ``door`` (any door: ``None``) opens."""
+        return tuple(
+            dict.fromkeys(
+                step
+                for m in self.gated
+                if door is None or m.door == door
+                for step in host_steps(m.ports)
+            )
+        )
+
+    @property
+    def managed(self) -> bool:
+        """Started and stopped by knockgate (``start_on_knock``; a group always is)."""
+        return all(m.start_on_knock for m in self.gated)
+
+    @property
+    def idle_timeout(self) -> float:
+        return min((m.idle_timeout for m in self.gated), default=DEFAULT_IDLE_TIMEOUT)
+
+    @property
+    def max_lifetime(self) -> float:
+        return min((m.max_lifetime for m in self.gated), default=DEFAULT_MAX_LIFETIME)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelPlan:
+    """Every labelled container, parsed against the doors: the units to run, the
+    problems to report, and what the firewall closes (the host ports of every gated
+    and every faulty container, and their own address and port)."""
+
+    units: tuple[Unit, ...] = ()
+    problems: tuple[LabelProblem, ...] = ()
+    protected: tuple[Step, ...] = ()
+    direct: tuple[tuple[str, Step], ...] = ()
+    unit_of: tuple[tuple[str, str], ...] = ()  # container id -> unit name
+
+    def unit(self, container: str) -> str | None:
+        return dict(self.unit_of).get(container)
+
+
+def host_steps(ports: Collection[Published]) -> tuple[Step, ...]:
+    """The host ports of published ports (an ephemeral binding, 0, is left out: it has
+    no port until Docker picks one)."""
+    return tuple(
+        dict.fromkeys(
+            Step(b.host_port, p.proto) for p in ports for b in p.bindings if b.host_port > 0
+        )
+    )
+
+
+def plan(facts: Collection[ContainerFacts], doors: Mapping[str, bool]) -> LabelPlan:
+    """Every labelled container against ``doors`` (name -> whether a knock on it grants:
+    a door without ``open`` never does). Fail closed: a container with a problem has
+    every published host port and its own address closed."""
+    parsed = [parse(f, doors) for f in sorted(facts, key=lambda f: (f.name, f.id))]
+    problems: dict[str, LabelProblem] = {}
+    gated: list[GatedContainer] = []
+    for result in parsed:
+        if isinstance(result, LabelProblem):
+            problems[result.id] = result
+        elif result.door is not None and not doors.get(result.door, False):
+            line = (
+                f"container {_escaped(result.name)}: label {DOOR}={_shown(result.door)}: "
+                "the door has no open: (a knock on it grants nothing); give it "
+                "open: {duration: SECONDS}"
+            )
+            problems[result.id] = LabelProblem(result.id, result.name, (line,))
+        else:
+            gated.append(result)
+    units: list[Unit] = []
+    groups: dict[str, list[GatedContainer]] = {}
+    for g in gated:
+        if g.group is None:
+            if g.door is not None:
+                units.append(Unit(f"container {g.name}", (g,)))
+        else:
+            groups.setdefault(g.group, []).append(g)
+    for name, members in sorted(groups.items()):
+        order = start_order(members)
+        if isinstance(order, str):
+            for m in members:
+                line = f"container {_escaped(m.name)}: label {GROUP}={_shown(name)}: {order}"
+                problems[m.id] = LabelProblem(m.id, m.name, (line,))
+            continue
+        if any(m.door is not None for m in order):
+            units.append(Unit(f"group {name}", order))
+    protected: dict[Step, None] = {}
+    direct: dict[tuple[str, Step], None] = {}
+    for f in facts:
+        if f.id in problems:
+            protected.update(dict.fromkeys(host_steps(f.published)))
+            if f.address is not None:
+                direct.update(
+                    dict.fromkeys((f.address, Step(p.port, p.proto)) for p in f.published)
+                )
+    address = {f.id: f.address for f in facts}
+    for unit in units:
+        for m in unit.gated:
+            protected.update(dict.fromkeys(host_steps(m.ports)))
+            where = address.get(m.id)
+            if where is not None:
+                direct.update(dict.fromkeys((where, Step(p.port, p.proto)) for p in m.ports))
+    return LabelPlan(
+        units=tuple(units),
+        problems=tuple(
+            problems[f.id] for f in sorted(facts, key=lambda f: (f.name, f.id)) if f.id in problems
+        ),
+        protected=tuple(sorted(protected)),
+        direct=tuple(sorted(direct)),
+        unit_of=tuple((m.id, u.name) for u in units for m in u.members),
+    )

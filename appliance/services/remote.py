@@ -20,10 +20,10 @@ from typing import Any, Generic, TypeVar
 
 from appliance.config.schema import Service
 from appliance.errors import ContainerError
+from appliance.services.discovery import ContainerEvent
 from appliance.services.labels import ContainerFacts
 from appliance.services.rpc import (
     MAX_REPLY,
-    ContainerEvent,
     Invalid,
     container_from,
     death_from,

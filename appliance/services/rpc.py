@@ -22,9 +22,10 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from appliance.core.model import Step
+from appliance.services.discovery import ContainerEvent
 from appliance.services.labels import Binding, ContainerFacts, Published
 from appliance.services.runtime import Container, Death, State
 
@@ -62,15 +63,6 @@ EVENT_ACTIONS = frozenset({"create", "start", "die", "destroy"})
 
 class Invalid(Exception):
     """Not a request (or not a reply) of this wire; the text says why."""
-
-
-class ContainerEvent(NamedTuple):
-    """A Docker event of a labelled container (LabelSource's; the labels helper defines
-    the same type in appliance.services.discovery)."""
-
-    action: str  # "create" | "start" | "die" | "destroy"
-    id: str
-    name: str
 
 
 @dataclass(frozen=True, slots=True)

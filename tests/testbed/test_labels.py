@@ -18,7 +18,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance.services.discovery import Changed, Discovery, DiscoveryEvent, Listed, Removed
+from appliance.services.discovery import (
+    Changed,
+    Discovery,
+    DiscoveryEvent,
+    DockerLabelSource,
+    Listed,
+    Removed,
+)
 from appliance.services.labels import (
     Binding,
     GatedContainer,
@@ -135,5 +142,5 @@ def test_a_labelled_container_is_discovered_and_a_bad_label_is_a_problem(
     assert isinstance(expect(events, Removed, GOOD), Removed)
 
     # a fresh listing sees the remaining (bad) one, with its labels
-    names = [f.name for f in Discovery(lambda event: None).list()]
+    names = [f.name for f in DockerLabelSource().labelled()]
     assert BAD in names and GOOD not in names

@@ -86,3 +86,66 @@ def play_all(engine: KnockEngine, events: list[Event]) -> list[Any]:
     for event in events:
         out.extend(play(engine, event))
     return out
+
+
+class FakeChannel:
+    """An in-memory packet process (appliance.runtime.privsep.PacketChannel): records what
+    the daemon tells it; ``messages`` are the raw messages ``receive`` decodes in turn."""
+
+    def __init__(self) -> None:
+        import socket
+
+        from appliance.capture.records import COUNTER_NAMES, RecordReader
+
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.records = RecordReader()
+        self.calls: list[tuple[Any, ...]] = []
+        self.messages: list[bytes] = []
+        self.gone = False
+        self.closed = False
+        self._r, self._w = socket.socketpair()
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def configure(self, doors: Any, local: frozenset[str] | None) -> None:
+        from appliance.capture.records import spa_users
+
+        self.records.spa_users = spa_users(doors)
+        self.calls.append(("config", tuple(door.name for door in doors), local))
+
+    def add(self, key: int, interface: str, sock: Any) -> None:
+        self.calls.append(("add", key, interface))
+
+    def remove(self, key: int) -> None:
+        self.calls.append(("remove", key))
+
+    def receive(self, now: float) -> Any:
+        from appliance.capture.records import Batch
+        from appliance.runtime.privsep import PacketProcessGone
+
+        if self.gone:
+            raise PacketProcessGone("the packet process closed its socket")
+        merged = Batch()
+        while self.messages:
+            batch = self.records.read(self.messages.pop(0), now)
+            merged.events += batch.events
+            merged.logs += batch.logs
+            if batch.counters is not None:
+                self.counters = merged.counters = batch.counters
+        return merged
+
+    @property
+    def malformed(self) -> int:
+        return self.records.malformed
+
+    def describe(self) -> dict[str, object]:
+        return {"pid": None, "user": "fake"}
+
+    def exit_status(self) -> int | None:
+        return 1 if self.gone else None
+
+    def close(self) -> None:
+        self.closed = True
+        self._r.close()
+        self._w.close()

@@ -764,3 +764,37 @@ def test_uninstall_owner_is_the_daemons_owner_label() -> None:
 
     path = "/etc/knockgate/knockgate.yaml"
     assert owner_of(path) == hashlib.sha256(path.encode()).hexdigest()[:12]
+
+
+def test_status_text_lists_label_gated_containers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snapshot = {
+        "pid": 42,
+        "uptime": 1.0,
+        "config": "/etc/knockgate/knockgate.yaml",
+        "backend": "nftables",
+        "doors": [],
+        "grants": [],
+        "gated": [
+            {"name": "shop-app-1", "docker": "running", "unit": "group shop", "door": "web",
+             "ports": ["8080/tcp"], "state": "serving", "start_on_knock": True, "grants": 1,
+             "problems": []},
+            {"name": "shop-db-1", "docker": "running", "unit": "group shop", "door": None,
+             "ports": [], "state": "serving", "start_on_knock": True, "grants": 0,
+             "problems": []},
+            {"name": "odd-1", "docker": "running", "unit": None, "door": "web",
+             "ports": ["9090/tcp"], "state": "closed", "start_on_knock": False, "grants": 0,
+             "problems": ['container odd-1: label knockgate.ready="x": expected tcp']},
+        ],
+        "attempts": 0,
+        "counters": {},
+    }  # fmt: skip
+    out = status_text(tmp_path, capsys, snapshot)
+    assert (
+        "  shop-app-1: door web, 8080/tcp, serving (docker: running), start on knock, "
+        "1 grant(s) [group shop]"
+    ) in out
+    assert "  shop-db-1: door (group member, no door), no port, serving" in out
+    assert "  odd-1: door web, 9090/tcp, closed (docker: running), 0 grant(s)" in out
+    assert '    problem: container odd-1: label knockgate.ready="x": expected tcp' in out

@@ -159,12 +159,6 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         ),
         ("doors:\n  d:\n    open: {ports: [22]}\n", 2, "doors.d.knock", "missing"),
         (
-            "doors:\n  d:\n    knock: {sequence: [1]}\n    open: {duration: 5}\n",
-            4,
-            "doors.d.open.ports",
-            "missing",
-        ),
-        (
             "doors:\n  d:\n    knock: {sequence: [1]}\n    open: {ports: [22], duration: 0}\n",
             4,
             "doors.d.open.duration",
@@ -469,3 +463,11 @@ def test_a_service_door_is_not_counted_by_the_scan_detector(tmp_path: Path) -> N
     """Docker forwards a published port past the input chain the detector counts in."""
     body = SERVICES.replace("doors:\n", "firewall: {scan: {ports: 2}}\ndoors:\n")
     assert not any("firewall.scan" in w for w in load_config(write(tmp_path, body)).warnings)
+
+
+def test_a_door_without_open_ports_opens_only_its_labelled_containers(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "doors:\n  d:\n    knock: {sequence: [1, 2, 3]}\n    open: {duration: 5}\n"
+    )
+    door = load_config(str(path)).config.doors[0]
+    assert door.open is not None and door.open.ports == () and door.open.duration == 5

@@ -736,3 +736,91 @@ def test_a_bugs_traceback_reaches_the_log(form: str) -> None:
     else:
         assert text.splitlines()[0].endswith("internal error in grant")
         assert "    RuntimeError: injected fault in grant" in text.splitlines()
+
+
+def test_labelled_containers_are_closed_and_opened_by_their_door(tmp_path: Path) -> None:
+    """A discovery item closes a labelled container's host port in the firewall; a knock on
+    its door (no open.ports of its own) grants it; a reload that removes the door revokes
+    and keeps it closed; the container's removal takes its rules away."""
+    from appliance.services.discovery import Listed, Removed
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.labels import Binding, ContainerFacts, Published
+    from appliance.services.launcher import ServiceLauncher
+
+    path = tmp_path / "k.yaml"
+    head = f"status_socket: {tmp_path / 's.sock'}\nstate_dir: {tmp_path / 'state'}\n"
+    door = "doors:\n  web:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+    path.write_text(head + door + "    open: {duration: 30}\n")
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    launcher = ServiceLauncher(FakeRuntime(), (), "o1", clock=clock)
+    loaded = load_config(str(path))
+    daemon = Daemon(loaded, backend, clock=clock, wall=clock, capture=False, launcher=launcher)
+    daemon.start()
+    web = Step(8080, "tcp")
+    facts = ContainerFacts(
+        "c1",
+        "shop-app-1",
+        "running",
+        (("knockgate.door", "web"),),
+        (Published(80, "tcp", (Binding("", 8080),)),),
+        "198.18.9.2",
+    )
+    try:
+        daemon._item(Listed(clock(), (facts,)))
+        assert backend.plan is not None and web in backend.plan.protected
+        knock(daemon, clock, A, "7113", "2231/udp", "9157")
+        assert backend.is_open(A, web)
+        [row] = daemon.snapshot()["gated"]
+        assert (row["door"], row["ports"], row["state"]) == ("web", ["8080/tcp"], "serving")
+        path.write_text(head + door.replace("web:", "other:") + "    open: {duration: 30}\n")
+        daemon.reload()
+        assert not backend.is_open(A, web) and web in backend.plan.protected
+        assert "no such door" in daemon.snapshot()["gated"][0]["problems"][0]
+        daemon._item(Removed(clock(), "c1", "shop-app-1"))
+        assert web not in backend.plan.protected and daemon.snapshot()["gated"] == []
+    finally:
+        daemon.shutdown()
+
+
+def test_labelled_ports_are_closed_by_the_first_setup(tmp_path: Path) -> None:
+    """Regression guard: a restart must not open a labelled container's port until
+    discovery catches up; the containers are listed before the first firewall setup."""
+    from appliance.services.discovery import EventStream
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.labels import Binding, ContainerFacts, Published
+    from appliance.services.launcher import ServiceLauncher
+
+    class Source:
+        def labelled(self) -> tuple[ContainerFacts, ...]:
+            published = (Published(80, "tcp", (Binding("", 8080),)),)
+            labels = (("knockgate.door", "web"),)
+            return (ContainerFacts("c1", "app-1", "running", labels, published),)
+
+        def inspect(self, ident: str) -> ContainerFacts | None:
+            return None
+
+        def events(self) -> EventStream:
+            from appliance.errors import ContainerError
+
+            raise ContainerError("no events in this test")
+
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path / 's.sock'}\nstate_dir: {tmp_path / 'state'}\n"
+        "doors:\n  web:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+        "    open: {duration: 30}\n"
+    )
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    launcher = ServiceLauncher(FakeRuntime(), (), "o1", clock=clock)
+    daemon = Daemon(
+        load_config(str(path)), backend, clock=clock, wall=clock, capture=False,
+        launcher=launcher, labels=Source(),
+    )  # fmt: skip
+    daemon.start()
+    try:
+        assert backend.plan is not None and Step(8080, "tcp") in backend.plan.protected
+        assert backend.calls.count("setup") == 1
+    finally:
+        daemon.shutdown()

@@ -16,8 +16,10 @@ from appliance.services.discovery import (
     Changed,
     Discovery,
     DiscoveryEvent,
+    DockerLabelSource,
     Listed,
     Removed,
+    container_event,
     facts_of,
     published,
 )
@@ -146,7 +148,9 @@ def docker() -> FakeDocker:
 @pytest.fixture
 def running(docker: FakeDocker) -> Iterator[tuple[Discovery, queue.Queue[DiscoveryEvent]]]:
     got: queue.Queue[DiscoveryEvent] = queue.Queue()
-    discovery = Discovery(got.put, Client(docker), clock=lambda: 1.0, retry=0.01, retry_max=0.04)
+    discovery = Discovery(
+        got.put, DockerLabelSource(Client(docker)), clock=lambda: 1.0, retry=0.01, retry_max=0.04
+    )
     yield discovery, got
     discovery.close()
 
@@ -256,7 +260,7 @@ def test_a_receiver_that_raises_does_not_stop_the_discovery(
         if len(got) == 1:
             raise RuntimeError("bug in the receiver")
 
-    discovery = Discovery(deliver, Client(docker), clock=lambda: 1.0)
+    discovery = Discovery(deliver, DockerLabelSource(Client(docker)), clock=lambda: 1.0)
     try:
         discovery.start()
         stream = wait_stream(docker, 1)
@@ -339,5 +343,9 @@ EVENTS = st.fixed_dictionaries(
 def test_any_event_gives_nothing_or_a_typed_event(event: Any) -> None:
     docker = FakeDocker()
     docker.containers["a"] = inspect("a", {"knockgate.door": "web"})
-    change = Discovery(lambda e: None, Client(docker), clock=lambda: 1.0)._change(event)
-    assert change is None or isinstance(change, Changed | Removed)
+    found = container_event(event)
+    if found is None:
+        return
+    assert found.action in ("create", "start", "die", "destroy") and found.id
+    discovery = Discovery(lambda e: None, DockerLabelSource(Client(docker)), clock=lambda: 1.0)
+    assert isinstance(discovery._change(found), Changed | Removed)

@@ -29,11 +29,12 @@ from appliance.capture.host import (
     address_change,
     read_host,
 )
-from appliance.capture.sniffer import REOPEN_SECONDS, InterfaceReader, Sniffer
+from appliance.capture.sniffer import REOPEN_SECONDS, Sniffer
 from appliance.config import load_config
 from appliance.errors import CaptureError
 from appliance.firewall.memory import MemoryBackend
 from appliance.runtime.daemon import Daemon
+from tests.unit.helpers import FakeChannel
 
 LOOPBACK = Link("lo", 1, True)
 ETH0 = Link("eth0", 2, True)
@@ -609,33 +610,43 @@ def test_the_loop_takes_a_host_state_to_the_engine_the_spa_reader_and_the_sniffe
     assert lines == ["eth0: capturing", "wg0: capturing"]
 
 
-def test_the_loop_registers_the_readers_as_they_come_and_go(daemon: Daemon) -> None:
+def test_the_loop_passes_the_sockets_to_the_packet_process_as_they_come_and_go(
+    daemon: Daemon,
+) -> None:
     pairs: list[tuple[socket.socket, socket.socket]] = []
 
     def opener(interface: str, expression: str) -> socket.socket:
         pairs.append(socket.socketpair())
         return pairs[-1][0]
 
-    capture = Sniffer((), "tcp", daemon.clock, opener=opener)
-    selector = selectors.DefaultSelector()
-    registered: dict[InterfaceReader, socket.socket] = {}
+    channel = FakeChannel()
+    daemon.channel = channel
+    daemon.sniffer = capture = Sniffer((), "tcp", daemon.clock, opener=opener)
     try:
         capture.follow((ETH0, DOCKER0))
-        daemon._register(selector, registered, capture.readers)
-        assert sorted(r.interface for r in registered) == ["docker0", "eth0"]
+        daemon._pass_sockets()
+        assert channel.calls == [("add", 1, "eth0"), ("add", 2, "docker0")]
         version = capture.version
         capture.follow((DOCKER0,))  # eth0's socket closed: its descriptor is free again
-        assert capture.version != version  # the loop registers again only when it moved
+        assert capture.version != version  # the loop passes again only when it moved
         capture.follow((DOCKER0, Link("eth0", 12, True)))  # and likely reused right away
-        daemon._register(selector, registered, capture.readers)
-        assert sorted(r.interface for r in registered) == ["docker0", "eth0"]
-        assert {key.data for key in selector.get_map().values()} == set(capture.readers)
+        daemon._pass_sockets()
+        assert channel.calls[2:] == [("remove", 1), ("add", 3, "eth0")]
+        capture.set_filter("udp")  # a new filter: new sockets (the old ones are locked)
+        daemon._pass_sockets()
+        assert channel.calls[4:] == [
+            ("remove", 2),
+            ("remove", 3),
+            ("add", 4, "docker0"),
+            ("add", 5, "eth0"),
+        ]
         capture.follow(())
-        daemon._register(selector, registered, capture.readers)
-        assert registered == {}
-        assert list(selector.get_map().values()) == []
+        daemon._pass_sockets()
+        assert channel.calls[8:] == [("remove", 4), ("remove", 5)]
+        assert daemon._passed == {}
     finally:
-        selector.close()
+        daemon.channel = None
+        channel.close()
         for ours, theirs in pairs:
             ours.close()
             theirs.close()
@@ -685,6 +696,8 @@ def test_a_reader_closed_by_an_item_of_the_same_pass_is_not_read(
         pairs[-1][1].send(b"x" * 60)  # a frame waits: the socket is ready
         return pairs[-1][0]
 
+    channel = FakeChannel()
+    daemon.channel = channel
     daemon.sniffer = Sniffer((), "tcp", daemon.clock, opener=opener)
     daemon.sniffer.follow((ETH0,))
     daemon._drain_queue()
@@ -694,6 +707,8 @@ def test_a_reader_closed_by_an_item_of_the_same_pass_is_not_read(
     try:
         daemon._loop()
     finally:
+        daemon.channel = None
+        channel.close()
         for ours, theirs in pairs:
             ours.close()
             theirs.close()

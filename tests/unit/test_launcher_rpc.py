@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from appliance.config.schema import Service
 from appliance.errors import ContainerError
 from appliance.services.broker import Broker, LauncherServer, read_catalogue
+from appliance.services.discovery import ContainerEvent
 from appliance.services.fake import FakeRuntime
 from appliance.services.labels import Binding, ContainerFacts, Published
 from appliance.services.launcher import ServiceLauncher, config_hash
@@ -34,7 +35,6 @@ from appliance.services.remote import RemoteRuntime
 from appliance.services.rpc import (
     MAX_REQUEST,
     SHAPES,
-    ContainerEvent,
     container_from,
     container_json,
     facts_from,

@@ -72,6 +72,6 @@ if _fault_file:
         ("_reload", "reload"),
         ("_check_firewall", "check"),
         ("_upkeep", "upkeep"),
-        ("_register", "loop"),
+        ("_follow_wall_clock", "loop"),  # called by the loop itself, unguarded
     ):
         _wrap(Daemon, _attribute, _name)

@@ -1,0 +1,109 @@
+"""The privilege boundary, proven from inside the running appliance (the testbed of
+test_testbed.py).
+
+The packet process (``knockgate packet``, the only code that reads untrusted bytes) must
+be unable to change nftables or reach the Docker socket. Its credentials are read from
+/proc inside the appliance, then a probe runs with exactly those (``setpriv``: its uid and
+gid, no supplementary groups, no capabilities, no_new_privs) and tries both: ``nft add
+table inet kgprobe`` and a connect to the Docker socket must fail. The monitor keeps only
+CAP_NET_ADMIN and CAP_NET_RAW.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.testbed.test_testbed import (  # the module-scoped testbed fixture comes along
+    APPLIANCE_CONFIG,
+    Testbed,
+    docker,
+    testbed,  # noqa: F401 (a fixture)
+)
+
+pytestmark = pytest.mark.testbed
+
+NETWORK_CAPS = (1 << 12) | (1 << 13)  # CAP_NET_ADMIN | CAP_NET_RAW
+DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/knockgate-docker/docker.sock")
+CONNECT = """\
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("denied")
+except OSError as error:
+    print(f"failed: {error}")
+else:
+    print("connected")
+"""
+
+
+def proc_status(bed: Testbed, pid: int) -> dict[str, str]:
+    text = bed.exec("appliance", "cat", f"/proc/{pid}/status", check=True).stdout
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def docker_sockets(bed: Testbed) -> list[str]:
+    """The Docker socket's paths inside the appliance: its mounts, else the known ones."""
+    mounts = json.loads(docker("inspect", "--format", "{{json .Mounts}}", bed.appliance).stdout)
+    found = [m["Destination"] for m in mounts if m["Destination"].endswith("docker.sock")]
+    paths = found or list(DOCKER_SOCKETS)
+    present = [p for p in paths if bed.exec("appliance", "test", "-S", p).returncode == 0]
+    assert present, f"no Docker socket in the appliance at {paths}"
+    return present
+
+
+def test_the_packet_process_cannot_change_nftables_nor_reach_docker(testbed: Testbed) -> None:  # noqa: F811
+    bed = testbed
+    as_json = ["knockgate", "status", "--json", "--config", APPLIANCE_CONFIG]
+    status: dict[str, Any] = json.loads(bed.exec("appliance", *as_json, check=True).stdout)
+    packet = status["packet_process"]
+    assert packet["user"] == "knockgate-packet", packet
+    seen = proc_status(bed, int(packet["pid"]))
+    assert seen["PPid"] == str(status["pid"]), seen
+    uid, gid = seen["Uid"].split()[0], seen["Gid"].split()[0]
+    assert set(seen["Uid"].split()) == {uid} and uid != "0", seen
+    assert set(seen["Gid"].split()) == {gid} and gid != "0", seen
+    assert seen["Groups"] == "", seen
+    for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(seen[name], 16) == 0, (name, seen)
+    assert seen["NoNewPrivs"] == "1", seen
+    monitor = proc_status(bed, int(status["pid"]))
+    assert monitor["Uid"].split()[0] == "0"
+    assert int(monitor["CapEff"], 16) == NETWORK_CAPS, monitor
+    assert int(monitor["CapBnd"], 16) == NETWORK_CAPS, monitor
+
+    setpriv = [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+    ]
+    # The probe really runs with the packet process's credentials.
+    probe = bed.exec("appliance", *setpriv, "cat", "/proc/self/status", check=True).stdout
+    assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in probe and "CapEff:\t0000000000000000" in probe
+    try:
+        nft = bed.exec("appliance", *setpriv, "nft", "add", "table", "inet", "kgprobe")
+        assert nft.returncode != 0, "the packet process's credentials changed nftables"
+        assert "Operation not permitted" in nft.stderr, nft.stderr
+    finally:
+        listed = bed.exec("appliance", "nft", "list", "table", "inet", "kgprobe")
+        if listed.returncode == 0:
+            bed.exec("appliance", "nft", "delete", "table", "inet", "kgprobe", check=True)
+    for path in docker_sockets(bed):
+        connect = bed.exec("appliance", *setpriv, "python3", "-c", CONNECT, path)
+        assert connect.stdout.strip() == "denied", (path, connect.stdout, connect.stderr)
+        # Control: root in the appliance does reach it (the probe is not simply broken).
+        root = bed.exec("appliance", "python3", "-c", CONNECT, path)
+        assert root.stdout.strip() == "connected", (path, root.stdout, root.stderr)

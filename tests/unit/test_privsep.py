@@ -1,0 +1,115 @@
+"""The daemon's side of the packet process, with an in-memory channel (FakeChannel):
+records reach the engine, counters reach the status, a dead packet process stops the
+daemon, reloads and address changes reach the packet process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.capture import records
+from appliance.capture.host import HostState
+from appliance.config import load_config
+from appliance.core.events import Packet
+from appliance.errors import KnockgateError
+from appliance.firewall.memory import MemoryBackend
+from appliance.runtime.daemon import Daemon
+from appliance.runtime.privsep import packet_user
+from tests.unit.helpers import FakeChannel
+from tests.unit.test_daemon import CONFIG, Clock
+
+A = "198.18.5.1"
+
+
+@pytest.fixture
+def wired(tmp_path: Path) -> Iterator[tuple[Daemon, FakeChannel, MemoryBackend, Clock]]:
+    path = tmp_path / "k.yaml"
+    path.write_text(CONFIG.format(socket=tmp_path / "status.sock", marks=tmp_path / "marks"))
+    clock = Clock()
+    backend = MemoryBackend(clock)
+    channel = FakeChannel()
+    daemon = Daemon(load_config(str(path)), backend, clock=clock, wall=clock, capture=False)
+    daemon.start()
+    daemon.channel = channel
+    try:
+        yield daemon, channel, backend, clock
+    finally:
+        daemon.shutdown()
+
+
+def packet(port: int, proto: str = "tcp") -> bytes:
+    return records.encode_packet(Packet(0.0, A, "198.18.0.1", proto, port, 0x02))
+
+
+def test_a_knock_sent_as_records_opens_the_door(
+    wired: tuple[Daemon, FakeChannel, MemoryBackend, Clock],
+) -> None:
+    daemon, channel, backend, clock = wired
+    for port, proto in ((7113, "tcp"), (2231, "udp"), (9157, "tcp")):
+        clock.now += 0.1
+        channel.messages.append(records.MAGIC + packet(port, proto))
+        daemon._receive(channel)
+    assert [(g.address, str(g.step)) for g in backend.grants()] == [(A, "22/tcp")]
+
+
+def test_counters_come_from_the_packet_process_and_malformed_records_are_counted(
+    wired: tuple[Daemon, FakeChannel, MemoryBackend, Clock],
+) -> None:
+    daemon, channel, _, _ = wired
+    sent = dict.fromkeys(records.COUNTER_NAMES, 0) | {"frames": 40, "bad_checksums": 7}
+    channel.messages += [records.MAGIC + records.encode_counters(sent), b"garbage"]
+    daemon._receive(channel)
+    counters = daemon.snapshot()["counters"]
+    assert counters["frames"] == 40 and counters["bad_checksums"] == 7
+    assert counters["capture_malformed"] == 1
+    assert daemon.snapshot()["packet_process"] == {"pid": None, "user": "fake"}
+
+
+def test_a_log_line_of_the_packet_process_is_logged_once_without_control_characters(
+    wired: tuple[Daemon, FakeChannel, MemoryBackend, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon, channel, _, _ = wired
+    line = records.encode_log("knockgate.capture", logging.INFO, "eth0: ignored\n[fake] OPEN")
+    channel.messages.append(records.MAGIC + line)
+    with caplog.at_level(logging.INFO, logger="knockgate"):
+        daemon._receive(channel)
+    assert [r.getMessage() for r in caplog.records] == ["eth0: ignored?[fake] OPEN"]
+
+
+def test_a_dead_packet_process_stops_the_daemon_with_status_1(
+    wired: tuple[Daemon, FakeChannel, MemoryBackend, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon, channel, _, _ = wired
+    daemon.running = True
+    channel.gone = True
+    with caplog.at_level(logging.INFO, logger="knockgate"):
+        daemon._receive(channel)
+    assert not daemon.running and daemon.exit_status == 1
+    assert channel.closed and daemon.channel is None
+    gone = [r.getMessage() for r in caplog.records if "packet process gone" in r.getMessage()]
+    assert len(gone) == 1 and "exit status 1" in gone[0]
+
+
+def test_address_changes_and_reloads_reach_the_packet_process(
+    wired: tuple[Daemon, FakeChannel, MemoryBackend, Clock],
+) -> None:
+    daemon, channel, _, _ = wired
+    addresses = frozenset({"198.18.0.1"})
+    daemon.enqueue(HostState(addresses, ()))
+    daemon._drain_queue()
+    daemon.reload()
+    assert channel.calls == [
+        ("config", ("ssh", "close", "cmd"), addresses),
+        ("config", ("ssh", "close", "cmd"), addresses),
+    ]
+
+
+def test_the_packet_user_must_exist_and_not_be_root() -> None:
+    with pytest.raises(KnockgateError, match="no such user: kg-no-such-user"):
+        packet_user("kg-no-such-user")
+    with pytest.raises(KnockgateError, match="must not be root"):
+        packet_user("root")
+    assert packet_user(None).pw_name in ("knockgate-packet", "nobody")
