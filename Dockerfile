@@ -12,6 +12,10 @@ RUN apt-get update \
 # as this user: no home, no shell, no groups, no capabilities (README: security model).
 RUN useradd --system --no-create-home --shell /usr/sbin/nologin knockgate-packet
 
+# The launcher's user: the only one given the Docker socket (the entrypoint adds its group).
+RUN useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin knockgate-launcher
+
 COPY appliance /opt/knockgate/appliance
 COPY compose/services /opt/knockgate/services
 COPY compose/supervisord.conf /etc/supervisor/knockgate.conf.in

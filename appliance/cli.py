@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", metavar="DIR", help="override the state directory (SPA replay cache)"
     )
     run.add_argument(
+        "--launcher",
+        metavar="SOCKET",
+        help="reach Docker only through `knockgate launcher` at SOCKET (the appliance's "
+        "privilege separation; without it, run uses Docker itself)",
+    )
+    run.add_argument(
         "--i-know",
         action="store_true",
         help="start even when this SSH session's port is protected and its address not allowed",
@@ -90,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     packet = commands.add_parser("packet")
     packet.add_argument("--fd", type=int, required=True)
     packet.add_argument("--user")
+
+    launcher = commands.add_parser(
+        "launcher",
+        help="the only process that reaches Docker: serves the daemon's container requests",
+    )
+    launcher.add_argument("--config", required=True, metavar="FILE", help="its catalogue")
+    launcher.add_argument("--socket", required=True, metavar="PATH", help="the socket to serve")
 
     status = commands.add_parser("status", help="ask the running daemon for its state")
     status.add_argument("--config", metavar="FILE", help="take the socket path from this config")
@@ -279,8 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _connect(args)
         if args.command == "run":
             return _run(
-                args.config, args.i_know, args.status_socket, args.state_dir, args.packet_user
+                args.config,
+                args.i_know,
+                args.status_socket,
+                args.state_dir,
+                args.packet_user,
+                args.launcher,
             )
+        if args.command == "launcher":
+            return _launcher(args.config, args.socket)
         if args.command == "packet":
             return _packet(args.fd, args.user)
         if args.command == "status":
@@ -600,6 +620,15 @@ def _keygen(totp: bool) -> int:
     return 0
 
 
+def _launcher(config: str, socket_path: str) -> int:
+    from appliance.config.schema import LogSettings
+    from appliance.runtime.logs import configure
+    from appliance.services.broker import serve
+
+    configure(LogSettings())
+    return serve(config, socket_path)
+
+
 def _packet(fd: int, user: str | None) -> int:
     import pwd
 
@@ -617,6 +646,7 @@ def _run(
     status_socket: str | None,
     state_dir: str | None,
     packet_user: str | None = None,
+    launcher_socket: str | None = None,
 ) -> int:
     import os
     import signal
@@ -649,25 +679,36 @@ def _run(
     from appliance.config.schema import Service
     from appliance.services.docker_runtime import DockerRuntime
     from appliance.services.launcher import ServiceLauncher
-    from appliance.services.runtime import owner_of
+    from appliance.services.remote import RemoteRuntime
+    from appliance.services.runtime import ContainerRuntime, owner_of
 
     owner = owner_of(path)
+    if launcher_socket is not None:
+        log.info("containers through the launcher at %s", launcher_socket)
 
     def launchers(services: tuple[Service, ...]) -> ServiceLauncher:
-        return ServiceLauncher(DockerRuntime(), services, owner)
+        runtime: ContainerRuntime = (
+            DockerRuntime() if launcher_socket is None else RemoteRuntime(launcher_socket)
+        )
+        return ServiceLauncher(runtime, services, owner)
 
     import functools
 
     from appliance.runtime import caps
     from appliance.runtime.privsep import packet_user as find_packet_user
     from appliance.runtime.privsep import spawn
-    from appliance.services.discovery import DockerLabelSource
+    from appliance.services.discovery import DockerLabelSource, LabelSource
     from appliance.services.docker_runtime import docker_present
 
     if os.geteuid() == 0:
         find_packet_user(packet_user)  # a clear error now, before anything is touched
-    # Label-gated containers are followed wherever Docker runs (its socket is there).
-    labels = DockerLabelSource() if docker_present() else None
+    # Label-gated containers are followed wherever Docker runs (its socket is there), or
+    # through the launcher.
+    labels: LabelSource | None
+    if launcher_socket is not None:
+        labels = RemoteRuntime(launcher_socket)
+    else:
+        labels = DockerLabelSource() if docker_present() else None
     wanted = loaded.config.services or labels is not None
     launcher = launchers(loaded.config.services) if wanted else None
     daemon = Daemon(
@@ -858,6 +899,13 @@ def _config(action: str, path: str, source: str | None, reload: bool) -> int:
         preflight(loaded)
         for warning in loaded.warnings:
             print(warning, file=sys.stderr)
+        # 0600, but a group that is not root's (the appliance's launcher reads its catalogue
+        # through it) keeps its group read.
+        with contextlib.suppress(OSError):
+            current = os.stat(path)
+            if current.st_gid != 0 and current.st_mode & 0o040:
+                os.chown(candidate, -1, current.st_gid)
+                os.chmod(candidate, 0o640)
         try:
             os.replace(candidate, path)
         except OSError:

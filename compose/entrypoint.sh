@@ -21,9 +21,56 @@ set -eu
 
 say() { echo "knockgate-entrypoint: $*"; }
 
+# Only the launcher (supervisord program `launcher`, user knockgate-launcher) reaches Docker:
+# compose mounts the socket in a directory of its own, made 0700 and the launcher's below, so
+# the monitor (uid 0 without CAP_DAC_OVERRIDE once it dropped its capabilities) cannot even
+# look into it. An older compose file mounts it at /var/run/docker.sock: that still works,
+# with a warning (the socket is root's there: the monitor could reach Docker).
+DOCKER_DIR=/run/knockgate-docker
+LAUNCHER_DIR=/run/knockgate-launcher
+if [ -z "${DOCKER_HOST:-}" ]; then
+    if [ ! -S "$DOCKER_DIR/docker.sock" ] && [ -S /var/run/docker.sock ]; then
+        DOCKER_HOST=unix:///var/run/docker.sock
+        legacy_socket=yes
+    else
+        DOCKER_HOST=unix://$DOCKER_DIR/docker.sock
+    fi
+fi
+export DOCKER_HOST
+
 if [ "$#" -gt 0 ]; then
+    # `docker compose run --rm knockgate uninstall|teardown|...`: root, full container
+    # capabilities, Docker at DOCKER_HOST.
     exec knockgate "$@"
 fi
+
+# The launcher's user gets the Docker socket's group (whatever gid the host gave it), its
+# directory, and read access to the config (its catalogue; created 0600 by init below).
+prepare_launcher() {
+    socket=${DOCKER_HOST#unix://}
+    if [ -S "$socket" ]; then
+        gid=$(stat -c %g "$socket")
+        group=$(getent group "$gid" | cut -d: -f1)
+        if [ -z "$group" ]; then
+            groupadd --gid "$gid" knockgate-docker
+            group=knockgate-docker
+        fi
+        usermod --append --groups "$group" knockgate-launcher
+    else
+        say "no Docker socket at $socket: service containers cannot be started (mount it at $DOCKER_DIR/docker.sock)"
+    fi
+    if [ -d "$DOCKER_DIR" ]; then
+        chown knockgate-launcher:knockgate-launcher "$DOCKER_DIR"
+        chmod 0700 "$DOCKER_DIR"
+    fi
+    if [ "${legacy_socket:-}" = yes ]; then
+        say "warning: the Docker socket is mounted at /var/run/docker.sock (an older compose file): the monitor can reach Docker too; mount it at $DOCKER_DIR/docker.sock (README: Operating the appliance)"
+    fi
+    # root (by owning it) and the launcher's group only: the monitor connects, nobody else.
+    mkdir -p "$LAUNCHER_DIR"
+    chown root:knockgate-launcher "$LAUNCHER_DIR"
+    chmod 0770 "$LAUNCHER_DIR"
+}
 
 # supervisord's control socket takes a password, new at every start (supervisord logs a
 # CRIT line for a socket without one): the config with it is readable by root only.
@@ -69,6 +116,15 @@ mkdir -p /etc/knockgate/ssh-keys
 # An existing config that is broken is reported here and waited for (knockgate-serve): the
 # container starts anyway, so that it does not restart in a loop.
 knockgate init --config "$KNOCKGATE_CONFIG" || say "$KNOCKGATE_CONFIG is not valid (above)"
+prepare_launcher
+as_launcher() { setpriv --reuid=knockgate-launcher --regid=knockgate-launcher --init-groups "$@"; }
+# The launcher reads the catalogue (services:) from the config: the file init made 0600 gets
+# the launcher's group (a bind-mounted file it can read already is left as it is).
+if ! as_launcher test -r "$KNOCKGATE_CONFIG" 2>/dev/null; then
+    { chgrp knockgate-launcher "$KNOCKGATE_CONFIG" && chmod g+r "$KNOCKGATE_CONFIG"; } 2>/dev/null || true
+    as_launcher test -r "$KNOCKGATE_CONFIG" 2>/dev/null \
+        || say "warning: the launcher (user knockgate-launcher) cannot read $KNOCKGATE_CONFIG: catalogue services cannot be created"
+fi
 
 supervisord -n -c "$CONF" &
 supervisord_pid=$!

@@ -478,6 +478,15 @@ def _door_service(door: _Map, services: dict[str, Service]) -> tuple[Service, fl
     return services[name], duration
 
 
+def parse_services(text: str, path: str, problems: Problems) -> dict[str, Service]:
+    """Only the ``services:`` catalogue, checked as :func:`parse_yaml` checks it (the
+    launcher's view: no door is parsed, no key or one-time file is read)."""
+    root = compose(text, problems)
+    if not isinstance(root, MappingNode):
+        return {}
+    return _services(_Map(root, "", TOP_KEYS, problems), path, problems)
+
+
 def _services(top: _Map, path: str, problems: Problems) -> dict[str, Service]:
     services: dict[str, Service] = {}
     catalogue = top.mapping("services", ())

@@ -161,9 +161,9 @@ services:
     cap_add: [NET_ADMIN, NET_RAW]
     environment:
       KNOCKGATE_CONFIG: {config_path}
-      DOCKER_HOST: unix:///var/run/docker.sock
+      DOCKER_HOST: unix:///run/knockgate-docker/docker.sock
     volumes:
-      - /var/run/docker.sock:/var/run/docker.sock
+      - /var/run/docker.sock:/run/knockgate-docker/docker.sock   # the launcher's only
       - ${{KGSB_CONFIG:-./cold.yaml}}:{config_path}:ro
     tmpfs: [/etc/knockgate]
     labels:

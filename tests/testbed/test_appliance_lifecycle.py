@@ -43,6 +43,11 @@ from tests.testbed.test_testbed import (
 
 pytestmark = pytest.mark.testbed
 
+LAUNCHER_SOCKET = "/run/knockgate-launcher/launcher.sock"
+DOCKER_SOCKET = "/run/knockgate-docker/docker.sock"
+CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('ok')"
+# What the monitor keeps after it drops its capabilities: uid 0, NET_ADMIN and NET_RAW.
+MONITOR_CAPS = ["setpriv", "--bounding-set", "-all,+net_admin,+net_raw", "--inh-caps", "-all"]
 DECOY_TABLE = "kglife_decoy"
 DECOY_CONTAINER = "kglife-decoy"
 
@@ -155,6 +160,55 @@ def test_restart_with_a_broken_config_waits_then_starts_when_fixed(
     assert appliance.status()["config"] == APPLIANCE_CONFIG
 
 
+def test_only_the_launcher_reaches_docker(appliance: Appliance) -> None:  # noqa: F811
+    bed = appliance.bed
+    owner = f"owner_of({APPLIANCE_CONFIG!r})"
+    listing = (
+        "from appliance.services.remote import RemoteRuntime\n"
+        "from appliance.services.runtime import owner_of\n"
+        f"print(len(RemoteRuntime({LAUNCHER_SOCKET!r}).owned({owner})))"
+    )
+    bed.wait(
+        "the launcher's socket",
+        lambda: bed.exec("appliance", "test", "-S", LAUNCHER_SOCKET).returncode == 0,
+        15,
+    )
+    # The launcher runs as its own user (it made the socket) in the Docker socket's group.
+    who = bed.exec("appliance", "stat", "-c", "%U %a", LAUNCHER_SOCKET, check=True)
+    assert who.stdout.split()[0] == "knockgate-launcher"
+    folder = bed.exec("appliance", "stat", "-c", "%U %a", "/run/knockgate-docker", check=True)
+    assert folder.stdout.split() == ["knockgate-launcher", "700"]
+    # Full root (as `docker compose run` subcommands) reaches Docker; uid 0 with only the
+    # monitor's capabilities cannot even get to the socket, but the launcher answers it.
+    full = bed.exec("appliance", "python3", "-c", CONNECT, DOCKER_SOCKET)
+    assert full.stdout.strip() == "ok", full.stderr
+    dropped = bed.exec("appliance", *MONITOR_CAPS, "python3", "-c", CONNECT, DOCKER_SOCKET)
+    assert dropped.returncode != 0 and "PermissionError" in dropped.stderr, dropped
+    answered = bed.exec("appliance", *MONITOR_CAPS, "python3", "-c", listing)
+    assert answered.returncode == 0 and answered.stdout.strip().isdigit(), answered
+    # Nobody else gets to the launcher (the packet process's kind of user).
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    stranger = bed.exec("appliance", *nobody, "python3", "-c", CONNECT, LAUNCHER_SOCKET)
+    assert stranger.returncode != 0 and "PermissionError" in stranger.stderr, stranger
+    # The launcher refuses a container that is not knockgate's nor labelled.
+    docker("rm", "-f", DECOY_CONTAINER, check=False)
+    docker("run", "-d", "--name", DECOY_CONTAINER, BASE_IMAGE, "sleep", "600")
+    try:
+        ident = docker("inspect", "-f", "{{.Id}}", DECOY_CONTAINER).stdout.strip()
+        stop = (
+            "from appliance.services.remote import RemoteRuntime\n"
+            "from appliance.services.runtime import Container\n"
+            f"RemoteRuntime({LAUNCHER_SOCKET!r}).stop(Container({ident!r}, 'x', '', 'running'))"
+        )
+        refused = bed.exec("appliance", *MONITOR_CAPS, "python3", "-c", stop)
+        assert "refused stop of container " + DECOY_CONTAINER in refused.stderr, refused
+        state = docker("inspect", "-f", "{{.State.Status}}", DECOY_CONTAINER).stdout.strip()
+        assert state == "running"
+        assert re.search(rf"launcher: refused stop of container {DECOY_CONTAINER}", bed.logs())
+    finally:
+        docker("rm", "-f", DECOY_CONTAINER, check=False)
+
+
 def test_uninstall_leaves_nothing_of_knockgate_and_touches_nothing_else(
     appliance: Appliance,  # noqa: F811
 ) -> None:
@@ -162,6 +216,7 @@ def test_uninstall_leaves_nothing_of_knockgate_and_touches_nothing_else(
     # A service container of ours, running.
     bed.knockd_knock(*WEB_KNOCK)
     bed.wait("web started", lambda: bed.running("web"), 30)
+    assert f"containers through the launcher at {LAUNCHER_SOCKET}" in bed.logs()
     assert nft_table_exists()
     # Someone else's: a container with another knockgate owner, and an nftables table.
     docker("rm", "-f", DECOY_CONTAINER, check=False)

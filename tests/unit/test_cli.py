@@ -659,6 +659,19 @@ def test_config_apply_writes_a_valid_file_and_show_prints_it(tmp_path: Path) -> 
     assert shown.returncode == 0 and shown.stdout == new
 
 
+def test_config_apply_keeps_the_launchers_group_read(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown to another group)")
+    path = write(tmp_path, "k.yaml", CONFIG)
+    os.chown(path, -1, 54321)  # the appliance's knockgate-launcher group, say
+    os.chmod(path, 0o640)
+    source = write(tmp_path, "edited.yaml", CONFIG.replace("7113", "7117"))
+    result = run("config", "apply", "--config", path, "--from", source, "--no-reload")
+    assert result.returncode == 0, result.stderr
+    after = Path(path).stat()
+    assert (after.st_gid, after.st_mode & 0o777) == (54321, 0o640)
+
+
 class FakeEngine:
     """In memory: containers (owner -> Owned) and volumes (name -> users)."""
 
