@@ -11,7 +11,7 @@ The URI scheme (version 1)::
     knockgate://HOST/DOOR?v=1&kind=KIND&user=NAME&open=tcp/22,tcp/443&...
       kind=spa       port=UDP_PORT  key=BASE64  hmac=BASE64  [source=1]
       kind=totp      secret=BASE32  steps=N  period=S  ports=LOW-HIGH  proto=tcp|udp
-      kind=sequence  seq=7113/tcp,2231/udp,...
+      kind=sequence  seq=tcp/7113,udp/2231,...   (proto/port, as ACCESS and open)
 
 HOST is a name, an IPv4 address or ``[IPv6]``; values are percent-encoded
 (``application/x-www-form-urlencoded``), keys are standard base64 as fwknop prints
