@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import require
-from tests.integration.daemon import Knockgate, connect, serve
+from tests.integration.daemon import PYTHON, REPO, Knockgate, connect, serve
 from tests.integration.netns import Topology, cleanup_stale, ensure_root_tools
 
 pytestmark = pytest.mark.integration
@@ -149,3 +149,28 @@ def test_provisioned_fwknop_client_opens_and_a_removed_user_is_refused(lab: Lab)
     assert wait_state(lab, "other", "open") == "open"
     assert lab.daemon.process is not None and lab.daemon.process.poll() is None  # no restart
     assert "alice" not in lab.user("list").stdout
+
+
+def test_bundle_client_config_and_key_file_serve_knockgate_connect(lab: Lab) -> None:
+    """The ssh entry's command, with the bundle's client config and key file."""
+    home = add_user(lab, "carol")
+    text = (lab.workdir / "carol.bundle").read_text()
+    start = text.index("# knockgate client configuration for carol")
+    client_config = home / "knockgate.yaml"
+    client_config.write_text(text[start : text.index("## 2.")])
+    assert "--door ssh --config ~/.config/knockgate/knockgate.yaml --key-file ~/.fwknoprc" in text
+    done = lab.topo.run(
+        "client",
+        [
+            *(PYTHON, "-m", "appliance.cli", "connect", lab.ip("server"), str(SSH)),
+            *("--door", "ssh"),
+            *("--config", str(client_config), "--key-file", str(home / ".fwknoprc")),
+            *("--no-keepalive", "--timeout", "5"),
+        ],
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{lab.ip('client')}: ssh: SPA from user carol accepted" in lab.daemon.log()
