@@ -903,10 +903,10 @@ def _user_add(path: str, name: str, doors: list[str], host: str | None, output: 
     host = host or socket.gethostname()
     made = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     handle = None
-    if output is not None:  # opened first: a bad path changes nothing
+    if output is not None:  # opened first: a bad path changes nothing (nor does a refusal)
         existed = os.path.lexists(output)
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # emptied on success
             descriptor = os.open(output, flags, 0o600)
             os.fchmod(descriptor, 0o600)
         except OSError as error:
@@ -928,6 +928,7 @@ def _user_add(path: str, name: str, doors: list[str], host: str | None, output: 
     status = _user_reload(config)
     if handle is not None:
         with handle:
+            handle.truncate(0)
             handle.write(text)
         print(
             f"knockgate: client bundle written to {output} (mode 0600: it holds {name}'s "

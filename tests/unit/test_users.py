@@ -405,3 +405,26 @@ def test_qr_code_is_drawn_for_a_dark_terminal() -> None:
 def test_parse_uri_refuses_what_is_not_a_v1_knockgate_uri(uri: str) -> None:
     with pytest.raises(ValueError):
         parse_uri(uri)
+
+
+def test_existing_output_file_is_kept_when_the_add_is_refused(
+    config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "x.bundle"
+    target.write_text("an older bundle\n")
+    status, _, _ = cli(
+        capsys,
+        "user",
+        "add",
+        "x",
+        "--door",
+        "nope",
+        "--config",
+        str(config),
+        "--output",
+        str(target),
+    )
+    assert status == 2 and target.read_text() == "an older bundle\n"
+    status, _, _ = cli(capsys, "user", "add", "x", "--config", str(config), "--output", str(target))
+    assert status == 0 and target.read_text().startswith("# knockgate client bundle for x")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
