@@ -881,15 +881,22 @@ def _user(args: argparse.Namespace) -> int:
             f"that {args.name} still knows: change it to shut {args.name} out there",
             file=sys.stderr,
         )
-    return _user_reload(change.loaded.config)
+    return _user_reload(change.loaded.config, removed=args.name)
 
 
-def _user_reload(config: Config) -> int:
+def _user_reload(config: Config, removed: str | None = None) -> int:
     from appliance.provision.reload import reload_daemon
 
     result = reload_daemon(config)
     print(f"knockgate: {result.message}", file=sys.stderr)
-    return 1 if result.outcome in ("refused", "unconfirmed") else 0
+    if result.outcome not in ("refused", "unconfirmed"):
+        return 0
+    if removed is not None:
+        print(
+            f"knockgate: {removed}'s keys work in the running daemon until a reload succeeds",
+            file=sys.stderr,
+        )
+    return 1
 
 
 def _user_add(path: str, name: str, doors: list[str], host: str | None, output: str | None) -> int:

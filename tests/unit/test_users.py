@@ -428,3 +428,57 @@ def test_existing_output_file_is_kept_when_the_add_is_refused(
     status, _, _ = cli(capsys, "user", "add", "x", "--config", str(config), "--output", str(target))
     assert status == 0 and target.read_text().startswith("# knockgate client bundle for x")
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- reload
+
+FAKE_DAEMON = """\
+import json, os, signal, socket, sys
+path, answer = sys.argv[1], sys.argv[2]
+counters = {"reloads": 0, "reload_failures": 0}
+def hup(*_):
+    counters[answer] += 1
+signal.signal(signal.SIGHUP, hup)
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(8)
+print("ready", flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.sendall(json.dumps({"pid": os.getpid(), "counters": counters}).encode())
+    conn.close()
+"""
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome", "status"), [("reloads", "reloaded", 0), ("reload_failures", "refused", 1)]
+)
+def test_reload_signals_the_status_sockets_pid_and_reads_its_counters(
+    config: Path, capsys: pytest.CaptureFixture[str], answer: str, outcome: str, status: int
+) -> None:
+    """A stand-in daemon on the configuration's status socket: SIGHUP, then its counters."""
+    import subprocess
+    import sys
+
+    from appliance.provision.reload import reload_daemon
+
+    socket_path = config.parent / "status.sock"
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", FAKE_DAEMON, str(socket_path), answer],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline() == "ready\n"
+        result = reload_daemon(load_config(str(config)).config, timeout=5)
+        assert result.outcome == outcome, result.message
+        assert f"pid {daemon.pid}" in result.message
+        code, _, err = cli(capsys, "user", "add", "alice", "--config", str(config), "--host", "h")
+        assert code == status
+        if outcome == "refused":
+            code, _, err = cli(capsys, "user", "remove", "alice", "--config", str(config))
+            assert code == 1
+            assert "alice's keys work in the running daemon until a reload succeeds" in err
+    finally:
+        daemon.kill()
+        daemon.wait()
