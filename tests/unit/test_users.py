@@ -482,3 +482,44 @@ def test_reload_signals_the_status_sockets_pid_and_reads_its_counters(
     finally:
         daemon.kill()
         daemon.wait()
+
+
+# --------------------------------------------------------------------------- hostile files
+
+VALID_USERS = format_users(
+    [
+        ManagedUser(
+            "alice",
+            "2026-12-04T23:00:00Z",
+            (ManagedDoor("ssh-spa", b"a" * 32, b"b" * 64), ManagedDoor("otp")),
+        )
+    ]
+)
+
+
+def test_hostile_managed_files_end_in_a_config_error_or_a_config(tmp_path: Path) -> None:
+    """Mutated versions of a valid file: a Config or ConfigError lines naming the file."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "once.seq").write_text(" 31001,31002,31003\n")
+    config = tmp_path / "knockgate.yaml"
+    config.write_text(CONFIG.format(dir=tmp_path))
+    target = users_file(config)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        cut=st.integers(0, len(VALID_USERS)),
+        insert=st.text(alphabet=st.sampled_from(list(":{}[]-&*!|>'\"#%@` \n\tx1")), max_size=12),
+        drop=st.integers(0, 8),
+    )
+    def check(cut: int, insert: str, drop: int) -> None:
+        target.write_text(VALID_USERS[:cut] + insert + VALID_USERS[cut + drop :])
+        try:
+            load_config(str(config))
+        except ConfigError as error:
+            assert error.problems
+            assert all(line.startswith(f"{target}:") for line in error.problems), error.problems
+
+    check()
