@@ -30,6 +30,7 @@ from appliance.client import (
 )
 from appliance.config import load_config
 from appliance.config.export import to_yaml
+from appliance.config.schema import Config
 from appliance.core.events import Command, Record
 from appliance.core.model import Door, Proto, Step
 from appliance.errors import ConfigError, KnockError, KnockgateError
@@ -270,11 +271,53 @@ def _parser() -> argparse.ArgumentParser:
         "--no-reload", action="store_true", help="write it only (reload later with SIGHUP)"
     )
 
+    _user_parser(commands, default_config, config_help)
+
     keygen = commands.add_parser(
         "keygen", help="new SPA keys (fwknop --key-gen's format) or a TOTP secret"
     )
     keygen.add_argument("--totp", action="store_true", help="a base32 secret for knock: totp:")
     return parser
+
+
+def _user_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    default_config: str | None,
+    config_help: str,
+) -> None:
+    user = commands.add_parser(
+        "user",
+        help="provision clients: add (keys, reload, a client bundle), list, remove",
+        description="knockgate user add NAME [--door DOOR ...] | user list | user remove NAME: "
+        "users live in knockgate-users.yaml next to the configuration (never in the "
+        "configuration itself); each change is checked, written atomically and reloads the "
+        "running daemon.",
+    )
+    actions = user.add_subparsers(dest="user_action", required=True, metavar="ACTION")
+    add = actions.add_parser(
+        "add", help="new keys for NAME, reload, print the client bundle (it holds secrets)"
+    )
+    add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--door",
+        action="append",
+        default=[],
+        metavar="DOOR",
+        help="a door NAME may open (repeatable; default: every SPA door)",
+    )
+    add.add_argument(
+        "--host",
+        metavar="HOST",
+        help="the server as clients reach it (default: this machine's hostname)",
+    )
+    add.add_argument(
+        "--output", metavar="FILE", help="write the bundle to FILE (mode 0600), not stdout"
+    )
+    listing = actions.add_parser("list", help="users, their doors and when added (no secrets)")
+    remove = actions.add_parser("remove", help="delete NAME's keys and reload: refused at once")
+    remove.add_argument("name", metavar="NAME")
+    for parser in (add, listing, remove):
+        parser.add_argument("--config", default=default_config, metavar="FILE", help=config_help)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _spa(args)
         if args.command == "keygen":
             return _keygen(args.totp)
-        if args.command in ("show-knock", "uninstall", "config") and not args.config:
+        if args.command in ("show-knock", "uninstall", "config", "user") and not args.config:
             raise KnockgateError("no configuration: give --config FILE (or set KNOCKGATE_CONFIG)")
         if args.command == "show-knock":
             return _show_knock(args.config, args.door, args.host)
@@ -321,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _uninstall(args.config, args.keep_volumes)
         if args.command == "config":
             return _config(args.action, args.config, args.source, not args.no_reload)
+        if args.command == "user":
+            return _user(args)
     except PortStayedClosed as error:
         print(f"knockgate {args.command}: {error}", file=sys.stderr)
         return STATUS_TIMED_OUT
@@ -930,6 +975,97 @@ def _config(action: str, path: str, source: str | None, reload: bool) -> int:
     else:
         print("knockgate: no appliance here; reload with: docker compose kill -s HUP knockgate")
     return 0
+
+
+def _user(args: argparse.Namespace) -> int:
+    from appliance.provision.users import list_users, remove_user
+
+    if args.user_action == "add":
+        return _user_add(args.config, args.name, args.door, args.host, args.output)
+    if args.user_action == "list":
+        rows = list_users(args.config)
+        if not rows:
+            print(f"knockgate: no users (add one: knockgate user add NAME --config {args.config})")
+        for row in rows:
+            where = "" if row.managed else "  (in the configuration)"
+            print(f"{row.name}  doors: {', '.join(row.doors)}  added: {row.created}{where}")
+        return 0
+    change = remove_user(args.config, args.name)
+    print(f"knockgate: user {args.name} removed from {change.users_file}", file=sys.stderr)
+    shared = [entry.door for entry in change.user.doors if entry.key is None]
+    if shared:
+        print(
+            f"knockgate: door(s) {', '.join(shared)} use a shared knock (TOTP or sequence) "
+            f"that {args.name} still knows: change it to shut {args.name} out there",
+            file=sys.stderr,
+        )
+    return _user_reload(change.loaded.config, removed=args.name)
+
+
+def _user_reload(config: Config, removed: str | None = None) -> int:
+    from appliance.provision.reload import reload_daemon
+
+    result = reload_daemon(config)
+    print(f"knockgate: {result.message}", file=sys.stderr)
+    if result.outcome not in ("refused", "unconfirmed"):
+        return 0
+    if removed is not None:
+        print(
+            f"knockgate: {removed}'s keys work in the running daemon until a reload succeeds",
+            file=sys.stderr,
+        )
+    return 1
+
+
+def _user_add(path: str, name: str, doors: list[str], host: str | None, output: str | None) -> int:
+    import datetime
+    import socket
+
+    from appliance.provision.bundle import render_bundle
+    from appliance.provision.users import add_user
+
+    named = host is not None
+    host = host or socket.gethostname()
+    made = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    handle = None
+    if output is not None:  # opened first: a bad path changes nothing (nor does a refusal)
+        existed = os.path.lexists(output)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # emptied on success
+            descriptor = os.open(output, flags, 0o600)
+            os.fchmod(descriptor, 0o600)
+        except OSError as error:
+            raise KnockgateError(f"--output {output}: cannot write it: {error.strerror}") from None
+        handle = os.fdopen(descriptor, "w", encoding="utf-8")
+    try:
+        change = add_user(path, name, doors, made)
+    except BaseException:
+        if handle is not None:
+            handle.close()
+            if not existed:
+                os.unlink(output)  # type: ignore[arg-type]
+        raise
+    config = change.loaded.config
+    chosen = [door for entry in change.user.doors if (door := config.door(entry.door))]
+    text = render_bundle(host, change.user, chosen, made)
+    listed = ", ".join(entry.door for entry in change.user.doors)
+    print(f"knockgate: user {name} added (doors: {listed}) to {change.users_file}", file=sys.stderr)
+    status = _user_reload(config)
+    if handle is not None:
+        with handle:
+            handle.truncate(0)
+            handle.write(text)
+        print(
+            f"knockgate: client bundle written to {output} (mode 0600: it holds {name}'s "
+            "secrets; hand it over privately, then delete it)",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+        print(f"knockgate: the bundle above holds {name}'s secrets", file=sys.stderr)
+    if not named:
+        print(f"knockgate: the bundle calls the server {host} (--host NAME)", file=sys.stderr)
+    return status
 
 
 def _appliance_pid_1() -> bool:

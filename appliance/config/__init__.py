@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from appliance.config.files import CONFIG_LIMIT, line_of_offset, read_bounded
 from appliance.config.knockd_format import looks_like_knockd, parse_knockd
+from appliance.config.managed_users import merge_users, read_users, users_file_for
 from appliance.config.problems import Place, Problems
 from appliance.config.schema import Config
 from appliance.config.values import Invalid
@@ -54,8 +55,12 @@ def detect_format(path: str, text: str) -> str:
     return "yaml"
 
 
-def load_config(path: str) -> Loaded:
-    """Read, validate and return the configuration at ``path`` (raises ConfigError)."""
+def load_config(path: str, users_file: str | None = None) -> Loaded:
+    """Read, validate and return the configuration at ``path`` (raises ConfigError).
+
+    A YAML configuration gains the users of its managed file
+    (:mod:`appliance.config.managed_users`): ``users_file`` when given (a candidate,
+    reported under the real name), else ``knockgate-users.yaml`` next to ``path``."""
     try:
         data = read_bounded(path, CONFIG_LIMIT)
     except Invalid as problem:
@@ -74,4 +79,23 @@ def load_config(path: str) -> Loaded:
         config = parse_yaml(text, path, problems)
     problems.raise_if_any()
     assert config is not None
-    return Loaded(config, tuple(problems.warnings), dict(problems.places))
+    warnings = list(problems.warnings)
+    if config.format == "yaml":
+        config = _with_managed_users(config, path, users_file, warnings)
+    return Loaded(config, tuple(warnings), dict(problems.places))
+
+
+def _with_managed_users(
+    config: Config, path: str, candidate: str | None, warnings: list[str]
+) -> Config:
+    real = users_file_for(path)
+    users = read_users(candidate or real, shown_as=real)
+    config = merge_users(config, users, real, warnings)
+    for door in config.doors:
+        if door.spa is not None and not door.spa.users:
+            line = door.origin.line if door.origin is not None else 0
+            warnings.append(
+                f"{path}:{line}: doors.{door.name}.spa.users: warning: no user: the door opens "
+                f"for nobody (expected users, or `knockgate user add NAME --door {door.name}`)"
+            )
+    return config
