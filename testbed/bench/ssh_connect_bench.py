@@ -16,7 +16,12 @@ the container start, the ssh handshake and login are all in it):
 - cold: the ssh service stopped by knockgate after going idle (the first trial: no
   container at all), so the knock starts it;
 - warm: right after a cold trial, once its grant is over: the container runs, the port is
-  closed to the client, so the knock only has to open it.
+  closed to the client, so the knock only has to open it;
+- direct (the baseline): right after the warm trial, while its grant is still open, the same
+  ssh with ``-o ProxyCommand=none``: what ssh itself takes, without knockgate.
+
+The first cold trial starts from no container at all (create, first start, host keys
+generated into the empty hostkeys volume): it is in the cold row and also printed alone.
 
 Everything is removed at the end, also on failure (the testbed's teardown).
 """
@@ -78,6 +83,7 @@ def main() -> int:
     prerequisites()
     cold: list[float] = []
     warm: list[float] = []
+    direct: list[float] = []
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one testbed at a time (fixed names)
         remove_leftovers()
@@ -96,9 +102,11 @@ def main() -> int:
                         if ssh_bed.container() is None:
                             raise SystemExit("the service stopped before the warm trial")
                         warm.append(checked(ssh_bed.ssh(), f"warm trial {trial + 1}"))
+                        straight = ssh_bed.ssh("-o", "ProxyCommand=none")
+                        direct.append(checked(straight, f"direct trial {trial + 1}"))
                         print(
                             f"trial {trial + 1}: cold {cold[-1] * 1000:.0f} ms, "
-                            f"warm {warm[-1] * 1000:.0f} ms",
+                            f"warm {warm[-1] * 1000:.0f} ms, direct {direct[-1] * 1000:.0f} ms",
                             file=sys.stderr,
                         )
                 finally:
@@ -110,12 +118,19 @@ def main() -> int:
     print()
     print("| service | median (ms) | p90 (ms) | min (ms) | max (ms) |")
     print("|---|---|---|---|---|")
-    for name, values in (("cold (stopped, knock starts it)", cold), ("warm (running)", warm)):
+    rows = (
+        ("cold (stopped, knock starts it)", cold),
+        ("warm (running, grant over)", warm),
+        ("direct (no ProxyCommand, port open)", direct),
+    )
+    for name, values in rows:
         ms = [v * 1000 for v in values]
         print(
             f"| {name} | {statistics.median(ms):.0f} | {percentile(ms, 0.9):.0f} "
             f"| {min(ms):.0f} | {max(ms):.0f} |"
         )
+    print()
+    print(f"first cold trial (no container yet: create, host keys made): {cold[0] * 1000:.0f} ms")
     return 0
 
 

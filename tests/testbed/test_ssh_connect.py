@@ -72,12 +72,12 @@ Host *
     UserKnownHostsFile {KNOWN_HOSTS}
     LogLevel ERROR
 """
-# Run in the client: the wall time of one `ssh HOST 'echo kg-ok'`, from just before the
-# ssh process starts until it has exited (Python's own start is not in it).
+# Run in the client: the wall time of one `ssh [OPTIONS] HOST 'echo kg-ok'`, from just
+# before the ssh process starts until it has exited (Python's own start is not in it).
 TIMED_SSH = """\
 import json, subprocess, sys, time
 t0 = time.monotonic()
-proc = subprocess.run(["ssh", sys.argv[1], "echo kg-ok"], capture_output=True, text=True,
+proc = subprocess.run(["ssh", *sys.argv[1:], "echo kg-ok"], capture_output=True, text=True,
                       timeout=60)
 took = time.monotonic() - t0
 print(json.dumps({"rc": proc.returncode, "seconds": took, "out": proc.stdout,
@@ -109,8 +109,10 @@ class SshBed:
         files = ["-f", str(COMPOSE_FILE), "-f", str(self.override)]
         docker("compose", *files, "-p", self.bed.project, *args, timeout=180)
 
-    def ssh(self) -> Login:
-        proc = self.bed.exec("client", "python3", "-c", TIMED_SSH, HOST_ALIAS, timeout=90)
+    def ssh(self, *options: str) -> Login:
+        """``ssh [OPTIONS] HOST_ALIAS 'echo kg-ok'`` in the client, timed there."""
+        argv = ["python3", "-c", TIMED_SSH, *options, HOST_ALIAS]
+        proc = self.bed.exec("client", *argv, timeout=90)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         data = json.loads(proc.stdout)
         return Login(data["rc"], data["seconds"], data["out"], data["err"])
