@@ -106,7 +106,13 @@ from appliance.runtime.logs import configure, flush_noise, log_command
 from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.privsep import PacketChannel, PacketProcessGone, spawn
 from appliance.runtime.services import ServiceManager
-from appliance.runtime.state import COMPACT_EVERY, Saved, StateStore
+from appliance.runtime.state import (
+    COMPACT_EVERY,
+    Saved,
+    StateStore,
+    load_labelled,
+    save_labelled,
+)
 from appliance.runtime.status import StatusServer
 from appliance.services.discovery import Changed, LabelSource, Listed, Removed
 from appliance.services.launcher import ServiceLauncher
@@ -299,10 +305,18 @@ class Daemon:
             try:
                 found = self.labels.labelled()
             except KnockgateError as error:
-                log.warning("labelled containers not listed at start (followed later): %s", error)
+                # Fail closed: the ports the last run closed stay closed until a listing.
+                self._labelled = self._remembered_labelled()
+                log.warning(
+                    "labelled containers not listed at start (followed later; the %d host "
+                    "port(s) the last run gated stay closed meanwhile): %s",
+                    len(self._labelled),
+                    error,
+                )
             else:
                 self.services.discovered(Listed(self.clock(), found))
                 self._labelled = self.services.label_protected
+                self._remember_labelled()
         self.backend.setup(self._plan())
         log.info("firewall: %s rules in place", self.backend.name)
         self.status = StatusServer(self.config.settings.status_socket, self.enqueue)
@@ -786,6 +800,8 @@ class Daemon:
         (a failure is logged and tried again at the next firewall check)."""
         if self.services is None or self.services.label_protected == self._labelled:
             return
+        if not self.services.listed:
+            return  # nothing listed yet: what the last run gated stays closed
         wanted = self.services.label_protected
         try:
             self.backend.setup(firewall_plan(self.config, wanted))
@@ -798,6 +814,20 @@ class Daemon:
             log.warning("firewall: the labelled containers' ports are set again")
         self._labels_failing = False
         self._labelled = wanted
+        self._remember_labelled()
+
+    def _remember_labelled(self) -> None:
+        try:
+            save_labelled(self.config.settings.state_dir, self._labelled)
+        except OSError as error:
+            log.warning("state: cannot remember the labelled containers' ports: %s", error)
+
+    def _remembered_labelled(self) -> tuple[Step, ...]:
+        try:
+            return load_labelled(self.config.settings.state_dir)
+        except OSError as error:
+            log.warning("state: cannot read the labelled containers' ports: %s", error)
+            return ()
 
     def reload(self) -> None:
         """SIGHUP: validate first; keep the running config when the new one is bad.
