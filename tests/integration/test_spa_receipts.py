@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,14 +130,14 @@ class Lab:
 
     def exchange(
         self, items: list[dict[str, object]], wait: float = 1.0, server: str | None = None
-    ) -> dict[str, list]:
+    ) -> dict[str, list[Any]]:
         done = self.topo.run(
             "client",
             [PYTHON, "-c", EXCHANGE, server or self.server4, str(SPA_PORT), str(wait)],
             input=json.dumps(items),
             timeout=wait + 30,
         )
-        result: dict[str, list] = json.loads(done.stdout)
+        result: dict[str, list[Any]] = json.loads(done.stdout)
         return result
 
 
