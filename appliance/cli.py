@@ -144,6 +144,16 @@ def _parser() -> argparse.ArgumentParser:
         help="send the next unused line of this knockd one-time-sequences file and mark it used",
     )
     knock.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="SPA doors: the key file (its [NAME] stanza); the SPA packet is the knock",
+    )
+    knock.add_argument(
+        "--dual-stack",
+        action="store_true",
+        help="SPA doors: let in this host's IPv4 and IPv6 addresses (one packet each)",
+    )
+    knock.add_argument(
         "--wait",
         action="store_true",
         help="then wait until the port accepts a TCP connection (progress on stderr; "
@@ -485,6 +495,8 @@ def _print_summary(summary: Summary, as_json: bool) -> None:
 
 
 def _knock(args: argparse.Namespace) -> int:
+    if (args.key_file is not None or args.dual_stack) and args.door is None:
+        raise KnockError("--key-file and --dual-stack go with --door (an SPA door)")
     default_proto: Proto = "tcp"
     one_time: tuple[str, int] | None = None
     door: Door | None = None
@@ -501,8 +513,17 @@ def _knock(args: argparse.Namespace) -> int:
         if args.ports:
             raise KnockError("give either ports or --door, not both")
         config = load_config(args.config).config
-        steps = sequence_for_door(config, args.door, time.time())
         door = config.door(args.door)
+        if door is not None and door.spa is not None:
+            if args.key_file is None:
+                raise KnockError(
+                    f"door {args.door!r} is opened by single packet authorization: give "
+                    "--key-file FILE, or use knockgate spa (or fwknop)"
+                )
+            return _knock_spa(args, door)
+        if args.key_file is not None or args.dual_stack:
+            raise KnockError(f"--key-file and --dual-stack are for SPA doors; {args.door!r} is not")
+        steps = sequence_for_door(config, args.door, time.time())
     else:
         if not args.ports:
             raise KnockError(
@@ -527,6 +548,48 @@ def _knock(args: argparse.Namespace) -> int:
         from appliance.knocker.wait import wait_open
 
         _progress(f"knock sent to {address}: {len(steps)} knock(s), waiting for port {wait_port}")
+        sock, _ = wait_open(address_family, address, wait_port, timeout, _progress)
+        sock.close()
+    return 0
+
+
+def _knock_spa(args: argparse.Namespace, door: Door) -> int:
+    """``knock --door SPA-DOOR --key-file FILE``: the SPA packet(s), the door's receipts
+    when it sends them, then ``--wait``."""
+    from appliance.knocker.door import DoorKnocker, SpaRequest
+    from appliance.knocker.spa import DEFAULT_RECEIPT_TIMEOUT
+    from appliance.spa.keyfile import read_key_file
+
+    assert door.spa is not None and door.open is not None
+    if args.udp or args.one_time is not None:
+        raise KnockError("-u and --one-time are not for SPA doors")
+    if not args.wait and (args.wait_port is not None or args.timeout is not None):
+        raise KnockError("--port and --timeout go with --wait")
+    wait_port = _wait_port(args, door) if args.wait else None
+    timeout: float = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+    profile = read_key_file(args.key_file, door.name)
+    access = ",".join(f"{step.proto}/{step.port}" for step in door.open.ports)
+    request = SpaRequest(
+        profile,
+        door.spa.port,
+        access,
+        allow_ip=profile.allow_ip,
+        fw_timeout=profile.fw_timeout,
+        username=profile.username,
+        dual_stack=args.dual_stack,
+        host=args.host,
+    )
+    family: Literal[4, 6] | None = args.family
+    address_family, address = resolve_host(args.host, family)
+    knocker = DoorKnocker(door, address_family, address, spa=request, warn=_warn)
+    sent = knocker.knock()
+    if args.verbose or wait_port is not None:
+        _progress(f"knock sent: {sent}")
+    for line in knocker.receipts(DEFAULT_RECEIPT_TIMEOUT):
+        _progress(line)
+    if wait_port is not None:
+        from appliance.knocker.wait import wait_open
+
         sock, _ = wait_open(address_family, address, wait_port, timeout, _progress)
         sock.close()
     return 0

@@ -345,3 +345,14 @@ def test_connect_dual_stack_shows_receipts_and_lets_both_families_in(lab: Lab) -
     assert f"knockgate: receipt: {client.ipv4} let in until" in done.stderr, done.stderr
     assert f"knockgate: receipt: {client.ipv6} let in until" in done.stderr, done.stderr
     assert connect(lab.topo, "client", lab.server6, SSH) == "open"
+
+
+def test_knock_wait_on_an_spa_door_shows_the_receipt_then_waits(lab: Lab) -> None:
+    client = lab.topo.host("client")
+    done = lab.cli(
+        "knock", lab.server4, "--door", "spa", "--config", str(lab.config_path),
+        "--key-file", str(lab.key_file), "--wait", "--timeout", "5",
+    )  # fmt: skip
+    assert f"knockgate: receipt: {client.ipv4} let in until" in done.stderr, done.stderr
+    assert "service ready" in done.stderr
+    assert connect(lab.topo, "client", lab.server4, SSH) == "open"
