@@ -251,3 +251,11 @@ def test_a_receipt_option_that_is_not_a_boolean_names_its_key(tmp_path: Path) ->
 
     with pytest.raises(ConfigError, match=r"doors\.spa\.spa\.receipt"):
         load_config(_config(tmp_path, "receipt: sometimes"))
+
+
+def test_a_replay_of_a_receipt_door_prints_its_grants_and_no_receipt_line() -> None:
+    from appliance.logformat import describe, record
+
+    command = SendReceipt(1.0, "spa", "alice", CLIENT4, 40000, SERVER, bytes(32), CLIENT4, 31.0)
+    assert describe(command) is None
+    assert record(command)["event"] == "SendReceipt"
