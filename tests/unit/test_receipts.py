@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,75 @@ def test_a_replay_of_a_receipt_door_prints_its_grants_and_no_receipt_line() -> N
     command = SendReceipt(1.0, "spa", "alice", CLIENT4, 40000, SERVER, bytes(32), CLIENT4, 31.0)
     assert describe(command) is None
     assert record(command)["event"] == "SendReceipt"
+
+
+# ----------------------------------------------------------------- the monitor sends it
+
+DAEMON_CONFIG = """\
+status_socket: {socket}
+state_dir: {state}
+doors:
+  spa:
+    spa:
+      port: {port}
+      receipt: true
+      users:
+        alice: {{key_base64: {key}, hmac_key_base64: {hmac}}}
+    open: {{ports: [22/tcp], duration: 30}}
+"""
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("grant_fails", [False, True], ids=["granted", "grant-failed"])
+def test_the_monitor_answers_from_the_spa_port_only_once_the_grant_is_made(
+    tmp_path: Path, grant_fails: bool
+) -> None:
+    from appliance.config import load_config
+    from appliance.core.events import Packet
+    from appliance.firewall.memory import MemoryBackend
+    from appliance.runtime.daemon import Daemon
+    from appliance.spa.keyfile import generate_keys
+    from appliance.spa.wire import new_message, replay_digest, seal
+
+    key, hmac = generate_keys()
+    spa_port = _free_udp_port()
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        DAEMON_CONFIG.format(
+            socket=tmp_path / "s.sock", state=tmp_path / "state", port=spa_port, key=key,
+            hmac=hmac,
+        )
+    )  # fmt: skip
+    now = 1_800_000_000.0
+    backend = MemoryBackend(lambda: now)
+    if grant_fails:
+        backend.fail = "grant"
+    daemon = Daemon(
+        load_config(str(path)), backend, clock=lambda: now, wall=lambda: now, capture=False
+    )
+    daemon.start()
+    keys = SpaKeys.from_base64(key, hmac)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind(("127.0.0.1", 0))
+            client.settimeout(0.5)
+            data = seal(new_message("alice", int(now), "127.0.0.1,tcp/22"), keys)
+            sport = client.getsockname()[1]
+            daemon._item(Packet(now, "127.0.0.1", "127.0.0.1", "udp", spa_port, 0, data, sport))
+            if grant_fails:
+                with pytest.raises(TimeoutError):
+                    client.recvfrom(2048)
+                assert daemon.snapshot()["counters"]["receipts_sent"] == 0
+                return
+            answer, peer = client.recvfrom(2048)
+        assert peer == ("127.0.0.1", spa_port)
+        receipt = open_receipt(answer, receipt_key(keys), replay_digest(data))
+        assert receipt == Receipt("ready", "127.0.0.1", now + 30, 30)
+        assert daemon.snapshot()["counters"]["receipts_sent"] == 1
+    finally:
+        daemon.shutdown()
