@@ -125,15 +125,16 @@ def allow_addresses(
             "--dual-stack finds the client's addresses itself: give either it or "
             "--allow-ip (repeated) / --source"
         )
+    if request.dual_stack:  # wins over a key file's ALLOW_IP
+        return own_addresses(family, address, request.host, request.port, warn)
     if request.source or any(a.lower() == "source" for a in given):
         if len(given) > 1:
             raise KnockError("--source (0.0.0.0) asks for one address: the sender's")
         return ["0.0.0.0"]
-    if request.dual_stack:
-        return own_addresses(family, address, request.host, request.port, warn)
     allows: list[str] = []
     for text in given or ["resolve"]:
-        allow = local_address(family, address, request.port) if text == "resolve" else text
+        resolve = text.lower() == "resolve"  # the address we leave from; nobody is asked
+        allow = local_address(family, address, request.port) if resolve else text
         if allow not in allows:
             allows.append(allow)
     return allows

@@ -104,3 +104,13 @@ def test_without_keep_the_sockets_are_closed_at_once(server: socket.socket) -> N
     sent = send_spa(socket.AF_INET, LOOP, request(port), 1_800_000_000.0)
     assert [one.sock for one in sent] == [None]
     assert len(server.recv(2048)) == sent[0].size
+
+
+def test_resolve_is_the_address_we_leave_from_in_any_case() -> None:
+    asked = request(62201, allow_ip="RESOLVE")
+    assert allow_addresses(socket.AF_INET, LOOP, asked) == [LOOP]
+
+
+def test_dual_stack_wins_over_the_key_files_allow_ip() -> None:
+    asked = request(62201, allow_ip="source", dual_stack=True, host=LOOP)
+    assert allow_addresses(socket.AF_INET, LOOP, asked, lambda line: None) == [LOOP]
