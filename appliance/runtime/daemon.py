@@ -568,6 +568,7 @@ class Daemon:
     def _commands(self, commands: list[Command]) -> None:
         """Carry out one event's commands in order: effects by their adapter, notices
         to the log."""
+        self._granted = None  # a receipt follows its grant in the same list
         for command in commands:
             match command:
                 # Notices first, the stages and resets of attempts leading: under a flood
@@ -686,8 +687,11 @@ class Daemon:
         sent only when that grant was carried out. The service's state is as of now:
         ``ready`` when the door has no service or its service answers, else ``starting``."""
         door = self.config.door(command.door)
-        if door is None or self._granted != (command.door, command.address):
+        if door is None:
             return
+        granted, self._granted = self._granted, None
+        if door.open is not None and granted != (command.door, command.address):
+            return  # the grant failed: no receipt (a door without open ports runs commands)
         state: Literal["starting", "ready"] = "ready"
         if door.service is not None and self.services is not None:
             machine = self.services.machines.machines.get(door.service)
