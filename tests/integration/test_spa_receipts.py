@@ -19,6 +19,7 @@ through ``/etc/netns/<client namespace>/hosts`` (``ip netns exec`` mounts it ove
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -155,6 +156,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     key, hmac = generate_keys()
     with Topology(("server", "client", "other"), vlan=False) as topo:
         hosts_dir = Path("/etc/netns") / topo.netns_of("client")
+        made_parent = not hosts_dir.parent.exists()
         hosts_dir.mkdir(parents=True, exist_ok=False)
         try:
             server = topo.host("server")
@@ -179,6 +181,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
                 daemon.stop()
         finally:
             shutil.rmtree(hosts_dir, ignore_errors=True)
+            if made_parent:
+                with contextlib.suppress(OSError):  # another run's entry may be there now
+                    hosts_dir.parent.rmdir()
 
 
 def test_a_dual_stack_knock_lets_both_families_in_with_a_receipt_each(lab: Lab) -> None:
