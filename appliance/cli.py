@@ -903,6 +903,9 @@ def _init(path: str) -> int:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     text = initial_config(os.path.join(os.path.dirname(path) or ".", "ssh-keys"))
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    from appliance.provision.modes import share_with_group
+
+    share_with_group(descriptor, os.path.dirname(path) or ".")  # the directory's config group
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
     door = load_config(path).config.door("ssh")
