@@ -31,8 +31,12 @@ def config_group(path: str) -> int | None:
 
 
 def new_file_mode(like: str) -> tuple[int, int | None]:
-    """(mode, gid or None) for a new file next to ``like`` (the config, or its directory)."""
+    """(mode, gid or None) for a new file next to ``like`` (the config, or its directory):
+    the config's group, else its directory's (a root-owned config readable by all, as a
+    read-only bind mount, still lets the managed users file be read by the group)."""
     group = config_group(like)
+    if group is None and not os.path.isdir(like):
+        group = config_group(os.path.dirname(os.path.abspath(like)))
     return (PRIVATE, None) if group is None else (GROUP_READ, group)
 
 

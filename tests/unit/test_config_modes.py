@@ -45,3 +45,15 @@ def test_init_and_a_new_users_file_take_the_config_group_read_only(tmp_path: Pat
     os.chmod(users, 0o600)
     write_atomic(str(users), "users: {}\n", like=str(config))
     assert users.stat().st_mode & 0o777 == 0o600
+
+
+@needs_root
+def test_a_config_without_a_group_falls_back_to_its_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "kg-etc"
+    directory.mkdir()
+    os.chown(directory, 0, _group())
+    os.chmod(directory, 0o750)
+    config = directory / "knockgate.yaml"
+    config.write_text("doors: {}\n")
+    config.chmod(0o644)  # root's, readable by all (a read-only bind mount)
+    assert new_file_mode(str(config)) == (0o640, _group())
