@@ -29,6 +29,7 @@ import logging
 import os
 import pickle
 import selectors
+import signal
 import socket
 import sys
 import time
@@ -266,6 +267,10 @@ class Worker:
 
 def main(fd: int, uid: int | None, gid: int | None) -> int:
     """The packet process: drop privileges, then serve the monitor until it goes."""
+    # It ends when the monitor closes the socket (or kills it): a SIGTERM or SIGINT for the
+    # whole group (supervisord's stopasgroup, Ctrl-C) must not end it before the monitor.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=fd)
     _warm_up()
     if uid is not None and gid is not None:
