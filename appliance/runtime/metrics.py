@@ -293,11 +293,15 @@ class MetricsHub:
 
     def snapshot(self) -> MetricsSnapshot | None:
         with self._lock:
-            asked = self._asked
+            asked, first = self._asked, self._asked is None
             if asked is None:
                 asked = self._asked = threading.Event()
-                self.enqueue(MetricsRequest(self._answer))
-        asked.wait(REPLY_TIMEOUT)
+        if first:
+            self.enqueue(MetricsRequest(self._answer))
+        if not asked.wait(REPLY_TIMEOUT):
+            with self._lock:  # the next scrape asks again (a late answer still counts)
+                if self._asked is asked:
+                    self._asked = None
         return self.last
 
     def _answer(self, snapshot: MetricsSnapshot) -> None:
