@@ -202,8 +202,8 @@ def families(snap: MetricsSnapshot, now: float) -> Iterator[Metric]:
     yield spa_dropped
     knocks = CounterMetricFamily(
         "knockgate_knocks",
-        "Knocks by door and outcome: first_knock, stage (a later step), completed, reset, "
-        "timed_out; a completed knock's answer: opened, held_off (scanner), unrecorded.",
+        "Knocks by door and outcome: first_knock, stage (a later step, not the last), completed, "
+        "reset, timed_out; a completed knock's answer: opened, held_off (scanner), unrecorded.",
         labels=["door", "outcome"],
     )
     for (door, outcome), count in sorted(snap.knocks.items()):
