@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -196,3 +197,72 @@ def test_events_over_the_status_socket_history_then_live(tmp_path: Path) -> None
         stream.close()
     finally:
         server.stop()
+
+
+def test_a_service_start_is_events_and_a_cold_start_time(tmp_path: Path) -> None:
+    """A knock on a service door through the daemon with a fake container runtime: the
+    service's start and readiness are events; the metrics count the start and its time."""
+    from appliance.core.lifecycle import ServiceEvent
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.launcher import ServiceLauncher
+
+    banner = socket.socket()
+    banner.bind(("127.0.0.1", 0))
+    banner.listen(4)
+    port = banner.getsockname()[1]
+    stop = threading.Event()
+
+    def greet() -> None:
+        banner.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = banner.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"SSH-2.0-test\r\n")
+
+    greeter = threading.Thread(target=greet, daemon=True)
+    greeter.start()
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path}/status.sock\nstate_dir: {tmp_path}/state\n"
+        "services:\n  git:\n    image: git:test\n"
+        f"    container_port: {port}\n    host_port: 2222\n"
+        '    ready: {banner: "SSH-", timeout: 2}\n'
+        "doors:\n  git:\n    knock: {sequence: [5001, 5002]}\n    service: git\n"
+    )
+    loaded = load_config(str(path))
+    backend = MemoryBackend(time.monotonic)
+    launcher = ServiceLauncher(FakeRuntime(), loaded.config.services, "o1")
+    dmn = Daemon(loaded, backend, capture=False, launcher=launcher)
+    dmn.start()
+    try:
+        for step in (5001, 5002):
+            dmn._item(Packet(time.monotonic(), A, "198.18.0.1", "tcp", step, 0x02))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+            r.kind == "service-ready" for r in dmn.events.recent()
+        ):
+            try:
+                item = dmn.queue.get(timeout=0.1)
+            except Exception:
+                continue
+            if isinstance(item, ServiceEvent):
+                dmn._item(item)
+        got = [(r.kind, r.service, r.door) for r in dmn.events.recent()]
+        assert got[:3] == [
+            ("opened", "git", "git"),
+            ("service-started", "git", ""),
+            ("service-ready", "git", ""),
+        ]
+        assert dmn.events.recent()[2].detail.startswith("in ")
+        snapshot = dmn.metrics_snapshot()
+        assert snapshot.service_starts == {("git", "ready"): 1}
+        assert snapshot.cold_start["git"].count == 1
+        assert snapshot.services_running == {"git": 1}
+    finally:
+        dmn.shutdown()
+        stop.set()
+        greeter.join()
+        banner.close()
