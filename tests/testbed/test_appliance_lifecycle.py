@@ -209,6 +209,34 @@ def test_only_the_launcher_reaches_docker(appliance: Appliance) -> None:  # noqa
         docker("rm", "-f", DECOY_CONTAINER, check=False)
 
 
+def oneoff_containers(bed: Testbed) -> list[str]:
+    """Containers left by ``docker compose run`` in the testbed's project."""
+    listing = docker(
+        "ps", "-aq", "--filter", f"label=com.docker.compose.project={bed.project}",
+        "--filter", "label=com.docker.compose.oneoff=True",
+    )  # fmt: skip
+    return listing.stdout.split()
+
+
+def test_compose_run_teardown_removes_the_firewall_and_leaves_no_container(
+    appliance: Appliance,  # noqa: F811
+) -> None:
+    bed = appliance.bed
+    assert nft_table_exists()
+    appliance.compose("stop", "appliance", timeout=90)
+    try:
+        done = compose_run(bed, "teardown", "--config", APPLIANCE_CONFIG)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        assert not nft_table_exists()
+        assert oneoff_containers(bed) == []
+    finally:
+        capturing = bed.count_log(r"kgtb0: capturing")
+        appliance.compose("start", "appliance", timeout=90)
+        bed.wait_capturing(before=capturing)
+    assert nft_table_exists()  # the appliance puts its rules back at start
+
+
 def test_uninstall_leaves_nothing_of_knockgate_and_touches_nothing_else(
     appliance: Appliance,  # noqa: F811
 ) -> None:
