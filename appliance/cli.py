@@ -126,6 +126,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", metavar="PATH", help="the daemon's status socket")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    events = commands.add_parser(
+        "events", help="the running daemon's recent decisions (opened, closed, refused, ...)"
+    )
+    events.add_argument("--config", metavar="FILE", help="take the socket path from this config")
+    events.add_argument("--socket", metavar="PATH", help="the daemon's status socket")
+    events.add_argument("--follow", "-f", action="store_true", help="then print new ones live")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument(
+        "--last", type=int, default=1000, metavar="N", help="recent events first (default 1000)"
+    )
+
     init = commands.add_parser(
         "init", help="write a first configuration with a random knock, unless one exists"
     )
@@ -407,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _packet(args.fd, args.user)
         if args.command == "status":
             return _status(args.config, args.socket, args.json)
+        if args.command == "events":
+            return _events(args.config, args.socket, args.follow, args.json, args.last)
         if args.command == "teardown":
             return _teardown(args.config)
         if args.command == "init":
@@ -960,6 +973,34 @@ def _confinement(monitor: Account | None, settings: Settings) -> Callable[[], No
     if os.geteuid() == 0:
         return functools.partial(caps.keep_only, caps.MONITOR)
     return None
+
+
+def _events(
+    config: str | None, socket_path: str | None, follow: bool, as_json: bool, last: int
+) -> int:
+    from appliance.config.schema import DEFAULT_STATUS_SOCKET
+    from appliance.runtime.events_log import EventRecord
+    from appliance.runtime.status import events
+
+    if socket_path is None:
+        socket_path = (
+            load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
+        )
+    if last < 0:
+        raise KnockgateError("events --last: expected 0 or more")
+    try:
+        for record in events(socket_path, follow=follow, history=last):
+            if as_json:
+                print(json.dumps(record), flush=True)
+            else:
+                print(EventRecord.from_dict(record).text(), flush=True)
+            if record.get("kind") == "dropped":
+                return 1
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `knockgate events | head`
+        return 0
+    return 0
 
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
