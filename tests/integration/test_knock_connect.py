@@ -317,8 +317,18 @@ def test_ssh_wall_time_through_connect(lab: Lab, capsys: pytest.CaptureFixture[s
     def timed(proxy: str | None) -> float:
         started = time.monotonic()
         done = lab.ssh("true", proxy)
-        assert done.returncode == 0, done
+        if done.returncode != 0 and "kex_exchange_identification" in done.stderr:
+            # sshd closed the connection before its banner: once in a CI run on a loaded
+            # machine, with the port open (not a reset). Timed again; the log says why.
+            print(f"sshd closed a connection before its banner:\n{sshd_log()}")
+            started = time.monotonic()
+            done = lab.ssh("true", proxy)
+        assert done.returncode == 0, (done, sshd_log())
         return time.monotonic() - started
+
+    def sshd_log() -> str:
+        text = (lab.workdir / "sshd.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-15:])
 
     through = [timed(lab.proxy()) for _ in range(10)]
     direct, knock_wait, opened_after = [], [], []
