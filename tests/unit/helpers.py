@@ -114,8 +114,10 @@ class FakeChannel:
         self.records.spa_users = spa_users(doors)
         self.calls.append(("config", tuple(door.name for door in doors), local))
 
-    def add(self, key: int, interface: str, sock: Any) -> None:
-        self.calls.append(("add", key, interface))
+    def add(self, key: int, interface: str, sock: Any, replaces: int | None = None) -> None:
+        self.calls.append(
+            ("add", key, interface) if replaces is None else ("add", key, interface, replaces)
+        )
 
     def remove(self, key: int) -> None:
         self.calls.append(("remove", key))
@@ -131,6 +133,7 @@ class FakeChannel:
             batch = self.records.read(self.messages.pop(0), now)
             merged.events += batch.events
             merged.logs += batch.logs
+            merged.failed += batch.failed
             if batch.counters is not None:
                 self.counters = merged.counters = batch.counters
         return merged
