@@ -22,6 +22,7 @@ wake-up (:data:`MAX_LOGS_PER_RECEIVE`; the rest counted, ``logs_dropped`` in the
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import pickle
@@ -107,8 +108,9 @@ class PacketChild:
         read (its socket is full) or is gone."""
         data = pickle.dumps(message)
         try:
-            if fds:
-                sent = socket.send_fds(self.control, [data], list(fds), socket.MSG_DONTWAIT)
+            if fds:  # not socket.send_fds: it ignores its flags (CPython <= 3.12)
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = self.control.sendmsg([data], rights, socket.MSG_DONTWAIT)
             else:
                 sent = self.control.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:

@@ -102,6 +102,7 @@ class FakeChannel:
         self.calls: list[tuple[Any, ...]] = []
         self.messages: list[bytes] = []
         self.gone = False
+        self.stuck = False  # configure: as PacketChild when the packet process does not read
         self.closed = False
         self._r, self._w = socket.socketpair()
 
@@ -110,7 +111,10 @@ class FakeChannel:
 
     def configure(self, doors: Any, local: frozenset[str] | None) -> None:
         from appliance.capture.records import spa_users
+        from appliance.runtime.privsep import PacketProcessGone
 
+        if self.stuck:
+            raise PacketProcessGone("the packet process does not read its socket (stuck)")
         self.records.spa_users = spa_users(doors)
         self.calls.append(("config", tuple(door.name for door in doors), local))
 
