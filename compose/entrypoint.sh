@@ -50,6 +50,11 @@ prepare_launcher() {
     socket=${DOCKER_HOST#unix://}
     if [ -S "$socket" ]; then
         gid=$(stat -c %g "$socket")
+        # The packet process (untrusted bytes) must not share a group with Docker's socket.
+        if id -G knockgate-packet 2>/dev/null | tr ' ' '\n' | grep -qx "$gid"; then
+            say "error: the Docker socket's group (gid $gid) is a group of the packet process's user knockgate-packet ($(id knockgate-packet)): refusing to start; give the socket another group on the host"
+            exit 1
+        fi
         group=$(getent group "$gid" | cut -d: -f1)
         if [ -z "$group" ]; then
             groupadd --gid "$gid" knockgate-docker
