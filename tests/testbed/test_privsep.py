@@ -2,7 +2,8 @@
 test_testbed.py).
 
 The packet process (``knockgate packet``, the only code that reads untrusted bytes) must
-be unable to change nftables or reach the Docker socket. Its credentials are read from
+be unable to change nftables or reach the Docker socket, and runs under its seccomp filter
+(``Seccomp: 2``). Its credentials are read from
 /proc inside the appliance, then a probe runs with exactly those (``setpriv``: its uid and
 gid, no supplementary groups, no capabilities, no_new_privs) and tries both: ``nft add
 table inet kgprobe`` and a connect to the Docker socket must fail. The monitor keeps only
@@ -75,6 +76,13 @@ def test_the_packet_process_cannot_change_nftables_nor_reach_docker(testbed: Tes
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(seen[name], 16) == 0, (name, seen)
     assert seen["NoNewPrivs"] == "1", seen
+    # Its seccomp filter (no send, no new socket, no execve...), and ids no host gives its
+    # docker group: uid 64990, primary group nogroup (and never the Docker socket's group).
+    assert seen["Seccomp"] == "2", seen
+    assert (uid, gid) == ("64990", "65534"), seen
+    for path in docker_sockets(bed):
+        socket_gid = bed.exec("appliance", "stat", "-c", "%g", path, check=True).stdout.strip()
+        assert socket_gid != gid, (path, socket_gid)
     monitor = proc_status(bed, int(status["pid"]))
     assert monitor["Uid"].split()[0] == "0"
     assert int(monitor["CapEff"], 16) == NETWORK_CAPS, monitor
