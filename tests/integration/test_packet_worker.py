@@ -77,12 +77,19 @@ def test_frames_queued_on_a_replaced_socket_are_read_before_it_is_closed(
     finally:
         old.close()
         new.close()
-    thread = threading.Thread(target=Worker(theirs).run, daemon=True)
+    worker = Worker(theirs)
+    thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        assert [p.dport for p in packets(ours, 3)] == [PORT] * 3
+        first = packets(ours, 3)
+        assert [p.dport for p in first] == [PORT] * 3, first
+        deadline = time.monotonic() + 3
+        while set(worker.readers) != {2}:  # the switch is done (the old socket closed)
+            assert time.monotonic() < deadline, worker.readers
+            time.sleep(0.01)
         send(2, 3)  # only the new socket is open in the packet process now
-        assert len(packets(ours, 2)) == 2
+        then = packets(ours, 2)
+        assert len(then) == 2, then
         assert packets(ours, 1, timeout=0.5) == []  # and each frame came once
     finally:
         ours.shutdown(socket.SHUT_RDWR)

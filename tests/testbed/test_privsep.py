@@ -13,6 +13,9 @@ CAP_NET_ADMIN and CAP_NET_RAW.
 from __future__ import annotations
 
 import json
+import os
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +118,36 @@ def test_the_packet_process_cannot_change_nftables_nor_reach_docker(testbed: Tes
         # Control: root in the appliance does reach it (the probe is not simply broken).
         root = bed.exec("appliance", "python3", "-c", CONNECT, path)
         assert root.stdout.strip() == "connected", (path, root.stdout, root.stderr)
+
+
+def test_the_appliance_refuses_a_docker_socket_in_the_packet_users_group(
+    testbed: Testbed,  # noqa: F811 (the image is built from this tree)
+    tmp_path: Path,
+) -> None:
+    """Review finding 5: a host whose Docker socket has a gid of the packet process's user
+    (nogroup here) would hand it Docker; the entrypoint refuses to start, saying why."""
+    path = tmp_path / "docker.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))  # a socket file, never a Docker engine
+    os.chown(path, -1, 65534)
+    name = "kg-hardening-gid-probe"
+    try:
+        run = docker(
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "-v",
+            f"{path}:/run/knockgate-docker/docker.sock",
+            "knockgate:local",
+            check=False,
+            timeout=60,
+        )
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert "is a group of the packet process's user knockgate-packet" in run.stdout, run
+        assert "refusing to start" in run.stdout
+    finally:
+        docker("rm", "-f", name, check=False)
+        listener.close()
