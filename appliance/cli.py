@@ -19,11 +19,9 @@ from typing import Literal
 
 from appliance import __version__
 from appliance.client import (
-    local_address_for,
     next_one_time,
     parse_target,
     resolve_host,
-    send_datagram,
     send_knocks,
     sequence_for_door,
     use_one_time,
@@ -146,6 +144,16 @@ def _parser() -> argparse.ArgumentParser:
         help="send the next unused line of this knockd one-time-sequences file and mark it used",
     )
     knock.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="SPA doors: the key file (its [NAME] stanza); the SPA packet is the knock",
+    )
+    knock.add_argument(
+        "--dual-stack",
+        action="store_true",
+        help="SPA doors: let in this host's IPv4 and IPv6 addresses (one packet each)",
+    )
+    knock.add_argument(
         "--wait",
         action="store_true",
         help="then wait until the port accepts a TCP connection (progress on stderr; "
@@ -201,6 +209,18 @@ def _parser() -> argparse.ArgumentParser:
     connect.add_argument(
         "--no-keepalive", action="store_true", help="do not renew the grant while connected"
     )
+    connect.add_argument(
+        "--dual-stack",
+        action="store_true",
+        help="SPA doors: let in this host's IPv4 and IPv6 addresses (one packet each)",
+    )
+    connect.add_argument(
+        "-a",
+        "--allow-ip",
+        action="append",
+        metavar="IP",
+        help="SPA doors: an address to let in (repeat for several)",
+    )
     connect_family = connect.add_mutually_exclusive_group()
     connect_family.add_argument("-4", "--ipv4", action="store_const", const=4, dest="family")
     connect_family.add_argument("-6", "--ipv6", action="store_const", const=6, dest="family")
@@ -222,9 +242,29 @@ def _parser() -> argparse.ArgumentParser:
     spa.add_argument("--port", type=int, metavar="PORT", help="UDP port (default 62201)")
     spa.add_argument("-A", "--access", metavar="tcp/22,...", help="the ports to open")
     who = spa.add_mutually_exclusive_group()
-    who.add_argument("-a", "--allow-ip", metavar="IP", help="the address to let in")
+    who.add_argument(
+        "-a",
+        "--allow-ip",
+        action="append",
+        metavar="IP",
+        help="an address to let in (repeat for several: one packet each)",
+    )
     who.add_argument(
         "-s", "--source", action="store_true", help="let in the address the packet comes from"
+    )
+    who.add_argument(
+        "--dual-stack",
+        action="store_true",
+        help="let in this host's IPv4 and IPv6 addresses (one packet each)",
+    )
+    spa.add_argument(
+        "--receipt",
+        action="store_true",
+        help="wait for the door's receipt and show it (exit 3 when none comes); implied "
+        "by --config when the door has spa: {receipt: true}",
+    )
+    spa.add_argument(
+        "--receipt-timeout", type=float, metavar="SECONDS", help="how long (default 2)"
     )
     spa.add_argument("-f", "--fw-timeout", type=int, metavar="SECONDS", help="access time")
     spa.add_argument("-U", "--user", metavar="NAME", help="the name inside the packet")
@@ -455,6 +495,8 @@ def _print_summary(summary: Summary, as_json: bool) -> None:
 
 
 def _knock(args: argparse.Namespace) -> int:
+    if (args.key_file is not None or args.dual_stack) and args.door is None:
+        raise KnockError("--key-file and --dual-stack go with --door (an SPA door)")
     default_proto: Proto = "tcp"
     one_time: tuple[str, int] | None = None
     door: Door | None = None
@@ -471,8 +513,17 @@ def _knock(args: argparse.Namespace) -> int:
         if args.ports:
             raise KnockError("give either ports or --door, not both")
         config = load_config(args.config).config
-        steps = sequence_for_door(config, args.door, time.time())
         door = config.door(args.door)
+        if door is not None and door.spa is not None:
+            if args.key_file is None:
+                raise KnockError(
+                    f"door {args.door!r} is opened by single packet authorization: give "
+                    "--key-file FILE, or use knockgate spa (or fwknop)"
+                )
+            return _knock_spa(args, door)
+        if args.key_file is not None or args.dual_stack:
+            raise KnockError(f"--key-file and --dual-stack are for SPA doors; {args.door!r} is not")
+        steps = sequence_for_door(config, args.door, time.time())
     else:
         if not args.ports:
             raise KnockError(
@@ -500,6 +551,52 @@ def _knock(args: argparse.Namespace) -> int:
         sock, _ = wait_open(address_family, address, wait_port, timeout, _progress)
         sock.close()
     return 0
+
+
+def _knock_spa(args: argparse.Namespace, door: Door) -> int:
+    """``knock --door SPA-DOOR --key-file FILE``: the SPA packet(s), the door's receipts
+    when it sends them, then ``--wait``."""
+    from appliance.knocker.door import DoorKnocker, SpaRequest
+    from appliance.knocker.spa import DEFAULT_RECEIPT_TIMEOUT
+    from appliance.spa.keyfile import read_key_file
+
+    assert door.spa is not None and door.open is not None
+    if args.udp or args.one_time is not None:
+        raise KnockError("-u and --one-time are not for SPA doors")
+    if not args.wait and (args.wait_port is not None or args.timeout is not None):
+        raise KnockError("--port and --timeout go with --wait")
+    wait_port = _wait_port(args, door) if args.wait else None
+    timeout: float = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+    profile = read_key_file(args.key_file, door.name)
+    access = ",".join(f"{step.proto}/{step.port}" for step in door.open.ports)
+    request = SpaRequest(
+        profile,
+        door.spa.port,
+        access,
+        allow_ip=profile.allow_ip,
+        fw_timeout=profile.fw_timeout,
+        username=profile.username,
+        dual_stack=args.dual_stack,
+        host=args.host,
+    )
+    family: Literal[4, 6] | None = args.family
+    address_family, address = resolve_host(args.host, family)
+    knocker = DoorKnocker(door, address_family, address, spa=request, warn=_warn)
+    sent = knocker.knock()
+    if args.verbose or wait_port is not None:
+        _progress(f"knock sent: {sent}")
+    for line in knocker.receipts(DEFAULT_RECEIPT_TIMEOUT):
+        _progress(line)
+    if wait_port is not None:
+        from appliance.knocker.wait import wait_open
+
+        sock, _ = wait_open(address_family, address, wait_port, timeout, _progress)
+        sock.close()
+    return 0
+
+
+def _warn(line: str) -> None:
+    print(f"knockgate: {line}", file=sys.stderr, flush=True)
 
 
 def _progress(line: str) -> None:
@@ -563,16 +660,28 @@ def _connect(args: argparse.Namespace) -> int:
             allow_ip=profile.allow_ip,
             fw_timeout=args.fw_timeout if args.fw_timeout is not None else profile.fw_timeout,
             username=profile.username,
+            allow_ips=tuple(args.allow_ip or ()),
+            dual_stack=args.dual_stack,
+            host=args.host,
         )
+    elif args.dual_stack or args.allow_ip:
+        raise KnockError(f"--dual-stack and --allow-ip are for SPA doors; {args.door!r} is not")
     family: Literal[4, 6] | None = args.family
     address_family, address = resolve_host(args.host, family)
-    knocker = DoorKnocker(door, address_family, address, spa=spa, delay_ms=args.delay)
+    knocker = DoorKnocker(
+        door, address_family, address, spa=spa, delay_ms=args.delay, warn=_progress
+    )
     say = _progress if args.verbose else (lambda line: None)
     sent = knocker.knock()
     knocked = time.monotonic()
     if sent is None:  # a TOTP door knocked a moment ago (another connect) uses its next step
         raise KnockError(f"door {args.door!r}: every TOTP time step is used, try again shortly")
     say(f"knock sent: {sent}")
+    if knocker.has_receipts:
+        from appliance.knocker.spa import DEFAULT_RECEIPT_TIMEOUT
+
+        for line in knocker.receipts(min(DEFAULT_RECEIPT_TIMEOUT, args.timeout)):
+            say(line)
     sock, _ = wait_open(address_family, address, args.port, args.timeout, say)
     renewal = None
     if not args.no_keepalive:
@@ -593,13 +702,18 @@ FRAGMENT_WARNING = 1200  # bytes of SPA payload: more may not fit a 1280-byte IP
 
 
 def _spa(args: argparse.Namespace) -> int:
-    import getpass
-
+    from appliance.knocker.spa import (
+        DEFAULT_RECEIPT_TIMEOUT,
+        SpaRequest,
+        describe,
+        send_spa,
+        wait_receipts,
+    )
     from appliance.spa.keyfile import read_key_file
-    from appliance.spa.wire import SpaError, new_message, parse_access, seal
 
     profile = read_key_file(args.key_file, args.door)
     port, access = args.port, args.access
+    receipt = args.receipt
     if args.config is not None:
         if args.door is None:
             raise KnockError("--config needs --door")
@@ -608,6 +722,7 @@ def _spa(args: argparse.Namespace) -> int:
         if door is None or door.spa is None:
             raise KnockError(f"door {args.door!r} in {args.config} is not an SPA door")
         port = port or door.spa.port
+        receipt = receipt or door.spa.receipt
         if access is None and door.open is not None:
             access = ",".join(f"{step.proto}/{step.port}" for step in door.open.ports)
     port = port or profile.port
@@ -617,39 +732,55 @@ def _spa(args: argparse.Namespace) -> int:
             "no ports to ask for (expected -A tcp/22, ACCESS in the key file, "
             "or --config with the door)"
         )
+    timeout = DEFAULT_RECEIPT_TIMEOUT if args.receipt_timeout is None else args.receipt_timeout
+    if not timeout > 0:
+        raise KnockError("--receipt-timeout must be more than 0 seconds")
     family: Literal[4, 6] | None = args.family
     address_family, address = resolve_host(args.host, family)
-    given: str | None = args.allow_ip or profile.allow_ip
-    if given is not None and given.lower() == "resolve":
-        given = None  # no outside service is asked: the address we leave from is used
-    if args.source or (given is not None and given.lower() == "source"):
-        allow = "0.0.0.0"
-    else:
-        allow = given or local_address_for(address_family, address, port)
-    request = f"{allow},{access}"
     fw_timeout = args.fw_timeout if args.fw_timeout is not None else profile.fw_timeout
-    username = args.user or profile.username or getpass.getuser()
-    try:
-        parse_access(request)
-        message = new_message(username, int(time.time()), request, fw_timeout)
-        packet = seal(message, profile.keys)
-    except (ValueError, SpaError) as error:
-        raise KnockError(f"cannot build the SPA packet: {error}") from None
-    if len(packet) > FRAGMENT_WARNING:
-        print(
-            f"knockgate spa: warning: the packet is {len(packet)} bytes; on links with a small "
-            "MTU it is fragmented and the server cannot read it (ask for fewer ports)",
-            file=sys.stderr,
-        )
-    sent_from = send_datagram(address_family, address, port, packet)
-    if args.verbose:
-        print(
-            f"SPA to {address} port {port}/udp from {sent_from}: open {access} for {allow}"
-            + (f" for {fw_timeout} s" if fw_timeout else "")
-            + f" ({len(packet)} bytes)",
-            flush=True,
-        )
-    return 0
+    request = SpaRequest(
+        profile,
+        port,
+        access,
+        allow_ip=None if args.allow_ip else profile.allow_ip,
+        source=args.source,
+        fw_timeout=fw_timeout,
+        username=args.user or profile.username,
+        allow_ips=tuple(args.allow_ip or ()),
+        dual_stack=args.dual_stack,
+        host=args.host,
+    )
+    sent = send_spa(address_family, address, request, time.time(), keep=receipt, warn=_warn)
+    for one in sent:
+        if one.size > FRAGMENT_WARNING:
+            print(
+                f"knockgate spa: warning: the packet is {one.size} bytes; on links with a "
+                "small MTU it is fragmented and the server cannot read it (ask for fewer "
+                "ports)",
+                file=sys.stderr,
+            )
+        if args.verbose:
+            print(
+                f"SPA to {address} port {port}/udp from {one.sent_from}: open {access} for "
+                f"{one.allow}"
+                + (f" for {fw_timeout} s" if fw_timeout else "")
+                + f" ({one.size} bytes)",
+                flush=True,
+            )
+    if not receipt:
+        return 0
+    missing = 0
+    for one, found in zip(sent, wait_receipts(sent, profile.keys, timeout), strict=True):
+        if found is None:
+            missing += 1
+            print(
+                f"knockgate spa: no receipt for {one.allow} within {timeout:g} s: refused, "
+                "lost, or the door does not send receipts (see the server's log)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"receipt: {describe(found)}", flush=True)
+    return STATUS_TIMED_OUT if missing else 0
 
 
 def _keygen(totp: bool) -> int:

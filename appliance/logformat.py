@@ -26,6 +26,7 @@ from appliance.core.events import (
     Refused,
     Revoke,
     RunCommand,
+    SendReceipt,
     SequenceReset,
     SequenceTimeout,
     SpaAccepted,
@@ -103,8 +104,8 @@ def describe(command: Line, wall_offset: float = 0.0) -> str | None:
                 if names
             ]
             return "doors: " + ("; ".join(parts) or "none")
-        case SpaDigestSeen() | Vet():
-            return None
+        case SpaDigestSeen() | Vet() | SendReceipt():
+            return None  # internal (a receipt is not a decision: its grant was logged)
     raise TypeError(f"unknown command {command!r}")
 
 

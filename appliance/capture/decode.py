@@ -85,7 +85,7 @@ _IPV6_HEADER: Final = struct.Struct("!B5xBx16s16s").unpack_from
 # TCP: destination port and flags byte (13), sized as the minimal 20-byte header.
 _TCP_HEADER: Final = struct.Struct("!2xH9xB6x").unpack_from
 # UDP: destination port and length, sized as the 8-byte header.
-_UDP_HEADER: Final = struct.Struct("!2xHH2x").unpack_from
+_UDP_HEADER: Final = struct.Struct("!HHH2x").unpack_from  # sport, dport, length
 
 _V4_IN_V6_PREFIX: Final = bytes(10)
 
@@ -121,10 +121,9 @@ def _ipv4(data: bytes, ts: float, off: int) -> Packet | None:
         dport, flags = _TCP_HEADER(data, off)
         return Packet(ts, inet_ntoa(src), inet_ntoa(dst), TCP, dport, flags)
     if proto == _IPPROTO_UDP:
-        dport, length = _UDP_HEADER(data, off)
-        return Packet(
-            ts, inet_ntoa(src), inet_ntoa(dst), UDP, dport, 0, _payload(data, off, length)
-        )
+        sport, dport, length = _UDP_HEADER(data, off)
+        payload = _payload(data, off, length)
+        return Packet(ts, inet_ntoa(src), inet_ntoa(dst), UDP, dport, 0, payload, sport)
     return None
 
 
@@ -138,9 +137,9 @@ def _ipv6(data: bytes, ts: float, off: int) -> Packet | None:
             dport, flags = _TCP_HEADER(data, off)
             return Packet(ts, _ntop6(src), _ntop6(dst), TCP, dport, flags)
         if nh == _IPPROTO_UDP:
-            dport, length = _UDP_HEADER(data, off)
+            sport, dport, length = _UDP_HEADER(data, off)
             payload = _payload(data, off, length)
-            return Packet(ts, _ntop6(src), _ntop6(dst), UDP, dport, 0, payload)
+            return Packet(ts, _ntop6(src), _ntop6(dst), UDP, dport, 0, payload, sport)
         if nh in _IPV6_EXT_GENERIC:
             nh, size = data[off], data[off + 1]
             off += (size + 1) * 8

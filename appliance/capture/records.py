@@ -14,6 +14,10 @@ A message: ``MAGIC`` then records, each a kind byte and its body:
   (4 or 16 bytes each): a :class:`~appliance.core.events.Packet` without payload;
 * ``SPA``: a length (2 bytes) and an authenticated knock
   (:class:`~appliance.core.events.SpaKnock`), strings as length + UTF-8;
+* ``SPA_FROM``: an ``SPA`` record followed by where the packet went and came from:
+  its destination (length + text, an address of the source's family, or empty) and UDP source
+  port (2 bytes; 0: none), what a receipt is sent from and to. The packet process
+  sends this kind; the monitor still reads ``SPA`` (no receipt possible);
 * ``COUNTERS``: the packet process's running totals (frames, kernel drops, undecoded,
   rejected by reason, SPA counters), latest wins;
 * ``LOG``: a log line of the packet process (logger, level, text), logged by the monitor
@@ -44,7 +48,7 @@ from appliance.core.model import Door, Step
 
 MAGIC = b"K1"
 MAX_MESSAGE = 64 * 1024  # a batch of 256 packets is 10 KiB; an SPA knock under 1 KiB
-PACKET4, PACKET6, SPA, COUNTERS, LOG, FAILED = 1, 2, 3, 4, 5, 6
+PACKET4, PACKET6, SPA, COUNTERS, LOG, SPA_FROM, FAILED = 1, 2, 3, 4, 5, 6, 7
 _PROTOS = {6: "tcp", 17: "udp"}
 _NUMBERS = {"tcp": 6, "udp": 17}
 _P4 = struct.Struct("!BBBH4s4s")  # kind, proto, flags, port, src, dst
@@ -107,9 +111,11 @@ def encode_spa(knock: SpaKnock) -> bytes:
             *(_PORT.pack(step.port, _NUMBERS[step.proto]) for step in knock.ports),
             _U8.pack(len(knock.digest)),
             knock.digest,
+            _text(knock.dst),
+            _U16.pack(knock.sport),
         )
     )
-    return _SPA_HEAD.pack(SPA, len(body)) + body
+    return _SPA_HEAD.pack(SPA_FROM, len(body)) + body
 
 
 def encode_counters(values: Mapping[str, int]) -> bytes:
@@ -205,18 +211,18 @@ class RecordReader:
                     if text is None:
                         text = names[dst] = inet_ntoa(dst)
                     append(
-                        new(Packet, (now, inet_ntoa(src), text, protos[proto], port, flags, b""))
+                        new(Packet, (now, inet_ntoa(src), text, protos[proto], port, flags, b"", 0))
                     )
                 elif kind == PACKET6:
                     _, proto, flags, port, src, dst = p6(data, offset)
                     offset += _P6.size
                     append(Packet(now, _address6(src), _address6(dst), protos[proto], port, flags))
-                elif kind == SPA:
+                elif kind in (SPA, SPA_FROM):
                     _, length = _SPA_HEAD.unpack_from(data, offset)
                     offset += _SPA_HEAD.size
                     if offset + length > size:
                         raise Malformed("SPA record cut short")
-                    append(self._spa(data[offset : offset + length], now))
+                    append(self._spa(data[offset : offset + length], now, kind == SPA_FROM))
                     offset += length
                 elif kind == COUNTERS:
                     values = _COUNTERS.unpack_from(data, offset)[1:]
@@ -243,7 +249,7 @@ class RecordReader:
             self.malformed += 1
         return batch
 
-    def _spa(self, body: bytes, now: float) -> SpaKnock:
+    def _spa(self, body: bytes, now: float, addressed: bool) -> SpaKnock:
         offset = 0
 
         def text() -> str:
@@ -278,8 +284,19 @@ class RecordReader:
         length = body[offset]
         digest = body[offset + 1 : offset + 1 + length]
         offset += 1 + length
-        if length != DIGEST_SIZE or len(digest) != length or offset != len(body):
-            raise Malformed("SPA knock with a bad digest or trailing bytes")
+        if length != DIGEST_SIZE or len(digest) != length:
+            raise Malformed("SPA knock with a bad digest")
+        dst, sport = "", 0
+        if addressed:
+            dst = text()
+            if dst:  # "": not known (a knock made up in a test, say): no receipt
+                dst = _canonical(dst)
+            (sport,) = _U16.unpack_from(body, offset)
+            offset += _U16.size
+            if dst and (":" in dst) != (":" in src):
+                raise Malformed("SPA knock sent to an address of another family")
+        if offset != len(body):
+            raise Malformed("SPA knock with trailing bytes")
         if not math.isfinite(float(timestamp)):
             raise Malformed("SPA timestamp")
         return SpaKnock(
@@ -294,6 +311,8 @@ class RecordReader:
             ports=tuple(ports),
             client_timeout=timeout if has_timeout else None,
             digest=digest,
+            dst=dst,
+            sport=sport,
         )
 
 

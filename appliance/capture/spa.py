@@ -145,4 +145,6 @@ class SpaReader:
             ports=tuple(Step(port, "udp" if proto == "udp" else "tcp") for port, proto in ports),
             client_timeout=message.client_timeout,
             digest=replay_digest(text),
+            dst=packet.dst,
+            sport=packet.sport,
         )

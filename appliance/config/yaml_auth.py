@@ -15,11 +15,13 @@ Schema::
           max_age: 120            # seconds either way between the client's clock and ours
           max_time: 3600          # the longest access a client may ask for
           require_source_address: false   # true: refuse fwknop -s (0.0.0.0)
+          receipt: true           # answer a granted packet with an encrypted receipt
           users:                  # {} when every user comes from `knockgate user add`
             alice:
               key_base64: ...     # fwknop --key-gen output, or key_file: FILE holding it
               hmac_key_base64: ...
-              sources: [198.18.0.0/15]   # where the packet may come from (default any)
+              sources: [198.18.0.0/15]   # where the packet may come from and the
+                                         # addresses it may ask for (default any)
               ports: [22/tcp]     # what alice may open (default: every port of the door)
               max_time: 300
         open: {ports: [22/tcp], duration: 30}
@@ -63,7 +65,7 @@ from appliance.core.model import (
 )
 
 TOTP_KEYS = ("secret", "steps", "period", "ports", "protocol", "skew")
-SPA_KEYS = ("port", "max_age", "max_time", "require_source_address", "users")
+SPA_KEYS = ("port", "max_age", "max_time", "require_source_address", "receipt", "users")
 USER_KEYS = ("key_base64", "hmac_key_base64", "key_file", "sources", "ports", "max_time")
 MIN_SECRET_BYTES = 10  # 80 bits, RFC 4226's minimum
 WEAK_TOTP_SEQUENCES = 10**9  # fewer possible sequences than this: a warning
@@ -211,6 +213,7 @@ def parse_spa(
         lambda v: parse_seconds(v, minimum=1.0, maximum=MAX_ACCESS_TIME, what="1 to 604800 s"),
     )
     require = spec.get("require_source_address", parse_bool)
+    receipt = spec.get("receipt", parse_bool)
     users: list[SpaUser] = []
     users_map = spec.mapping("users", ())
     if users_map is None:
@@ -232,6 +235,7 @@ def parse_spa(
         max_age=DEFAULT_SPA_MAX_AGE if max_age is None else max_age,
         max_time=default.max_time if max_time is None else max_time,
         require_source_address=default.require_source_address if require is None else require,
+        receipt=bool(receipt),
     )
 
 

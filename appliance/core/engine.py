@@ -43,7 +43,13 @@ An SPA door takes :class:`SpaKnock` events, which the edge produces only for
 packets whose HMAC verified and which decrypted. The engine applies the policy:
 the packet's clock within ``max_age`` of ours, never seen before (the replay cache,
 kept here and written to disk by the runtime through ``SpaDigestSeen``), the
-requested ports within the user's allowance, the time capped.
+requested ports within the user's allowance, the time capped, and, when the user
+has ``sources``, the address to let in within them (each address a dual-stack
+client asks for comes in a packet of its own, and each is checked on its own).
+A door with ``receipt`` answers each granted packet with :class:`SendReceipt`
+(after its grant; never for a refusal, which is not remembered and so could be
+replayed to make the host answer), at most ``RECEIPT_BURST`` per source address
+within ``RECEIPT_WINDOW`` seconds.
 
 Vetting: a completed knock is not acted on at once. The engine asks the runtime
 (:class:`Vet`) to write its records (:class:`MarkSequenceUsed` /
@@ -62,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -86,6 +93,7 @@ from appliance.core.events import (
     Refused,
     Revoke,
     RunCommand,
+    SendReceipt,
     SequenceReset,
     SequenceTimeout,
     SpaAccepted,
@@ -111,6 +119,9 @@ from appliance.core.totp import time_step, totp_sequence, window
 
 RETRANSMIT_WINDOW = 1.0  # seconds within which a repeated step counts as a retransmission
 CLOCK_STEP = 1.0  # a change of the wall clock's offset this large is logged as a step
+RECEIPT_BURST = 4  # receipts a source address may get within RECEIPT_WINDOW seconds
+RECEIPT_WINDOW = 10.0
+MAX_RECEIPT_SOURCES = 4096  # sources whose recent receipts are remembered (oldest dropped)
 
 
 @dataclass(slots=True)
@@ -128,6 +139,8 @@ class Counters:
     malformed: int = 0
     spa_accepted: int = 0
     spa_refused: int = 0
+    receipts: int = 0  # SPA receipts asked for
+    receipts_limited: int = 0  # not sent: the source had its RECEIPT_BURST
     refused: int = 0  # completed knocks not acted on (held off, unrecorded)
 
     def as_dict(self) -> dict[str, int]:
@@ -142,6 +155,7 @@ class Counters:
 #   [LAST]      time of the step just taken
 #   [DEADLINE]  first knock + seq_timeout
 Attempt = list[Any]
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 STAGE, LAST, DEADLINE = 0, 1, 2
 
 
@@ -153,6 +167,7 @@ class Decision(NamedTuple):
     ports: tuple[Step, ...]
     until: float
     accepted: SpaAccepted | None = None  # an SPA knock's log record, once vetted
+    receipt: SendReceipt | None = None  # its receipt, after the grant
 
 
 class DoorState:
@@ -238,6 +253,8 @@ class KnockEngine:
         # Completed knocks waiting for their Vetted answer, by ticket.
         self._pending: dict[int, Decision] = {}
         self._ticket = 0
+        # Receipts sent lately, by source address: their times (oldest first).
+        self._receipts: OrderedDict[str, list[float]] = OrderedDict()
         self._count = 0  # attempts held, all doors
         self._configure(doors, {})
         # Wall time before which SPA packets and TOTP steps cannot be checked against
@@ -276,6 +293,16 @@ class KnockEngine:
             door.name: {user.name: user for user in door.spa.users}
             for door in doors
             if door.spa is not None
+        }
+        # Users' ``sources`` as networks: the addresses they may ask to let in.
+        self._spa_sources: dict[tuple[str, str], tuple[_Network, ...]] = {
+            (door.name, user.name): tuple(
+                ipaddress.ip_network(source, strict=False) for source in user.sources
+            )
+            for door in doors
+            if door.spa is not None
+            for user in door.spa.users
+            if user.sources
         }
 
     # ----------------------------------------------------------------- queries
@@ -507,10 +534,35 @@ class KnockEngine:
         if decision.accepted is not None:
             out.append(decision.accepted)
         self._act(decision, ts, out)
+        if decision.receipt is not None and self._receipt_allowed(decision.receipt.to, ts):
+            self.counters.receipts += 1
+            out.append(decision.receipt._replace(at=ts))
+
+    def _receipt_allowed(self, source: str, ts: float) -> bool:
+        """Whether ``source`` may have one more receipt now (and count it if so)."""
+        recent = self._receipts.get(source)
+        if recent is None:
+            if len(self._receipts) >= MAX_RECEIPT_SOURCES:
+                self._receipts.popitem(last=False)
+            recent = self._receipts[source] = []
+        else:
+            self._receipts.move_to_end(source)
+        while recent and recent[0] <= ts - RECEIPT_WINDOW:
+            del recent[0]
+        if len(recent) >= RECEIPT_BURST:
+            self.counters.receipts_limited += 1
+            return False
+        recent.append(ts)
+        return True
 
     def _act(self, decision: Decision, ts: float, out: list[Command]) -> None:
         """A door's actions for ``address``: grant, close other doors, run commands."""
-        door, address, ports, until, _ = decision
+        door, address, ports, until = (
+            decision.door,
+            decision.address,
+            decision.ports,
+            decision.until,
+        )
         if door.open is not None:
             out.append(Grant(ts, door.name, address, ports, until))
         out.extend(Revoke(ts, closed, address, door.name) for closed in door.close)
@@ -585,6 +637,8 @@ class KnockEngine:
             reason = "address"
         elif not knock.ports or not self._spa_allowed(door, user, knock.ports):
             reason = "ports"
+        elif not self._address_allowed(door.name, user.name, address):
+            reason = "address"
         if reason is not None:
             counters.spa_refused += 1
             out.append(SpaRefused(ts, door.name, knock.src, user.name, reason))
@@ -603,7 +657,32 @@ class KnockEngine:
             duration = min(duration, user.max_time)
         ports = knock.ports if door.open is not None else ()
         accepted = SpaAccepted(ts, door.name, address, knock.src, user.name, ports, ts + duration)
-        self._vet(Decision(door, address, ports, ts + duration, accepted), ts, [record], out)
+        receipt = None
+        if spa.receipt and knock.sport and knock.dst:
+            receipt = SendReceipt(
+                ts,
+                door.name,
+                user.name,
+                knock.src,
+                knock.sport,
+                knock.dst,
+                knock.digest,
+                address,
+                ts + duration,
+            )
+        decision = Decision(door, address, ports, ts + duration, accepted, receipt)
+        self._vet(decision, ts, [record], out)
+
+    def _address_allowed(self, door: str, user: str, address: str) -> bool:
+        """Whether ``address`` is within the user's ``sources`` (none: any address)."""
+        networks = self._spa_sources.get((door, user))
+        if not networks:
+            return True
+        try:
+            wanted = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(wanted in network for network in networks)
 
     @staticmethod
     def _spa_allowed(door: Door, user: SpaUser, ports: tuple[Step, ...]) -> bool:

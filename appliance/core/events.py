@@ -37,6 +37,7 @@ class Packet(NamedTuple):
     ``flags`` is the TCP flags byte (0 for UDP). ``src`` and ``dst`` are textual
     addresses in their canonical form (what :mod:`ipaddress` prints). ``payload`` is
     the UDP payload (empty for TCP): an SPA packet is read from it at the edge.
+    ``sport`` is the UDP source port (0 for TCP): where an SPA receipt goes.
     """
 
     ts: float
@@ -46,6 +47,7 @@ class Packet(NamedTuple):
     dport: int
     flags: int = 0
     payload: bytes = b""
+    sport: int = 0
 
 
 class SpaKnock(NamedTuple):
@@ -54,7 +56,8 @@ class SpaKnock(NamedTuple):
     ``user`` is the configured user whose keys opened it, ``username`` the name the
     client wrote inside. ``address`` is the address to let in as the packet says
     (``0.0.0.0`` or ``::`` for "the sender"), ``timestamp`` the client's clock,
-    ``digest`` what the replay cache keeps.
+    ``digest`` what the replay cache keeps. ``dst`` and ``sport``: the address the
+    packet was sent to and its UDP source port, where a receipt is sent from and to.
     """
 
     ts: float
@@ -68,6 +71,8 @@ class SpaKnock(NamedTuple):
     ports: tuple[Step, ...]
     client_timeout: int | None
     digest: bytes
+    dst: str = ""
+    sport: int = 0
 
 
 class Tick(NamedTuple):
@@ -150,6 +155,23 @@ class RunCommand(NamedTuple):
     address: str
     phase: Literal["start", "stop"]
     command: str
+
+
+class SendReceipt(NamedTuple):
+    """Answer an accepted SPA packet (a door with ``receipt``): one datagram to
+    ``to``:``port`` from ``via`` (the address the packet was sent to), sealed with
+    ``user``'s keys and bound to ``digest``, saying ``address`` is let in until
+    ``until`` (the engine's clock)."""
+
+    at: float
+    door: str
+    user: str
+    to: str
+    port: int
+    via: str
+    digest: bytes
+    address: str
+    until: float
 
 
 # Records: what must be on disk before the decision it belongs to is carried out. The
@@ -314,7 +336,7 @@ class ClockStepped(NamedTuple):
 
 
 # What the runtime carries out (side effects) and what it only logs (notices).
-Effect = Grant | Revoke | RunCommand | Vet
+Effect = Grant | Revoke | RunCommand | Vet | SendReceipt
 Notice = (
     StageReached
     | Opened

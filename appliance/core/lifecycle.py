@@ -171,6 +171,7 @@ class Observed(ServiceEvent):
     service: str
     running: bool
     container: str | None = None
+    since: float | None = None  # when it started (on ``ts``'s clock), if Docker said
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,7 +586,8 @@ class Lifecycle:
         if event.running and self.state == "cold":
             self.state = "ready"
             self.container = event.container
-            self.started = event.ts
+            # Its real start, so max_lifetime is not renewed by a restart of knockgate.
+            self.started = event.ts if event.since is None else min(event.since, event.ts)
             return [Notice(self.name, "info", f"{self.name}: running, gated")]
         if not event.running and self.state in (*RUNNING, "paused"):
             out = self._revoke_all("the container stopped")

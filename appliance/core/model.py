@@ -167,6 +167,8 @@ class Spa:
     capped by ``max_time`` and the user's own cap. ``require_source_address``
     (the default) refuses fwknop's ``-s`` (0.0.0.0: "the address the packet comes
     from"): whoever relays a sniffed ``-s`` packet first would be let in.
+    ``receipt``: answer each granted packet with one encrypted receipt
+    (:mod:`appliance.spa.receipt`) to its source address and port.
     """
 
     users: tuple[SpaUser, ...]
@@ -174,6 +176,7 @@ class Spa:
     max_age: float = DEFAULT_SPA_MAX_AGE
     max_time: float = 3600.0
     require_source_address: bool = True
+    receipt: bool = False
 
 
 @dataclass(frozen=True, slots=True)

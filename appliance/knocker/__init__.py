@@ -6,6 +6,8 @@
     knockgate connect HOST PORT --door NAME --config FILE      (ssh's ProxyCommand)
 
         DoorKnocker (door.py)  ── knock(now): sequence, TOTP or SPA packets ──> HOST
+              │                   spa.py: one SPA packet per address (--dual-stack),
+              │                   receipts awaited on each packet's own socket
               │
         wait_open (wait.py)    ── TCP connects to PORT until one is accepted;
               │                   WaitProgress (pure) says what to print and when to give up

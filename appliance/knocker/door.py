@@ -13,57 +13,15 @@ a renewal within the same step uses the next one; when every step up to
 
 from __future__ import annotations
 
-import getpass
 import time
-from dataclasses import dataclass
 
-from appliance.client import local_address_for, send_datagram, send_knocks
+from appliance.client import send_knocks
 from appliance.core.model import Door, Step
 from appliance.core.totp import time_step, totp_sequence
 from appliance.errors import KnockError
-from appliance.spa.keyfile import ClientProfile
-from appliance.spa.wire import SpaError, new_message, parse_access, seal
+from appliance.knocker.spa import SpaRequest, SpaSent, Warn, describe, send_spa, wait_receipts
 
-
-@dataclass(frozen=True, slots=True)
-class SpaRequest:
-    """What one SPA packet asks for, as ``knockgate spa`` builds it."""
-
-    profile: ClientProfile
-    port: int  # the server's SPA port (UDP)
-    access: str  # "tcp/22,udp/53"
-    allow_ip: str | None = None  # None: the address the packet leaves from
-    source: bool = False  # fwknop -s: "the address the packet comes from" (0.0.0.0)
-    fw_timeout: int | None = None
-    username: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SpaSent:
-    size: int  # bytes of UDP payload
-    sent_from: str
-    allow: str
-
-
-def send_spa(address_family: int, address: str, request: SpaRequest, now: float) -> SpaSent:
-    """Build and send one SPA packet for ``request`` to ``address``."""
-    given = request.allow_ip
-    if given is not None and given.lower() == "resolve":
-        given = None  # no outside service is asked: the address we leave from is used
-    if request.source or (given is not None and given.lower() == "source"):
-        allow = "0.0.0.0"
-    else:
-        allow = given or local_address_for(address_family, address, request.port)
-    username = request.username or getpass.getuser()
-    try:
-        access = f"{allow},{request.access}"
-        parse_access(access)
-        message = new_message(username, int(now), access, request.fw_timeout)
-        packet = seal(message, request.profile.keys)
-    except (ValueError, SpaError) as error:
-        raise KnockError(f"cannot build the SPA packet: {error}") from None
-    sent_from = send_datagram(address_family, address, request.port, packet)
-    return SpaSent(len(packet), sent_from, allow)
+__all__ = ["DoorKnocker", "SpaRequest"]
 
 
 class DoorKnocker:
@@ -77,6 +35,7 @@ class DoorKnocker:
         *,
         spa: SpaRequest | None = None,
         delay_ms: int = 0,
+        warn: Warn | None = None,
     ) -> None:
         if door.open is None or not door.open.ports:
             raise KnockError(f"door {door.name!r} opens no port: nothing to wait for")
@@ -92,7 +51,14 @@ class DoorKnocker:
         self.address = address
         self.spa = spa
         self.delay_ms = delay_ms
+        self.warn = warn
         self._last_step: int | None = None  # TOTP: the last time step sent
+        self._awaiting: list[SpaSent] = []  # the last SPA packets, sockets open for receipts
+
+    @property
+    def has_receipts(self) -> bool:
+        """Whether the door (in the client's copy of the configuration) sends receipts."""
+        return self.spa is not None and self.door.spa is not None and self.door.spa.receipt
 
     @property
     def ports(self) -> tuple[Step, ...]:
@@ -115,10 +81,22 @@ class DoorKnocker:
         TOTP door has no unused time step left until the clock moves on."""
         now = time.time() if now is None else now
         if self.spa is not None:
-            sent = send_spa(self.address_family, self.address, self.spa, now)
+            self.forget_receipts()
+            sent = send_spa(
+                self.address_family,
+                self.address,
+                self.spa,
+                now,
+                keep=self.has_receipts,
+                warn=self.warn,
+            )
+            self._awaiting = [one for one in sent if one.sock is not None]
+            allows = " and ".join(one.allow for one in sent)
+            size = "+".join(str(one.size) for one in sent)
+            what = "SPA packet" if len(sent) == 1 else f"{len(sent)} SPA packets"
             return (
-                f"SPA packet ({sent.size} bytes) to {self.address} port {self.spa.port}/udp: "
-                f"open {self.spa.access} for {sent.allow}"
+                f"{what} ({size} bytes) to {self.address} port {self.spa.port}/udp: "
+                f"open {self.spa.access} for {allows}"
             )
         steps = self.sequence(now)
         if steps is None:
@@ -126,6 +104,27 @@ class DoorKnocker:
         send_knocks(self.address_family, self.address, steps, self.delay_ms, None)
         what = "TOTP sequence" if self.door.knock.totp is not None else "sequence"
         return f"{what} of {len(steps)} knock(s) to {self.address}"
+
+    def receipts(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds for the last knock's receipts: one line each
+        (what it says, or that none came)."""
+        awaiting, self._awaiting = self._awaiting, []
+        if not awaiting or self.spa is None:
+            return []
+        found = wait_receipts(awaiting, self.spa.profile.keys, timeout)
+        return [
+            f"receipt: {describe(receipt)}"
+            if receipt is not None
+            else f"no receipt for {one.allow} within {timeout:g} s (refused, lost, or the "
+            "server does not send receipts: see its log)"
+            for one, receipt in zip(awaiting, found, strict=True)
+        ]
+
+    def forget_receipts(self) -> None:
+        """Close the sockets still waiting for receipts (a renewal does not wait)."""
+        for one in self._awaiting:
+            one.close()
+        self._awaiting = []
 
     def sequence(self, now: float) -> tuple[Step, ...] | None:
         """The steps to send at unix time ``now`` (``None``: TOTP steps used up for now)."""

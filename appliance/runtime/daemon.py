@@ -57,7 +57,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import Any, Literal, assert_never
 
 from appliance.capture.bpf import capture_filter
 from appliance.capture.host import HostState, HostWatcher, address_change
@@ -85,6 +85,7 @@ from appliance.core.events import (
     Refused,
     Revoke,
     RunCommand,
+    SendReceipt,
     SequenceReset,
     SequenceTimeout,
     SpaAccepted,
@@ -96,7 +97,7 @@ from appliance.core.events import (
     Vetted,
     WallClock,
 )
-from appliance.core.lifecycle import ServiceEvent
+from appliance.core.lifecycle import RUNNING, ServiceEvent
 from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
@@ -105,8 +106,15 @@ from appliance.runtime.items import Signal, StatusRequest
 from appliance.runtime.logs import configure, flush_noise, log_command
 from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.privsep import PacketChannel, PacketProcessGone, spawn
+from appliance.runtime.receipts import ReceiptSender
 from appliance.runtime.services import ServiceManager
-from appliance.runtime.state import COMPACT_EVERY, Saved, StateStore
+from appliance.runtime.state import (
+    COMPACT_EVERY,
+    Saved,
+    StateStore,
+    load_labelled,
+    save_labelled,
+)
 from appliance.runtime.status import StatusServer
 from appliance.services.discovery import Changed, LabelSource, Listed, Removed
 from appliance.services.launcher import ServiceLauncher
@@ -245,6 +253,8 @@ class Daemon:
         self.engine.restore(*restored.saved, untrusted_before=untrusted)
         self.spa = SpaReader(self.config.doors)
         self.runner = CommandRunner()
+        self.receipts = ReceiptSender()
+        self._granted: tuple[str, str] | None = None  # (door, address) of the last grant made
         self.running = False
         self.sniffer: Sniffer | None = None
         self.watcher: HostWatcher | None = None
@@ -299,10 +309,18 @@ class Daemon:
             try:
                 found = self.labels.labelled()
             except KnockgateError as error:
-                log.warning("labelled containers not listed at start (followed later): %s", error)
+                # Fail closed: the ports the last run closed stay closed until a listing.
+                self._labelled = self._remembered_labelled()
+                log.warning(
+                    "labelled containers not listed at start (followed later; the %d host "
+                    "port(s) the last run gated stay closed meanwhile): %s",
+                    len(self._labelled),
+                    error,
+                )
             else:
                 self.services.discovered(Listed(self.clock(), found))
                 self._labelled = self.services.label_protected
+                self._remember_labelled()
         self.backend.setup(self._plan())
         log.info("firewall: %s rules in place", self.backend.name)
         self.status = StatusServer(self.config.settings.status_socket, self.enqueue)
@@ -585,6 +603,7 @@ class Daemon:
     def _commands(self, commands: list[Command]) -> None:
         """Carry out one event's commands in order: effects by their adapter, notices
         to the log."""
+        self._granted = None  # a receipt follows its grant in the same list
         for command in commands:
             match command:
                 # Notices first, the stages and resets of attempts leading: under a flood
@@ -610,6 +629,8 @@ class Daemon:
                     self.runner.submit(command)
                 case Vet():
                     self._vet(command)
+                case SendReceipt():
+                    self._receipt(command)
                 case ClockStepped():
                     self.stats.clock_steps += 1
                     self._log(command)
@@ -669,10 +690,12 @@ class Daemon:
             return True  # fail closed
 
     def _grant(self, grant: Grant) -> None:
+        self._granted = None
         if self.services is not None:
             self.services.knocked(grant)  # the door's label-gated containers
         door = self.config.door(grant.door)
         if not grant.ports:
+            self._granted = (grant.door, grant.address)
             return  # a door that opens only its labelled containers
         if door is not None and door.service is not None:
             service = self.config.service(door.service)
@@ -680,6 +703,7 @@ class Daemon:
                 log.error("%s: %s: no container runtime, no access", grant.address, grant.door)
                 return
             self.services.request(grant, service.name)
+            self._granted = (grant.door, grant.address)
             return
         seconds = grant.seconds_left(self.clock())
         try:
@@ -690,7 +714,25 @@ class Daemon:
                 "%s: %s: grant failed, door stays closed: %s", grant.address, grant.door, error
             )
             return
+        self._granted = (grant.door, grant.address)
         self._log(grant)
+
+    def _receipt(self, command: SendReceipt) -> None:
+        """The receipt of a grant just made (the engine emits it right after the grant):
+        sent only when that grant was carried out. The service's state is as of now:
+        ``ready`` when the door has no service or its service answers, else ``starting``."""
+        door = self.config.door(command.door)
+        if door is None:
+            return
+        granted, self._granted = self._granted, None
+        if door.open is not None and granted != (command.door, command.address):
+            return  # the grant failed: no receipt (a door without open ports runs commands)
+        state: Literal["starting", "ready"] = "ready"
+        if door.service is not None and self.services is not None:
+            machine = self.services.machines.machines.get(door.service)
+            if machine is None or machine.state not in RUNNING:
+                state = "starting"
+        self.receipts.send(command, door, state, self.engine.wall_offset)
 
     def _revoke(self, revoke: Revoke) -> None:
         door = self.config.door(revoke.door)
@@ -807,6 +849,8 @@ class Daemon:
         (a failure is logged and tried again at the next firewall check)."""
         if self.services is None or self.services.label_protected == self._labelled:
             return
+        if not self.services.listed:
+            return  # nothing listed yet: what the last run gated stays closed
         wanted = self.services.label_protected
         try:
             self.backend.setup(firewall_plan(self.config, wanted))
@@ -819,6 +863,20 @@ class Daemon:
             log.warning("firewall: the labelled containers' ports are set again")
         self._labels_failing = False
         self._labelled = wanted
+        self._remember_labelled()
+
+    def _remember_labelled(self) -> None:
+        try:
+            save_labelled(self.config.settings.state_dir, self._labelled)
+        except OSError as error:
+            log.warning("state: cannot remember the labelled containers' ports: %s", error)
+
+    def _remembered_labelled(self) -> tuple[Step, ...]:
+        try:
+            return load_labelled(self.config.settings.state_dir)
+        except OSError as error:
+            log.warning("state: cannot read the labelled containers' ports: %s", error)
+            return ()
 
     def reload(self) -> None:
         """SIGHUP: validate first; keep the running config when the new one is bad.
@@ -961,6 +1019,8 @@ class Daemon:
                 "held_off": self.stats.held_off,
                 "refused_unrecorded": self.stats.refused_unrecorded,
                 "grant_failures": self.stats.grant_failures,
+                "receipts_sent": self.receipts.stats.sent,
+                "receipt_failures": self.receipts.stats.failed,
                 "firewall_repairs": self.stats.firewall_repairs,
                 "reloads": self.stats.reloads,
                 "reload_failures": self.stats.reload_failures,

@@ -309,6 +309,7 @@ class ServiceManager:
 
     def _relabel(self, now: float) -> None:
         self.plan = plan(tuple(self.facts.values()), self.doors)
+        offset = self.wall() - now  # unix time -> the loop's clock
         out: list[lc.Command] = []
         reported: dict[str, tuple[str, ...]] = {}
         for problem in self.plan.problems:
@@ -330,7 +331,9 @@ class ServiceManager:
                 log.info("%s: %s", name, text)
             running = all(self.facts[m.id].state == "running" for m in unit.members)
             first = unit.members[0].id if unit.members else None
-            out += self.labelled.handle(lc.Observed(now, name, running, first))
+            starts = [s for m in unit.members if (s := self.facts[m.id].started_at) is not None]
+            since = min(starts) - offset if starts else None
+            out += self.labelled.handle(lc.Observed(now, name, running, first, since))
         self.units = units
         self._carry_out(out)
         self._update_direct()

@@ -34,6 +34,8 @@ import stat
 import zlib
 from typing import NamedTuple, TextIO
 
+from appliance.core.model import Step
+
 log = logging.getLogger("knockgate.state")
 
 FILE_NAME = "replay"
@@ -235,3 +237,35 @@ def _sync_directory(directory: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+LABELLED_FILE = "labelled-ports"  # the host ports of label-gated containers, as last set
+
+
+def save_labelled(directory: str, steps: tuple[Step, ...]) -> None:
+    """Remember the labelled containers' protected host ports (``PORT/PROTO`` a line,
+    written by rename), for a next start that cannot list the containers."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, LABELLED_FILE)
+    temporary = path + ".new"
+    with open(temporary, "w", encoding="ascii") as out:
+        out.writelines(f"{step}\n" for step in steps)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def load_labelled(directory: str) -> tuple[Step, ...]:
+    """The ports :func:`save_labelled` wrote (none when there is no file); a line that is
+    not ``PORT/tcp`` or ``PORT/udp`` is skipped (what remains is still kept closed)."""
+    try:
+        with open(os.path.join(directory, LABELLED_FILE), encoding="ascii", errors="replace") as f:
+            lines = f.read(1 << 20).splitlines()
+    except FileNotFoundError:
+        return ()
+    steps: dict[Step, None] = {}
+    for line in lines:
+        port, _, proto = line.strip().partition("/")
+        if port.isdigit() and 0 < int(port) < 65536 and proto in ("tcp", "udp"):
+            steps[Step(int(port), "tcp" if proto == "tcp" else "udp")] = None
+    return tuple(sorted(steps))

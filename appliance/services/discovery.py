@@ -24,6 +24,7 @@ and the events are filtered on their labels here (Docker filters type and action
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from appliance.errors import ContainerError
-from appliance.services.docker_runtime import docker_client
+from appliance.services.docker_runtime import docker_client, started_at
 from appliance.services.labels import DOOR, GROUP, Binding, ContainerFacts, Published
 
 log = logging.getLogger("knockgate.services.discovery")
@@ -133,18 +134,25 @@ def published(attrs: dict[str, Any]) -> tuple[Published, ...]:
     return tuple(sorted(out, key=lambda p: (p.port, p.proto)))
 
 
-def _address(attrs: dict[str, Any]) -> str | None:
-    """The container's address on its (first) network, while it has one."""
+def _addresses(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The container's addresses on all its networks (IPv4 and IPv6), while it has them."""
     settings = attrs.get("NetworkSettings") or {}
     if not isinstance(settings, dict):
-        return None
-    if settings.get("IPAddress"):
-        return str(settings["IPAddress"])
+        return ()
+    found: dict[str, None] = {}
+    places = [settings]
     networks = settings.get("Networks") or {}
-    for network in networks.values() if isinstance(networks, dict) else ():
-        if isinstance(network, dict) and network.get("IPAddress"):
-            return str(network["IPAddress"])
-    return None
+    if isinstance(networks, dict):
+        places += [network for network in networks.values() if isinstance(network, dict)]
+    for place in places:
+        for key in ("IPAddress", "GlobalIPv6Address"):
+            text = place.get(key)
+            if isinstance(text, str) and text:
+                try:
+                    found[str(ipaddress.ip_address(text))] = None
+                except ValueError:
+                    continue  # not an address: nothing to gate there
+    return tuple(found)
 
 
 def facts_of(attrs: dict[str, Any]) -> ContainerFacts:
@@ -156,7 +164,8 @@ def facts_of(attrs: dict[str, Any]) -> ContainerFacts:
         state=str((attrs.get("State") or {}).get("Status", "missing")),
         labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
         published=published(attrs),
-        address=_address(attrs),
+        addresses=_addresses(attrs),
+        started_at=started_at(attrs),
     )
 
 

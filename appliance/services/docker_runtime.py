@@ -41,7 +41,7 @@ def _address(attrs: dict[str, Any]) -> str | None:
     return None
 
 
-def _started_at(attrs: dict[str, Any]) -> float | None:
+def started_at(attrs: dict[str, Any]) -> float | None:
     """``State.StartedAt`` ("2026-12-01T10:20:30.123456789Z") as unix time, while the
     container runs or is paused (``None`` otherwise, or when it cannot be read)."""
     state = attrs.get("State", {})
@@ -140,7 +140,7 @@ class DockerRuntime:
             address=_address(attrs),
             labels=labels,
             health=health,
-            started_at=_started_at(attrs),
+            started_at=started_at(attrs),
             inner=_inner(attrs),
         )
 

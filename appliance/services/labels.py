@@ -138,7 +138,10 @@ class ContainerFacts:
     state: str
     labels: tuple[tuple[str, str], ...] = ()
     published: tuple[Published, ...] = ()
-    address: str | None = None  # its address on its network, while it has one
+    # Its addresses on every network it is on (IPv4 and IPv6), while it has them: each is
+    # gated, so no network is a way around the knock.
+    addresses: tuple[str, ...] = ()
+    started_at: float | None = None  # when it last started (unix time), while it runs
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -511,17 +514,22 @@ def plan(facts: Collection[ContainerFacts], doors: Mapping[str, bool]) -> LabelP
     for f in facts:
         if f.id in problems:
             protected.update(dict.fromkeys(host_steps(f.published)))
-            if f.address is not None:
-                direct.update(
-                    dict.fromkeys((f.address, Step(p.port, p.proto)) for p in f.published)
+            direct.update(
+                dict.fromkeys(
+                    (where, Step(p.port, p.proto)) for where in f.addresses for p in f.published
                 )
-    address = {f.id: f.address for f in facts}
+            )
+    addresses = {f.id: f.addresses for f in facts}
     for unit in units:
         for m in unit.gated:
             protected.update(dict.fromkeys(host_steps(m.ports)))
-            where = address.get(m.id)
-            if where is not None:
-                direct.update(dict.fromkeys((where, Step(p.port, p.proto)) for p in m.ports))
+            direct.update(
+                dict.fromkeys(
+                    (where, Step(p.port, p.proto))
+                    for where in addresses.get(m.id, ())
+                    for p in m.ports
+                )
+            )
     return LabelPlan(
         units=tuple(units),
         problems=tuple(

@@ -18,6 +18,7 @@ broken launcher cannot crash the monitor either).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -209,7 +210,30 @@ def facts_json(f: ContainerFacts) -> dict[str, Any]:
             }
             for p in f.published
         ],
+        "addresses": list(f.addresses),
+        "started_at": f.started_at,
     }
+
+
+def _address(value: object) -> str:
+    """One address exactly as :mod:`ipaddress` prints it (no scope id, no other spelling)."""
+    if not isinstance(value, str) or "%" in value:
+        raise Invalid(f"address: {_shown(value)}")
+    try:
+        canonical = str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid(f"address: {_shown(value)}") from None
+    if canonical != value:
+        raise Invalid(f"address: {_shown(value)}")
+    return value
+
+
+def _when(value: object, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise Invalid(f"{what}: {_shown(value)}")
+    return float(value)
 
 
 def _pairs(value: object, what: str) -> list[list[Any]]:
@@ -245,7 +269,15 @@ def facts_from(value: object) -> ContainerFacts:
         state=_text(data, "state"),
         labels=tuple((k, v) for k, v in labels),
         published=tuple(published),
+        addresses=tuple(_address(a) for a in _list(data.get("addresses", []), "addresses")),
+        started_at=_when(data.get("started_at"), "started_at"),
     )
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) > 64:
+        raise Invalid(f"{what}: expected a short list")
+    return value
 
 
 def death_json(d: Death) -> dict[str, Any]:

@@ -11,6 +11,9 @@ bridge (198.18.90.0/24).
 3. once the grant has expired and nobody connects, the group is stopped (idle_timeout),
    in reverse order.
 
+Twice: with the daemon reaching Docker itself, and as in the appliance, only through
+``knockgate launcher`` (the containers' facts, addresses included, cross its socket).
+
 Run under ``flock /tmp/kg-testbed.lock`` with a Docker engine from
 ``eval "$(testbed/setup-docker.sh)"``, as root. Everything is named kg-lbl*: the Compose
 project, its network and bridge, the daemon's files; all removed afterwards (``compose
@@ -117,7 +120,9 @@ class Bed:
     project: str
     group: str
     files: Path
+    through_launcher: bool = False
     daemon: subprocess.Popen[bytes] | None = None
+    launcher: subprocess.Popen[bytes] | None = None
 
     @property
     def compose(self) -> list[str]:
@@ -167,28 +172,40 @@ class Bed:
 
 
 def start_daemon(bed: Bed) -> None:
+    """The daemon reaching Docker itself, or (as in the appliance) only through
+    ``knockgate launcher``."""
     config = bed.files / "knockgate.yaml"
     config.write_text(CONFIG)
     handle = (bed.files / "daemon.log").open("wb")
+    through: list[str] = []
+    if bed.through_launcher:
+        sock = str(bed.files / "launcher.sock")
+        bed.launcher = subprocess.Popen(
+            [KNOCKGATE, "launcher", "--config", str(config), "--socket", sock],
+            stdout=handle, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for("the launcher listens", lambda: os.path.exists(sock), 10)
+        through = ["--launcher", sock]
     bed.daemon = subprocess.Popen(
         [KNOCKGATE, "run", "--config", str(config), "--status-socket", bed.socket,
-         "--state-dir", str(bed.files / "state"), "--i-know"],
+         "--state-dir", str(bed.files / "state"), "--i-know", *through],
         stdout=handle, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
 def stop_daemon(bed: Bed) -> None:
-    if bed.daemon is not None and bed.daemon.poll() is None:
-        bed.daemon.send_signal(signal.SIGTERM)
-        try:
-            bed.daemon.wait(15)
-        except subprocess.TimeoutExpired:
-            bed.daemon.kill()
-            bed.daemon.wait(5)
+    for proc in (bed.daemon, bed.launcher):
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
+@pytest.fixture(params=["docker-in-process", "through-launcher"])
+def bed(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Bed]:
     require(os.geteuid() == 0, "needs root (Docker engine, host nftables)")
     require(engine_answers() and compose_v2(), "needs Docker and Compose v2 (setup-docker.sh)")
     for image in (WEB_IMAGE, CLIENT_IMAGE):
@@ -197,7 +214,7 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
     require(run(["nft", "list", "table", "inet", "knockgate"], check=False).returncode != 0,
             "the host's knockgate table is in use (another appliance runs)")  # fmt: skip
     tag = uuid.uuid4().hex[:8]
-    bed = Bed(f"kg-lbl-{tag}", f"kglbl-{tag}", tmp_path)
+    bed = Bed(f"kg-lbl-{tag}", f"kglbl-{tag}", tmp_path, request.param == "through-launcher")
     (tmp_path / "compose.yaml").write_text(compose_file(bed.group))
     try:
         docker(*bed.compose, "up", "-d", "--no-build", "--pull", "never", timeout=300)

@@ -764,7 +764,7 @@ def test_labelled_containers_are_closed_and_opened_by_their_door(tmp_path: Path)
         "running",
         (("knockgate.door", "web"),),
         (Published(80, "tcp", (Binding("", 8080),)),),
-        "198.18.9.2",
+        ("198.18.9.2",),
     )
     try:
         daemon._item(Listed(clock(), (facts,)))
@@ -824,3 +824,62 @@ def test_labelled_ports_are_closed_by_the_first_setup(tmp_path: Path) -> None:
         assert backend.calls.count("setup") == 1
     finally:
         daemon.shutdown()
+
+
+def test_a_start_that_cannot_list_keeps_the_last_runs_labelled_ports_closed(
+    tmp_path: Path,
+) -> None:
+    """Regression: when Docker (or the launcher) did not answer at start, the first setup
+    left out the labelled containers' ports, opening them until discovery caught up."""
+    from appliance.errors import ContainerError
+    from appliance.services.discovery import EventStream, Listed
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.labels import Binding, ContainerFacts, Published
+    from appliance.services.launcher import ServiceLauncher
+
+    app = ContainerFacts(
+        "c1", "app-1", "running", (("knockgate.door", "web"),),
+        (Published(80, "tcp", (Binding("", 8080),)),),
+    )  # fmt: skip
+
+    class Source:
+        answers = True
+
+        def labelled(self) -> tuple[ContainerFacts, ...]:
+            if not self.answers:
+                raise ContainerError("docker: the launcher does not answer")
+            return (app,)
+
+        def inspect(self, ident: str) -> ContainerFacts | None:
+            return None
+
+        def events(self) -> EventStream:
+            raise ContainerError("no events in this test")
+
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path / 's.sock'}\nstate_dir: {tmp_path / 'state'}\n"
+        "doors:\n  web:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+        "    open: {duration: 30}\n"
+    )
+    source = Source()
+    for answers in (True, False):
+        source.answers = answers
+        clock = Clock()
+        backend = MemoryBackend(clock)
+        launcher = ServiceLauncher(FakeRuntime(), (), "o1", clock=clock)
+        daemon = Daemon(
+            load_config(str(path)), backend, clock=clock, wall=clock, capture=False,
+            launcher=launcher, labels=source,
+        )  # fmt: skip
+        daemon.start()
+        try:
+            assert backend.plan is not None and Step(8080, "tcp") in backend.plan.protected
+            if not answers:
+                daemon._upkeep()  # the firewall check: nothing listed, nothing changes
+                daemon._check_firewall()
+                assert Step(8080, "tcp") in backend.plan.protected
+                daemon._item(Listed(clock(), ()))  # listed at last: nothing labelled now
+                assert Step(8080, "tcp") not in backend.plan.protected
+        finally:
+            daemon.shutdown()

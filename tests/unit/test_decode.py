@@ -56,9 +56,9 @@ ROUTERS = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
 SYN4 = Packet(TS, SRC4, DST4, TCP_PROTO, 7000, 0x02)
-UDP4 = Packet(TS, SRC4, DST4, UDP_PROTO, 8000, 0)
+UDP4 = Packet(TS, SRC4, DST4, UDP_PROTO, 8000, 0, sport=40000)  # udp() sends from 40000
 SYN6 = Packet(TS, SRC6, DST6, TCP_PROTO, 7000, 0x02)
-UDP6 = Packet(TS, SRC6, DST6, UDP_PROTO, 8000, 0)
+UDP6 = Packet(TS, SRC6, DST6, UDP_PROTO, 8000, 0, sport=40000)
 
 
 def b(pkt: Any) -> bytes:
@@ -154,7 +154,8 @@ def test_ipv4_fragments_only_the_first_decodes() -> None:
     decoded = [decode_ethernet(b(ETH / f), TS) for f in frags]
     assert decoded[1:] == [None, None]
     first = decoded[0]
-    assert first is not None and first._replace(payload=b"") == UDP4
+    assert first is not None and first._replace(payload=b"", sport=40000) == UDP4
+    assert first.sport == 1
     assert first.payload == b"x" * len(first.payload)  # what the first fragment carries
 
 
@@ -260,7 +261,7 @@ def test_ethernet_ipv6_tcp_and_udp() -> None:
 def test_ipv6_addresses_are_what_ipaddress_prints(address: str) -> None:
     canonical = str(ipaddress.IPv6Address(address))
     pkt = decode_ethernet(b(ETH / IPv6(src=address, dst=address) / udp()), TS)
-    assert pkt == Packet(TS, canonical, canonical, UDP_PROTO, 8000, 0)
+    assert pkt == Packet(TS, canonical, canonical, UDP_PROTO, 8000, 0, sport=40000)
 
 
 @given(st.binary(min_size=16, max_size=16), st.binary(min_size=4, max_size=4))
@@ -569,6 +570,7 @@ def test_agrees_with_scapy(
         TCP_PROTO if tcp else UDP_PROTO,
         layer.dport,
         int(layer.flags) if tcp else 0,
+        sport=0 if tcp else layer.sport,
     )
     assert decoded is not None and decoded.src == src
 

@@ -349,3 +349,21 @@ def test_any_event_gives_nothing_or_a_typed_event(event: Any) -> None:
     assert found.action in ("create", "start", "die", "destroy") and found.id
     discovery = Discovery(lambda e: None, DockerLabelSource(Client(docker)), clock=lambda: 1.0)
     assert isinstance(discovery._change(found), Changed | Removed)
+
+
+def test_facts_carry_every_network_address_and_the_start_time() -> None:
+    attrs = inspect("a", {"knockgate.door": "web"})
+    attrs["State"] = {"Status": "running", "Running": True, "StartedAt": "2026-12-04T10:00:00.5Z"}
+    attrs["NetworkSettings"] = {
+        "IPAddress": "",
+        "Networks": {
+            "front": {"IPAddress": "198.18.7.2", "GlobalIPv6Address": "2001:2:0::7"},
+            "back": {"IPAddress": "198.18.8.2", "GlobalIPv6Address": ""},
+            "odd": {"IPAddress": "not an address"},
+        },
+    }
+    facts = facts_of(attrs)
+    assert facts.addresses == ("198.18.7.2", "2001:2::7", "198.18.8.2")
+    assert facts.started_at == 1796378400.5
+    stopped = facts_of(inspect("b", {"knockgate.door": "web"}, status="exited"))
+    assert stopped.addresses == () and stopped.started_at is None

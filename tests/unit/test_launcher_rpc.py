@@ -35,6 +35,7 @@ from appliance.services.remote import RemoteRuntime
 from appliance.services.rpc import (
     MAX_REQUEST,
     SHAPES,
+    Invalid,
     container_from,
     container_json,
     facts_from,
@@ -266,9 +267,29 @@ def test_the_types_survive_the_wire() -> None:
     container.started_at = 1.5
     assert container_from(json.loads(json.dumps(container_json(container)))) == container
     facts = ContainerFacts(
-        "i", "n", "running", (("a", "b"),), (Published(80, "tcp", (Binding("", 8080),)),)
+        "i",
+        "n",
+        "running",
+        (("a", "b"),),
+        (Published(80, "tcp", (Binding("", 8080),)),),
+        addresses=("198.18.7.2", "2001:2::7"),
+        started_at=1764840000.25,
     )
+    # Regression: the addresses were left out, so in the appliance no labelled
+    # container's own address was gated.
     assert facts_from(json.loads(json.dumps(facts_json(facts)))) == facts
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["fe80::1%eth0", "fe80::1%x\nforged log line", "198.018.7.2", "2001:0002::7", "", 7, None],
+)
+def test_an_address_not_in_canonical_form_is_refused_on_the_wire(address: object) -> None:
+    facts = ContainerFacts("i", "n", "running", addresses=("198.18.7.2",))
+    data = json.loads(json.dumps(facts_json(facts)))
+    data["addresses"] = [address]
+    with pytest.raises(Invalid):
+        facts_from(data)
 
 
 def test_the_catalogue_is_read_without_the_doors(tmp_path: Path) -> None:

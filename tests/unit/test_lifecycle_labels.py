@@ -148,7 +148,7 @@ def facts(
         str(more.get("state", "running")),
         tuple(sorted(labels.items())),
         published,
-        more.get("address", f"198.18.7.{len(ident)}"),  # type: ignore[arg-type]
+        more.get("addresses", (f"198.18.7.{len(ident)}",)),  # type: ignore[arg-type]
     )
 
 
@@ -200,3 +200,28 @@ def test_a_missing_door_is_a_problem_and_stays_closed() -> None:
 def test_host_steps_leave_out_ephemeral_bindings() -> None:
     ports = (Published(80, "tcp", (Binding("", 0), Binding("127.0.0.1", 8080))),)
     assert host_steps(ports) == (WEB,)
+
+
+def test_every_network_address_of_a_gated_container_is_gated() -> None:
+    two = facts(
+        "app",
+        {"knockgate.door": "web"},
+        addresses=("198.18.7.9", "198.18.8.9", "2001:2::9"),
+    )
+    found = plan((two,), {"web": True})
+    assert set(found.direct) == {
+        ("198.18.7.9", Step(80, "tcp")),
+        ("198.18.8.9", Step(80, "tcp")),
+        ("2001:2::9", Step(80, "tcp")),
+    }
+
+
+def test_max_lifetime_counts_from_the_containers_real_start_when_taken_over() -> None:
+    """Regression: a unit found running (e.g. after a restart of knockgate) was given a
+    fresh max_lifetime from the moment it was seen."""
+    machines = units(policy(managed=True, max_lifetime=100.0, idle_timeout=1000.0))
+    name = "container web-1"
+    machines.handle(lc.Observed(500.0, name, True, "id1", since=450.0))
+    machines.handle(lc.ConnectionsSeen(501.0, name, 1))
+    assert machines.handle(lc.Tick(549.0)) == []
+    assert machines.handle(lc.Tick(551.0)) == [lc.Stop(name, "max_lifetime reached")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -147,4 +148,32 @@ def test_a_failed_socket_record_names_the_key_and_errno() -> None:
     assert batch.failed == [(7, 104)]
     impossible = struct.pack("!BIH", records.FAILED, 7, 0)
     assert reader.read(message(impossible), 1.0).failed == []
+    assert reader.malformed == 1
+
+
+def test_an_spa_knock_carries_where_its_receipt_goes() -> None:
+    knock = KNOCK._replace(dst="198.18.0.1", sport=40123)
+    (event,) = RecordReader(USERS).read(message(records.encode_spa(knock)), 5.0).events
+    assert isinstance(event, SpaKnock)
+    assert (event.dst, event.sport) == ("198.18.0.1", 40123)
+
+
+def test_the_old_spa_record_still_reads_without_a_reply_path() -> None:
+    data = records.encode_spa(KNOCK)
+    kind, length = struct.unpack_from("!BH", data)
+    assert kind == records.SPA_FROM
+    # The same knock as an SPA record: its body without the dst text and source port.
+    body = data[3 : 3 + length - 3]
+    old = struct.pack("!BH", records.SPA, len(body)) + body
+    (event,) = RecordReader(USERS).read(message(old), 5.0).events
+    assert event == KNOCK._replace(ts=5.0)
+
+
+@pytest.mark.parametrize(
+    "dst", ["2001:2::1", "not an address", "198.18.0.1\n"], ids=["family", "text", "junk"]
+)
+def test_an_spa_reply_path_that_is_not_an_address_of_its_family_is_malformed(dst: str) -> None:
+    reader = RecordReader(USERS)
+    knock = KNOCK._replace(dst=dst, sport=1)
+    assert reader.read(message(records.encode_spa(knock)), 1.0).events == []
     assert reader.malformed == 1

@@ -38,7 +38,7 @@ def listening() -> Iterator[int]:
 def facts(ident: str, labels: dict[str, str], port: int, state: str = "exited") -> ContainerFacts:
     published = (Published(port, "tcp", (Binding("", 8080),)),) if port else ()
     return ContainerFacts(
-        ident, f"kg-{ident}", state, tuple(sorted(labels.items())), published, "127.0.0.1"
+        ident, f"kg-{ident}", state, tuple(sorted(labels.items())), published, ("127.0.0.1",)
     )
 
 
