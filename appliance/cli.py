@@ -14,8 +14,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from appliance import __version__
 from appliance.client import (
@@ -35,6 +35,10 @@ from appliance.errors import ConfigError, KnockError, KnockgateError
 from appliance.knocker.wait import DEFAULT_TIMEOUT, STATUS_TIMED_OUT, PortStayedClosed
 from appliance.logformat import clock, describe, json_line
 from appliance.simulate import Summary, packets, replay
+
+if TYPE_CHECKING:
+    from appliance.config.schema import Settings
+    from appliance.runtime.account import Account
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="USER",
         help="the packet process's user (default: knockgate-packet if it exists, else nobody)",
     )
+    run.add_argument(
+        "--user",
+        metavar="NAME",
+        help="once the packet process runs, become NAME (not root) keeping only "
+        "CAP_NET_ADMIN, CAP_NET_RAW and CAP_KILL (the appliance: knockgate); without it "
+        "the daemon stays uid 0 with those capabilities (weaker)",
+    )
     # The packet process, started by `run` (privilege separation); not for people.
     packet = commands.add_parser("packet")
     packet.add_argument("--fd", type=int, required=True)
@@ -102,11 +113,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     launcher.add_argument("--config", required=True, metavar="FILE", help="its catalogue")
     launcher.add_argument("--socket", required=True, metavar="PATH", help="the socket to serve")
+    launcher.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="a user allowed to connect besides root and its own (knockgate run --user)",
+    )
 
     status = commands.add_parser("status", help="ask the running daemon for its state")
     status.add_argument("--config", metavar="FILE", help="take the socket path from this config")
     status.add_argument("--socket", metavar="PATH", help="the daemon's status socket")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    events = commands.add_parser(
+        "events", help="the running daemon's recent decisions (opened, closed, refused, ...)"
+    )
+    events.add_argument("--config", metavar="FILE", help="take the socket path from this config")
+    events.add_argument("--socket", metavar="PATH", help="the daemon's status socket")
+    events.add_argument("--follow", "-f", action="store_true", help="then print new ones live")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument(
+        "--last", type=int, default=1000, metavar="N", help="recent events first (default 1000)"
+    )
 
     init = commands.add_parser(
         "init", help="write a first configuration with a random knock, unless one exists"
@@ -381,13 +410,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.state_dir,
                 args.packet_user,
                 args.launcher,
+                args.user,
             )
         if args.command == "launcher":
-            return _launcher(args.config, args.socket)
+            return _launcher(args.config, args.socket, args.peer)
         if args.command == "packet":
             return _packet(args.fd, args.user)
         if args.command == "status":
             return _status(args.config, args.socket, args.json)
+        if args.command == "events":
+            return _events(args.config, args.socket, args.follow, args.json, args.last)
         if args.command == "teardown":
             return _teardown(args.config)
         if args.command == "init":
@@ -796,13 +828,21 @@ def _keygen(totp: bool) -> int:
     return 0
 
 
-def _launcher(config: str, socket_path: str) -> int:
+def _launcher(config: str, socket_path: str, peers: Sequence[str] = ()) -> int:
+    import pwd
+
     from appliance.config.schema import LogSettings
     from appliance.runtime.logs import configure
     from appliance.services.broker import serve
 
+    uids = []
+    for name in peers:
+        try:
+            uids.append(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            raise KnockgateError(f"--peer {name}: no such user") from None
     configure(LogSettings())
-    return serve(config, socket_path)
+    return serve(config, socket_path, uids)
 
 
 def _packet(fd: int, user: str | None) -> int:
@@ -823,6 +863,7 @@ def _run(
     state_dir: str | None,
     packet_user: str | None = None,
     launcher_socket: str | None = None,
+    user: str | None = None,
 ) -> int:
     import os
     import signal
@@ -842,6 +883,13 @@ def _run(
     loaded = overrides.apply(load_config(path))
     # Before anything is touched (log, firewall, state, socket): what check refuses.
     preflight(loaded, overridden=command_line(status_socket=status_socket, state_dir=state_dir))
+    from appliance.runtime.account import account
+
+    monitor: Account | None = None
+    if user is not None:
+        if os.geteuid() != 0:
+            raise KnockgateError(f"--user {user}: only root can become another user")
+        monitor = account(user)  # a clear error now, before anything is touched
     settings = loaded.config.settings
     configure(settings.log)
     log = logging.getLogger("knockgate")
@@ -870,7 +918,6 @@ def _run(
 
     import functools
 
-    from appliance.runtime import caps
     from appliance.runtime.privsep import packet_user as find_packet_user
     from appliance.runtime.privsep import spawn
     from appliance.services.discovery import DockerLabelSource, LabelSource
@@ -895,8 +942,7 @@ def _run(
         overrides=overrides,
         labels=labels,
         packets=functools.partial(spawn, packet_user),
-        # Root keeps only NET_ADMIN and NET_RAW once the packet process runs.
-        confine=functools.partial(caps.keep_only, caps.NETWORK) if os.geteuid() == 0 else None,
+        confine=_confinement(monitor, settings),
     )
     daemon.install_signal_handlers()
     if early_hup:
@@ -912,6 +958,49 @@ def _run(
             with contextlib.suppress(OSError):
                 os.unlink(settings.pid_file)
     return daemon.exit_status
+
+
+def _confinement(monitor: Account | None, settings: Settings) -> Callable[[], None] | None:
+    """What ``run`` does once the packet process runs: become ``monitor`` (--user) with
+    NET_ADMIN, NET_RAW and KILL; as root without it, stay uid 0 with only those."""
+    import functools
+    import os
+
+    from appliance.runtime import account, caps
+
+    if monitor is not None:
+        return functools.partial(account.become, monitor, settings)
+    if os.geteuid() == 0:
+        return functools.partial(caps.keep_only, caps.MONITOR)
+    return None
+
+
+def _events(
+    config: str | None, socket_path: str | None, follow: bool, as_json: bool, last: int
+) -> int:
+    from appliance.config.schema import DEFAULT_STATUS_SOCKET
+    from appliance.runtime.events_log import EventRecord
+    from appliance.runtime.status import events
+
+    if socket_path is None:
+        socket_path = (
+            load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
+        )
+    if last < 0:
+        raise KnockgateError("events --last: expected 0 or more")
+    try:
+        for record in events(socket_path, follow=follow, history=last):
+            if as_json:
+                print(json.dumps(record), flush=True)
+            else:
+                print(EventRecord.from_dict(record).text(), flush=True)
+            if record.get("kind") == "dropped":
+                return 1
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `knockgate events | head`
+        return 0
+    return 0
 
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
@@ -986,6 +1075,9 @@ def _init(path: str) -> int:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     text = initial_config(os.path.join(os.path.dirname(path) or ".", "ssh-keys"))
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    from appliance.provision.modes import share_with_group
+
+    share_with_group(descriptor, os.path.dirname(path) or ".")  # the directory's config group
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
     door = load_config(path).config.door("ssh")

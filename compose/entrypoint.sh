@@ -8,7 +8,8 @@
 # one) and prints how to knock; then it runs supervisord (which runs compose/knockgate-serve,
 # then `knockgate run`) as a child, and stays to translate Docker's signals:
 #
-#   SIGHUP           `supervisorctl signal HUP knockgate`: knockgate re-reads its config in
+#   SIGHUP           `supervisorctl signal HUP launcher` (it reads its catalogue again), then
+#                    `supervisorctl signal HUP knockgate`: knockgate re-reads its config in
 #                    place (same pid, services and grants untouched), once supervisord calls
 #                    it RUNNING. supervisord itself must not get it: on SIGHUP it reloads and
 #                    restarts every program.
@@ -23,8 +24,7 @@ say() { echo "knockgate-entrypoint: $*"; }
 
 # Only the launcher (supervisord program `launcher`, user knockgate-launcher) reaches Docker:
 # compose mounts the socket in a directory of its own, made 0700 and the launcher's below, so
-# the monitor (uid 0 without CAP_DAC_OVERRIDE once it dropped its capabilities) cannot even
-# look into it. An older compose file mounts it at /var/run/docker.sock: that still works,
+# the monitor (user knockgate once it started the packet process) cannot even look into it. An older compose file mounts it at /var/run/docker.sock: that still works,
 # with a warning (the socket is root's there: the monitor could reach Docker).
 DOCKER_DIR=/run/knockgate-docker
 LAUNCHER_DIR=/run/knockgate-launcher
@@ -44,8 +44,10 @@ if [ "$#" -gt 0 ]; then
     exec knockgate "$@"
 fi
 
-# The launcher's user gets the Docker socket's group (whatever gid the host gave it), its
-# directory, and read access to the config (its catalogue; created 0600 by init below).
+# The launcher (user knockgate-launcher) gets the Docker socket's gid (whatever the host
+# gave it) and knockgate-config as its groups through supervisord's command (setpriv
+# --groups=@LAUNCHER_GROUPS@): nothing in /etc changes at run time (the image is read-only).
+launcher_groups=knockgate-config
 prepare_launcher() {
     socket=${DOCKER_HOST#unix://}
     if [ -S "$socket" ]; then
@@ -55,12 +57,7 @@ prepare_launcher() {
             say "error: the Docker socket's group (gid $gid) is a group of the packet process's user knockgate-packet ($(id knockgate-packet)): refusing to start; give the socket another group on the host"
             exit 1
         fi
-        group=$(getent group "$gid" | cut -d: -f1)
-        if [ -z "$group" ]; then
-            groupadd --gid "$gid" knockgate-docker
-            group=knockgate-docker
-        fi
-        usermod --append --groups "$group" knockgate-launcher
+        launcher_groups="$gid,knockgate-config"
     else
         say "no Docker socket at $socket: service containers cannot be started (mount it at $DOCKER_DIR/docker.sock)"
     fi
@@ -71,11 +68,27 @@ prepare_launcher() {
     if [ "${legacy_socket:-}" = yes ]; then
         say "warning: the Docker socket is mounted at /var/run/docker.sock (an older compose file): the monitor can reach Docker too; mount it at $DOCKER_DIR/docker.sock (README: Operating the appliance)"
     fi
-    # root (by owning it) and the launcher's group only: the monitor connects, nobody else.
+    # The launcher's, searchable by the monitor's group (knockgate) only: the monitor
+    # connects (the launcher lets root and knockgate in), nobody else.
     mkdir -p "$LAUNCHER_DIR"
-    chown root:knockgate-launcher "$LAUNCHER_DIR"
-    chmod 0770 "$LAUNCHER_DIR"
+    chown knockgate-launcher:knockgate "$LAUNCHER_DIR"
+    chmod 0750 "$LAUNCHER_DIR"
 }
+
+# The monitor (knockgate run --user knockgate) and the launcher read the configuration
+# through the group knockgate-config: every file of /etc/knockgate gets it with group read,
+# and nobody but root may write them (ssh-keys, the ssh service's own volume, is left as it
+# is). New files (init, config apply, user add) take the group from the directory.
+CONFIG_DIR=$(dirname "$KNOCKGATE_CONFIG")
+share_config() {
+    { chgrp knockgate-config "$CONFIG_DIR" && chmod g+rx,g-w,o-w "$CONFIG_DIR"; } 2>/dev/null || true
+    find "$CONFIG_DIR" -mindepth 1 -path "$CONFIG_DIR/ssh-keys" -prune -o \
+        \( -type f -o -type d \) -exec sh -c 'chgrp knockgate-config "$1" && chmod g+rX,g-w,o-w "$1"' _ {} \; \
+        2>/dev/null || true
+    as_monitor test -r "$KNOCKGATE_CONFIG" 2>/dev/null \
+        || say "warning: the monitor (user knockgate) cannot read $KNOCKGATE_CONFIG: it will not reload (make it readable by group knockgate-config)"
+}
+as_monitor() { setpriv --reuid=knockgate --regid=knockgate --init-groups "$@"; }
 
 # supervisord's control socket takes a password, new at every start (supervisord logs a
 # CRIT line for a socket without one): the config with it is readable by root only.
@@ -108,6 +121,10 @@ reload() {
         tries=$((tries + 1))
         now=$(state)
     done
+    # The launcher first: it reads its catalogue again before knockgate asks for a service
+    # the new configuration defines.
+    timeout 10 supervisorctl -c "$CONF" signal HUP launcher >/dev/null 2>&1 \
+        || say "SIGHUP: could not signal the launcher: its catalogue is the previous one"
     if [ "$now" != RUNNING ]; then
         say "SIGHUP: knockgate is not running (${now:-supervisord does not answer}): nothing reloaded"
     elif ! timeout 10 supervisorctl -c "$CONF" signal HUP knockgate; then
@@ -118,18 +135,13 @@ trap stop TERM INT
 trap 'say "SIGHUP before knockgate runs: ignored"' HUP
 
 mkdir -p /etc/knockgate/ssh-keys
+{ chgrp knockgate-config "$CONFIG_DIR" && chmod g+rx,g-w,o-w "$CONFIG_DIR"; } 2>/dev/null || true
 # An existing config that is broken is reported here and waited for (knockgate-serve): the
 # container starts anyway, so that it does not restart in a loop.
 knockgate init --config "$KNOCKGATE_CONFIG" || say "$KNOCKGATE_CONFIG is not valid (above)"
+share_config
 prepare_launcher
-as_launcher() { setpriv --reuid=knockgate-launcher --regid=knockgate-launcher --init-groups "$@"; }
-# The launcher reads the catalogue (services:) from the config: the file init made 0600 gets
-# the launcher's group (a bind-mounted file it can read already is left as it is).
-if ! as_launcher test -r "$KNOCKGATE_CONFIG" 2>/dev/null; then
-    { chgrp knockgate-launcher "$KNOCKGATE_CONFIG" && chmod g+r "$KNOCKGATE_CONFIG"; } 2>/dev/null || true
-    as_launcher test -r "$KNOCKGATE_CONFIG" 2>/dev/null \
-        || say "warning: the launcher (user knockgate-launcher) cannot read $KNOCKGATE_CONFIG: catalogue services cannot be created"
-fi
+sed -i "s/@LAUNCHER_GROUPS@/$launcher_groups/" "$CONF"
 
 supervisord -n -c "$CONF" &
 supervisord_pid=$!

@@ -40,6 +40,7 @@ import logging
 import os
 import pickle
 import selectors
+import signal
 import socket
 import time
 from typing import Any
@@ -339,6 +340,10 @@ def confine(control: socket.socket, uid: int | None, gid: int | None) -> None:
 def main(fd: int, uid: int | None, gid: int | None) -> int:
     """The packet process: drop privileges and confine itself, then serve the monitor
     until it goes. A failure to start goes to the monitor as a LOG record (exit 2)."""
+    # It ends when the monitor closes the socket (or kills it): a SIGTERM or SIGINT for the
+    # whole group (supervisord's stopasgroup, Ctrl-C) must not end it before the monitor.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=fd)
     try:
         _warm_up()

@@ -87,6 +87,18 @@ DEFAULT_STATE_DIR = "/var/lib/knockgate"
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Where the Prometheus endpoint listens: ``unix_path`` (a Unix socket) or
+    ``host``:``port``; ``listen`` is the setting as written. Off when absent."""
+
+    listen: str
+    unix_path: str | None = None
+    host: str = ""
+    port: int = 0
+    allow_remote: bool = False  # a non-loopback address was accepted explicitly
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     interfaces: tuple[str, ...] = ()
     log: LogSettings = field(default_factory=LogSettings)
@@ -96,6 +108,7 @@ class Settings:
     on_shutdown: Literal["keep", "revoke"] = "keep"
     status_socket: str = DEFAULT_STATUS_SOCKET
     state_dir: str = DEFAULT_STATE_DIR  # the SPA replay cache and used TOTP steps
+    metrics: MetricsSettings | None = None  # the Prometheus endpoint (off when None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from yaml.nodes import MappingNode, Node
 
 from appliance.config.lint import lint_scan, lint_seq_timeout, lint_sequence
+from appliance.config.listen import is_remote, parse_listen
 from appliance.config.onetime import read_one_time_file
 from appliance.config.problems import Problems
 from appliance.config.schema import (
@@ -45,6 +46,7 @@ from appliance.config.schema import (
     Config,
     FirewallSettings,
     LogSettings,
+    MetricsSettings,
     Readiness,
     ScanPolicy,
     Service,
@@ -104,6 +106,7 @@ TOP_KEYS = (
     "on_shutdown",
     "status_socket",
     "state_dir",
+    "metrics",
     "services",
     "doors",
 )
@@ -127,6 +130,7 @@ DOOR_SERVICE_KEYS = ("name", "duration")
 FIREWALL_KEYS = ("backend", "always_allow", "scan")
 SCAN_KEYS = ("ports", "window", "hold")
 LOG_KEYS = ("file", "syslog", "format", "level")
+METRICS_KEYS = ("listen", "allow_remote")
 DOOR_KEYS = (
     "knock",
     "open",
@@ -235,7 +239,32 @@ def _settings(top: _Map) -> Settings:
         else "keep",
         status_socket=top.get("status_socket", _string) or DEFAULT_STATUS_SOCKET,
         state_dir=top.get("state_dir", _string) or DEFAULT_STATE_DIR,
+        metrics=_metrics(top),
     )
+
+
+def _metrics(top: _Map) -> MetricsSettings | None:
+    """``metrics: {listen: unix:/PATH | 127.0.0.1:PORT, allow_remote: false}``."""
+    spec = top.mapping("metrics", METRICS_KEYS)
+    if spec is None:
+        return None
+    if "listen" not in spec.items:
+        top.problems.error(
+            spec.line, spec.key("listen"), "missing (expected unix:/PATH or 127.0.0.1:PORT)"
+        )
+        return None
+    allow_remote = bool(spec.get("allow_remote", parse_bool))
+    settings: MetricsSettings | None = spec.get(
+        "listen", lambda value: parse_listen(value, allow_remote)
+    )
+    if settings is not None and is_remote(settings):
+        top.problems.warn(
+            spec.line_of("listen"),
+            spec.key("listen"),
+            f"{settings.listen} is not loopback: the metrics are reachable from the network "
+            "(allow_remote: true)",
+        )
+    return settings
 
 
 def _firewall(top: _Map) -> FirewallSettings:

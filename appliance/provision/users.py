@@ -31,6 +31,7 @@ from appliance.config.schema import Config
 from appliance.config.values import Invalid
 from appliance.core.model import Door
 from appliance.errors import KnockgateError
+from appliance.provision.modes import new_file_mode
 from appliance.spa.keyfile import generate_keys
 
 __all__ = ["Change", "UserRow", "add_user", "list_users", "remove_user", "write_atomic"]
@@ -69,13 +70,22 @@ def _locked(directory: str) -> Iterator[None]:
 
 
 def write_atomic(
-    path: str, text: str, check: Callable[[str], None] | None = None, mode: int = 0o600
+    path: str,
+    text: str,
+    check: Callable[[str], None] | None = None,
+    mode: int = 0o600,
+    like: str | None = None,
 ) -> None:
     """Replace ``path`` with ``text``: a temporary file in the same directory with the
-    old file's mode and owner (``mode`` for a new file), fsync'd, ``check(temporary)``
-    (which may raise: then nothing changes), renamed over ``path``."""
+    old file's mode and owner (for a new file: ``mode``, or the config group of ``like``
+    and 0640 when it has one: :mod:`appliance.provision.modes`), fsync'd,
+    ``check(temporary)`` (which may raise: then nothing changes), renamed over ``path``."""
     directory = os.path.dirname(path) or "."
     owner: tuple[int, int] | None = None
+    if like is not None:
+        mode, group = new_file_mode(like)
+        if group is not None:
+            owner = (os.geteuid(), group)
     with contextlib.suppress(FileNotFoundError):
         info = os.stat(path)
         mode, owner = stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid)
@@ -88,8 +98,9 @@ def write_atomic(
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), mode)
-            if owner is not None and os.geteuid() == 0:
-                os.fchown(handle.fileno(), *owner)
+            if owner is not None and (os.geteuid() == 0 or owner[0] == os.geteuid()):
+                with contextlib.suppress(PermissionError):  # a group it is not in
+                    os.fchown(handle.fileno(), *owner)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -204,7 +215,9 @@ def add_user(config_path: str, name: str, door_names: Sequence[str], created: st
                 ManagedDoor(door.name, base64.b64decode(key), base64.b64decode(hmac_key))
             )
         user = ManagedUser(name, created, tuple(entries))
-        write_atomic(users_file, format_users([*users, user]), _checked(config_path))
+        write_atomic(
+            users_file, format_users([*users, user]), _checked(config_path), like=config_path
+        )
     return Change(user, load_config(config_path), users_file)
 
 
@@ -226,7 +239,7 @@ def remove_user(config_path: str, name: str) -> Change:
             known = ", ".join(user.name for user in users) or "none"
             raise KnockgateError(f"no user {name!r} (users added with `user add`: {known})")
         rest = [other for other in users if other.name != name]
-        write_atomic(users_file, format_users(rest), _checked(config_path))
+        write_atomic(users_file, format_users(rest), _checked(config_path), like=config_path)
     return Change(user, load_config(config_path), users_file)
 
 

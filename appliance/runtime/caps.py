@@ -1,12 +1,15 @@
 """Linux capabilities of this process: read them, keep only some, forbid new ones.
 
 The monitor keeps CAP_NET_ADMIN and CAP_NET_RAW (nftables, conntrack, netlink, new
-capture sockets) and gives up every other capability of uid 0: it can no longer change
-uid, bypass file permissions or load anything into the kernel. The packet process keeps
-none. Both through the kernel's own calls (ctypes ``prctl`` and ``capset``): no library.
+capture sockets) and CAP_KILL (to end the packet process, another uid) and gives up
+every other capability of uid 0. With ``knockgate run --user NAME`` it also stops being
+root (:func:`become_user`): it keeps those three as NAME, in every set including the
+ambient one (so the knockd-style commands it runs keep them too), and no file on the
+host is its to write unless NAME owns it. The packet process keeps none. All through the
+kernel's own calls (ctypes ``prctl`` and ``capset``): no library.
 
-Capabilities belong to a thread, not a process: :func:`keep_only` must run before the
-process starts any thread, and it checks every thread of the process afterwards.
+Capabilities belong to a thread, not a process: :func:`keep_only` and :func:`become_user`
+must run before the process starts any thread, and they check every thread afterwards.
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+CAP_KILL = 5
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 NETWORK = frozenset({CAP_NET_ADMIN, CAP_NET_RAW})
+MONITOR = NETWORK | {CAP_KILL}  # what `knockgate run` keeps once the packet process runs
 
+PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -55,9 +62,9 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def _prctl(option: int, arg: int = 0, what: str = "prctl") -> int:
+def _prctl(option: int, arg: int = 0, what: str = "prctl", arg3: int = 0) -> int:
     value = ctypes.c_ulong
-    return _check(_libc.prctl(option, value(arg), value(0), value(0), value(0)), what)
+    return _check(_libc.prctl(option, value(arg), value(arg3), value(0), value(0)), what)
 
 
 def last_cap() -> int:
@@ -102,6 +109,33 @@ def drop_bounding(keep: frozenset[int]) -> None:
             _prctl(PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP {cap}")
 
 
+def _capset(bits: int) -> None:
+    """This thread's effective, permitted and inheritable sets := ``bits``."""
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    low, high = bits & 0xFFFFFFFF, bits >> 32
+    data[0] = _Data(low, low, low)
+    data[1] = _Data(high, high, high)
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _check_threads(bits: int, ambient: bool, uid: int | None = None) -> None:
+    """Every thread holds exactly ``bits`` (none more), in the ambient set too when
+    ``ambient``, and runs as ``uid`` (real, effective, saved, fs) when given."""
+    for task in Path("/proc/self/task").iterdir():
+        path = str(task / "status")
+        held = capabilities(path)
+        sets = ("CapEff", "CapPrm", "CapBnd") + (("CapInh", "CapAmb") if ambient else ())
+        wrong = {name: held[name] for name in sets if held[name] != bits}
+        if wrong:
+            shown = ", ".join(f"{name} {value:#x}" for name, value in sorted(wrong.items()))
+            raise CapabilityError(0, f"thread {task.name} holds {shown}, expected {bits:#x}")
+        if uid is not None:
+            uids = {int(value) for value in status(path)["Uid"].split()}
+            if uids != {uid}:
+                raise CapabilityError(0, f"thread {task.name} still runs as uids {sorted(uids)}")
+
+
 def keep_only(keep: frozenset[int]) -> None:
     """Reduce this thread's bounding, permitted, effective, inheritable and ambient sets
     to ``keep`` (empty: none), then check every thread of the process (CapabilityError
@@ -109,14 +143,40 @@ def keep_only(keep: frozenset[int]) -> None:
     drop_bounding(keep)
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
     bits = mask(keep)
-    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_Data * 2)()
-    data[0] = _Data(bits & 0xFFFFFFFF, bits & 0xFFFFFFFF, bits & 0xFFFFFFFF)
-    data[1] = _Data(bits >> 32, bits >> 32, bits >> 32)
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _capset(bits)
     for task in Path("/proc/self/task").iterdir():
         held = capabilities(str(task / "status"))
         if held["CapEff"] & ~bits or held["CapPrm"] & ~bits or held["CapBnd"] & ~bits:
             raise CapabilityError(
                 0, f"thread {task.name} still holds capabilities {held['CapEff']:#x}"
             )
+
+
+def become_user(uid: int, gid: int, groups: Iterable[int], keep: frozenset[int]) -> None:
+    """Stop being root: become ``uid``/``gid`` with exactly the supplementary ``groups``
+    and keep only ``keep`` (bounding, permitted, effective, inheritable and ambient sets),
+    with no new privileges for this process or what it runs; then check every thread
+    (CapabilityError when one kept more or another uid, or the kernel refused).
+
+    The order matters: the bounding set is reduced while CAP_SETPCAP is still effective;
+    PR_SET_KEEPCAPS keeps the permitted set across setresuid (which clears the effective
+    one); capset then reduces it to ``keep``, and the ambient raise (needs each cap in the
+    permitted and inheritable sets) makes the capabilities survive an execve."""
+    if uid == 0 or gid == 0:
+        raise CapabilityError(0, "become_user: uid and gid must not be 0")
+    drop_bounding(keep)
+    _prctl(PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
+    try:
+        os.setgroups(sorted(set(groups)))
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as error:
+        raise CapabilityError(error.errno or 0, f"becoming uid {uid}: {error.strerror}") from None
+    bits = mask(keep)
+    _capset(bits)
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
+    for cap in sorted(keep):
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, f"PR_CAP_AMBIENT_RAISE {cap}", cap)
+    _prctl(PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")
+    no_new_privs()
+    _check_threads(bits, ambient=True, uid=uid)

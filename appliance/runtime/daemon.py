@@ -97,13 +97,29 @@ from appliance.core.events import (
     Vetted,
     WallClock,
 )
-from appliance.core.lifecycle import RUNNING, ServiceEvent
+from appliance.core.lifecycle import (
+    RUNNING,
+    ContainerDied,
+    ContainerFailed,
+    ContainerReady,
+    ContainerStarted,
+    ContainerStopped,
+    ServiceEvent,
+)
 from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
 from appliance.runtime.actions import CommandRunner, run_command
+from appliance.runtime.events_log import HELD_OFF, OPENED, UNRECORDED, EventLog, GrantBook
 from appliance.runtime.items import Signal, StatusRequest
 from appliance.runtime.logs import configure, flush_noise, log_command
+from appliance.runtime.metrics import (
+    MetricsHub,
+    MetricsRequest,
+    MetricsServer,
+    MetricsSnapshot,
+    Observations,
+)
 from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.privsep import PacketChannel, PacketProcessGone, spawn
 from appliance.runtime.receipts import ReceiptSender
@@ -124,7 +140,17 @@ log = logging.getLogger("knockgate")
 # What other threads put on the loop's queue. Captured packets never go through it (the
 # loop reads the sockets); a Packet item is one handed over from elsewhere (a test's
 # scripted loop, a replay).
-Item = Packet | Signal | StatusRequest | HostState | ServiceEvent | Listed | Changed | Removed
+Item = (
+    Packet
+    | Signal
+    | StatusRequest
+    | MetricsRequest
+    | HostState
+    | ServiceEvent
+    | Listed
+    | Changed
+    | Removed
+)
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
 SERVICE_TICK = 1.0  # how often service grants, idle time and lifetime are looked at
@@ -269,6 +295,12 @@ class Daemon:
         self._labelled: tuple[Step, ...] = ()  # their host ports, as the firewall has them
         self._labels_failing = False
         self.services = self._service_manager(launcher) if launcher else None
+        # The event stream and the metrics: plain counters and records kept by this loop.
+        self.events = EventLog(wall=wall, clock=clock)
+        self._tally = self.events.tally.notice  # the hot path's one call per notice
+        self.grant_book = GrantBook()
+        self.observations = Observations()
+        self.metrics: MetricsServer | None = None
 
     def _service_manager(self, launcher: ServiceLauncher) -> ServiceManager:
         manager = ServiceManager(
@@ -305,6 +337,10 @@ class Daemon:
             self.channel.configure(self.config.doors, None)
             if self.confine is not None:
                 self.confine()
+        metrics = self.config.settings.metrics
+        if metrics is not None:  # a clear error (KnockgateError) before anything is touched
+            self.metrics = MetricsServer(metrics, MetricsHub(self.enqueue, self.clock))
+            self.metrics.start()
         if self.services is not None and self.labels is not None:
             try:
                 found = self.labels.labelled()
@@ -323,7 +359,9 @@ class Daemon:
                 self._remember_labelled()
         self.backend.setup(self._plan())
         log.info("firewall: %s rules in place", self.backend.name)
-        self.status = StatusServer(self.config.settings.status_socket, self.enqueue)
+        self.status = StatusServer(
+            self.config.settings.status_socket, self.enqueue, events=self.events
+        )
         self.status.start()
         if self.services is not None:
             self.services.start()
@@ -532,11 +570,14 @@ class Daemon:
                     self.running = False
             case StatusRequest(reply=reply):
                 reply(self.snapshot())
+            case MetricsRequest(reply=answer):
+                answer(self.metrics_snapshot())
             case HostState():
                 self._host(item)
             case ServiceEvent():
                 if self.services is None:
                     raise TypeError(f"a service event without services: {item!r}")
+                self._service_event(item)
                 self.services.handle(item)
             case Listed() | Changed() | Removed():
                 if self.services is None:
@@ -578,6 +619,8 @@ class Daemon:
         steps.append(("save the state file", self._save_state))
         if self.status is not None:
             steps.append(("close the status socket", self.status.stop))
+        if self.metrics is not None:
+            steps.append(("close the metrics endpoint", self.metrics.stop))
         if self.services is not None:
             steps.append(("stop services", self.services.shutdown))
         for what, step in steps:
@@ -616,10 +659,19 @@ class Daemon:
                     | OneTimeAdvanced()
                     | DoorExhausted()
                     | SpaAccepted()
-                    | SpaRefused()
                     | Refused()
                     | DoorsReloaded()
                 ):
+                    self._tally(command)
+                    self._log(command)
+                case SpaRefused():
+                    self._tally(command)
+                    self.events.refusal(
+                        "refused",
+                        door=command.door,
+                        address=command.src,
+                        detail=f"SPA packet of {command.user}: {command.reason}",
+                    )
                     self._log(command)
                 case Grant():
                     self._grant(command)
@@ -649,9 +701,18 @@ class Daemon:
                 refusal = "its use could not be recorded, so no access"
         if refusal is not None:
             self.stats.refused_unrecorded += 1
+            self.events.tally.count(vet.door, UNRECORDED)
+            self.events.refusal("refused", door=vet.door, address=vet.address, detail=refusal)
         elif self._is_held(vet.address):
             self.stats.held_off += 1
             refusal = "held off as a port scanner"
+            self.events.tally.count(vet.door, HELD_OFF)
+            self.events.refusal("held-off", door=vet.door, address=vet.address, detail=refusal)
+        else:
+            self.events.tally.count(vet.door, OPENED)
+            door = self.config.door(vet.door)
+            if door is not None and door.open is None and not door.close:
+                self.events.event("opened", door=vet.door, address=vet.address, detail="commands")
         self._commands(self.engine.handle(Vetted(vet.at, vet.ticket, refusal)))
 
     def _record(self, record: Record) -> bool:
@@ -704,6 +765,13 @@ class Daemon:
                 return
             self.services.request(grant, service.name)
             self._granted = (grant.door, grant.address)
+            self.events.event(
+                "opened",
+                door=grant.door,
+                address=grant.address,
+                service=service.name,
+                detail=f"{_ports(grant.ports)} once the service answers",
+            )
             return
         seconds = grant.seconds_left(self.clock())
         try:
@@ -713,8 +781,20 @@ class Daemon:
             log.error(
                 "%s: %s: grant failed, door stays closed: %s", grant.address, grant.door, error
             )
+            self.events.event(
+                "grant-failed", door=grant.door, address=grant.address, detail=str(error)
+            )
             return
         self._granted = (grant.door, grant.address)
+        done = self.clock()
+        self.observations.latency(grant.door, max(0.0, done - grant.at))
+        self.grant_book.add(grant.door, grant.address, done + seconds)
+        self.events.event(
+            "opened",
+            door=grant.door,
+            address=grant.address,
+            detail=f"{_ports(grant.ports)} for {seconds:.0f} s",
+        )
         self._log(grant)
 
     def _receipt(self, command: SendReceipt) -> None:
@@ -747,6 +827,10 @@ class Daemon:
         except FirewallError as error:
             log.error("%s: %s: revoke failed: %s", revoke.address, revoke.door, error)
             return
+        self.grant_book.remove(revoke.door, revoke.address)
+        self.events.event(
+            "closed", door=revoke.door, address=revoke.address, detail=f"by door {revoke.by}"
+        )
         self._log(revoke)
         if door.service is not None and self.services is not None:
             self.services.revoked(door.service, revoke.address)
@@ -804,6 +888,9 @@ class Daemon:
             self.services.tick()
         flush_noise()
         now = self.clock()
+        for door, address in self.grant_book.expired(now):
+            self.events.event("expired", door=door, address=address)
+        self.events.summarise()
         since, noise_before, packets_before = self._noise
         if now - since >= FLOOD_WINDOW:
             self._summarise_errors()
@@ -828,6 +915,7 @@ class Daemon:
                 log.warning("firewall: knockgate's rules were changed or removed; restoring them")
                 self.backend.setup(self._plan())
                 self.stats.firewall_repairs += 1
+                self.events.event("repair", detail="knockgate's rules were changed; restored")
         except FirewallError as error:
             self.stats.firewall_check_failures += 1
             if not self._firewall_failing:
@@ -891,6 +979,7 @@ class Daemon:
             log.exception(
                 "reload refused (internal error: %s); keeping the running configuration", error
             )
+            self.events.event("reload-refused", detail=f"internal error: {error}")
 
     def _reload(self) -> None:
         try:
@@ -959,6 +1048,8 @@ class Daemon:
         if services is not None:
             self._guarded("reload labels", self._relabel)
         self.stats.reloads += 1
+        self._guarded("reload metrics", self._forget_removed)
+        self.events.event("reload", detail=f"{len(loaded.config.doors)} door(s)")
         for warning in loaded.warnings:
             log.warning("%s", warning)
         log.info("configuration reloaded: %d door(s)", len(loaded.config.doors))
@@ -978,6 +1069,83 @@ class Daemon:
     def _refuse_reload(self, why: str) -> None:
         self.stats.reload_failures += 1
         log.error("reload refused, keeping the running configuration: %s", why)
+        self.events.event("reload-refused", detail=why)
+
+    def _forget_removed(self) -> None:
+        """The series (and the counts) of doors and services that are gone go; a change
+        of ``metrics`` itself takes effect at the next start."""
+        doors = {door.name for door in self.config.doors}
+        self.events.keep_doors(doors)
+        self.grant_book.keep_doors(doors)
+        self.observations.keep(doors, self._service_names())
+        metrics = self.config.settings.metrics
+        running = self.metrics.settings if self.metrics is not None else None
+        if metrics != running:
+            log.warning("metrics: the new metrics settings take effect at the next start")
+
+    def _service_names(self) -> set[str]:
+        names = {service.name for service in self.config.services}
+        if self.services is not None:
+            names.update(self.services.units)
+        return names
+
+    # ----------------------------------------------------------------- events, metrics
+
+    def _service_event(self, event: ServiceEvent) -> None:
+        """A service's start, readiness, stop or failure: a record, and its metrics."""
+        assert self.services is not None
+        match event:
+            case ContainerStarted(service=name, resumed=resumed):
+                self.events.event(
+                    "service-started", service=name, detail="unpaused" if resumed else ""
+                )
+            case ContainerReady(service=name):
+                asked = self.services.starts_asked.pop(name, None)
+                seconds = None if asked is None else max(0.0, event.ts - asked)
+                self.observations.started(name, "ready", seconds)
+                detail = "" if seconds is None else f"in {seconds * 1000:.0f} ms"
+                self.events.event("service-ready", service=name, detail=detail)
+            case ContainerFailed(service=name, reason=reason):
+                if self.services.starts_asked.pop(name, None) is not None:
+                    self.observations.started(name, "failed")
+                self.events.event("service-failed", service=name, detail=reason)
+            case ContainerStopped(service=name, paused=paused):
+                self.events.event("service-stopped", service=name, detail="paused" * paused)
+            case ContainerDied(service=name):
+                self.events.event("service-stopped", service=name, detail="the container ended")
+            case _:
+                pass
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The numbers a scrape shows, copied (the collector reads them on its thread)."""
+        counters = {
+            **self.engine.counters.as_dict(),
+            **self._capture_counters(),
+            "grant_failures": self.stats.grant_failures,
+            "firewall_repairs": self.stats.firewall_repairs,
+            "reloads": self.stats.reloads,
+            "reload_failures": self.stats.reload_failures,
+            "internal_errors": self.stats.internal_errors,
+        }
+        running: dict[str, int] = {}
+        if self.services is not None:
+            for row in self.services.snapshot():
+                running[row["name"]] = int(row["state"] in RUNNING)
+        tally = self.events.tally
+        obs = self.observations
+        return MetricsSnapshot(
+            taken=self.clock(),
+            counters=counters,
+            knocks=dict(tally.knocks),
+            spa_refused=dict(tally.spa_refused),
+            grants_open=self.grant_book.by_door(),
+            open_latency={door: b.copy() for door, b in obs.open_latency.items()},
+            service_starts=dict(obs.service_starts),
+            cold_start={name: b.copy() for name, b in obs.cold_start.items()},
+            services_running=running,
+            doors=tuple(door.name for door in self.config.doors),
+            events_followers_dropped=self.events.followers_dropped,
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """What ``knockgate status`` prints."""
@@ -1043,6 +1211,10 @@ class Daemon:
 def _granting(config: Config) -> dict[str, bool]:
     """Door name -> whether a knock on it grants (labels may name only those)."""
     return {door.name: door.open is not None for door in config.doors}
+
+
+def _ports(ports: tuple[Step, ...]) -> str:
+    return ", ".join(str(port) for port in ports)
 
 
 def _item_name(item: Item) -> str:

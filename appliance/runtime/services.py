@@ -162,6 +162,7 @@ class ServiceManager:
         self.counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
         self._counting = threading.Event()  # a conntrack read is under way
         self.grant_failures = 0
+        self.starts_asked: dict[str, float] = {}  # service -> when its Start was carried out
         self._direct: tuple[tuple[str, Step], ...] | None = None
         self._closing = threading.Event()
         self._adopt_now = threading.Event()  # look for our containers again at once
@@ -415,6 +416,8 @@ class ServiceManager:
 
     def _carry_out(self, commands: list[lc.Command]) -> None:
         for command in commands:
+            if isinstance(command, lc.Start):  # the cold-start time counts from here
+                self.starts_asked[command.service] = self.clock()
             match command:
                 case lc.Start(service=name) if name in self.units:
                     self.workers.submit(self._start_unit, self.units[name])

@@ -4,8 +4,11 @@ The monitor (``knockgate run --launcher SOCKET``) asks it over a Unix socket, in
 typed JSON lines of :mod:`appliance.services.rpc`, and never holds the Docker socket.
 What it may ask is fixed: list this installation's containers, create one of the
 catalogue's services *by name* (the launcher reads the catalogue from the config file
-itself at that moment, so no container spec crosses the socket), start, stop, pause,
-unpause, remove, inspect, follow deaths and labelled containers' events.
+itself, once at its start and again only on its own SIGHUP, so no container spec crosses
+the socket and a config rewritten behind its back changes nothing), start, stop, pause,
+unpause, remove, inspect, follow deaths and labelled containers' events. A catalogue
+service that bind-mounts a host path that would hand out the host (``/``, the Docker
+socket, ``/proc``, ``/etc``, ... see :data:`FORBIDDEN_SOURCES`) is never created.
 
     monitor ──(JSON line)──> LauncherServer ──> Broker.answer ──> Engine (DockerRuntime)
                                  │ peer uid 0 or ours          │ refuses foreign containers
@@ -98,6 +101,77 @@ class DockerEngine(DockerRuntime):
 
     def events(self) -> EventStream:
         return self.source.events()
+
+
+# Host paths a catalogue service may not bind-mount: these trees, their ancestors (``/var``
+# holds /var/lib/docker), and any path naming a container engine's socket.
+FORBIDDEN_SOURCES = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc",
+    "/run",
+    "/var/run",
+    "/boot",
+    "/root",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+)
+ENGINE_SOCKETS = ("docker.sock", "containerd.sock", "podman.sock")
+
+
+def forbidden_volume(volume: str) -> str | None:
+    """Why ``volume`` ("SOURCE:TARGET[:ro]") hands out the host, or ``None`` (a named
+    volume, or a harmless host path)."""
+    source = volume.split(":", 1)[0]
+    if not source.startswith("/"):
+        return None  # a named volume
+    path = os.path.normpath(source).replace("//", "/")
+    if os.path.basename(path) in ENGINE_SOCKETS:
+        return f"{source} is a container engine's socket"
+    for tree in FORBIDDEN_SOURCES:
+        if path == tree or path.startswith(tree + "/"):
+            return f"{source} is under {tree}"
+        if tree.startswith(path.rstrip("/") + "/"):
+            return f"{source} holds {tree}"
+    return None
+
+
+class Catalogue:
+    """The config file's ``services:``, read at the launcher's start and on its SIGHUP
+    only; a failed read keeps the previous catalogue."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._services: dict[str, Service] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, Service]:
+        with self._lock:
+            return self._services
+
+    def reload(self) -> bool:
+        """Read the file again (``False``, logged, previous kept: when it cannot)."""
+        try:
+            services = read_catalogue(self.path)
+        except ConfigError as error:
+            log.warning("launcher: catalogue not read (create keeps the previous one): %s", error)
+            return False
+        for name, service in services.items():
+            for volume in service.volumes:
+                why = forbidden_volume(volume)
+                if why is not None:
+                    log.warning("launcher: service %s is never created: volume %s", name, why)
+        with self._lock:
+            self._services = services
+        log.info("launcher: catalogue read from %s: %d service(s)", self.path, len(services))
+        return True
 
 
 def read_catalogue(path: str) -> dict[str, Service]:
@@ -209,6 +283,11 @@ class Broker:
                 f"launcher: create {name}: the service's definition in the config file differs "
                 "from the monitor's (reload knockgate: docker compose kill -s HUP knockgate)"
             )
+        for volume in service.volumes:
+            why = forbidden_volume(volume)
+            if why is not None:
+                log.warning("launcher: refused create of service %s: volume %s", name, why)
+                raise ContainerError(f"launcher: refused create of service {name}: volume {why}")
         return self.engine.create(service, self.owner, wanted)
 
     def _check_owner(self, owner: str) -> None:
@@ -246,11 +325,13 @@ class LauncherServer:
     """The Unix socket: one thread per connection, at most :data:`MAX_CLIENTS`; a peer
     must be uid 0 (the monitor) or the launcher's own uid."""
 
-    def __init__(self, broker: Broker, path: str, mode: int = 0o666) -> None:
+    def __init__(
+        self, broker: Broker, path: str, mode: int = 0o666, peers: Iterable[int] = ()
+    ) -> None:
         self.broker = broker
         self.path = path
         self.mode = mode
-        self.allowed = frozenset({0, os.getuid()})
+        self.allowed = frozenset({0, os.getuid(), *peers})
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._closing = threading.Event()
         self._sock: socket.socket | None = None
@@ -403,19 +484,18 @@ def _quietly(action: Callable[[], None]) -> None:
         log.debug("closing a stream failed", exc_info=True)
 
 
-def serve(config_path: str, socket_path: str) -> int:
-    """``knockgate launcher``: serve until SIGTERM/SIGINT."""
+def serve(config_path: str, socket_path: str, peers: Iterable[int] = ()) -> int:
+    """``knockgate launcher``: serve until SIGTERM/SIGINT; SIGHUP reads the catalogue
+    again. ``peers``: uids allowed besides 0 and its own (the monitor's, with --user)."""
     import signal
 
     from appliance.services.runtime import owner_of
 
     owner = owner_of(config_path)
-    try:  # a config it cannot read is reported now, not only at a knock
-        read_catalogue(config_path)
-    except ConfigError as error:
-        log.warning("launcher: the catalogue cannot be read now (create fails): %s", error)
-    broker = Broker(DockerEngine(), owner, lambda: read_catalogue(config_path))
-    server = LauncherServer(broker, socket_path)
+    catalogue = Catalogue(config_path)
+    catalogue.reload()  # a config it cannot read is reported now, not only at a knock
+    broker = Broker(DockerEngine(), owner, catalogue)
+    server = LauncherServer(broker, socket_path, peers=peers)
     server.bind()
 
     def stop(*_: object) -> None:
@@ -423,6 +503,7 @@ def serve(config_path: str, socket_path: str) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda *_: catalogue.reload())
     log.info("launcher: serving %s for owner %s (%s)", socket_path, owner, config_path)
     try:
         server.serve()

@@ -37,7 +37,11 @@ namespace has no default route: replies to spoofed sources go nowhere.
 Everything (namespaces, processes, rules) is removed at the end, also on failure
 and on Ctrl-C/SIGTERM; a measurement that fails shows as ``error: ...`` in the table.
 
-    python testbed/bench/daemon_bench.py [--quick] [--only knockgate|knockd]
+With ``--metrics`` knockgate also serves its Prometheus metrics on a Unix socket and
+the bench scrapes them once a second for the whole run (Prometheus' default is every
+15 s), so the cost of the metrics shows in the same table.
+
+    python testbed/bench/daemon_bench.py [--quick] [--only knockgate|knockd] [--metrics]
 """
 
 from __future__ import annotations
@@ -554,15 +558,59 @@ def knockgate_daemon(
         results["log_tail"] = daemon.log()[-log_chars:]
 
 
+METRICS = {"on": False}  # --metrics
+
+
+@contextlib.contextmanager
+def scraping(path: Path, results: dict[str, Any]) -> Iterator[None]:
+    """GET /metrics over the Unix socket ``path`` once a second for the with-block."""
+    import http.client
+    import socket
+
+    stop = threading.Event()
+    counts = {"scrapes": 0, "failures": 0}
+
+    def scrape() -> None:
+        while not stop.wait(1.0):
+            connection = http.client.HTTPConnection("localhost", timeout=5)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                connection.sock = sock
+                connection.request("GET", "/metrics")
+                response = connection.getresponse()
+                response.read()
+                counts["scrapes" if response.status == 200 else "failures"] += 1
+            except OSError:
+                counts["failures"] += 1
+            finally:
+                connection.close()
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        results["metrics_scrapes"] = dict(counts)
+
+
 def run_knockgate(params: Params, log: Callable[[str], None], results: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="kgbench-") as tmp, Topology(vlan=False) as topo:
         workdir = Path(tmp)
         bench = Bench(topo, params, workdir)
         bench.prepare()
-        with knockgate_daemon(topo, workdir, KNOCKGATE_CONFIG, results, 2000) as (_, pid):
+        config = KNOCKGATE_CONFIG
+        sock = workdir / "metrics.sock"
+        if METRICS["on"]:
+            config = config.replace("doors:", f"metrics: {{listen: 'unix:{sock}'}}\ndoors:")
+        with knockgate_daemon(topo, workdir, config, results, 2000) as (_, pid):
             results["pid"] = pid
-            log(f"knockgate up, pid {pid}")
-            measure(bench, pid, results, log)
+            log(f"knockgate up, pid {pid}" + (", metrics scraped every second" * METRICS["on"]))
+            with scraping(sock, results) if METRICS["on"] else contextlib.nullcontext():
+                measure(bench, pid, results, log)
 
 
 def run_knockd(params: Params, log: Callable[[str], None], results: dict[str, Any]) -> None:
@@ -825,9 +873,13 @@ def main() -> int:
     parser.add_argument("--only", choices=("knockgate", "knockd"), help="measure one daemon")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     parser.add_argument(
+        "--metrics", action="store_true", help="knockgate serves metrics, scraped every second"
+    )
+    parser.add_argument(
         "--senders", type=int, default=1, help="flood generator processes (default 1)"
     )
     args = parser.parse_args()
+    METRICS["on"] = args.metrics
     missing = ensure_root_tools()
     for tool in ("nft", IPTABLES, KNOCKD):
         if shutil.which(tool) is None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.integration.netns import Topology
@@ -32,8 +33,12 @@ class Knockgate:
         config_path: Path | None = None,
         state_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        python: str = PYTHON,
     ) -> None:
         self.topo = topo
+        self.args = tuple(args)  # more options for `knockgate run` (e.g. --user)
+        self.python = python
         self.env = env or {}  # more environment for the daemon (tests' harnesses)
         # The SPA replay cache and used TOTP steps: never the host's /var/lib/knockgate.
         self.state_dir = state_dir or workdir / "state"
@@ -52,7 +57,7 @@ class Knockgate:
         self.process = self.topo.popen(
             self.host,
             [
-                PYTHON,
+                self.python,
                 "-m",
                 "appliance.cli",
                 "run",
@@ -62,6 +67,7 @@ class Knockgate:
                 str(self.socket),
                 "--state-dir",
                 str(self.state_dir),
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

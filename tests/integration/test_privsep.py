@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any
 import pytest
 
 from appliance.capture import records
-from appliance.capture.worker import PROBE
-from appliance.runtime.caps import CAP_NET_ADMIN, CAP_NET_RAW
+from appliance.capture.worker import PROBE as SECCOMP_PROBE
+from appliance.runtime.caps import CAP_KILL, CAP_NET_ADMIN, CAP_NET_RAW
 from tests.integration.conftest import require_root_tools
 from tests.integration.daemon import PYTHON, REPO, Knockgate, connect, serve
 from tests.integration.netns import Topology, cleanup_stale
@@ -39,7 +40,7 @@ doors:
     knock: {{sequence: [7000, 8000, 9000], seq_timeout: 10}}
     open: {{ports: [{PROTECTED}/tcp], duration: 60}}
 """
-NETWORK = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
+NETWORK = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW) | (1 << CAP_KILL)  # caps.MONITOR
 
 
 def proc_status(pid: int, task: int | None = None) -> dict[str, str]:
@@ -92,7 +93,7 @@ def test_the_packet_process_runs_unprivileged_and_the_monitor_keeps_only_network
     assert seen["Seccomp"] == "2" and seen["Seccomp_filters"] == "1", seen
     for fd in (1, 2):  # its log lines go as records, nothing to the monitor's output
         assert os.readlink(f"/proc/{child}/fd/{fd}") == "/dev/null"
-    # The monitor: uid 0 with exactly NET_ADMIN and NET_RAW, in every thread.
+    # The monitor: uid 0 with exactly NET_ADMIN, NET_RAW and KILL, in every thread.
     tasks = [int(task) for task in os.listdir(f"/proc/{monitor}/task")]
     assert len(tasks) > 1  # the status socket's thread, the host watcher...
     for task in tasks:
@@ -132,13 +133,209 @@ def test_the_packet_process_exits_when_the_monitor_is_gone(running: Knockgate) -
         time.sleep(0.05)
 
 
+# ------------------------------------------------------------- run --user (not root)
+
+MONITOR_USER = "kgmonitor"  # made and removed by the fixture
+TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+PROBE = """\
+import os, socket, sys
+out = []
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+out.append("uid " + " ".join(status["Uid"].split()))
+for name in ("CapEff", "CapPrm", "CapAmb", "CapBnd", "NoNewPrivs"):
+    out.append(f"{name} {status[name].strip()}")
+try:
+    open(sys.argv[1], "a").write("kg-probe\\n")
+    out.append("write ok")
+except PermissionError:
+    out.append("write denied")
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[2])
+    out.append("connect ok")
+except PermissionError:
+    out.append("connect denied")
+print("\\n".join(out))
+"""
+
+
+@pytest.fixture
+def monitor_user() -> Iterator[int]:
+    import pwd
+    import subprocess
+
+    made = False
+    try:
+        pwd.getpwnam(MONITOR_USER)
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                MONITOR_USER,
+            ],
+            check=True,
+        )
+        made = True
+    try:
+        yield pwd.getpwnam(MONITOR_USER).pw_uid
+    finally:
+        if made:
+            subprocess.run(["userdel", MONITOR_USER], check=False)
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A directory others may traverse (pytest's tmp_path is root's 0700)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="kg-privsep-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_run_user_becomes_that_user_with_three_caps_and_writes_only_its_own(
+    topo: Topology, base: Path, monitor_user: int
+) -> None:
+    from appliance.core.totp import time_step, totp_sequence
+
+    workdir = base / "knockgate"  # its own: the status socket's directory, handed over
+    state = base / "knockgate-state"
+    root_file = base / "kg-root-file"
+    root_file.write_text("root's\n")
+    root_file.chmod(0o644)
+    root_socket = socket_path = base / "kg-root.sock"
+    import socket as sockets
+
+    listener = sockets.socket(sockets.AF_UNIX)
+    listener.bind(str(socket_path))
+    socket_path.chmod(0o700)
+    listener.listen(4)
+    probe = base / "kg-probe.py"
+    probe.write_text(PROBE)
+    one_time = base / "kg-one-time"
+    one_time.write_text("5001,5002,5003\n")
+    one_time.chmod(0o644)  # root's: the monitor may read, not mark
+    workdir.mkdir()
+    out = workdir / "probe.out"
+    config = base / "kg.yaml"
+    config.write_text(
+        CONFIG.replace("@SOCKET@", str(workdir / "status.sock"))
+        + f"""\
+  probe:
+    knock: {{sequence: [4001, 4002, 4003], seq_timeout: 10}}
+    start_command: python3 {probe} {root_file} {root_socket} > {out} 2>&1
+    cmd_timeout: 5
+  otp:
+    knock:
+      totp: {{secret: {TOTP_SECRET}, steps: 3, period: 30, ports: 20000-20999, protocol: tcp}}
+      seq_timeout: 10
+    open: {{ports: [23/tcp], duration: 60}}
+  onetime:
+    knock: {{one_time_sequences: {one_time}, seq_timeout: 10}}
+    open: {{ports: [24/tcp], duration: 60}}
+"""
+    )
+    config.chmod(0o644)  # root's: readable by everyone, writable by root only
+    # The appliance's interpreter: the test's own may live where the user cannot read
+    # (pyenv under /root), and the monitor imports some modules after it became the user.
+    site = next(p for p in sys.path if p.endswith("site-packages") and "venv" in p)
+    daemon = Knockgate(
+        topo,
+        workdir,
+        "",
+        config_path=config,
+        state_dir=state,
+        args=["--user", MONITOR_USER],
+        python="/usr/bin/python3",
+        env={"PYTHONPATH": f"{REPO}:{site}"},
+    )
+    daemon.socket = workdir / "status.sock"
+    daemon.start()
+    server = topo.host("server").ipv4
+    try:
+        assert daemon.process is not None
+        monitor = daemon.process.pid
+        tasks = [int(task) for task in os.listdir(f"/proc/{monitor}/task")]
+        assert len(tasks) > 1
+        for task in tasks:
+            held = proc_status(monitor, task)
+            assert set(held["Uid"].split()) == {str(monitor_user)}, held["Uid"]
+            assert "0" not in held["Gid"].split() and held["Groups"].split() != ["0"]
+            for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                assert int(held[name], 16) == NETWORK, (task, name, held[name])
+            assert held["NoNewPrivs"] == "1"
+        assert f"monitor runs as {MONITOR_USER}" in daemon.log()
+        # A knock opens.
+        assert connect(topo, "client", server, PROTECTED) == "refused"
+        topo.run("client", ["knock", server, "7000", "8000", "9000"])
+        deadline = time.monotonic() + 3
+        while connect(topo, "client", server, PROTECTED) != "open":
+            assert time.monotonic() < deadline, daemon.log()
+        # What it runs (knockd-style commands) is the monitor: its uid, its three caps
+        # (ambient), and it can neither write a root 0644 file nor reach a root socket.
+        topo.run("client", ["knock", server, "4001", "4002", "4003"])
+        deadline = time.monotonic() + 5
+        while "connect" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        seen = dict(line.split(" ", 1) for line in out.read_text().splitlines())
+        assert seen["uid"] == " ".join([str(monitor_user)] * 4), seen
+        for name in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
+            assert int(seen[name], 16) == NETWORK, (name, seen)
+        assert seen["write"] == "denied" and seen["connect"] == "denied", seen
+        assert root_file.read_text() == "root's\n"
+        # The state file is written (a TOTP step used), in the directory handed over.
+        totp = load_totp(config)
+        steps = totp_sequence(totp, time_step(totp, time.time()))
+        topo.run("client", ["knock", server, *(f"{s.port}:{s.proto}" for s in steps)])
+        assert daemon.wait_log("time step"), daemon.log()
+        replay = state / "replay"
+        deadline = time.monotonic() + 3
+        while "otp" not in (replay.read_text() if replay.exists() else ""):
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        assert replay.stat().st_uid == monitor_user
+        # A one-time file it cannot write: the door fails closed, one clear line.
+        topo.run("client", ["knock", server, "5001", "5002", "5003"])
+        assert daemon.wait_log("cannot mark line 1 of"), daemon.log()
+        assert "Permission denied" in daemon.log()
+        assert connect(topo, "client", server, 24) != "open"
+        assert one_time.read_text() == "5001,5002,5003\n"
+        # Reload works (it reads the root-owned config).
+        config.write_text(config.read_text().replace("duration: 60", "duration: 61"))
+        daemon.signal(signal.SIGHUP)
+        assert daemon.wait_log("configuration reloaded"), daemon.log()
+        child = packet_pid(daemon)
+    finally:
+        daemon.stop()
+        listener.close()
+    assert daemon.process is not None and daemon.process.returncode == 0, daemon.log()
+    assert not Path(f"/proc/{child}").exists() or proc_status(child)["State"][0] == "Z"
+
+
+def load_totp(config: Path) -> Any:
+    from appliance.config import load_config
+
+    door = load_config(str(config)).config.door("otp")
+    assert door is not None and door.knock.totp is not None
+    return door.knock.totp
+
+
 def test_seccomp_refuses_what_a_compromised_packet_process_would_try(
     topo: Topology, tmp_path: Path
 ) -> None:
     """The real child, once confined, tries (test-only PROBE) a raw send on its capture
     socket, promiscuous mode, a TCP socket, a connect, a file write and an execve: all
     EPERM; knocks still open."""
-    daemon = Knockgate(topo, tmp_path, CONFIG, env={PROBE: "1"}).start()
+    daemon = Knockgate(topo, tmp_path, CONFIG, env={SECCOMP_PROBE: "1"}).start()
     try:
         assert daemon.wait_log("seccomp probe:"), daemon.log()
         line = next(line for line in daemon.log().splitlines() if "seccomp probe:" in line)

@@ -47,7 +47,12 @@ LAUNCHER_SOCKET = "/run/knockgate-launcher/launcher.sock"
 DOCKER_SOCKET = "/run/knockgate-docker/docker.sock"
 CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('ok')"
 # What the monitor keeps after it drops its capabilities: uid 0, NET_ADMIN and NET_RAW.
-MONITOR_CAPS = ["setpriv", "--bounding-set", "-all,+net_admin,+net_raw", "--inh-caps", "-all"]
+# The monitor's credentials: user knockgate, its groups, NET_ADMIN, NET_RAW, KILL only.
+_CAPS = "-all,+net_admin,+net_raw,+kill"
+MONITOR_CAPS = [
+    "setpriv", "--reuid=knockgate", "--regid=knockgate", "--init-groups", f"--inh-caps={_CAPS}",
+    f"--ambient-caps={_CAPS}", f"--bounding-set={_CAPS}", "--no-new-privs", "--",
+]  # fmt: skip
 DECOY_TABLE = "kglife_decoy"
 DECOY_CONTAINER = "kglife-decoy"
 
@@ -178,8 +183,8 @@ def test_only_the_launcher_reaches_docker(appliance: Appliance) -> None:  # noqa
     assert who.stdout.split()[0] == "knockgate-launcher"
     folder = bed.exec("appliance", "stat", "-c", "%U %a", "/run/knockgate-docker", check=True)
     assert folder.stdout.split() == ["knockgate-launcher", "700"]
-    # Full root (as `docker compose run` subcommands) reaches Docker; uid 0 with only the
-    # monitor's capabilities cannot even get to the socket, but the launcher answers it.
+    # Full root (as `docker compose run` subcommands) reaches Docker; the monitor's user
+    # (knockgate) cannot even get to the socket, but the launcher answers it.
     full = bed.exec("appliance", "python3", "-c", CONNECT, DOCKER_SOCKET)
     assert full.stdout.strip() == "ok", full.stderr
     dropped = bed.exec("appliance", *MONITOR_CAPS, "python3", "-c", CONNECT, DOCKER_SOCKET)

@@ -40,8 +40,9 @@ def test_user_add_and_remove_reload_the_appliance_in_place(
         assert f"knockgate (pid {before['pid']}) reloaded" in added.stderr
         assert "[web-spa]" in added.stdout and f"knockgate://{GATEWAY}/web-spa?v=1" in added.stdout
         assert "█" in added.stdout  # the QR code: python3-qrcode is in the image
-        mode = bed.exec("appliance", "stat", "-c", "%a", USERS_FILE, check=True).stdout
-        assert mode.strip() == "600"
+        # Readable by the monitor (user knockgate) through the config group, writable by root.
+        mode = bed.exec("appliance", "stat", "-c", "%a %U %G", USERS_FILE, check=True).stdout
+        assert mode.split() == ["640", "root", "knockgate-config"]
         listed = bed.exec("appliance", *user, "list", "--config", APPLIANCE_CONFIG, check=True)
         assert f"{USER}  doors: web-spa  added: " in listed.stdout
         after = appliance.status()
