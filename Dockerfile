@@ -10,7 +10,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 # The packet process (`knockgate packet`, started by `knockgate run`) reads untrusted bytes
 # as this user: no home, no shell, no groups, no capabilities (README: security model).
-RUN useradd --system --no-create-home --shell /usr/sbin/nologin knockgate-packet
+# Fixed high uid, primary group nogroup: never a gid the host may give its docker group
+# (the entrypoint refuses to start if the Docker socket's group is one of its groups).
+RUN useradd --system --uid 64990 --gid nogroup --no-user-group --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin knockgate-packet
 
 # The launcher's user: the only one given the Docker socket (supervisord's command adds
 # its gid, whatever the host gave it, with setpriv: nothing in /etc changes at run time).

@@ -51,7 +51,13 @@ launcher_groups=knockgate-config
 prepare_launcher() {
     socket=${DOCKER_HOST#unix://}
     if [ -S "$socket" ]; then
-        launcher_groups="$(stat -c %g "$socket"),knockgate-config"
+        gid=$(stat -c %g "$socket")
+        # The packet process (untrusted bytes) must not share a group with Docker's socket.
+        if id -G knockgate-packet 2>/dev/null | tr ' ' '\n' | grep -qx "$gid"; then
+            say "error: the Docker socket's group (gid $gid) is a group of the packet process's user knockgate-packet ($(id knockgate-packet)): refusing to start; give the socket another group on the host"
+            exit 1
+        fi
+        launcher_groups="$gid,knockgate-config"
     else
         say "no Docker socket at $socket: service containers cannot be started (mount it at $DOCKER_DIR/docker.sock)"
     fi

@@ -21,7 +21,12 @@ A message: ``MAGIC`` then records, each a kind byte and its body:
 * ``COUNTERS``: the packet process's running totals (frames, kernel drops, undecoded,
   rejected by reason, SPA counters), latest wins;
 * ``LOG``: a log line of the packet process (logger, level, text), logged by the monitor
-  with control characters replaced (the text may carry packet addresses, never a line break).
+  with control characters replaced (the text may carry packet addresses, never a line break);
+* ``FAILED``: the capture socket the monitor passed as ``key`` failed (errno): the packet
+  process closed it, the monitor opens a new one.
+
+Addresses in SPA records must be in canonical form (``str(ip_address(text)) == text``), so
+no scope id (``fe80::1%eth0``: any characters) and no second spelling reach the engine.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from appliance.core.model import Door, Step
 
 MAGIC = b"K1"
 MAX_MESSAGE = 64 * 1024  # a batch of 256 packets is 10 KiB; an SPA knock under 1 KiB
-PACKET4, PACKET6, SPA, COUNTERS, LOG, SPA_FROM = 1, 2, 3, 4, 5, 6
+PACKET4, PACKET6, SPA, COUNTERS, LOG, SPA_FROM, FAILED = 1, 2, 3, 4, 5, 6, 7
 _PROTOS = {6: "tcp", 17: "udp"}
 _NUMBERS = {"tcp": 6, "udp": 17}
 _P4 = struct.Struct("!BBBH4s4s")  # kind, proto, flags, port, src, dst
@@ -62,6 +67,7 @@ COUNTER_NAMES: tuple[str, ...] = (
 )
 _COUNTERS = struct.Struct("!B" + "Q" * len(COUNTER_NAMES))
 _LOG_HEAD = struct.Struct("!BBBH")  # kind, logger, level, length
+_FAILED = struct.Struct("!BIH")  # kind, the socket's key, errno
 LOGGERS = ("knockgate.capture", "knockgate.spa")
 LEVELS = (logging.INFO, logging.WARNING, logging.ERROR)
 MAX_LOG = 1024
@@ -123,6 +129,10 @@ def encode_log(logger: str, level: int, text: str) -> bytes:
     return _LOG_HEAD.pack(LOG, name, rank, len(data)) + data
 
 
+def encode_failed(key: int, number: int) -> bytes:
+    return _FAILED.pack(FAILED, key, min(max(number, 1), 4095))
+
+
 # ----------------------------------------------------------------- decoding (the monitor)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -140,6 +150,13 @@ class Malformed(Exception):
     """A record that is not what the packet process may send (counted, never raised out)."""
 
 
+def _canonical(text: str) -> str:
+    """``text`` if it is an IP address written as the monitor would write it."""
+    if "%" in text or str(ipaddress.ip_address(text)) != text:
+        raise Malformed(f"address not in canonical form: {text!r}")
+    return text
+
+
 def _address6(data: bytes) -> str:
     # decode.py's canonical form: ipaddress's (libc prints ::/80 in dotted form).
     if data[:10] == bytes(10):
@@ -154,6 +171,7 @@ class Batch:
     events: list[Packet | SpaKnock] = field(default_factory=list)
     counters: dict[str, int] | None = None
     logs: list[LogLine] = field(default_factory=list)
+    failed: list[tuple[int, int]] = field(default_factory=list)  # (socket key, errno)
 
 
 class RecordReader:
@@ -219,6 +237,12 @@ class RecordReader:
                         raise Malformed("log record cut short")
                     line = _CONTROL.sub("?", raw.decode("utf-8", "replace"))
                     batch.logs.append(LogLine(LOGGERS[name], LEVELS[rank], line))
+                elif kind == FAILED:
+                    _, key, number = _FAILED.unpack_from(data, offset)
+                    offset += _FAILED.size
+                    if not 0 < number < 4096:
+                        raise Malformed("failed record with an impossible errno")
+                    batch.failed.append((key, number))
                 else:
                     raise Malformed(f"unknown record kind {kind}")
         except (Malformed, struct.error, KeyError, ValueError, IndexError, UnicodeDecodeError):
@@ -241,8 +265,7 @@ class RecordReader:
         users = self.spa_users.get(door)
         if users is None or user not in users:
             raise Malformed(f"SPA knock for unknown door or user {door!r}/{user!r}")
-        src = str(ipaddress.ip_address(src))
-        address = str(ipaddress.ip_address(address))
+        src, address = _canonical(src), _canonical(address)
         timestamp, msg_type, timeout, has_timeout = _SPA_FIXED.unpack_from(body, offset)
         offset += _SPA_FIXED.size
         if has_timeout not in (0, 1) or timeout < 0 or not 0 <= msg_type < 256:
@@ -267,7 +290,7 @@ class RecordReader:
         if addressed:
             dst = text()
             if dst:  # "": not known (a knock made up in a test, say): no receipt
-                dst = str(ipaddress.ip_address(dst))
+                dst = _canonical(dst)
             (sport,) = _U16.unpack_from(body, offset)
             offset += _U16.size
             if dst and (":" in dst) != (":" in src):

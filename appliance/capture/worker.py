@@ -3,16 +3,27 @@
 Spawned by the monitor (``knockgate run``, :mod:`appliance.runtime.privsep`) with one end
 of a ``SOCK_SEQPACKET`` socketpair. Before it reads a single byte from the network or the
 monitor it gives up everything (:func:`drop_privileges`): a user of its own, no
-supplementary groups, no capabilities (bounding set included), no new privileges.
+supplementary groups, no capabilities (bounding set included), no new privileges; then it
+installs its seccomp filter (:mod:`appliance.runtime.seccomp`): no new socket, no connect,
+no setsockopt, no send or write on any descriptor but the control socket, no execve.
+Its stdout and stderr are /dev/null: what it has to say goes to the monitor as LOG
+records, a failure to start included.
 
 From the monitor (trusted: pickle) it gets the SPA doors with their keys and the host's
 addresses (``config``), and capture sockets (``add``, the descriptor by SCM_RIGHTS,
 their BPF filter locked, so it cannot widen what it sees) and which to close
-(``remove``). It reads frames, decodes them, drops what the host's stack would drop,
-verifies and decrypts SPA packets, and sends back records
-(:mod:`appliance.capture.records`): one message per batch of frames read, the counters
-when they moved (at most every :data:`COUNTER_SECONDS`, or every second for the kernel's
-drop counts), its log lines. When the monitor goes (EOF), it exits.
+(``remove``). A socket that replaces another (a new capture filter) is read only once the
+old one is read dry and closed, so a frame queued on the old one is not lost and the
+order of frames holds. A socket that fails (not a link going down) is closed and reported
+(a FAILED record): the monitor opens a new one.
+
+It reads frames, decodes them, drops what the host's stack would drop, verifies and
+decrypts SPA packets, and sends back records (:mod:`appliance.capture.records`): one
+message per batch of frames read, the counters when they moved (at most every
+:data:`COUNTER_SECONDS`, or every second for the kernel's drop counts), its log lines.
+When the monitor goes (EOF), it exits.
+
+A child that cannot start (privileges, the filter) says why in a LOG record, exit status 2.
 
 Data flow::
 
@@ -31,7 +42,6 @@ import pickle
 import selectors
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
@@ -40,7 +50,7 @@ from appliance.capture.checksum import REASONS
 from appliance.capture.sniffer import InterfaceReader
 from appliance.capture.spa import SpaReader
 from appliance.core.events import Packet
-from appliance.runtime import caps
+from appliance.runtime import caps, seccomp
 
 log = logging.getLogger("knockgate.capture")
 
@@ -48,6 +58,8 @@ CONTROL_MAX = 1 << 20  # a config message (doors and keys) is far smaller
 COUNTER_SECONDS = 0.05  # counters that moved reach the monitor this soon (status)
 DROPS_SECONDS = 1.0  # the kernel's drop counts are asked for this often
 MAX_PENDING_LOGS = 16
+DRAIN_BATCHES = 64  # an old socket is read dry, up to this many batches, before its successor
+PROBE = "KNOCKGATE_TEST_SECCOMP_PROBE"  # integration tests: try what the filter denies, log it
 FLUSH_AT = records.MAX_MESSAGE - 4096  # a message is sent before it grows past this
 
 
@@ -154,8 +166,11 @@ class Worker:
         match message:
             case ("config", doors, local):
                 self.spa = SpaReader(doors, local)
-            case ("add", int(key), str(interface)) if len(fds) == 1:
-                self._add(key, interface, socket.socket(fileno=fds[0]))
+            case ("add", int(key), str(interface), replaces) if len(fds) == 1:
+                sock = socket.socket(fileno=fds[0])
+                if isinstance(replaces, int):
+                    self._drain(replaces)
+                self._add(key, interface, sock)
                 return True
             case ("remove", int(key)):
                 self._remove(key)
@@ -172,6 +187,17 @@ class Worker:
         reader.open()
         self.readers[key] = reader
         self.selector.register(sock, selectors.EVENT_READ, reader)
+
+    def _drain(self, key: int) -> None:
+        """Read the socket ``key`` dry (it is being replaced), then close it."""
+        reader = self.readers.get(key)
+        if reader is not None:
+            for _ in range(DRAIN_BATCHES):
+                frames = reader.frames
+                self._read(reader)
+                if reader.frames == frames or key not in self.readers:
+                    break
+        self._remove(key)
 
     def _remove(self, key: int) -> None:
         reader = self.readers.pop(key, None)
@@ -206,10 +232,11 @@ class Worker:
     def _batch(self, reader: InterfaceReader) -> None:
         try:
             packets = reader.read()
-        except OSError as error:  # ENETDOWN and the like: the monitor follows the links
-            if error.errno != errno.ENETDOWN:  # a link down resumes by itself
-                log.warning("%s: capture error: %s", reader.interface, error.strerror or error)
-                self._remove(next(k for k, r in self.readers.items() if r is reader))
+        except OSError as error:  # ENETDOWN: a link down resumes by itself (netlink says)
+            if error.errno != errno.ENETDOWN:  # the monitor logs it and opens a new socket
+                key = next(k for k, r in self.readers.items() if r is reader)
+                self._remove(key)
+                self._send([records.encode_failed(key, error.errno or errno.EIO)])
             return
         parts: list[bytes] = []
         size = 0
@@ -265,19 +292,66 @@ class Worker:
             self.control.sendmsg([records.MAGIC, *parts])
 
 
+def probe(sock: socket.socket) -> str:
+    """What the seccomp filter answers to what a compromised packet process would try
+    first (integration tests only: the child runs it on its first capture socket when
+    :data:`PROBE` is in its environment). The text names each attempt and its errno."""
+    attempts: list[tuple[str, Any]] = [
+        ("raw send", lambda: sock.send(bytes(60))),
+        ("promiscuous", lambda: sock.setsockopt(263, 1, bytes(16))),  # PACKET_ADD_MEMBERSHIP
+        ("tcp socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)),
+        ("connect", lambda: sock.connect(("lo", 0))),
+        ("write file", lambda: os.open("/tmp/kg-seccomp-probe", os.O_WRONLY | os.O_CREAT)),
+        ("execve", lambda: os.execv("/bin/true", ["true"])),
+    ]
+    said = []
+    for name, attempt in attempts:
+        try:
+            attempt()
+        except OSError as error:
+            said.append(f"{name}: {errno.errorcode.get(error.errno or 0, error.errno)}")
+        else:
+            said.append(f"{name}: allowed")
+    return "seccomp probe: " + "; ".join(said)
+
+
+class _Probing(Worker):
+    probed = False
+
+    def _add(self, key: int, interface: str, sock: socket.socket) -> None:
+        if not self.probed:
+            self.probed = True
+            log.info("%s", probe(sock))
+        super()._add(key, interface, sock)
+
+
+def confine(control: socket.socket, uid: int | None, gid: int | None) -> None:
+    """Drop privileges (as root: to ``uid``/``gid``; root without them is refused), then
+    install the seccomp filter with ``control`` the one descriptor it may write."""
+    if uid is not None and gid is not None:
+        drop_privileges(uid, gid)
+    elif os.geteuid() == 0:
+        raise caps.CapabilityError(0, "refusing to run as root without --user")
+    else:
+        caps.no_new_privs()
+    seccomp.install(control.fileno())
+
+
 def main(fd: int, uid: int | None, gid: int | None) -> int:
-    """The packet process: drop privileges, then serve the monitor until it goes."""
+    """The packet process: drop privileges and confine itself, then serve the monitor
+    until it goes. A failure to start goes to the monitor as a LOG record (exit 2)."""
     # It ends when the monitor closes the socket (or kills it): a SIGTERM or SIGINT for the
     # whole group (supervisord's stopasgroup, Ctrl-C) must not end it before the monitor.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=fd)
-    _warm_up()
-    if uid is not None and gid is not None:
-        drop_privileges(uid, gid)
-    elif os.geteuid() == 0:
-        print("knockgate packet: refusing to run as root without --uid/--gid", file=sys.stderr)
+    try:
+        _warm_up()
+        confine(control, uid, gid)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            why = f"packet process cannot start: {type(error).__name__}: {error}"
+            control.sendmsg([records.MAGIC, records.encode_log(log.name, logging.ERROR, why)])
         return 2
-    else:
-        caps.no_new_privs()
-    return Worker(control).run()
+    worker = _Probing(control) if os.environ.get(PROBE) else Worker(control)
+    return worker.run()

@@ -444,18 +444,34 @@ class Daemon:
 
     def _pass_sockets(self) -> None:
         """Hand the sniffer's sockets over as they are now: those of readers removed or
-        reopened are closed in the packet process first, then the new ones are passed."""
+        closed are closed in the packet process first, then the new ones are passed. A
+        reader's new socket (a new filter) is passed as the successor of its old one: the
+        packet process reads the old one dry and closes it first (no frame lost, and a
+        frame is read twice only if it reached both in the instant between the new
+        socket's bind and that message)."""
         assert self.sniffer is not None and self.channel is not None
         current = {r: r.sock for r in self.sniffer.readers if r.sock is not None}
+        replaced: dict[InterfaceReader, int] = {}
         for reader, (sock, key) in list(self._passed.items()):
             if current.get(reader) is not sock:
                 del self._passed[reader]
-                self.channel.remove(key)
+                if reader in current:
+                    replaced[reader] = key
+                else:
+                    self.channel.remove(key)
         for reader, sock in current.items():
             if reader not in self._passed:
                 self._keys += 1
                 self._passed[reader] = (sock, self._keys)
-                self.channel.add(self._keys, reader.interface, sock)
+                self.channel.add(self._keys, reader.interface, sock, replaced.get(reader))
+
+    def _socket_failed(self, key: int, number: int) -> None:
+        """The packet process closed the socket ``key``: it failed (not a link going down).
+        The sniffer logs it, stops listing it and opens a new one (REOPEN_SECONDS)."""
+        for reader, (_sock, passed) in self._passed.items():
+            if passed == key and self.sniffer is not None:
+                self.sniffer.failed(reader, OSError(number, os.strerror(number)))
+                return
 
     def _receive(self, channel: PacketChannel) -> None:
         """The packet process's records through the engine (the hot path)."""
@@ -466,6 +482,8 @@ class Daemon:
             return
         for line in batch.logs:
             logging.getLogger(line.logger).log(line.level, "%s", line.text)
+        for key, number in batch.failed:
+            self._guarded("capture", functools.partial(self._socket_failed, key, number))
         handle, commands = self.engine.handle, self._commands
         try:
             for event in batch.events:
@@ -498,9 +516,12 @@ class Daemon:
         self._commands(self.engine.handle(event))
 
     def _guarded(self, what: str, step: Callable[[], object]) -> None:
-        """Run one handler; an unexpected exception is logged and counted, not fatal."""
+        """Run one handler; an unexpected exception is logged and counted, not fatal. The
+        packet process found gone (it does not read its messages) stops the daemon."""
         try:
             step()
+        except PacketProcessGone as error:
+            self._packet_process_gone(str(error))
         except Exception:
             self._internal_error(what)
 

@@ -12,10 +12,17 @@ CAP_NET_RAW (:func:`appliance.runtime.caps.keep_only`)::
       engine <- RecordReader (validated) <-----struct records------------  decode, SPA
 
 :class:`PacketChannel` is what the daemon needs of it; unit tests give the daemon a fake.
+
+The monitor never waits for the packet process: its messages go non-blocking
+(``MSG_DONTWAIT``); a full socket means the packet process stopped reading (stuck, or
+compromised and stalling the monitor), which is handled as its death
+(:class:`PacketProcessGone`: one log line, exit status 1). Its log lines are capped per
+wake-up (:data:`MAX_LOGS_PER_RECEIVE`; the rest counted, ``logs_dropped`` in the status).
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import pickle
@@ -35,6 +42,7 @@ log = logging.getLogger("knockgate")
 DEFAULT_PACKET_USER = "knockgate-packet"
 FALLBACK_PACKET_USER = "nobody"
 MESSAGES_PER_WAKE = 64  # messages read per wake-up at most, so other work is not starved
+MAX_LOGS_PER_RECEIVE = 16  # the packet process's log lines logged per wake-up at most
 
 
 class PacketProcessGone(KnockgateError):
@@ -48,7 +56,9 @@ class PacketChannel(Protocol):
 
     def fileno(self) -> int: ...
     def configure(self, doors: Sequence[Door], local: frozenset[str] | None) -> None: ...
-    def add(self, key: int, interface: str, sock: socket.socket) -> None: ...
+    def add(
+        self, key: int, interface: str, sock: socket.socket, replaces: int | None = None
+    ) -> None: ...
     def remove(self, key: int) -> None: ...
     def receive(self, now: float) -> Batch: ...  # PacketProcessGone at EOF
     @property
@@ -84,6 +94,7 @@ class PacketChild:
         self.user = user
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.records = RecordReader()
+        self.logs_dropped = 0  # log lines past MAX_LOGS_PER_RECEIVE
 
     def fileno(self) -> int:
         return self.control.fileno()
@@ -93,11 +104,21 @@ class PacketChild:
         return self.records.malformed
 
     def _send(self, message: tuple[object, ...], fds: Sequence[int] = ()) -> None:
+        """One message, never waiting: PacketProcessGone when the packet process does not
+        read (its socket is full) or is gone."""
         data = pickle.dumps(message)
-        if fds:
-            socket.send_fds(self.control, [data], list(fds))
-        else:
-            self.control.sendall(data)
+        try:
+            if fds:  # not socket.send_fds: it ignores its flags (CPython <= 3.12)
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = self.control.sendmsg([data], rights, socket.MSG_DONTWAIT)
+            else:
+                sent = self.control.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise PacketProcessGone("the packet process does not read its socket (stuck)") from None
+        except OSError as error:
+            raise PacketProcessGone(f"packet process: {error.strerror or error}") from None
+        if sent != len(data):  # SOCK_SEQPACKET: all or nothing; a bug if ever seen
+            raise PacketProcessGone(f"packet process: message cut ({sent}/{len(data)} bytes)")
 
     def configure(self, doors: Sequence[Door], local: frozenset[str] | None) -> None:
         """The SPA doors (with their keys) and the host's addresses, again on every change."""
@@ -105,8 +126,12 @@ class PacketChild:
         self.records.spa_users = spa_users(spa)
         self._send(("config", spa, local))
 
-    def add(self, key: int, interface: str, sock: socket.socket) -> None:
-        self._send(("add", key, interface), [sock.fileno()])
+    def add(
+        self, key: int, interface: str, sock: socket.socket, replaces: int | None = None
+    ) -> None:
+        """Pass ``sock`` as ``key``; ``replaces``: the key of the socket it succeeds (a new
+        filter), which the packet process reads dry and closes before reading this one."""
+        self._send(("add", key, interface, replaces), [sock.fileno()])
 
     def remove(self, key: int) -> None:
         self._send(("remove", key))
@@ -127,15 +152,19 @@ class PacketChild:
             batch = self.records.read(data, now)
             merged.events += batch.events
             merged.logs += batch.logs
+            merged.failed += batch.failed
             if batch.counters is not None:
                 merged.counters = batch.counters
         if merged.counters is not None:
             self.counters = merged.counters
+        if len(merged.logs) > MAX_LOGS_PER_RECEIVE:
+            self.logs_dropped += len(merged.logs) - MAX_LOGS_PER_RECEIVE
+            del merged.logs[MAX_LOGS_PER_RECEIVE:]
         return merged
 
     def describe(self) -> dict[str, object]:
         pid = self.process.pid if self.process is not None else None
-        return {"pid": pid, "user": self.user}
+        return {"pid": pid, "user": self.user, "logs_dropped": self.logs_dropped}
 
     def exit_status(self) -> int | None:
         return self.process.poll() if self.process is not None else None
@@ -162,7 +191,12 @@ def spawn(user: str | None) -> PacketChild:
         argv += ["--user", name]
     try:
         process = subprocess.Popen(
-            argv, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, close_fds=True
+            argv,
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # its log lines come as LOG records, nothing else
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
         )
     except OSError as error:
         parent.close()

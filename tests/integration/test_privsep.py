@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,9 +21,11 @@ from typing import Any
 
 import pytest
 
+from appliance.capture import records
+from appliance.capture.worker import PROBE as SECCOMP_PROBE
 from appliance.runtime.caps import CAP_KILL, CAP_NET_ADMIN, CAP_NET_RAW
 from tests.integration.conftest import require_root_tools
-from tests.integration.daemon import REPO, Knockgate, connect, serve
+from tests.integration.daemon import PYTHON, REPO, Knockgate, connect, serve
 from tests.integration.netns import Topology, cleanup_stale
 
 pytestmark = pytest.mark.integration
@@ -86,7 +90,9 @@ def test_the_packet_process_runs_unprivileged_and_the_monitor_keeps_only_network
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(seen[name], 16) == 0, (name, seen[name])
     assert seen["NoNewPrivs"] == "1"
-    assert seen["Seccomp"] in ("0", "2")
+    assert seen["Seccomp"] == "2" and seen["Seccomp_filters"] == "1", seen
+    for fd in (1, 2):  # its log lines go as records, nothing to the monitor's output
+        assert os.readlink(f"/proc/{child}/fd/{fd}") == "/dev/null"
     # The monitor: uid 0 with exactly NET_ADMIN, NET_RAW and KILL, in every thread.
     tasks = [int(task) for task in os.listdir(f"/proc/{monitor}/task")]
     assert len(tasks) > 1  # the status socket's thread, the host watcher...
@@ -321,3 +327,49 @@ def load_totp(config: Path) -> Any:
     door = load_config(str(config)).config.door("otp")
     assert door is not None and door.knock.totp is not None
     return door.knock.totp
+
+
+def test_seccomp_refuses_what_a_compromised_packet_process_would_try(
+    topo: Topology, tmp_path: Path
+) -> None:
+    """The real child, once confined, tries (test-only PROBE) a raw send on its capture
+    socket, promiscuous mode, a TCP socket, a connect, a file write and an execve: all
+    EPERM; knocks still open."""
+    daemon = Knockgate(topo, tmp_path, CONFIG, env={SECCOMP_PROBE: "1"}).start()
+    try:
+        assert daemon.wait_log("seccomp probe:"), daemon.log()
+        line = next(line for line in daemon.log().splitlines() if "seccomp probe:" in line)
+        for attempt in ("raw send", "promiscuous", "tcp socket", "connect", "write file"):
+            assert f"{attempt}: EPERM" in line, line
+        assert "execve: EPERM" in line, line
+        assert "allowed" not in line
+        assert proc_status(packet_pid(daemon))["Seccomp"] == "2"
+        assert not Path("/tmp/kg-seccomp-probe").exists()
+        server = topo.host("server").ipv4
+        topo.run("client", ["knock", server, "7000", "8000", "9000"])
+        deadline = time.monotonic() + 3
+        while connect(topo, "client", server, PROTECTED) != "open":
+            assert time.monotonic() < deadline, daemon.log()
+    finally:
+        daemon.stop()
+
+
+def test_a_packet_process_that_cannot_start_says_why_on_its_socket() -> None:
+    """Its stderr is /dev/null in the appliance: a refusal comes as a LOG record (exit 2)."""
+    assert os.geteuid() == 0, "as root, `packet` without --user must refuse"
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with parent, child:
+        argv = [PYTHON, "-m", "appliance.cli", "packet", "--fd", str(child.fileno())]
+        process = subprocess.run(
+            argv,
+            pass_fds=(child.fileno(),),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            timeout=30,
+        )
+        assert process.returncode == 2
+        batch = records.RecordReader().read(parent.recv(records.MAX_MESSAGE), 0.0)
+    assert [line.text for line in batch.logs] == [
+        "packet process cannot start: CapabilityError: [Errno 0] refusing to run as root "
+        "without --user"
+    ]

@@ -14,7 +14,10 @@ socket, the code), and a stop of knockgate ends a packet process that does not a
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,6 +81,13 @@ def test_the_packet_process_cannot_change_nftables_nor_reach_docker(testbed: Tes
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(seen[name], 16) == 0, (name, seen)
     assert seen["NoNewPrivs"] == "1", seen
+    # Its seccomp filter (no send, no new socket, no execve...), and ids no host gives its
+    # docker group: uid 64990, primary group nogroup (and never the Docker socket's group).
+    assert seen["Seccomp"] == "2", seen
+    assert (uid, gid) == ("64990", "65534"), seen
+    for path in docker_sockets(bed):
+        socket_gid = bed.exec("appliance", "stat", "-c", "%g", path, check=True).stdout.strip()
+        assert socket_gid != gid, (path, socket_gid)
     monitor = proc_status(bed, int(status["pid"]))
     assert monitor["Uid"].split()[0] != "0"
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
@@ -192,3 +202,36 @@ def test_a_stop_of_knockgate_ends_a_packet_process_that_does_not_answer(testbed:
         bed.exec("appliance", "sh", "-c", f"kill -CONT {child}")
         bed.exec("appliance", *supervisorctl, "start", "knockgate", timeout=40)
     bed.wait_capturing(before)
+
+
+def test_the_appliance_refuses_a_docker_socket_in_the_packet_users_group(
+    testbed: Testbed,  # noqa: F811 (the image is built from this tree)
+    tmp_path: Path,
+) -> None:
+    """Review finding 5: a host whose Docker socket has a gid of the packet process's user
+    (nogroup here) would hand it Docker; the entrypoint refuses to start, saying why."""
+    path = tmp_path / "docker.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))  # a socket file, never a Docker engine
+    os.chown(path, -1, 65534)
+    name = "kg-hardening-gid-probe"
+    try:
+        run = docker(
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "-v",
+            f"{path}:/run/knockgate-docker/docker.sock",
+            "knockgate:local",
+            check=False,
+            timeout=60,
+        )
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert "is a group of the packet process's user knockgate-packet" in run.stdout, run
+        assert "refusing to start" in run.stdout
+    finally:
+        docker("rm", "-f", name, check=False)
+        listener.close()

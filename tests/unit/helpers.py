@@ -102,6 +102,7 @@ class FakeChannel:
         self.calls: list[tuple[Any, ...]] = []
         self.messages: list[bytes] = []
         self.gone = False
+        self.stuck = False  # configure: as PacketChild when the packet process does not read
         self.closed = False
         self._r, self._w = socket.socketpair()
 
@@ -110,12 +111,17 @@ class FakeChannel:
 
     def configure(self, doors: Any, local: frozenset[str] | None) -> None:
         from appliance.capture.records import spa_users
+        from appliance.runtime.privsep import PacketProcessGone
 
+        if self.stuck:
+            raise PacketProcessGone("the packet process does not read its socket (stuck)")
         self.records.spa_users = spa_users(doors)
         self.calls.append(("config", tuple(door.name for door in doors), local))
 
-    def add(self, key: int, interface: str, sock: Any) -> None:
-        self.calls.append(("add", key, interface))
+    def add(self, key: int, interface: str, sock: Any, replaces: int | None = None) -> None:
+        self.calls.append(
+            ("add", key, interface) if replaces is None else ("add", key, interface, replaces)
+        )
 
     def remove(self, key: int) -> None:
         self.calls.append(("remove", key))
@@ -131,6 +137,7 @@ class FakeChannel:
             batch = self.records.read(self.messages.pop(0), now)
             merged.events += batch.events
             merged.logs += batch.logs
+            merged.failed += batch.failed
             if batch.counters is not None:
                 self.counters = merged.counters = batch.counters
         return merged

@@ -125,6 +125,32 @@ def test_a_valid_spa_record_with_bytes_flipped_never_raises(noise: bytes, at: in
         assert len(event.digest) == records.DIGEST_SIZE
 
 
+def test_regression_scope_ids_and_second_spellings_of_an_address_are_malformed() -> None:
+    """A forged SPA record with ``fe80::1%x\\n...`` (ipaddress accepts any scope id) would
+    carry a line break into log lines and firewall calls: only canonical addresses pass."""
+    reader = RecordReader(USERS)
+    bad = (
+        KNOCK._replace(src="fe80::1%eth0"),
+        KNOCK._replace(address="fe80::1%x\nforged: open ssh for 198.18.0.9"),
+        KNOCK._replace(address="2001:DB8::1"),
+        KNOCK._replace(src="2001:db8:0:0::1"),
+    )
+    for knock in bad:
+        assert reader.read(message(records.encode_spa(knock)), 1.0).events == []
+    assert reader.malformed == len(bad)
+    good = KNOCK._replace(src="2001:db8::1", address="2001:db8::1")
+    assert reader.read(message(records.encode_spa(good)), 1.0).events == [good._replace(ts=1.0)]
+
+
+def test_a_failed_socket_record_names_the_key_and_errno() -> None:
+    reader = RecordReader()
+    batch = reader.read(message(records.encode_failed(7, 104)), 1.0)
+    assert batch.failed == [(7, 104)]
+    impossible = struct.pack("!BIH", records.FAILED, 7, 0)
+    assert reader.read(message(impossible), 1.0).failed == []
+    assert reader.malformed == 1
+
+
 def test_an_spa_knock_carries_where_its_receipt_goes() -> None:
     knock = KNOCK._replace(dst="198.18.0.1", sport=40123)
     (event,) = RecordReader(USERS).read(message(records.encode_spa(knock)), 5.0).events
