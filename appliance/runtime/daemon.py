@@ -57,7 +57,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, assert_never
+from typing import TYPE_CHECKING, Any, Literal, assert_never
 
 from appliance.capture.bpf import capture_filter
 from appliance.capture.host import HostState, HostWatcher, address_change
@@ -113,13 +113,7 @@ from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.events_log import HELD_OFF, OPENED, UNRECORDED, EventLog, GrantBook
 from appliance.runtime.items import Signal, StatusRequest
 from appliance.runtime.logs import configure, flush_noise, log_command
-from appliance.runtime.metrics import (
-    MetricsHub,
-    MetricsRequest,
-    MetricsServer,
-    MetricsSnapshot,
-    Observations,
-)
+from appliance.runtime.metrics import MetricsRequest, MetricsSnapshot, Observations
 from appliance.runtime.preflight import command_line, preflight
 from appliance.runtime.privsep import PacketChannel, PacketProcessGone, spawn
 from appliance.runtime.receipts import ReceiptSender
@@ -134,6 +128,9 @@ from appliance.runtime.state import (
 from appliance.runtime.status import StatusServer
 from appliance.services.discovery import Changed, LabelSource, Listed, Removed
 from appliance.services.launcher import ServiceLauncher
+
+if TYPE_CHECKING:  # imported when metrics are configured (prometheus_client is heavy)
+    from appliance.runtime.metrics_server import MetricsServer
 
 log = logging.getLogger("knockgate")
 
@@ -339,6 +336,9 @@ class Daemon:
                 self.confine()
         metrics = self.config.settings.metrics
         if metrics is not None:  # a clear error (KnockgateError) before anything is touched
+            # Imported here: a daemon without metrics does not carry prometheus_client.
+            from appliance.runtime.metrics_server import MetricsHub, MetricsServer
+
             self.metrics = MetricsServer(metrics, MetricsHub(self.enqueue, self.clock))
             self.metrics.start()
         if self.services is not None and self.labels is not None:

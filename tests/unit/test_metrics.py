@@ -20,13 +20,8 @@ from appliance.errors import ConfigError, KnockgateError
 from appliance.firewall.memory import MemoryBackend
 from appliance.runtime.daemon import Daemon
 from appliance.runtime.items import Signal
-from appliance.runtime.metrics import (
-    Buckets,
-    MetricsHub,
-    MetricsRequest,
-    MetricsServer,
-    MetricsSnapshot,
-)
+from appliance.runtime.metrics import Buckets, MetricsRequest, MetricsSnapshot
+from appliance.runtime.metrics_server import MetricsHub, MetricsServer
 
 CONFIG = """\
 status_socket: {tmp}/status.sock
