@@ -213,28 +213,19 @@ def build(arch: Arch, control: int) -> list[Instruction]:
     simple = [(arch.numbers[name], "deny") for name in DENIED if name in arch.numbers]
     simple += [(arch.numbers[name], "enosys") for name in ENOSYS if name in arch.numbers]
     blocks: list[list[Instruction]] = []
-    for name, argument in CONTROL_ONLY.items():  # fd == control: allow, else deny
-        if name in arch.numbers:
-            blocks.append(
-                [
-                    Instruction(BPF_JEQ_K, 0, 4, arch.numbers[name]),
-                    _ld(_low(argument)),
-                    Instruction(BPF_JEQ_K, 0, 1, control),
-                    allow,
-                    deny,
-                ]
-            )
-    for name, argument in NOT_CONTROL.items():  # fd == control: deny, else allow
-        if name in arch.numbers:
-            blocks.append(
-                [
-                    Instruction(BPF_JEQ_K, 0, 4, arch.numbers[name]),
-                    _ld(_low(argument)),
-                    Instruction(BPF_JEQ_K, 0, 1, control),
-                    deny,
-                    allow,
-                ]
-            )
+    # fd == control: allow, else deny (CONTROL_ONLY); deny, else allow (NOT_CONTROL)
+    for table, on_control, otherwise in ((CONTROL_ONLY, allow, deny), (NOT_CONTROL, deny, allow)):
+        for name, argument in table.items():
+            if name in arch.numbers:
+                blocks.append(
+                    [
+                        Instruction(BPF_JEQ_K, 0, 4, arch.numbers[name]),
+                        _ld(_low(argument)),
+                        Instruction(BPF_JEQ_K, 0, 1, control),
+                        on_control,
+                        otherwise,
+                    ]
+                )
     for name, (argument, bits) in FLAGS.items():  # any of the bits: deny, else allow
         if name in arch.numbers:
             blocks.append(
