@@ -1190,7 +1190,9 @@ def _config(action: str, path: str, source: str | None, reload: bool) -> int:
     if not reload:
         print("knockgate: reload with: docker compose kill -s HUP knockgate")
         return 0
-    if os.getpid() != 1 and _appliance_pid_1():
+    from appliance.provision.reload import appliance_pid_1
+
+    if os.getpid() != 1 and appliance_pid_1():
         import signal
 
         os.kill(1, signal.SIGHUP)  # the entrypoint turns it into knockgate's reload
@@ -1289,15 +1291,6 @@ def _user_add(path: str, name: str, doors: list[str], host: str | None, output: 
     if not named:
         print(f"knockgate: the bundle calls the server {host} (--host NAME)", file=sys.stderr)
     return status
-
-
-def _appliance_pid_1() -> bool:
-    try:
-        with open("/proc/1/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-    except OSError:
-        return False
-    return any(arg.endswith(b"knockgate-entrypoint") for arg in argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Literal
 from appliance.config.schema import Config
 from appliance.errors import KnockgateError
 
-__all__ = ["ReloadResult", "reload_daemon"]
+__all__ = ["ReloadResult", "appliance_pid_1", "reload_daemon"]
 
 CONFIRM_TIMEOUT = 10.0
 
@@ -50,7 +50,8 @@ def _counters(socket_path: str) -> tuple[int, int, int] | None:
         return None
 
 
-def _appliance_pid_1() -> bool:
+def appliance_pid_1() -> bool:
+    """Whether this runs inside the appliance container (PID 1 is its entrypoint)."""
     try:
         with open("/proc/1/cmdline", "rb") as handle:
             argv = handle.read().split(b"\0")
@@ -99,7 +100,7 @@ def reload_daemon(config: Config, timeout: float = CONFIRM_TIMEOUT) -> ReloadRes
             return ReloadResult(
                 "unconfirmed", f"SIGHUP sent to knockgate (pid {pid}); no reload seen yet"
             )
-    if os.getpid() != 1 and _appliance_pid_1():
+    if os.getpid() != 1 and appliance_pid_1():
         os.kill(1, signal.SIGHUP)  # the entrypoint turns it into knockgate's reload
         return ReloadResult(
             "requested", "reload requested (docker compose logs knockgate: configuration reloaded)"
