@@ -249,16 +249,6 @@ def send_datagram(address_family: int, address: str, port: int, payload: bytes) 
     return local
 
 
-def local_address_for(address_family: int, address: str, port: int) -> str:
-    """The source address the kernel would pick to reach ``address`` (nothing is sent)."""
-    try:
-        with socket.socket(address_family, socket.SOCK_DGRAM) as sock:
-            sock.connect((address, port))
-            return str(sock.getsockname()[0])
-    except OSError as error:
-        raise KnockError(f"no route to {address}: {_reason(error)}") from None
-
-
 def _unknown_door(config: Config, door_name: str) -> str:
     known = ", ".join(door.name for door in config.doors)
     if not known:
