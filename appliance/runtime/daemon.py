@@ -1151,13 +1151,20 @@ class Daemon:
         """What ``knockgate status`` prints."""
         try:
             grants = [
-                {"address": g.address, "port": str(g.step), "expires_in": round(g.expires_in, 3)}
+                {
+                    "address": g.address,
+                    "port": str(g.step),
+                    "expires_in": round(g.expires_in, 3),
+                    "door": self._door_of(g.address, g.step),
+                }
                 for g in self.backend.grants()
             ]
         except FirewallError as error:
             grants = [{"error": str(error)}]
+        open_by_door = self.grant_book.by_door()
         return {
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "config": self.config.path,
             "backend": self.backend.name,
             "uptime": round(self.clock() - self.stats.started, 1),
@@ -1168,6 +1175,7 @@ class Daemon:
                     "steps": len(self.engine.active_sequence(door.name)),
                     "open": [str(p) for p in door.open.ports] if door.open else [],
                     "closes": list(door.close),  # a close door: the doors it revokes
+                    "grants": open_by_door.get(door.name, 0),  # this run's, in force
                 }
                 for door in self.config.doors
             ],
@@ -1197,6 +1205,16 @@ class Daemon:
                 "service_failures": self.services.failures if self.services else 0,
             },
         }
+
+    def _door_of(self, address: str, step: Step) -> str | None:
+        """The door a kernel grant belongs to: the one whose grant for ``address`` this
+        run made and that opens ``step``, else the only door opening ``step`` (a service
+        door's, a grant left by the previous run); ``None`` when that is ambiguous."""
+        doors = [d for d in self.config.doors if d.open is not None and step in d.open.ports]
+        held = [d for d in doors if self.grant_book.holds(d.name, address)]
+        if len(held) == 1 or len(doors) == 1:
+            return (held or doors)[0].name
+        return None
 
     def _capture_counters(self) -> dict[str, int]:
         counters = dict.fromkeys(COUNTER_NAMES, 0)
