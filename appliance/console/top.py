@@ -198,8 +198,9 @@ def _grants(snapshot: dict[str, Any]) -> Table:
         return table
     ordered = sorted(grants, key=lambda g: float(g.get("expires_in", 0)))
     for grant in ordered[:MAX_ROWS]:
+        service = f"service {grant['service']}" if grant.get("service") else "?"
         table.add_row(
-            str(grant.get("door") or "?"),
+            str(grant.get("door") or service),
             str(grant.get("address")),
             str(grant.get("port")),
             duration(float(grant.get("expires_in", 0))),
@@ -238,7 +239,7 @@ def _services(snapshot: dict[str, Any]) -> Table:
 
 
 def _state_style(state: str) -> str:
-    if state in ("ready", "running", "open"):
+    if state in ("ready", "serving", "idle", "open"):
         return "green"
     if state in ("failed", "closed"):
         return "red"

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import pytest
 from tests.integration.conftest import require_root_tools
 from tests.integration.daemon import PYTHON, REPO, Knockgate, connect, serve
 from tests.integration.netns import Topology, cleanup_stale
+from tests.integration.terminal import Terminal
 
 pytestmark = pytest.mark.integration
 
@@ -33,47 +33,6 @@ doors:
     knock: {sequence: [7113, 2231/udp, 9157], seq_timeout: 5}
     open: {ports: [22/tcp], duration: 30}
 """
-
-
-class Terminal:
-    """One tmux session on a tmux server of its own."""
-
-    def __init__(self, name: str) -> None:
-        self.server = name
-        self.session = name
-
-    def tmux(self, *args: str) -> str:
-        done = subprocess.run(
-            ["tmux", "-L", self.server, *args], capture_output=True, text=True, timeout=10
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"tmux {' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout
-
-    def start(self, command: str, width: int = 120, height: int = 40) -> None:
-        self.tmux(
-            "-f", "/dev/null", "new-session", "-d", "-s", self.session,
-            "-x", str(width), "-y", str(height), "-c", str(REPO), command,
-        )  # fmt: skip
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-t", self.session)
-
-    def wait_for(self, found: Callable[[str], bool], timeout: float = 15) -> str:
-        deadline = time.monotonic() + timeout
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if found(screen):
-                return screen
-            time.sleep(0.2)
-        raise AssertionError(f"not on the screen within {timeout} s:\n{screen}")
-
-    def kill(self) -> None:
-        """The tmux server, its processes and its socket (kill-server leaves the file)."""
-        subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True, timeout=10)
-        directory = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}"
-        (directory / self.server).unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -139,7 +98,7 @@ def test_top_shows_the_door_the_grant_counting_down_and_the_rates(
         assert daemon.stop() == 0
         gone = terminal.wait_for(lambda s: "daemon not reachable, retrying" in s)
         assert "Traceback" not in gone
-        terminal.tmux("send-keys", "-t", terminal.session, "C-c")
+        terminal.keys("C-c")
         ended = terminal.wait_for(lambda s: "kg-top-exited" in s, timeout=5)
         assert "kg-top-exited 0" in ended and "Traceback" not in ended
     finally:

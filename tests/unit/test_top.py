@@ -234,3 +234,35 @@ def test_the_daemon_does_not_load_rich() -> None:
     code = "import sys, appliance.cli, appliance.runtime.daemon; print('rich' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_grant_on_a_service_port_names_the_service_when_doors_share_it(
+    tmp_path: Path,
+) -> None:
+    """Two doors lead to service git: its grant's door is not known (the service holds
+    it, not a door), so the snapshot names the service and the frame shows that."""
+    from appliance.core.model import Step
+
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path}/status.sock\nstate_dir: {tmp_path}/state\n"
+        "services:\n  git:\n    image: git:test\n"
+        "    container_port: 22\n    host_port: 2222\n"
+        "doors:\n"
+        "  git:\n    knock: {sequence: [5001, 5002]}\n    service: git\n"
+        "  git-too:\n    knock: {sequence: [5003, 5004]}\n    service: git\n"
+        "  ssh:\n    knock: {sequence: [5005, 5006]}\n    open: {ports: [22/tcp]}\n"
+    )
+    clock = Clock()
+    daemon = Daemon(
+        load_config(str(path)), MemoryBackend(clock), clock=clock, wall=clock, capture=False
+    )
+    assert daemon._grant_owner(A, Step(2222, "tcp")) == {"door": None, "service": "git"}
+    assert daemon._grant_owner(A, Step(22, "tcp")) == {"door": "ssh"}
+    assert daemon._grant_owner(A, Step(9999, "tcp")) == {"door": None}
+    snapshot = {
+        "grants": [
+            {"address": A, "port": "2222/tcp", "expires_in": 5.0, "door": None, "service": "git"}
+        ]
+    }
+    assert has(render(frame(snapshot)), "service git", A, "2222/tcp", "5 s")
