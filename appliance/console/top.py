@@ -105,8 +105,9 @@ def frame(
 
 
 class _Panes:
-    """Four tables two by two, or one under the other when the terminal is narrow
-    (decided at each render, so a resized terminal gets the layout that fits)."""
+    """Doors beside rates (the doors wider), grants beside services, or one under the
+    other when the terminal is narrow (decided at each render, so a resized terminal
+    gets the layout that fits)."""
 
     def __init__(self, *tables: Table) -> None:
         self.tables = tables
@@ -115,12 +116,13 @@ class _Panes:
         if options.max_width < WIDE:
             yield Group(*self.tables)
             return
-        grid = Table.grid(expand=True, padding=(0, 1))
-        grid.add_column(ratio=1)
-        grid.add_column(ratio=1)
-        for left, right in zip(self.tables[::2], self.tables[1::2], strict=True):
+        doors, rates, grants, services = self.tables
+        for (left, right), ratios in (((doors, rates), (3, 2)), ((grants, services), (1, 1))):
+            grid = Table.grid(expand=True, padding=(0, 1))
+            grid.add_column(ratio=ratios[0])
+            grid.add_column(ratio=ratios[1])
             grid.add_row(left, right)
-        yield grid
+            yield grid
 
 
 def unreachable(path: str, reason: str, interval: float, now: float | None = None) -> Panel:

@@ -94,6 +94,12 @@ def test_top_shows_the_door_the_grant_counting_down_and_the_rates(
         # Live: the time left counts down, the rates turn into numbers.
         later = terminal.wait_for(lambda s: (grant_left(s, client) or 99) <= left - 2)
         assert re.search(r"packets/s 0\.0 3\b", squeeze(later)), later
+        # A narrower terminal: the tables go one under the other, nothing cut.
+        terminal.tmux("resize-window", "-t", terminal.session, "-x", "80", "-y", "50")
+        narrow = terminal.wait_for(lambda s: "rates" in s.splitlines() and "doors" in s)
+        assert max(len(line) for line in narrow.splitlines()) <= 80
+        assert "ssh 3-step sequence 22/tcp 1" in squeeze(narrow), narrow
+        assert grant_left(narrow, client) is not None, narrow
         # The daemon goes away: a retrying frame, no traceback; Ctrl-C ends with 0.
         assert daemon.stop() == 0
         gone = terminal.wait_for(lambda s: "daemon not reachable, retrying" in s)
