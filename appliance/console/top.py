@@ -35,6 +35,7 @@ from appliance.runtime.status import events, query
 EVENTS_SHOWN = 6
 MAX_ROWS = 20  # grants or containers listed; the rest are counted ("... 3 more")
 WIDE = 100  # columns from which the tables sit two by two
+DATE = len("2026-12-04 ")  # an event line's date, left out
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +261,7 @@ def _events(recent: Sequence[dict[str, Any]]) -> Table:
     table = _table("recent events", "event", wide="event")
     table.show_header = False
     for record in recent[-EVENTS_SHOWN:]:
-        table.add_row(EventRecord.from_dict(record).text()[len("2026-12-05 ") :])
+        table.add_row(EventRecord.from_dict(record).text()[DATE:])  # the time is enough
     if not recent:
         table.add_row(Text("none yet", "dim"))
     return table
@@ -320,4 +321,6 @@ def run(path: str, interval: float, once: bool, console: Console | None = None) 
                 live.update(top.refresh())
                 time.sleep(interval)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `knockgate top --once | head`
         return 0
