@@ -182,19 +182,25 @@ def _table(title: str, *columns: str, wide: str = "") -> Table:
 
 
 def _doors(snapshot: dict[str, Any]) -> Table:
+    """Each door, with the addresses its grants in the kernel are for now."""
     table = _table("doors", "door", "knock", "opens", "grants", wide="opens")
+    holders: dict[str, set[str]] = {}
+    for grant in snapshot.get("grants") or []:
+        if grant.get("door"):
+            holders.setdefault(str(grant["door"]), set()).add(str(grant.get("address")))
     for door in snapshot.get("doors") or []:
         kind = str(door.get("knock", "sequence"))
         how = kind if kind.startswith("spa") else f"{door.get('steps')}-step {kind}"
         opens = ", ".join(door.get("open") or [])
         if door.get("closes"):
             opens = "closes " + ", ".join(door["closes"])
-        table.add_row(str(door.get("name")), how, opens or "(commands)", str(door.get("grants", 0)))
+        grants = len(holders.get(str(door.get("name")), ()))
+        table.add_row(str(door.get("name")), how, opens or "(commands)", str(grants))
     return table
 
 
 def _grants(snapshot: dict[str, Any]) -> Table:
-    table = _table("grants", "door", "address", "port", "left", wide="address")
+    table = _table("grants", "door", "address", "port", "remaining", wide="address")
     grants = snapshot.get("grants") or []
     if grants and "error" in grants[0]:
         table.add_row(Text(f"cannot list: {grants[0]['error']}", "red"), "", "", "")

@@ -1161,7 +1161,6 @@ class Daemon:
             ]
         except FirewallError as error:
             grants = [{"error": str(error)}]
-        open_by_door = self.grant_book.by_door()
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -1175,7 +1174,6 @@ class Daemon:
                     "steps": len(self.engine.active_sequence(door.name)),
                     "open": [str(p) for p in door.open.ports] if door.open else [],
                     "closes": list(door.close),  # a close door: the doors it revokes
-                    "grants": open_by_door.get(door.name, 0),  # this run's, in force
                 }
                 for door in self.config.doors
             ],

@@ -187,7 +187,6 @@ def test_status_snapshot(setup: tuple[Daemon, MemoryBackend, Clock, Path]) -> No
     assert snapshot["attempts"] == 2  # 9157 also began door close; 4001 began door cmd
     assert snapshot["counters"]["opened"] == 1
     assert [d["name"] for d in snapshot["doors"]] == ["ssh", "close", "cmd"]
-    assert [d["grants"] for d in snapshot["doors"]] == [1, 0, 0]  # this run's, by door
     assert snapshot["host"]
 
 

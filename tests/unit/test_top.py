@@ -266,3 +266,14 @@ def test_a_grant_on_a_service_port_names_the_service_when_doors_share_it(
         ]
     }
     assert has(render(frame(snapshot)), "service git", A, "2222/tcp", "5 s")
+
+
+def test_a_flood_of_grants_is_cut_to_the_first_to_end_and_counted() -> None:
+    grants = [
+        {"address": f"198.18.7.{i}", "port": "22/tcp", "expires_in": 100.0 - i, "door": "ssh"}
+        for i in range(25)
+    ]
+    lines = render(frame({"grants": grants}))
+    assert has(lines, "ssh", r"198\.18\.7\.24", "22/tcp", "1m16s")  # the soonest first
+    assert not has(lines, r"198\.18\.7\.4 ")  # the 21st to end and later: counted
+    assert has(lines, r"\.\.\. 5 more")
