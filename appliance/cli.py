@@ -137,6 +137,18 @@ def _parser() -> argparse.ArgumentParser:
         "--last", type=int, default=1000, metavar="N", help="recent events first (default 1000)"
     )
 
+    top = commands.add_parser(
+        "top", help="a live dashboard of the running daemon: doors, grants, services, rates"
+    )
+    top.add_argument("--config", metavar="FILE", help="take the socket path from this config")
+    top.add_argument("--socket", metavar="PATH", help="the daemon's status socket")
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (1)"
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one frame (rates over --interval) and exit"
+    )
+
     init = commands.add_parser(
         "init", help="write a first configuration with a random knock, unless one exists"
     )
@@ -420,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args.config, args.socket, args.json)
         if args.command == "events":
             return _events(args.config, args.socket, args.follow, args.json, args.last)
+        if args.command == "top":
+            return _top(args.config, args.socket, args.interval, args.once)
         if args.command == "teardown":
             return _teardown(args.config)
         if args.command == "init":
@@ -1001,6 +1015,19 @@ def _events(
     except BrokenPipeError:  # `knockgate events | head`
         return 0
     return 0
+
+
+def _top(config: str | None, socket_path: str | None, interval: float, once: bool) -> int:
+    from appliance.config.schema import DEFAULT_STATUS_SOCKET
+    from appliance.console.top import run  # rich: loaded only for this command
+
+    if not 0.1 <= interval <= 3600:
+        raise KnockgateError(f"top --interval: expected 0.1 to 3600 seconds, not {interval:g}")
+    if socket_path is None:
+        socket_path = (
+            load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
+        )
+    return run(socket_path, interval, once)
 
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:

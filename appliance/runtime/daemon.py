@@ -1151,13 +1151,19 @@ class Daemon:
         """What ``knockgate status`` prints."""
         try:
             grants = [
-                {"address": g.address, "port": str(g.step), "expires_in": round(g.expires_in, 3)}
+                {
+                    "address": g.address,
+                    "port": str(g.step),
+                    "expires_in": round(g.expires_in, 3),
+                    **self._grant_owner(g.address, g.step),
+                }
                 for g in self.backend.grants()
             ]
         except FirewallError as error:
             grants = [{"error": str(error)}]
         return {
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "config": self.config.path,
             "backend": self.backend.name,
             "uptime": round(self.clock() - self.stats.started, 1),
@@ -1197,6 +1203,22 @@ class Daemon:
                 "service_failures": self.services.failures if self.services else 0,
             },
         }
+
+    def _grant_owner(self, address: str, step: Step) -> dict[str, str | None]:
+        """The door a kernel grant belongs to: the one whose grant for ``address`` this
+        run made and that opens ``step``, else the only door opening ``step`` (a grant
+        left by the previous run, a service door's); ``None`` when that is ambiguous.
+        A grant on a service's port also names the service (several doors may lead to
+        it: the service knows who holds it, not through which door)."""
+        doors = [d for d in self.config.doors if d.open is not None and step in d.open.ports]
+        held = [d for d in doors if self.grant_book.holds(d.name, address)]
+        owner: dict[str, str | None] = {"door": None}
+        if len(held) == 1 or len(doors) == 1:
+            owner["door"] = (held or doors)[0].name
+        services = {d.service for d in doors}
+        if len(services) == 1 and None not in services:
+            owner["service"] = services.pop()
+        return owner
 
     def _capture_counters(self) -> dict[str, int]:
         counters = dict.fromkeys(COUNTER_NAMES, 0)

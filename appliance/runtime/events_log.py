@@ -222,6 +222,10 @@ class GrantBook:
                 out.append((door, address))
         return out
 
+    def holds(self, door: str, address: str) -> bool:
+        """Whether this run's grant at ``door`` for ``address`` is still in force."""
+        return (door, address) in self._until
+
     def by_door(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for door, _ in self._until:

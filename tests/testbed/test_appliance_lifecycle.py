@@ -8,6 +8,8 @@
   another nftables table stay).
 - supervisord starts without a ``CRIT`` line (its control socket has a password) and the
   entrypoint's ``supervisorctl`` still reaches it (a HUP reloads knockgate in place).
+- ``docker compose exec appliance knockgate top`` in a real terminal (tmux) shows the live
+  dashboard: the doors, a knocker's grant with its time left, the service it started.
 - A broken configuration: ``knockgate config apply`` refuses it (the running one stays); a
   restart with a broken file waits (one report, no restart loop) and starts once it is
   fixed and the container gets a SIGHUP.
@@ -17,11 +19,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 
 import pytest
 
+from tests.integration.conftest import require
+from tests.integration.terminal import Terminal
 from tests.testbed.test_appliance_signals import (  # the module-scoped fixtures come along
     Appliance,
     appliance,  # noqa: F401 (a fixture)
@@ -29,7 +34,9 @@ from tests.testbed.test_appliance_signals import (  # the module-scoped fixtures
 from tests.testbed.test_testbed import (
     APPLIANCE_CONFIG,
     BASE_IMAGE,
+    CLIENT,
     COMPOSE_FILE,
+    DOCKER,
     OWNER,
     WEB_KNOCK,
     WEB_PORT,
@@ -114,6 +121,39 @@ def test_compose_run_show_knock_prints_the_knock_not_a_second_appliance(
     checked = compose_run(bed, "check", APPLIANCE_CONFIG)
     assert checked.returncode == 0 and "valid yaml configuration" in checked.stdout
     assert bed.count_log(r"spawned: 'knockgate'") == spawned  # the appliance untouched
+
+
+def test_top_over_compose_exec_shows_the_live_dashboard(appliance: Appliance) -> None:  # noqa: F811
+    require(shutil.which("tmux") is not None, "tmux is not installed (apt-get install tmux)")
+    bed = appliance.bed
+    terminal = Terminal(f"kg-top-tb-{os.getpid()}")
+    terminal.kill()
+    compose = [
+        DOCKER, "compose", "-f", str(COMPOSE_FILE), "-f", str(appliance.override),
+        "-p", bed.project, "exec", "appliance", "knockgate", "top", "--config", APPLIANCE_CONFIG,
+    ]  # fmt: skip
+    # KGTB_DOCKER_HOST as Appliance.compose leaves it; COLUMNS/LINES: the terminal's size.
+    command = "env -u KGTB_DOCKER_HOST -u COLUMNS -u LINES " + " ".join(compose)
+    try:
+        terminal.start(f"{command}; echo kg-top-exited $?; sleep 60")
+        first = squeeze(terminal.wait_for(lambda s: "capturing on kgtb0" in s, timeout=30))
+        assert "firewall nftables" in first
+        assert "ssh 3-step sequence 2222/tcp" in first
+        assert re.search(r"ssh serving|ssh ready|ssh cold", first), first
+        bed.knock_door("ssh")
+        grant = re.compile(rf"ssh {re.escape(CLIENT)} 2222/tcp (\d+) s")
+        live = squeeze(terminal.wait_for(lambda s: grant.search(squeeze(s)) is not None, 20))
+        assert re.search(r"ssh (serving|ready) up ", live), live
+        assert re.search(r"knocks/s \S+ [1-9]", live), live
+        terminal.keys("C-c")
+        ended = terminal.wait_for(lambda s: "kg-top-exited" in s, timeout=10)
+        assert "kg-top-exited 0" in ended and "Traceback" not in ended
+    finally:
+        terminal.kill()
+
+
+def squeeze(screen: str) -> str:
+    return re.sub(r"[ \t]+", " ", screen)
 
 
 def test_config_apply_refuses_a_broken_edit_and_keeps_the_running_config(

@@ -181,10 +181,13 @@ def test_status_snapshot(setup: tuple[Daemon, MemoryBackend, Clock, Path]) -> No
     knock(daemon, clock, A, "7113", "2231/udp", "9157", "4001")
     snapshot = daemon.snapshot()
     assert snapshot["backend"] == "memory"
-    assert snapshot["grants"] == [{"address": A, "port": "22/tcp", "expires_in": 29.9}]
+    assert snapshot["grants"] == [
+        {"address": A, "port": "22/tcp", "expires_in": 29.9, "door": "ssh"}
+    ]
     assert snapshot["attempts"] == 2  # 9157 also began door close; 4001 began door cmd
     assert snapshot["counters"]["opened"] == 1
     assert [d["name"] for d in snapshot["doors"]] == ["ssh", "close", "cmd"]
+    assert snapshot["host"]
 
 
 def test_status_over_the_socket(setup: tuple[Daemon, MemoryBackend, Clock, Path]) -> None:
