@@ -12,9 +12,10 @@ import math
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from appliance.config.schema import FleetSettings
 from appliance.core.events import Record, SpaDigestSeen, TotpStepUsed
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -177,3 +178,12 @@ class FleetHealth:
 
 
 FleetItem = FleetApply | FleetClaimed | FleetHealth
+
+
+def same_fleet(old: FleetSettings | None, new: FleetSettings | None) -> bool:
+    """Whether a reload keeps the group's settings (the doors' own fleet keys aside)."""
+    if old is None or new is None:
+        return old is new
+    return replace(old, local_doors=frozenset(), start_services=frozenset()) == replace(
+        new, local_doors=frozenset(), start_services=frozenset()
+    )

@@ -109,7 +109,7 @@ from appliance.core.lifecycle import (
 from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
-from appliance.fleet.messages import FleetApply, FleetClaimed, FleetHealth
+from appliance.fleet.messages import FleetApply, FleetClaimed, FleetHealth, same_fleet
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.events_log import HELD_OFF, OPENED, UNRECORDED, EventLog, GrantBook
 from appliance.runtime.items import Signal, StatusRequest
@@ -1093,6 +1093,7 @@ class Daemon:
             self._guarded("reload labels", self._relabel)
         self.stats.reloads += 1
         self._guarded("reload metrics", self._forget_removed)
+        self._guarded("reload fleet", self._fleet_reloaded)
         self.events.event("reload", detail=f"{len(loaded.config.doors)} door(s)")
         for warning in loaded.warnings:
             log.warning("%s", warning)
@@ -1126,6 +1127,12 @@ class Daemon:
         running = self.metrics.settings if self.metrics is not None else None
         if metrics != running:
             log.warning("metrics: the new metrics settings take effect at the next start")
+
+    def _fleet_reloaded(self) -> None:
+        """The doors' fleet keys apply at once; the group's own settings at the next start."""
+        running = self.fleet.settings if self.fleet is not None else None
+        if not same_fleet(running, self.config.settings.fleet):
+            log.warning("fleet: the new fleet settings take effect at the next start")
 
     def _service_names(self) -> set[str]:
         names = {service.name for service in self.config.services}
@@ -1189,6 +1196,7 @@ class Daemon:
             services_running=running,
             doors=tuple(door.name for door in self.config.doors),
             events_followers_dropped=self.events.followers_dropped,
+            fleet=self.fleet.numbers() if self.fleet is not None else None,
         )
 
     def snapshot(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from appliance.fleet.messages import (
     Keys,
 )
 from appliance.fleet.store import FleetStore
+from appliance.runtime.metrics import FleetNumbers
 
 if TYPE_CHECKING:
     from appliance.runtime.daemon import Daemon
@@ -253,6 +254,16 @@ class FleetHooks:
         self._applied = {k: d for k, d in self._applied.items() if d > now}
 
     # ----------------------------------------------------------------- status, metrics
+
+    def numbers(self) -> FleetNumbers:
+        return FleetNumbers(
+            reachable=self.reachable,
+            published=self.link.published,
+            applied=self.applied,
+            revocations_applied=self.revocations_applied,
+            backlog=self.link.backlog,
+            claims=dict(self.claims),
+        )
 
     def snapshot(self) -> dict[str, Any]:
         now = self.daemon.wall()

@@ -3,6 +3,7 @@ share grants, revocations and claims through it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -353,3 +354,76 @@ def test_a_claim_that_never_answers_counts_as_unreachable(fleet: Fleet) -> None:
     assert not a.fleet.pending
     assert a.fleet.claims["unreachable"] == 1
     assert not wall_a.is_open(A, Step(2222, "tcp"))
+
+
+# ----------------------------------------------------------------- status, metrics
+
+
+def test_status_and_metrics_show_the_fleets_health(fleet: Fleet) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.runtime.metrics_server import MetricsHub
+    from appliance.runtime.status import fleet_lines
+
+    a, _ = fleet.start("a")
+    fleet.start("b")
+    fleet.knock("b", A, "7113", "2231/udp", "9157")
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.applied == 1)
+    fleet.store.down = True
+    fleet.store.wake()
+    assert fleet.pump(lambda: a.fleet is not None and not a.fleet.reachable)
+    block = a.snapshot()["fleet"]
+    assert block["reachable"] is False and "memory store down" in block["last_error"]
+    lines = fleet_lines(block)
+    assert lines[0].startswith(
+        "fleet prod: this host a, redis://knockgate@198.18.0.5:6379/0 UNREACHABLE"
+    )
+    assert "peers seen: b (" in lines[2]
+    assert fleet_lines(None) == []
+
+    snapshot = a.metrics_snapshot()
+    hub = MetricsHub(lambda item: item.reply(snapshot), clock=lambda: snapshot.taken)
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(hub.exposition().decode())
+        for s in family.samples
+    }
+    assert got[("knockgate_fleet_reachable", ())] == 0
+    assert got[("knockgate_fleet_applied_total", (("kind", "grant"),))] == 1
+    assert got[("knockgate_fleet_claims_total", (("outcome", "taken"),))] == 0
+
+
+def test_a_daemon_without_a_fleet_does_not_import_redis() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, appliance.runtime.daemon, appliance.runtime.fleet; print('redis' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_reload_applies_door_keys_at_once_and_group_settings_at_the_next_start(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    path = Path(a.config.path)
+    path.write_text(
+        path.read_text().replace(
+            "    open: {ports: [22/tcp], duration: 30}\n",
+            "    open: {ports: [22/tcp], duration: 30}\n    fleet: false\n",
+        )
+    )
+    a.reload()
+    assert a.config.settings.fleet is not None and a.config.settings.fleet.local_doors == {
+        "local",
+        "ssh",
+    }
+    assert "take effect at the next start" not in caplog.text
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_b.is_open(A, SSH)
+    path.write_text(path.read_text().replace("on_outage: refuse", "on_outage: local"))
+    with caplog.at_level(logging.WARNING, logger="knockgate"):
+        a.reload()
+    assert "fleet: the new fleet settings take effect at the next start" in caplog.text
