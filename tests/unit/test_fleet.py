@@ -429,3 +429,20 @@ def test_a_reload_applies_door_keys_at_once_and_group_settings_at_the_next_start
     )
     a.reload()
     assert "fleet: the new fleet settings take effect at the next start" in warnings
+
+
+def test_an_outage_backlog_publishes_only_grants_still_live(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.store.down = True
+    fleet.store.wake()
+    assert fleet.pump(lambda: a.fleet is not None and not a.fleet.reachable)
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.backlog == 1)
+    fleet.clock.now += 31  # its deadline passes during the outage
+    fleet.knock("a", B, "7113", "2231/udp", "9157")
+    fleet.store.down = False
+    assert fleet.pump(lambda: wall_b.is_open(B, SSH))
+    assert not wall_b.is_open(A, SSH)
+    assert a.fleet is not None and a.fleet.link.backlog == 0 and a.fleet.link.published == 1
+    assert wall_a.is_open(B, SSH)
