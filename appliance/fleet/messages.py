@@ -17,15 +17,20 @@ from typing import Literal
 
 from appliance.config.schema import FleetSettings
 from appliance.core.events import Record, SpaDigestSeen, TotpStepUsed
+from appliance.core.model import Step
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_PORT = re.compile(r"([0-9]{1,5})/(tcp|udp)")
 ONE_TIME_CLAIM = 366 * 86_400.0  # a one-time line stays used (a claim needs a lifetime)
 MIN_CLAIM = 1.0  # seconds: a claim never lives shorter than this
 
 
 @dataclass(frozen=True, slots=True)
 class FleetMessage:
-    """A grant (``deadline``: unix time) or a revocation, made on host ``origin``."""
+    """A grant (``deadline``: unix time) or a revocation, made on host ``origin``.
+
+    ``ports``: what the grant opened (an SPA user may open only some of a door's ports);
+    a host applying it opens those of its own door's ports, never more."""
 
     kind: Literal["grant", "revoke"]
     door: str
@@ -33,6 +38,7 @@ class FleetMessage:
     deadline: float
     origin: str
     id: str
+    ports: tuple[Step, ...] = ()
 
     @property
     def field(self) -> str:
@@ -47,15 +53,35 @@ class FleetMessage:
             "deadline": f"{self.deadline:.3f}",
             "origin": self.origin,
             "id": self.id,
+            "ports": _ports_text(self.ports),
         }
+
+
+def _ports_text(ports: tuple[Step, ...]) -> str:
+    return ",".join(str(port) for port in ports) or "-"
+
+
+def _parse_ports(text: str) -> tuple[Step, ...] | None:
+    """``22/tcp,80/tcp`` (``-``: none); ``None`` when any part is not a port."""
+    if text == "-":
+        return ()
+    ports: list[Step] = []
+    for part in text.split(",")[:64]:
+        match = _PORT.fullmatch(part)
+        if match is None or not 0 < int(match[1]) < 65536:
+            return None
+        ports.append(Step(int(match[1]), "udp" if match[2] == "udp" else "tcp"))
+    return tuple(ports)
 
 
 def new_id() -> str:
     return secrets.token_hex(8)
 
 
-def grant(door: str, address: str, deadline: float, origin: str) -> FleetMessage:
-    return FleetMessage("grant", door, address, deadline, origin, new_id())
+def grant(
+    door: str, address: str, deadline: float, origin: str, ports: tuple[Step, ...]
+) -> FleetMessage:
+    return FleetMessage("grant", door, address, deadline, origin, new_id(), ports)
 
 
 def revoke(door: str, address: str, origin: str) -> FleetMessage:
@@ -77,23 +103,26 @@ def decode(fields: Mapping[str, str]) -> FleetMessage | None:
         return None
     if not math.isfinite(deadline) or (kind == "grant" and deadline <= 0):
         return None
+    ports = _parse_ports(fields.get("ports", "-"))
+    if ports is None or (kind == "grant" and not ports):
+        return None
     ident = fields.get("id", "")[:64]
     return FleetMessage(
-        "grant" if kind == "grant" else "revoke", door, address, deadline, origin, ident
+        "grant" if kind == "grant" else "revoke", door, address, deadline, origin, ident, ports
     )
 
 
 def encode_live(message: FleetMessage) -> str:
     """A live grant's value in the hash (its field holds door and address)."""
-    return f"{message.deadline:.3f} {message.origin} {message.id}"
+    return f"{message.deadline:.3f} {message.origin} {message.id} {_ports_text(message.ports)}"
 
 
 def decode_live(field: str, value: str) -> FleetMessage | None:
     door, _, address = field.partition("|")
     parts = value.split(" ")
-    if len(parts) != 3:
+    if len(parts) != 4:
         return None
-    deadline, origin, ident = parts
+    deadline, origin, ident, ports = parts
     return decode(
         {
             "kind": "grant",
@@ -102,6 +131,7 @@ def decode_live(field: str, value: str) -> FleetMessage | None:
             "deadline": deadline,
             "origin": origin,
             "id": ident,
+            "ports": ports,
         }
     )
 

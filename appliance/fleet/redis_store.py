@@ -3,8 +3,8 @@
 Key layout (``NAME``: the fleet; the braces make one Cluster hash slot)::
 
     kg:{NAME}:events             stream: every grant and revocation (MAXLEN ~ 10000)
-                                 fields kind, door, address, deadline, origin, id
-    kg:{NAME}:grants             hash: DOOR|ADDRESS -> "DEADLINE ORIGIN ID", the live grants
+                                 fields kind, door, address, deadline, origin, id, ports
+    kg:{NAME}:grants             hash: DOOR|ADDRESS -> "DEADLINE ORIGIN ID PORTS", live grants
     kg:{NAME}:deadlines          sorted set: DOOR|ADDRESS scored by its deadline (cleanup)
     kg:{NAME}:spa:HEXDIGEST      claims, SET NX PX: an SPA packet used (value: the host)
     kg:{NAME}:totp:DOOR:STEP     a TOTP step used

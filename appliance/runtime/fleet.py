@@ -95,7 +95,7 @@ class FleetHooks:
         if self.fleet.shares(grant.door):
             deadline = self.daemon.wall() + seconds
             self.link.publish(
-                messages.grant(grant.door, grant.address, deadline, self.settings.host)
+                messages.grant(grant.door, grant.address, deadline, self.settings.host, grant.ports)
             )
 
     def revoked(self, revoke: Revoke) -> None:
@@ -201,7 +201,10 @@ class FleetHooks:
             self._forget_past()
         self._applied[key] = message.deadline
         now = daemon.clock()
-        ports = door.open.ports
+        ports = tuple(port for port in door.open.ports if port in message.ports)
+        if not ports:  # none of what was granted is this host's door's
+            self.skipped += 1
+            return
         detail = f"fleet from {message.origin}"
         if door.service is not None:
             service = daemon.config.service(door.service)
@@ -211,7 +214,7 @@ class FleetHooks:
             daemon.services.request(
                 Grant(now, door.name, message.address, ports, now + remaining), service.name
             )
-        elif ports:
+        else:
             try:
                 daemon.backend.grant(message.address, ports, remaining)
             except FirewallError as error:

@@ -83,6 +83,7 @@ PUBLISH = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from appliance.config.schema import FleetSettings
+from appliance.core.model import Step
 from appliance.fleet.messages import grant
 from appliance.fleet.redis_store import RedisStore
 settings = FleetSettings(
@@ -94,7 +95,7 @@ deadline = time.time() + 600
 start = time.monotonic()
 for i in range(count):
     address = f'198.19.{i // 250}.{i % 250 + 1}'
-    store.publish(grant('ssh', address, deadline, 'bench'), time.time())
+    store.publish(grant('ssh', address, deadline, 'bench', (Step(22, 'tcp'),)), time.time())
 seconds = time.monotonic() - start
 claims = []
 for i in range(1000):

@@ -59,7 +59,7 @@ doors:
     spa:
       users:
         alice: {{key_base64: {key}, hmac_key_base64: {hmac}, ports: [2222/tcp]}}
-    open: {{ports: [2222/tcp], duration: 30}}
+    open: {{ports: [2222/tcp, 2223/tcp], duration: 30}}
 """
 
 
@@ -231,7 +231,7 @@ def test_a_door_may_stay_local_or_start_its_service(tmp_path: Path) -> None:
 
 
 def test_messages_round_trip_and_garbage_is_refused() -> None:
-    message = grant("ssh", "2001:db8::1", 1234.5, "web-1")
+    message = grant("ssh", "2001:db8::1", 1234.5, "web-1", (SSH, Step(53, "udp")))
     assert decode(message.fields()) == message
     assert decode_live(message.field, encode_live(message)) == message
     assert decode({**message.fields(), "address": "198.18.0.1; flush ruleset"}) is None
@@ -239,6 +239,8 @@ def test_messages_round_trip_and_garbage_is_refused() -> None:
     assert decode({**message.fields(), "deadline": "nan"}) is None
     assert decode({**message.fields(), "kind": "open"}) is None
     assert decode_live("ssh|198.18.0.1", "12 web-1") is None
+    assert decode({**message.fields(), "ports": "22/tcp,99999/tcp"}) is None
+    assert decode({**message.fields(), "ports": "-"}) is None  # a grant opens something
 
 
 def test_claim_keys_share_the_local_caches_identity() -> None:
@@ -310,7 +312,8 @@ def test_an_spa_packet_used_on_one_host_is_refused_on_another(fleet: Fleet) -> N
     data = fleet.packet()
     fleet.spa("a", data)
     assert fleet.pump(lambda: wall_a.is_open(A, port))  # the claim answered, then the grant
-    fleet.pump(lambda: wall_b.is_open(A, port))  # the fleet grant reaches B
+    assert fleet.pump(lambda: wall_b.is_open(A, port))  # the fleet grant reaches B
+    assert not wall_b.is_open(A, Step(2223, "tcp"))  # alice may open 2222 only, there too
     wall_b.table.clear()
     fleet.spa("b", data)  # the same bytes, replayed to B
     assert fleet.pump(lambda: b.fleet is not None and b.fleet.claims["taken"] == 1)
