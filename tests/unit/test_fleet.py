@@ -456,3 +456,63 @@ def test_an_outage_backlog_publishes_only_grants_still_live(fleet: Fleet) -> Non
     assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.published == 1)
     assert a.fleet is not None and a.fleet.link.backlog == 0
     assert wall_a.is_open(B, SSH)
+
+
+def test_a_fleet_grant_starts_a_service_only_where_the_door_says_so(tmp_path: Path) -> None:
+    import socket
+
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.launcher import ServiceLauncher
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    clock = Clock()
+    store = MemoryStore("prod")
+    web = Step(8080, "tcp")
+    group = Fleet(tmp_path)
+    group.clock = clock
+    started: dict[str, tuple[Daemon, MemoryBackend, FakeRuntime]] = {}
+    try:
+        for host, door_fleet in (
+            ("a", ""),
+            ("b", "    fleet: {start_services: true}\n"),
+            ("c", ""),
+        ):
+            path = tmp_path / f"{host}.yaml"
+            path.write_text(
+                f"status_socket: {tmp_path / host}.sock\nstate_dir: {tmp_path / host}-state\n"
+                f"fleet: {{name: prod, host: {host}, redis: 'redis://198.18.0.5'}}\n"
+                "services:\n"
+                f"  web: {{image: 'web:test', container_port: {port}, host_port: 8080,"
+                " ready: {tcp: true, timeout: 2}}\n"
+                "doors:\n  web:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+                "    service: {name: web, duration: 30}\n" + door_fleet
+            )
+            loaded = load_config(str(path))
+            runtime = FakeRuntime()
+            launcher = ServiceLauncher(runtime, loaded.config.services, f"o-{host}", clock=clock)
+            backend = MemoryBackend(clock)
+            daemon = Daemon(
+                loaded, backend, clock=clock, wall=clock, capture=False, launcher=launcher
+            )
+            daemon.fleet_store = lambda _settings: store
+            daemon.start()
+            started[host] = (daemon, backend, runtime)
+            group.daemons[host] = (daemon, backend)
+        assert group.pump(
+            lambda: all(d.fleet and d.fleet.reachable for d, _, _ in started.values())
+        )
+        group.knock("a", A, "7113", "2231/udp", "9157")
+        assert group.pump(
+            lambda: started["a"][1].is_open(A, web) and started["b"][1].is_open(A, web)
+        )
+        assert "create" in started["b"][2].calls
+        group.pump(lambda: False, timeout=0.3)
+        assert not started["c"][1].is_open(A, web)
+        assert started["c"][2].calls.count("create") == 0
+        assert started["c"][0].fleet is not None and started["c"][0].fleet.skipped == 1
+    finally:
+        group.close()
+        listener.close()
