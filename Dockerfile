@@ -5,7 +5,7 @@ FROM debian:bookworm-slim
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-yaml python3-scapy python3-docker python3-cryptography python3-pyroute2 python3-qrcode python3-prometheus-client python3-rich libpcap0.8 \
+      python3 python3-yaml python3-scapy python3-docker python3-cryptography python3-pyroute2 python3-qrcode python3-prometheus-client python3-rich python3-redis libpcap0.8 \
       nftables iptables ipset conntrack iproute2 supervisor \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 # The packet process (`knockgate packet`, started by `knockgate run`) reads untrusted bytes

@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 # Real peers and real firewalls: knockd (its knock client and, for the benchmark, the
 # daemon), tcpdump and libpcap, nftables, iptables and ipset, nmap, hping3, iproute2,
 # curl, conntrack, OpenSSH's client and server (connect's tests run a real sshd in a namespace).
-APT_PACKAGES=(knockd fwknop-client tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client openssh-server tmux)
+APT_PACKAGES=(knockd fwknop-client tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client openssh-server tmux redis-server)
 
 install_peers() {
     local missing=()

@@ -98,6 +98,53 @@ class MetricsSettings:
     allow_remote: bool = False  # a non-loopback address was accepted explicitly
 
 
+# --- fleet (issue 14): several hosts sharing grants and security state through Redis
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTls:
+    """Client TLS for Redis (``rediss://``): the CA to trust, a client certificate."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSentinel:
+    """Find the Redis master ``master`` through these Sentinels (``host``, ``port``)."""
+
+    master: str
+    hosts: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSettings:
+    """``fleet:``: this host is ``host`` in the group ``name``, sharing ``redis``.
+
+    ``on_outage``: what SPA, TOTP and one-time doors do when the shared state cannot be
+    reached: ``refuse`` (fail closed) or ``local`` (the local caches only, loudly).
+    Per door (a door's own ``fleet:`` key): ``local_doors`` neither publish nor apply
+    fleet grants and claim nothing shared; ``start_services`` doors start their service
+    here on a grant made on another host (otherwise a fleet grant opens ports only)."""
+
+    name: str
+    host: str
+    redis: str  # redis:// or rediss:// URL, with the ACL user and without a password
+    password_file: str | None = None
+    tls: FleetTls | None = None
+    sentinel: FleetSentinel | None = None
+    cluster: bool = False
+    on_outage: Literal["refuse", "local"] = "refuse"
+    claim_timeout: float = 1.0  # seconds a shared claim (SPA, TOTP, one-time) may take
+    local_doors: frozenset[str] = frozenset()
+    start_services: frozenset[str] = frozenset()
+
+    def shares(self, door: str) -> bool:
+        """Whether ``door`` takes part in the fleet."""
+        return door not in self.local_doors
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     interfaces: tuple[str, ...] = ()
@@ -109,6 +156,7 @@ class Settings:
     status_socket: str = DEFAULT_STATUS_SOCKET
     state_dir: str = DEFAULT_STATE_DIR  # the SPA replay cache and used TOTP steps
     metrics: MetricsSettings | None = None  # the Prometheus endpoint (off when None)
+    fleet: FleetSettings | None = None  # grants and security state shared (off when None)
 
 
 @dataclass(frozen=True, slots=True)

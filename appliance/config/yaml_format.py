@@ -25,12 +25,14 @@ last) and unknown keys are reported with what was expected. Schema::
         spa: {...}                # instead of knock: single packet authorization
     state_dir: /var/lib/knockgate # the SPA replay cache and used TOTP steps
     services: {NAME: {image: ..., container_port: 22, host_port: 2222, ...}}
+    fleet: {name: prod, redis: redis://USER@HOST:PORT/0, ...}   # yaml_fleet
 
 TOTP and SPA are read by :mod:`appliance.config.yaml_auth`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Literal
 
@@ -70,6 +72,7 @@ from appliance.config.values import (
     split_flags,
 )
 from appliance.config.yaml_auth import check_spa_ports, parse_spa, parse_totp
+from appliance.config.yaml_fleet import door_fleet, parse_fleet
 from appliance.config.yaml_nodes import (
     _choice,
     _line,
@@ -109,6 +112,7 @@ TOP_KEYS = (
     "metrics",
     "services",
     "doors",
+    "fleet",  # appliance.config.yaml_fleet
 )
 SERVICE_KEYS = (
     "image",
@@ -143,6 +147,7 @@ DOOR_KEYS = (
     "service",
     "spa",
     "description",
+    "fleet",  # appliance.config.yaml_fleet
 )
 KNOCK_KEYS = (
     "sequence",
@@ -190,6 +195,14 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
     if doors_map is not None:
         check_spa_ports(
             doors, {name: line for name, (_, line) in doors_map.items.items()}, problems
+        )
+    # The fleet (issue 14): the group's settings, then the doors' own fleet keys.
+    fleet = parse_fleet(top)
+    if fleet is not None:
+        local, start = door_fleet(doors_map, problems)
+        settings = dataclasses.replace(
+            settings,
+            fleet=dataclasses.replace(fleet, local_doors=local, start_services=start),
         )
     if problems.error_count:
         return None

@@ -66,7 +66,7 @@ from appliance.capture.sniffer import InterfaceReader, Sniffer
 from appliance.capture.spa import SpaReader
 from appliance.config import Loaded, load_config
 from appliance.config.onetime import mark_line_used
-from appliance.config.schema import Config, Service
+from appliance.config.schema import Config, FleetSettings, Service
 from appliance.core.engine import KnockEngine
 from appliance.core.events import (
     ClockStepped,
@@ -109,6 +109,7 @@ from appliance.core.lifecycle import (
 from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
+from appliance.fleet.messages import FleetApply, FleetClaimed, FleetHealth, same_fleet
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.events_log import HELD_OFF, OPENED, UNRECORDED, EventLog, GrantBook
 from appliance.runtime.items import Signal, StatusRequest
@@ -130,6 +131,8 @@ from appliance.services.discovery import Changed, LabelSource, Listed, Removed
 from appliance.services.launcher import ServiceLauncher
 
 if TYPE_CHECKING:  # imported when metrics are configured (prometheus_client is heavy)
+    from appliance.fleet.store import FleetStore
+    from appliance.runtime.fleet import FleetHooks  # imported when a fleet is configured
     from appliance.runtime.metrics_server import MetricsServer
 
 log = logging.getLogger("knockgate")
@@ -147,6 +150,9 @@ Item = (
     | Listed
     | Changed
     | Removed
+    | FleetApply
+    | FleetClaimed
+    | FleetHealth
 )
 
 CHECK_SECONDS = 1.0  # how often the firewall rules are verified (and repaired): ~2 ms with nft
@@ -298,6 +304,8 @@ class Daemon:
         self.grant_book = GrantBook()
         self.observations = Observations()
         self.metrics: MetricsServer | None = None
+        self.fleet: FleetHooks | None = None  # the fleet's link, when fleet: is configured
+        self.fleet_store: Callable[[FleetSettings], FleetStore] | None = None  # tests: a fake
 
     def _service_manager(self, launcher: ServiceLauncher) -> ServiceManager:
         manager = ServiceManager(
@@ -359,6 +367,7 @@ class Daemon:
                 self._remember_labelled()
         self.backend.setup(self._plan())
         log.info("firewall: %s rules in place", self.backend.name)
+        self._start_fleet()
         self.status = StatusServer(
             self.config.settings.status_socket, self.enqueue, events=self.events
         )
@@ -381,6 +390,18 @@ class Daemon:
                 ", ".join(self.sniffer.capturing) or "no interface yet",
             )
         self.running = True
+
+    def _start_fleet(self) -> None:
+        """The fleet's link (its threads), when ``fleet:`` is configured; redis-py is
+        imported only then. An unreachable Redis does not stop the start."""
+        settings = self.config.settings.fleet
+        if settings is None:
+            return
+        from appliance.runtime.fleet import FleetHooks, redis_store
+
+        store = (self.fleet_store or redis_store)(settings)
+        self.fleet = FleetHooks(self, settings, store)
+        self.fleet.start()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.enqueue(Signal("stop")))
@@ -584,6 +605,10 @@ class Daemon:
                     raise TypeError(f"a discovery event without services: {item!r}")
                 self.services.discovered(item)
                 self._sync_labelled()
+            case FleetApply() | FleetClaimed() | FleetHealth():
+                if self.fleet is None:
+                    raise TypeError(f"a fleet item without a fleet: {item!r}")
+                self.fleet.item(item)
             case _:
                 assert_never(item)
 
@@ -609,6 +634,8 @@ class Daemon:
             steps.append(("stop the host watcher", self.watcher.stop))
         if self.channel is not None:
             steps.append(("stop the packet process", self.channel.close))
+        if self.fleet is not None:
+            steps.append(("stop the fleet link", self.fleet.stop))
         if self.config.settings.on_shutdown == "revoke":
             steps.append(("revoke grants", self._revoke_all))
         # Start commands still running finish before their stops; the stops close holes,
@@ -676,7 +703,7 @@ class Daemon:
                 case Grant():
                     self._grant(command)
                 case Revoke():
-                    self._revoke(command)
+                    self.revoke(command)
                 case RunCommand():
                     self.runner.submit(command)
                 case Vet():
@@ -694,7 +721,9 @@ class Daemon:
 
     def _vet(self, vet: Vet) -> None:
         """Write the completion's records down, then ask the scan detector about the
-        knocker; the engine gets the answer and acts, or refuses the whole decision."""
+        knocker; the engine gets the answer and acts, or refuses the whole decision.
+        In a fleet, records are also claimed fleet-wide first (a deferred vet: the
+        fleet's answer finishes it, :meth:`finish_vet`)."""
         refusal = None
         for record in vet.records:
             if not self._record(record):
@@ -708,7 +737,13 @@ class Daemon:
             refusal = "held off as a port scanner"
             self.events.tally.count(vet.door, HELD_OFF)
             self.events.refusal("held-off", door=vet.door, address=vet.address, detail=refusal)
-        else:
+        elif self.fleet is not None and self.fleet.claim(vet):
+            return
+        self.finish_vet(vet, refusal)
+
+    def finish_vet(self, vet: Vet, refusal: str | None) -> None:
+        """The vet's answer to the engine (which grants, closes, runs commands or refuses)."""
+        if refusal is None:
             self.events.tally.count(vet.door, OPENED)
             door = self.config.door(vet.door)
             if door is not None and door.open is None and not door.close:
@@ -765,6 +800,8 @@ class Daemon:
                 return
             self.services.request(grant, service.name)
             self._granted = (grant.door, grant.address)
+            if self.fleet is not None:
+                self.fleet.granted(grant, grant.seconds_left(self.clock()))
             self.events.event(
                 "opened",
                 door=grant.door,
@@ -786,6 +823,8 @@ class Daemon:
             )
             return
         self._granted = (grant.door, grant.address)
+        if self.fleet is not None:
+            self.fleet.granted(grant, seconds)
         done = self.clock()
         self.observations.latency(grant.door, max(0.0, done - grant.at))
         self.grant_book.add(grant.door, grant.address, done + seconds)
@@ -814,7 +853,9 @@ class Daemon:
                 state = "starting"
         self.receipts.send(command, door, state, self.engine.wall_offset)
 
-    def _revoke(self, revoke: Revoke) -> None:
+    def revoke(self, revoke: Revoke, origin: str | None = None) -> None:
+        """Close ``revoke.door`` for its address: a close knock here (published to the
+        fleet), or one made on fleet host ``origin``."""
         door = self.config.door(revoke.door)
         if door is None or door.open is None:
             return
@@ -828,9 +869,10 @@ class Daemon:
             log.error("%s: %s: revoke failed: %s", revoke.address, revoke.door, error)
             return
         self.grant_book.remove(revoke.door, revoke.address)
-        self.events.event(
-            "closed", door=revoke.door, address=revoke.address, detail=f"by door {revoke.by}"
-        )
+        if origin is None and self.fleet is not None:
+            self.fleet.revoked(revoke)
+        detail = f"fleet from {origin}" if origin is not None else f"by door {revoke.by}"
+        self.events.event("closed", door=revoke.door, address=revoke.address, detail=detail)
         self._log(revoke)
         if door.service is not None and self.services is not None:
             self.services.revoked(door.service, revoke.address)
@@ -886,6 +928,8 @@ class Daemon:
         """Once a second: services, the log's noise summary, the flood summary."""
         if self.services is not None:
             self.services.tick()
+        if self.fleet is not None:
+            self.fleet.tick()
         flush_noise()
         now = self.clock()
         for door, address in self.grant_book.expired(now):
@@ -1049,6 +1093,7 @@ class Daemon:
             self._guarded("reload labels", self._relabel)
         self.stats.reloads += 1
         self._guarded("reload metrics", self._forget_removed)
+        self._guarded("reload fleet", self._fleet_reloaded)
         self.events.event("reload", detail=f"{len(loaded.config.doors)} door(s)")
         for warning in loaded.warnings:
             log.warning("%s", warning)
@@ -1082,6 +1127,12 @@ class Daemon:
         running = self.metrics.settings if self.metrics is not None else None
         if metrics != running:
             log.warning("metrics: the new metrics settings take effect at the next start")
+
+    def _fleet_reloaded(self) -> None:
+        """The doors' fleet keys apply at once; the group's own settings at the next start."""
+        running = self.fleet.settings if self.fleet is not None else None
+        if not same_fleet(running, self.config.settings.fleet):
+            log.warning("fleet: the new fleet settings take effect at the next start")
 
     def _service_names(self) -> set[str]:
         names = {service.name for service in self.config.services}
@@ -1145,6 +1196,7 @@ class Daemon:
             services_running=running,
             doors=tuple(door.name for door in self.config.doors),
             events_followers_dropped=self.events.followers_dropped,
+            fleet=self.fleet.numbers() if self.fleet is not None else None,
         )
 
     def snapshot(self) -> dict[str, Any]:
@@ -1182,6 +1234,7 @@ class Daemon:
             "packet_process": self.channel.describe() if self.channel is not None else None,
             "services": self.services.snapshot() if self.services is not None else [],
             "gated": self.services.gated() if self.services is not None else [],
+            "fleet": self.fleet.snapshot() if self.fleet is not None else None,
             "attempts": self.engine.attempt_count,
             "counters": {
                 **self.engine.counters.as_dict(),

@@ -113,6 +113,19 @@ class MetricsSnapshot:
     services_running: Mapping[str, int]  # 1 while the service runs (ready or serving)
     doors: tuple[str, ...]
     events_followers_dropped: int = 0
+    fleet: FleetNumbers | None = None  # with fleet: configured
+
+
+@dataclass(frozen=True)
+class FleetNumbers:
+    """The fleet's health and traffic (issue 14), copied by the loop."""
+
+    reachable: bool
+    published: int  # grants and revocations written to the store
+    applied: int  # grants from other hosts applied here
+    revocations_applied: int
+    backlog: int  # messages waiting for the store to come back
+    claims: Mapping[str, int]  # shared claims by outcome: claimed, taken, unreachable, local
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from appliance.runtime.metrics import (
     CLIENT_TIMEOUT,
     REPLY_TIMEOUT,
     Buckets,
+    FleetNumbers,
     MetricsRequest,
     MetricsSnapshot,
 )
@@ -162,11 +163,46 @@ def families(snap: MetricsSnapshot, now: float) -> Iterator[Metric]:
         "Event followers cut off because they read too slowly.",
         value=snap.events_followers_dropped,
     )
+    if snap.fleet is not None:
+        yield from _fleet_families(snap.fleet)
     yield GaugeMetricFamily(
         "knockgate_snapshot_age_seconds",
         "How old the numbers served are (the loop answers each scrape unless it is busy).",
         value=round(max(0.0, now - snap.taken), 3),
     )
+
+
+def _fleet_families(fleet: FleetNumbers) -> Iterator[Metric]:
+    """The fleet's health (issue 14): present only with ``fleet:`` configured."""
+    yield GaugeMetricFamily(
+        "knockgate_fleet_reachable",
+        "1 while the fleet's shared state (Redis) answers.",
+        value=int(fleet.reachable),
+    )
+    yield CounterMetricFamily(
+        "knockgate_fleet_published",
+        "Grants and revocations made here and written to the fleet.",
+        value=fleet.published,
+    )
+    applied = CounterMetricFamily(
+        "knockgate_fleet_applied", "Fleet messages from other hosts applied here.", labels=["kind"]
+    )
+    applied.add_metric(["grant"], fleet.applied)
+    applied.add_metric(["revoke"], fleet.revocations_applied)
+    yield applied
+    yield GaugeMetricFamily(
+        "knockgate_fleet_backlog",
+        "Messages waiting for the shared state to come back.",
+        value=fleet.backlog,
+    )
+    claims = CounterMetricFamily(
+        "knockgate_fleet_claims",
+        "Shared claims (SPA packets, TOTP steps, one-time lines) by outcome.",
+        labels=["outcome"],
+    )
+    for outcome, count in sorted(fleet.claims.items()):
+        claims.add_metric([outcome], count)
+    yield claims
 
 
 def _histogram(name: str, text: str, label: str, by: Mapping[str, Buckets]) -> Metric:

@@ -312,3 +312,26 @@ def query(path: str, timeout: float = REPLY_TIMEOUT + 1) -> dict[str, Any]:
     except ValueError:
         raise KnockgateError(f"{path}: not a knockgate status answer") from None
     return data
+
+
+def fleet_lines(block: dict[str, Any] | None) -> list[str]:
+    """``knockgate status``'s text for the fleet block of a snapshot (none without one)."""
+    if not block:
+        return []
+    state = "reachable" if block.get("reachable") else "UNREACHABLE"
+    lines = [
+        f"fleet {block.get('name')}: this host {block.get('host')}, {block.get('redis')} "
+        f"{state} for {block.get('since')} s (on_outage: {block.get('on_outage')})"
+    ]
+    if block.get("last_error"):
+        lines.append(f"  last error: {block['last_error']}")
+    peers = block.get("peers") or {}
+    seen = ", ".join(f"{host} ({ago} s ago)" for host, ago in peers.items()) or "none yet"
+    lines.append(f"  peers seen: {seen}")
+    claims = ", ".join(f"{k} {v}" for k, v in (block.get("claims") or {}).items())
+    lines.append(
+        f"  published {block.get('published')}, applied {block.get('applied')} grant(s) and "
+        f"{block.get('revocations_applied')} revocation(s), backlog {block.get('backlog')}; "
+        f"claims: {claims}"
+    )
+    return lines

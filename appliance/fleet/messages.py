@@ -1,0 +1,219 @@
+"""What a fleet says: grant and revoke messages, claims, the loop's items, the keys.
+
+Pure data and functions (standard library only). Everything read back from Redis is
+decoded here and checked: a Redis writer can grant access fleet-wide (that is the
+point of a fleet), but a malformed entry never reaches the firewall.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from appliance.config.schema import FleetSettings
+from appliance.core.events import Record, SpaDigestSeen, TotpStepUsed
+from appliance.core.model import Step
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_PORT = re.compile(r"([0-9]{1,5})/(tcp|udp)")
+ONE_TIME_CLAIM = 366 * 86_400.0  # a one-time line stays used (a claim needs a lifetime)
+MIN_CLAIM = 1.0  # seconds: a claim never lives shorter than this
+
+
+@dataclass(frozen=True, slots=True)
+class FleetMessage:
+    """A grant (``deadline``: unix time) or a revocation, made on host ``origin``.
+
+    ``ports``: what the grant opened (an SPA user may open only some of a door's ports);
+    a host applying it opens those of its own door's ports, never more."""
+
+    kind: Literal["grant", "revoke"]
+    door: str
+    address: str
+    deadline: float
+    origin: str
+    id: str
+    ports: tuple[Step, ...] = ()
+
+    @property
+    def field(self) -> str:
+        """Its key in the live-grants hash: one live grant per door and address."""
+        return f"{self.door}|{self.address}"
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "door": self.door,
+            "address": self.address,
+            "deadline": f"{self.deadline:.3f}",
+            "origin": self.origin,
+            "id": self.id,
+            "ports": _ports_text(self.ports),
+        }
+
+
+def _ports_text(ports: tuple[Step, ...]) -> str:
+    return ",".join(str(port) for port in ports) or "-"
+
+
+def _parse_ports(text: str) -> tuple[Step, ...] | None:
+    """``22/tcp,80/tcp`` (``-``: none); ``None`` when any part is not a port."""
+    if text == "-":
+        return ()
+    ports: list[Step] = []
+    for part in text.split(",")[:64]:
+        match = _PORT.fullmatch(part)
+        if match is None or not 0 < int(match[1]) < 65536:
+            return None
+        ports.append(Step(int(match[1]), "udp" if match[2] == "udp" else "tcp"))
+    return tuple(ports)
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def grant(
+    door: str, address: str, deadline: float, origin: str, ports: tuple[Step, ...]
+) -> FleetMessage:
+    return FleetMessage("grant", door, address, deadline, origin, new_id(), ports)
+
+
+def revoke(door: str, address: str, origin: str) -> FleetMessage:
+    return FleetMessage("revoke", door, address, 0.0, origin, new_id())
+
+
+def decode(fields: Mapping[str, str]) -> FleetMessage | None:
+    """A message from its fields as stored; ``None`` when anything is off."""
+    kind = fields.get("kind")
+    door, origin = fields.get("door", ""), fields.get("origin", "")
+    if kind not in ("grant", "revoke") or not _NAME.fullmatch(door):
+        return None
+    if not _NAME.fullmatch(origin):
+        return None
+    try:
+        address = str(ipaddress.ip_address(fields.get("address", "")))
+        deadline = float(fields.get("deadline", "0"))
+    except ValueError:
+        return None
+    if not math.isfinite(deadline) or (kind == "grant" and deadline <= 0):
+        return None
+    ports = _parse_ports(fields.get("ports", "-"))
+    if ports is None or (kind == "grant" and not ports):
+        return None
+    ident = fields.get("id", "")[:64]
+    return FleetMessage(
+        "grant" if kind == "grant" else "revoke", door, address, deadline, origin, ident, ports
+    )
+
+
+def encode_live(message: FleetMessage) -> str:
+    """A live grant's value in the hash (its field holds door and address)."""
+    return f"{message.deadline:.3f} {message.origin} {message.id} {_ports_text(message.ports)}"
+
+
+def decode_live(field: str, value: str) -> FleetMessage | None:
+    door, _, address = field.partition("|")
+    parts = value.split(" ")
+    if len(parts) != 4:
+        return None
+    deadline, origin, ident, ports = parts
+    return decode(
+        {
+            "kind": "grant",
+            "door": door,
+            "address": address,
+            "deadline": deadline,
+            "origin": origin,
+            "id": ident,
+            "ports": ports,
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The key layout of fleet ``name``: every key starts ``kg:{name}:`` (one Redis
+    Cluster hash slot, and one ACL pattern ``~kg:{name}:*``)."""
+
+    name: str
+
+    @property
+    def prefix(self) -> str:
+        return f"kg:{{{self.name}}}:"
+
+    @property
+    def stream(self) -> str:
+        return self.prefix + "events"
+
+    @property
+    def grants(self) -> str:
+        return self.prefix + "grants"
+
+    @property
+    def deadlines(self) -> str:
+        return self.prefix + "deadlines"
+
+    def claims(self, records: tuple[Record, ...], now: float) -> tuple[tuple[str, float], ...]:
+        """The shared claims a vet's records make: (key, seconds to keep it), at unix
+        time ``now``. The same identity as the local caches: an SPA packet by its
+        digest, a TOTP step by door and step, a one-time line by door and line."""
+        claims: list[tuple[str, float]] = []
+        for record in records:
+            if isinstance(record, SpaDigestSeen):
+                key, ttl = f"spa:{record.digest.hex()}", record.until - now
+            elif isinstance(record, TotpStepUsed):
+                key, ttl = f"totp:{record.door}:{record.step}", record.until - now
+            else:
+                key, ttl = f"onetime:{record.door}:{record.line}", ONE_TIME_CLAIM
+            claims.append((self.prefix + key, max(MIN_CLAIM, ttl)))
+        return tuple(claims)
+
+
+# ----------------------------------------------------------------- the loop's items
+
+
+@dataclass(frozen=True, slots=True)
+class FleetApply:
+    """A message from the fleet to carry out here (``catchup``: read from the live
+    grants on a (re)connect, not from the stream)."""
+
+    message: FleetMessage
+    catchup: bool = False
+
+
+ClaimOutcome = Literal["claimed", "taken", "unreachable"]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetClaimed:
+    """The answer to the claims of vet ``ticket``."""
+
+    ticket: int
+    outcome: ClaimOutcome
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetHealth:
+    """The link's view of the store changed: reachable or not (with why)."""
+
+    reachable: bool
+    error: str = ""
+
+
+FleetItem = FleetApply | FleetClaimed | FleetHealth
+
+
+def same_fleet(old: FleetSettings | None, new: FleetSettings | None) -> bool:
+    """Whether a reload keeps the group's settings (the doors' own fleet keys aside)."""
+    if old is None or new is None:
+        return old is new
+    return replace(old, local_doors=frozenset(), start_services=frozenset()) == replace(
+        new, local_doors=frozenset(), start_services=frozenset()
+    )

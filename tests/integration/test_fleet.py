@@ -1,0 +1,120 @@
+"""A knockgate fleet on real packets (issue 14): three hosts, each with its own daemon
+and nft table, sharing one real ``redis-server`` (ACL user, no default user).
+
+A knock on one host lets the knocker into every host and no one else; a close knock on
+another closes all three; a host restarted mid-grant gets the live grants back; an SPA
+packet or a TOTP step used on one host is refused on another; with Redis stopped local
+knocks still open and SPA follows ``on_outage``; with Redis back the fleet converges.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.core.totp import time_step, totp_sequence
+from tests.integration.conftest import require, require_root_tools
+from tests.integration.fleet_lab import SERVERS, SPA_OPENS, SSH, TOTP_OPENS, FleetLab
+from tests.integration.netns import cleanup_stale
+
+pytestmark = pytest.mark.integration
+
+OPEN = ("7113", "2231:udp", "9157")
+CLOSE = ("9157", "2231:udp", "7113")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[FleetLab]:
+    require_root_tools("nft")
+    require(shutil.which("redis-server") is not None, "redis-server is not installed")
+    cleanup_stale()
+    with FleetLab(tmp_path) as fleet_lab:
+        yield fleet_lab
+
+
+def test_a_knock_opens_every_host_for_the_knocker_only_and_a_close_closes_all(
+    lab: FleetLab,
+) -> None:
+    for server in SERVERS:
+        assert lab.state("client", server, SSH) == "refused"
+    lab.knock("client", "server1", *OPEN)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SSH) == "open", lab.daemons[server].log()
+    for server in ("server2", "server3"):
+        assert lab.state("client2", server, SSH) == "refused"
+        assert "fleet from server1" in lab.daemons[server].log()
+    assert lab.fleet("server2")["peers"].keys() == {"server1"}  # type: ignore[attr-defined]
+
+    lab.knock("client", "server2", *CLOSE)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SSH, "refused") == "refused"
+
+    # A host restarted mid-grant (its grants revoked at shutdown) gets them back.
+    lab.knock("client", "server1", *OPEN)
+    assert lab.wait_state("client", "server3", SSH) == "open"
+    lab.daemons["server3"].stop()
+    assert lab.state("client", "server3", SSH) != "open"
+    lab.start("server3")
+    lab.wait_reachable("server3")
+    assert lab.wait_state("client", "server3", SSH) == "open", lab.daemons["server3"].log()
+    assert lab.state("client2", "server3", SSH) == "refused"
+
+
+def test_an_spa_packet_or_totp_step_used_on_one_host_is_refused_on_another(
+    lab: FleetLab,
+) -> None:
+    packet = lab.spa_packet()
+    lab.send_udp("client", "server1", packet)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SPA_OPENS) == "open"
+    for server in SERVERS:  # the grant is 2 s
+        assert lab.wait_state("client", server, SPA_OPENS, "refused") == "refused"
+    lab.send_udp("client", "server2", packet)  # the captured bytes, replayed to server2
+    assert lab.daemons["server2"].wait_log("already used on another host of the fleet")
+    assert lab.state("client", "server2", SPA_OPENS) == "refused"
+    assert lab.fleet("server2")["claims"]["taken"] == 1  # type: ignore[index]
+
+    config = str(lab.daemons["server1"].config_path)
+    totp = load_config(config).config.door("otp").knock.totp  # type: ignore[union-attr]
+    assert totp is not None
+    before = time_step(totp, time.time())
+    lab.cli("client", "knock", lab.address("server1"), "--door", "otp", "--config", config)
+    assert lab.wait_state("client", "server1", TOTP_OPENS) == "open"
+    log = lab.daemons["server1"].log()
+    step = next(s for s in (before, before + 1) if f"time step {s} used" in log)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, TOTP_OPENS, "refused") == "refused"
+    lab.knock("client", "server3", *(f"{s.port}:{s.proto}" for s in totp_sequence(totp, step)))
+    assert lab.daemons["server3"].wait_log("already used on another host of the fleet")
+    assert lab.state("client", "server3", TOTP_OPENS) == "refused"
+
+
+def test_redis_down_local_knocks_open_spa_follows_on_outage_and_the_fleet_converges(
+    lab: FleetLab,
+) -> None:
+    lab.stop_redis()
+    lab.wait_reachable(reachable=False)
+    assert "shared state unreachable" in lab.daemons["server1"].log()
+
+    lab.knock("client", "server1", *OPEN)  # a sequence needs no shared state
+    assert lab.wait_state("client", "server1", SSH) == "open"
+    assert lab.state("client", "server2", SSH) == "refused"
+
+    lab.send_udp("client", "server1", lab.spa_packet())  # on_outage: refuse
+    assert lab.daemons["server1"].wait_log("shared state is unreachable (on_outage: refuse)")
+    assert lab.state("client", "server1", SPA_OPENS) == "refused"
+    lab.send_udp("client", "server3", lab.spa_packet())  # on_outage: local
+    assert lab.wait_state("client", "server3", SPA_OPENS) == "open"
+    assert lab.daemons["server3"].wait_log("accepted on the local cache only")
+
+    lab.start_redis()  # empty: the grant made during the outage comes back from server1
+    lab.wait_reachable()
+    for server in ("server2", "server3"):
+        assert lab.wait_state("client", server, SSH) == "open", lab.daemons[server].log()
+        assert lab.state("client2", server, SSH) == "refused"
+    assert lab.daemons["server1"].log().count("shared state unreachable") == 1

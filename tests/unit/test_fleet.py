@@ -1,0 +1,518 @@
+"""The fleet (issue 14) with an in-memory store: settings, messages, and daemons that
+share grants, revocations and claims through it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.config.schema import FleetSettings
+from appliance.core.events import MarkSequenceUsed, Packet, SpaDigestSeen, TotpStepUsed
+from appliance.core.model import Step
+from appliance.errors import ConfigError
+from appliance.firewall.memory import MemoryBackend
+from appliance.fleet import link as link_module
+from appliance.fleet.messages import ONE_TIME_CLAIM, Keys, decode, decode_live, encode_live, grant
+from appliance.fleet.store import MemoryStore
+from appliance.runtime import daemon as daemon_module
+from appliance.runtime.daemon import Daemon
+from appliance.spa.keyfile import generate_keys
+from appliance.spa.wire import SpaKeys, new_message, seal
+
+SSH = Step(22, "tcp")
+A = "198.18.5.1"
+B = "198.18.5.2"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CONFIG = """\
+status_socket: {dir}/status.sock
+state_dir: {dir}/state
+fleet:
+  name: prod
+  host: {host}
+  redis: redis://knockgate@198.18.0.5:6379/0
+  on_outage: {on_outage}
+doors:
+  ssh:
+    knock: {{sequence: [7113, 2231/udp, 9157], seq_timeout: 5}}
+    open: {{ports: [22/tcp], duration: 30}}
+  close:
+    knock: {{sequence: [9157, 2231/udp, 7113], seq_timeout: 5}}
+    close: [ssh]
+  local:
+    knock: {{sequence: [5001, 5002]}}
+    open: {{ports: [23/tcp], duration: 30}}
+    fleet: false
+  spa:
+    spa:
+      users:
+        alice: {{key_base64: {key}, hmac_key_base64: {hmac}, ports: [2222/tcp]}}
+    open: {{ports: [2222/tcp, 2223/tcp], duration: 30}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _short_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(link_module, "BLOCK", 0.05)
+    monkeypatch.setattr(link_module, "MIN_BACKOFF", 0.02)
+    monkeypatch.setattr(link_module, "MAX_BACKOFF", 0.05)
+
+
+class Fleet:
+    """Daemons on one clock sharing one memory store."""
+
+    def __init__(self, tmp_path: Path, on_outage: str = "refuse") -> None:
+        self.tmp_path = tmp_path
+        self.clock = Clock()
+        self.store = MemoryStore("prod")
+        self.keys = generate_keys()
+        self.on_outage = on_outage
+        self.daemons: dict[str, tuple[Daemon, MemoryBackend]] = {}
+
+    def start(self, host: str) -> tuple[Daemon, MemoryBackend]:
+        directory = self.tmp_path / host
+        directory.mkdir(exist_ok=True)
+        path = directory / "k.yaml"
+        key, hmac_key = self.keys
+        path.write_text(
+            CONFIG.format(
+                dir=directory, host=host, key=key, hmac=hmac_key, on_outage=self.on_outage
+            )
+        )
+        backend = MemoryBackend(self.clock)
+        daemon = Daemon(
+            load_config(str(path)), backend, clock=self.clock, wall=self.clock, capture=False
+        )
+        daemon.fleet_store = lambda _settings: self.store
+        daemon.start()
+        self.daemons[host] = (daemon, backend)
+        self.pump(lambda: (daemon.fleet is not None and daemon.fleet.reachable) or self.store.down)
+        return daemon, backend
+
+    def stop(self, host: str) -> None:
+        daemon, _ = self.daemons.pop(host)
+        daemon.shutdown()
+
+    def pump(self, done: Callable[[], bool], timeout: float = 3.0) -> bool:
+        """Run every daemon's queue until ``done`` (the links work on their threads)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for daemon, _ in list(self.daemons.values()):
+                daemon._drain_queue()
+            if done():
+                return True
+            time.sleep(0.005)
+        return False
+
+    def knock(self, host: str, src: str, *steps: str) -> None:
+        daemon, _ = self.daemons[host]
+        for step in steps:
+            port, _, proto = step.partition("/")
+            self.clock.now += 0.1
+            daemon._item(Packet(self.clock.now, src, "198.18.0.1", proto or "tcp", int(port), 2))
+
+    def spa(self, host: str, data: bytes, src: str = A) -> None:
+        daemon, _ = self.daemons[host]
+        daemon._item(Packet(self.clock.now, src, "198.18.0.1", "udp", 62201, 0, data))
+
+    def packet(self) -> bytes:
+        return seal(
+            new_message("alice", int(self.clock.now), f"{A},tcp/2222"),
+            SpaKeys.from_base64(*self.keys),
+        )
+
+    def close(self) -> None:
+        for host in list(self.daemons):
+            self.stop(host)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    group = Fleet(tmp_path)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+# ----------------------------------------------------------------- settings
+
+
+def _load(tmp_path: Path, text: str) -> FleetSettings | None:
+    path = tmp_path / "k.yaml"
+    path.write_text(text)
+    return load_config(str(path)).config.settings.fleet
+
+
+DOORS = "doors:\n  ssh:\n    knock: {sequence: [7113, 9157]}\n    open: {ports: [22/tcp]}\n"
+
+
+def test_fleet_settings_are_read_with_defaults(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    settings = _load(
+        tmp_path,
+        f"fleet:\n  name: prod\n  host: web-1\n  redis: redis://knockgate@198.18.0.5:6379/0\n"
+        f"  password_file: {secret}\n" + DOORS,
+    )
+    assert settings is not None
+    assert (settings.name, settings.host, settings.on_outage) == ("prod", "web-1", "refuse")
+    assert settings.password_file == str(secret)
+    assert settings.shares("ssh")
+    assert _load(tmp_path, DOORS) is None
+
+
+@pytest.mark.parametrize(
+    ("fleet", "message"),
+    [
+        (
+            "{name: prod, redis: 'redis://u:pw@198.18.0.5/0'}",
+            "fleet.redis: the URL holds a password",
+        ),
+        (
+            "{name: prod, redis: 'http://198.18.0.5'}",
+            "fleet.redis: 'http://198.18.0.5' is not a Redis URL",
+        ),
+        ("{redis: 'redis://198.18.0.5'}", "fleet.name: missing"),
+        (
+            "{name: 'a{b}', redis: 'redis://198.18.0.5'}",
+            "fleet.name: 'a{b}' is not a fleet or host name",
+        ),
+        (
+            "{name: prod, redis: 'redis://198.18.0.5', on_outage: maybe}",
+            "fleet.on_outage: 'maybe' is not allowed",
+        ),
+        (
+            "{name: prod, redis: 'redis://198.18.0.5', password_file: /nonexistent/kg}",
+            "fleet.password_file: /nonexistent/kg is not a readable file",
+        ),
+        (
+            "{name: prod, redis: 'redis://198.18.0.5', tls: {ca: /etc/hostname}}",
+            "fleet.tls: TLS needs a rediss:// URL",
+        ),
+    ],
+)
+def test_bad_fleet_settings_name_the_line_and_key(tmp_path: Path, fleet: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        _load(tmp_path, f"fleet: {fleet}\n" + DOORS)
+    assert f"k.yaml:1: {message}" in str(error.value)
+
+
+def test_a_door_may_stay_local_or_start_its_service(tmp_path: Path) -> None:
+    settings = _load(
+        tmp_path,
+        "fleet: {name: prod, redis: 'redis://198.18.0.5'}\n" + DOORS + "    fleet: false\n"
+        "  web:\n    knock: {sequence: [1, 2]}\n    open: {ports: [80/tcp]}\n"
+        "    fleet: {start_services: true}\n",
+    )
+    assert settings is not None
+    assert settings.local_doors == frozenset({"ssh"})
+    assert settings.start_services == frozenset({"web"})
+    with pytest.raises(ConfigError, match=r"k.yaml:6: doors.ssh.fleet: 'sometimes' is not allowed"):
+        _load(
+            tmp_path,
+            "fleet: {name: prod, redis: 'redis://198.18.0.5'}\n" + DOORS + "    fleet: sometimes\n",
+        )
+
+
+# ----------------------------------------------------------------- messages
+
+
+def test_messages_round_trip_and_garbage_is_refused() -> None:
+    message = grant("ssh", "2001:db8::1", 1234.5, "web-1", (SSH, Step(53, "udp")))
+    assert decode(message.fields()) == message
+    assert decode_live(message.field, encode_live(message)) == message
+    assert decode({**message.fields(), "address": "198.18.0.1; flush ruleset"}) is None
+    assert decode({**message.fields(), "door": "../x"}) is None
+    assert decode({**message.fields(), "deadline": "nan"}) is None
+    assert decode({**message.fields(), "kind": "open"}) is None
+    assert decode_live("ssh|198.18.0.1", "12 web-1") is None
+    assert decode({**message.fields(), "ports": "22/tcp,99999/tcp"}) is None
+    assert decode({**message.fields(), "ports": "-"}) is None  # a grant opens something
+
+
+def test_claim_keys_share_the_local_caches_identity() -> None:
+    keys = Keys("prod")
+    records = (
+        SpaDigestSeen(0, "spa", A, b"\x01\x02", 1120.0),
+        TotpStepUsed(0, "t", A, 7, 1090.0),
+        MarkSequenceUsed(0, "once", A, "/etc/knockgate/once", 3, 40),
+        SpaDigestSeen(0, "spa", A, b"\x03", 900.0),  # already past: kept a second anyway
+    )
+    assert keys.claims(records, 1000.0) == (
+        ("kg:{prod}:spa:0102", 120.0),
+        ("kg:{prod}:totp:t:7", 90.0),
+        ("kg:{prod}:onetime:once:3", ONE_TIME_CLAIM),
+        ("kg:{prod}:spa:03", 1.0),
+    )
+
+
+# ----------------------------------------------------------------- daemons
+
+
+def test_a_knock_on_one_host_opens_the_others_with_the_same_deadline(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    b, wall_b = fleet.start("b")
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    assert wall_a.is_open(A, SSH)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    assert wall_b.table[(A, SSH)] == pytest.approx(wall_a.table[(A, SSH)], abs=0.01)
+    assert not wall_b.is_open(B, SSH)
+    assert b.fleet is not None and b.fleet.applied == 1
+    assert a.fleet is not None and a.fleet.applied == 0  # its own grant is not applied again
+    assert b.snapshot()["fleet"]["peers"] == {"a": 0.0}
+    # A close knock on B closes A too.
+    fleet.knock("b", A, "9157", "2231/udp", "7113")
+    assert not wall_b.is_open(A, SSH)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))
+
+
+def test_a_local_door_is_neither_published_nor_applied(fleet: Fleet) -> None:
+    a, _ = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, "5001", "5002")
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    assert not wall_b.is_open(A, Step(23, "tcp"))
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.published == 1)
+
+
+def test_a_host_started_later_catches_up_on_live_grants_only(fleet: Fleet) -> None:
+    fleet.start("a")
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    fleet.knock("a", B, "7113", "2231/udp", "9157")
+    fleet.pump(lambda: fleet.store.last_id() == "2-0")
+    fleet.clock.now += 10
+    _, wall_c = fleet.start("c")
+    assert fleet.pump(lambda: wall_c.is_open(A, SSH) and wall_c.is_open(B, SSH))
+    assert wall_c.table[(A, SSH)] == pytest.approx(fleet.clock.now + 30 - 10 - 0.3, abs=0.05)
+    fleet.stop("c")
+    fleet.clock.now += 25  # past both deadlines
+    _, wall_c = fleet.start("c")
+    fleet.pump(lambda: False, timeout=0.2)
+    assert wall_c.table == {}
+
+
+def test_an_spa_packet_used_on_one_host_is_refused_on_another(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    b, wall_b = fleet.start("b")
+    port = Step(2222, "tcp")
+    data = fleet.packet()
+    fleet.spa("a", data)
+    assert fleet.pump(lambda: wall_a.is_open(A, port))  # the claim answered, then the grant
+    assert fleet.pump(lambda: wall_b.is_open(A, port))  # the fleet grant reaches B
+    assert not wall_b.is_open(A, Step(2223, "tcp"))  # alice may open 2222 only, there too
+    wall_b.table.clear()
+    fleet.spa("b", data)  # the same bytes, replayed to B
+    assert fleet.pump(lambda: b.fleet is not None and b.fleet.claims["taken"] == 1)
+    assert not wall_b.is_open(A, port)
+    assert a.fleet is not None and a.fleet.claims["claimed"] == 1
+
+
+def test_refuse_on_outage_refuses_spa_but_sequences_still_open(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.store.down = True
+    fleet.store.wake()
+    assert fleet.pump(lambda: a.fleet is not None and not a.fleet.reachable)
+    fleet.spa("a", fleet.packet())
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.claims["unreachable"] == 1)
+    assert not wall_a.is_open(A, Step(2222, "tcp"))
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    assert wall_a.is_open(A, SSH)
+    assert fleet.pump(lambda: a.snapshot()["fleet"]["backlog"] == 1)
+    # Back: the grant made during the outage reaches B (it is still live).
+    fleet.store.down = False
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH) and a.fleet is not None and a.fleet.reachable)
+
+
+def test_local_on_outage_opens_spa_on_the_local_cache(tmp_path: Path) -> None:
+    group = Fleet(tmp_path, on_outage="local")
+    try:
+        a, wall_a = group.start("a")
+        group.store.down = True
+        group.store.wake()
+        assert group.pump(lambda: a.fleet is not None and not a.fleet.reachable)
+        group.spa("a", group.packet())
+        assert group.pump(lambda: wall_a.is_open(A, Step(2222, "tcp")))
+        assert a.fleet is not None and a.fleet.claims["local"] == 1
+    finally:
+        group.close()
+
+
+def test_a_claim_that_never_answers_counts_as_unreachable(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    assert a.fleet is not None
+    a.fleet.link.claim = lambda ticket, claims: None  # type: ignore[method-assign]
+    fleet.spa("a", fleet.packet())
+    assert a.fleet.pending
+    fleet.clock.now += 2.5
+    a._upkeep()
+    assert not a.fleet.pending
+    assert a.fleet.claims["unreachable"] == 1
+    assert not wall_a.is_open(A, Step(2222, "tcp"))
+
+
+# ----------------------------------------------------------------- status, metrics
+
+
+def test_status_and_metrics_show_the_fleets_health(fleet: Fleet) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.runtime.metrics_server import MetricsHub
+    from appliance.runtime.status import fleet_lines
+
+    a, _ = fleet.start("a")
+    fleet.start("b")
+    fleet.knock("b", A, "7113", "2231/udp", "9157")
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.applied == 1)
+    fleet.store.down = True
+    fleet.store.wake()
+    assert fleet.pump(lambda: a.fleet is not None and not a.fleet.reachable)
+    block = a.snapshot()["fleet"]
+    assert block["reachable"] is False and "memory store down" in block["last_error"]
+    lines = fleet_lines(block)
+    assert lines[0].startswith(
+        "fleet prod: this host a, redis://knockgate@198.18.0.5:6379/0 UNREACHABLE"
+    )
+    assert "peers seen: b (" in lines[2]
+    assert fleet_lines(None) == []
+
+    snapshot = a.metrics_snapshot()
+    hub = MetricsHub(lambda item: item.reply(snapshot), clock=lambda: snapshot.taken)
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(hub.exposition().decode())
+        for s in family.samples
+    }
+    assert got[("knockgate_fleet_reachable", ())] == 0
+    assert got[("knockgate_fleet_applied_total", (("kind", "grant"),))] == 1
+    assert got[("knockgate_fleet_claims_total", (("outcome", "taken"),))] == 0
+
+
+def test_a_daemon_without_a_fleet_does_not_import_redis() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, appliance.runtime.daemon, appliance.runtime.fleet; print('redis' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_reload_applies_door_keys_at_once_and_group_settings_at_the_next_start(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    path = Path(a.config.path)
+    path.write_text(
+        path.read_text().replace(
+            "    open: {ports: [22/tcp], duration: 30}\n",
+            "    open: {ports: [22/tcp], duration: 30}\n    fleet: false\n",
+        )
+    )
+    a.reload()
+    assert a.config.settings.fleet is not None and a.config.settings.fleet.local_doors == {
+        "local",
+        "ssh",
+    }
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_b.is_open(A, SSH)
+    path.write_text(path.read_text().replace("on_outage: refuse", "on_outage: local"))
+    warnings: list[str] = []
+    monkeypatch.setattr(
+        daemon_module.log, "warning", lambda text, *args: warnings.append(text % args)
+    )
+    a.reload()
+    assert "fleet: the new fleet settings take effect at the next start" in warnings
+
+
+def test_an_outage_backlog_publishes_only_grants_still_live(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.store.down = True
+    fleet.store.wake()
+    assert fleet.pump(lambda: a.fleet is not None and not a.fleet.reachable)
+    fleet.knock("a", A, "7113", "2231/udp", "9157")
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.backlog == 1)
+    fleet.clock.now += 31  # its deadline passes during the outage
+    fleet.knock("a", B, "7113", "2231/udp", "9157")
+    fleet.store.down = False
+    assert fleet.pump(lambda: wall_b.is_open(B, SSH))
+    assert not wall_b.is_open(A, SSH)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.published == 1)
+    assert a.fleet is not None and a.fleet.link.backlog == 0
+    assert wall_a.is_open(B, SSH)
+
+
+def test_a_fleet_grant_starts_a_service_only_where_the_door_says_so(tmp_path: Path) -> None:
+    import socket
+
+    from appliance.services.fake import FakeRuntime
+    from appliance.services.launcher import ServiceLauncher
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    clock = Clock()
+    store = MemoryStore("prod")
+    web = Step(8080, "tcp")
+    group = Fleet(tmp_path)
+    group.clock = clock
+    started: dict[str, tuple[Daemon, MemoryBackend, FakeRuntime]] = {}
+    try:
+        for host, door_fleet in (
+            ("a", ""),
+            ("b", "    fleet: {start_services: true}\n"),
+            ("c", ""),
+        ):
+            path = tmp_path / f"{host}.yaml"
+            path.write_text(
+                f"status_socket: {tmp_path / host}.sock\nstate_dir: {tmp_path / host}-state\n"
+                f"fleet: {{name: prod, host: {host}, redis: 'redis://198.18.0.5'}}\n"
+                "services:\n"
+                f"  web: {{image: 'web:test', container_port: {port}, host_port: 8080,"
+                " ready: {tcp: true, timeout: 2}}\n"
+                "doors:\n  web:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+                "    service: {name: web, duration: 30}\n" + door_fleet
+            )
+            loaded = load_config(str(path))
+            runtime = FakeRuntime()
+            launcher = ServiceLauncher(runtime, loaded.config.services, f"o-{host}", clock=clock)
+            backend = MemoryBackend(clock)
+            daemon = Daemon(
+                loaded, backend, clock=clock, wall=clock, capture=False, launcher=launcher
+            )
+            daemon.fleet_store = lambda _settings: store
+            daemon.start()
+            started[host] = (daemon, backend, runtime)
+            group.daemons[host] = (daemon, backend)
+        assert group.pump(
+            lambda: all(d.fleet and d.fleet.reachable for d, _, _ in started.values())
+        )
+        group.knock("a", A, "7113", "2231/udp", "9157")
+        assert group.pump(
+            lambda: started["a"][1].is_open(A, web) and started["b"][1].is_open(A, web)
+        )
+        assert "create" in started["b"][2].calls
+        group.pump(lambda: False, timeout=0.3)
+        assert not started["c"][1].is_open(A, web)
+        assert started["c"][2].calls.count("create") == 0
+        assert started["c"][0].fleet is not None and started["c"][0].fleet.skipped == 1
+    finally:
+        group.close()
+        listener.close()
