@@ -12,7 +12,8 @@ cd "$(dirname "$0")"
 
 # Real peers and real firewalls: knockd (its knock client and, for the benchmark, the
 # daemon), tcpdump and libpcap, nftables, iptables and ipset, nmap, hping3, iproute2,
-# curl, conntrack, OpenSSH's client and server (connect's tests run a real sshd in a namespace).
+# curl, conntrack, OpenSSH's client and server (connect's tests run a real sshd in a namespace),
+# tmux (`knockgate top` in a real terminal) and redis-server (the fleet's tests).
 APT_PACKAGES=(knockd fwknop-client tcpdump libpcap0.8 nftables iptables ipset nmap hping3 iproute2 iputils-ping curl conntrack openssh-client openssh-server tmux redis-server)
 
 install_peers() {
@@ -41,8 +42,12 @@ install_peers() {
         return 1
     }
     [ -n "$made_policy" ] && rm -f "$policy"
-    if [[ " ${missing[*]} " == *" openssh-server "* ]]; then  # nor started at the next boot
+    # ...nor started at the next boot (the tests start their own sshd and redis-server).
+    if [[ " ${missing[*]} " == *" openssh-server "* ]]; then
         systemctl disable ssh.service >/dev/null 2>&1 || true
+    fi
+    if [[ " ${missing[*]} " == *" redis-server "* ]]; then
+        systemctl disable redis-server.service >/dev/null 2>&1 || true
     fi
     return 0
 }
