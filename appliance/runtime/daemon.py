@@ -130,6 +130,7 @@ from appliance.services.discovery import Changed, LabelSource, Listed, Removed
 from appliance.services.launcher import ServiceLauncher
 
 if TYPE_CHECKING:  # imported when metrics are configured (prometheus_client is heavy)
+    from appliance.notify.hub import Notifications
     from appliance.runtime.metrics_server import MetricsServer
 
 log = logging.getLogger("knockgate")
@@ -298,6 +299,7 @@ class Daemon:
         self.grant_book = GrantBook()
         self.observations = Observations()
         self.metrics: MetricsServer | None = None
+        self.notifications: Notifications | None = None  # when notify: is configured
 
     def _service_manager(self, launcher: ServiceLauncher) -> ServiceManager:
         manager = ServiceManager(
@@ -363,6 +365,7 @@ class Daemon:
             self.config.settings.status_socket, self.enqueue, events=self.events
         )
         self.status.start()
+        self._start_notifications()
         if self.services is not None:
             self.services.start()
         if self.capture:
@@ -386,6 +389,36 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self.enqueue(Signal("stop")))
         signal.signal(signal.SIGINT, lambda *_: self.enqueue(Signal("stop")))
         signal.signal(signal.SIGHUP, lambda *_: self.enqueue(Signal("reload")))
+        signal.signal(signal.SIGUSR1, lambda *_: self._digest_now())
+
+    def _digest_now(self) -> None:
+        """SIGUSR1: the mail notifiers send their digest now (a flag the hub reads)."""
+        if self.notifications is not None:
+            self.notifications.digest_now()
+
+    def _start_notifications(self) -> None:
+        """The notifiers of the configuration in force (none: no hub, no thread)."""
+        notifiers = self.config.settings.notify
+        if not notifiers:
+            return
+        # Imported here: a daemon without notifiers does not carry urllib and smtplib.
+        from appliance.notify.hub import Notifications
+
+        self.notifications = Notifications(notifiers, self.events, wall=self.wall)
+        self.notifications.start()
+
+    def _reload_notifications(self) -> None:
+        """A reload with other notifier settings: the old hub flushes (bounded) and stops,
+        the new one starts. Unchanged settings keep the running hub and its queues."""
+        running = self.notifications.notifiers if self.notifications is not None else ()
+        if self.config.settings.notify == running:
+            return
+        if self.notifications is not None:
+            self.notifications.stop()
+            self.notifications = None
+        self._start_notifications()
+        if self.notifications is None:
+            log.info("notify: no notifiers now")
 
     def run(self) -> None:
         """Read packets and queued items until SIGTERM; then shut down in order.
@@ -617,6 +650,8 @@ class Daemon:
         steps.append(("wait for commands", self.runner.shutdown))
         steps.append(("run pending stop commands", self._run_pending_stops))
         steps.append(("save the state file", self._save_state))
+        if self.notifications is not None:  # bounded: FLUSH_SECONDS at most
+            steps.append(("flush notifications", self.notifications.stop))
         if self.status is not None:
             steps.append(("close the status socket", self.status.stop))
         if self.metrics is not None:
@@ -1049,6 +1084,7 @@ class Daemon:
             self._guarded("reload labels", self._relabel)
         self.stats.reloads += 1
         self._guarded("reload metrics", self._forget_removed)
+        self._guarded("reload notifications", self._reload_notifications)
         self.events.event("reload", detail=f"{len(loaded.config.doors)} door(s)")
         for warning in loaded.warnings:
             log.warning("%s", warning)
@@ -1145,7 +1181,14 @@ class Daemon:
             services_running=running,
             doors=tuple(door.name for door in self.config.doors),
             events_followers_dropped=self.events.followers_dropped,
+            **self._notification_counts(),
         )
+
+    def _notification_counts(self) -> dict[str, Any]:
+        if self.notifications is None:
+            return {}
+        totals, queued = self.notifications.counts()
+        return {"notifications": totals, "notifications_queued": queued}
 
     def snapshot(self) -> dict[str, Any]:
         """What ``knockgate status`` prints."""
