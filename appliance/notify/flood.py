@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from appliance.runtime.events_log import SUMMARY_SECONDS as LOG_WINDOW
 from appliance.runtime.events_log import EventRecord
 
 SUMMARY_SECONDS = 60.0
@@ -37,6 +38,7 @@ def number(n: int) -> str:
 @dataclass
 class _Window:
     start: float  # monotonic
+    since: float  # what it sums up began then (a knocks record covers the 10 s before it)
     shown: int = 0
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # door -> outcome -> n
     held: dict[str, int] = field(default_factory=dict)  # refusal kind -> n not shown
@@ -55,7 +57,7 @@ class Aggregator:
     def offer(self, record: EventRecord, now: float) -> list[EventRecord]:
         """What to send now for ``record`` (it, or nothing while it is held)."""
         if record.kind == "knocks":
-            window = self._open(now)
+            window = self._open(now, LOG_WINDOW)
             for door, by in (record.counts or {}).items():
                 mine = window.counts.setdefault(door, {})
                 for outcome, n in by.items():
@@ -73,9 +75,9 @@ class Aggregator:
             return []
         return [record]
 
-    def _open(self, now: float) -> _Window:
+    def _open(self, now: float, before: float = 0.0) -> _Window:
         if self._window is None:
-            self._window = _Window(now)
+            self._window = _Window(now, now - before)
         return self._window
 
     def next_due(self) -> float | None:
@@ -93,7 +95,8 @@ class Aggregator:
         window, self._window = self._window, None
         if window is None or window.empty():
             return []
-        return [summary(window.counts, window.held, window.held_by_log, now - window.start, wall)]
+        seconds = now - window.since
+        return [summary(window.counts, window.held, window.held_by_log, seconds, wall)]
 
 
 def summary(
@@ -112,7 +115,7 @@ def summary(
         for outcome, words in WORDS.items()
         if outcome in totals
     ]
-    span = "the last minute" if 55 <= seconds <= 65 else f"the last {seconds:.0f} s"
+    span = "the last minute" if 55 <= seconds <= 75 else f"the last {seconds:.0f} s"
     detail = (", ".join(parts) or "no knock noise") + f" in {span}"
     refused = sum(held.values()) + held_by_log
     if refused:

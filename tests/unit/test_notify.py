@@ -160,7 +160,7 @@ def test_other_records_pass_at_once_and_a_held_window_is_flushed_at_shutdown() -
     assert aggregator.offer(opened, 1.0) == [opened]
     aggregator.offer(EventRecord(2.0, "knocks", counts={"ssh": {"reset": 3}}), 2.0)
     (summary,) = aggregator.flush(5.0, 5.0)
-    assert summary.detail == "3 resets in the last 3 s"
+    assert summary.detail == "3 resets in the last 13 s"
 
 
 # --------------------------------------------------------------------------- digest
