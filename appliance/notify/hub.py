@@ -108,6 +108,8 @@ class Notifications:
     def stop(self, seconds: float = FLUSH_SECONDS) -> None:
         deadline = self.clock() + seconds
         self._stopping.set()
+        if self.follower is not None:  # wakes the thread at once
+            self.follower.offer(EventRecord(0.0, "stop"))
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - self.clock()))
         if self.follower is not None:
@@ -135,6 +137,8 @@ class Notifications:
             follower = self.follower
             assert follower is not None
             record = follower.next(max(0.0, min(PASS_SECONDS, next_pass - self.clock())))
+            if self._stopping.is_set():
+                return
             if record is not None:
                 self.route(record, self.clock())
             elif follower.dropped:

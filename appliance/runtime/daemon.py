@@ -54,6 +54,7 @@ import queue
 import selectors
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -414,7 +415,10 @@ class Daemon:
         if self.config.settings.notify == running:
             return
         if self.notifications is not None:
-            self.notifications.stop()
+            # Its flush (bounded) on a thread of its own: the loop does not wait for it.
+            threading.Thread(
+                target=self.notifications.stop, name="notify-stop", daemon=True
+            ).start()
             self.notifications = None
         self._start_notifications()
         if self.notifications is None:

@@ -421,3 +421,29 @@ def test_the_notification_families_are_exposed() -> None:
             got[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     assert got[("knockgate_notifications_total", (("notifier", "hook"), ("outcome", "sent")))] == 3
     assert got[("knockgate_notifications_queued", (("notifier", "hook"),))] == 2
+
+
+def test_a_reload_with_other_notifier_settings_swaps_the_hub(tmp_path: Path) -> None:
+    from appliance.firewall.memory import MemoryBackend
+    from appliance.runtime.daemon import Daemon
+
+    (tmp_path / "hook.secret").write_text("s3cret\n")
+    os.chmod(tmp_path / "hook.secret", 0o600)
+    hook = '  hook:\n    webhook: {url: "http://127.0.0.1:9/x", secret_file: hook.secret}\n'
+    _config(tmp_path, hook)
+    path = str(tmp_path / "k.yaml")
+    daemon = Daemon(load_config(path), MemoryBackend(time.monotonic), capture=False)
+    daemon.start()
+    try:
+        first = daemon.notifications
+        assert first is not None and [n.name for n in first.notifiers] == ["hook"]
+        daemon.reload()  # unchanged: the same hub, its queues kept
+        assert daemon.notifications is first
+        _config(tmp_path, "  ntfy:\n    chat: {preset: ntfy, url: 'http://127.0.0.1:9/t'}\n")
+        daemon.reload()
+        assert daemon.notifications is not first
+        assert [n.name for n in daemon.notifications.notifiers] == ["ntfy"]
+        assert daemon.metrics_snapshot().notifications_queued == {"ntfy": 0}
+    finally:
+        daemon.shutdown()
+    assert daemon.notifications is not None
