@@ -114,6 +114,11 @@ class Notifications:
             self._thread.join(max(0.0, deadline - self.clock()))
         if self.follower is not None:
             self.events.unsubscribe(self.follower)
+            if self._thread is None or not self._thread.is_alive():
+                # What the log published up to now (the shutdown's own records too).
+                while (record := self.follower.next(0.0)) is not None:
+                    if record.kind != "stop":
+                        self.route(record, self.clock())
         now, wall = self.clock(), self.wall()
         for route in self.routes:
             if route.aggregator is not None and route.delivery is not None:
@@ -137,11 +142,11 @@ class Notifications:
             follower = self.follower
             assert follower is not None
             record = follower.next(max(0.0, min(PASS_SECONDS, next_pass - self.clock())))
-            if self._stopping.is_set():
-                return
-            if record is not None:
+            if record is not None and record.kind != "stop":
                 self.route(record, self.clock())
-            elif follower.dropped:
+            if self._stopping.is_set():
+                return  # stop() routes what is left
+            if record is None and follower.dropped:
                 self.gaps += 1
                 log.warning("notify: fell behind the event log; records were lost")
                 _, self.follower = self.events.subscribe(history=0, buffer=FOLLOW_BUFFER)

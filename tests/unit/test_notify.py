@@ -447,3 +447,17 @@ def test_a_reload_with_other_notifier_settings_swaps_the_hub(tmp_path: Path) -> 
     finally:
         daemon.shutdown()
     assert daemon.notifications is not None
+
+
+def test_stop_takes_what_was_published_and_gives_up_on_a_dead_receiver_in_time() -> None:
+    events = EventLog()
+    notifier = Notifier("chat", Chat("http://127.0.0.1:9/"), ("opened",))  # discard: refused
+    hub = Notifications((notifier,), events, host="gate1")
+    hub.start()
+    events.event("opened", door="ssh", address="198.18.1.7")
+    started = time.monotonic()
+    hub.stop(0.5)
+    assert time.monotonic() - started < 1.5
+    totals, queued = hub.counts()
+    assert totals[("chat", "sent")] == 0 and totals[("chat", "dropped")] == 1
+    assert queued == {"chat": 0}
