@@ -40,6 +40,10 @@ Fail closed:
 SIGHUP: read the config again; a bad one is logged and the old one kept. A good one
 goes to the engine as :class:`NewDoors`: unchanged doors keep their attempts, and
 pending stop commands run at their own time.
+
+Notifications (:mod:`appliance.notify`) follow the event log on threads of their own; the
+loop only starts them, swaps them at a reload when their settings changed, gives them at
+most 2 s to flush at shutdown, and passes SIGUSR1 on (a mail digest now).
 """
 
 from __future__ import annotations
