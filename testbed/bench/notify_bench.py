@@ -9,6 +9,7 @@ Not a test: it prints a Markdown table. Needs root, iproute2, nftables and aiosm
   notifiers: a signed webhook for the default events (opened, refusals, knock noise
   summaries, failures) and a mail digest every 10 s (both to real receivers on the
   server namespace's loopback: tests/integration/notify_receivers.py).
+* ``metrics``, ``notify`` (with ``--modes``): one of the two alone.
 
 Each run gets a fresh topology; while spoofed SYNs hit the knock ports at ``--rate``
 (10 000/s) for ``--seconds`` (30), ``--trials`` (30) knocks are timed from the client
@@ -18,6 +19,7 @@ notifications the receivers got are counted. The machine is shared: the modes ar
 ``--rounds`` times (2), interleaved (off, on, off, on), and each row printed.
 
     python testbed/bench/notify_bench.py [--rate 10000] [--seconds 30] [--rounds 2]
+        [--modes off,metrics,notify,on]
 """
 
 from __future__ import annotations
@@ -90,12 +92,14 @@ def one_run(mode: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
         config = db.KNOCKGATE_CONFIG
         sock = workdir / "metrics.sock"
         hook_out, mail_out = workdir / "hook.jsonl", workdir / "mail.jsonl"
-        on = mode == "on"
+        on = mode in ("on", "notify")
+        metrics = mode in ("on", "metrics")
+        if metrics:
+            config = config.replace("doors:", f"metrics: {{listen: 'unix:{sock}'}}\ndoors:")
         if on:
             secret = workdir / "hook.secret"
             secret.write_text("bench-secret\n")
             secret.chmod(0o600)
-            config = config.replace("doors:", f"metrics: {{listen: 'unix:{sock}'}}\ndoors:")
             config += NOTIFY.replace("@DIR@", str(workdir))
         stack = contextlib.ExitStack()
         with stack:
@@ -108,7 +112,7 @@ def one_run(mode: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
             with db.knockgate_daemon(topo, workdir, config, results, 1500) as (_daemon, pid):
                 stack2 = contextlib.ExitStack()
                 with stack2:
-                    if on:
+                    if metrics:
                         stack2.enter_context(db.scraping(sock, out))
                     gen: dict[str, Any] = {}
                     with bench.flood(args.rate, args.seconds + 30, gen):
@@ -152,6 +156,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--modes",
+        default="off,on",
+        help="comma-separated, run in this order each round: off, metrics, notify, on",
+    )
     args = parser.parse_args()
     missing = ensure_root_tools()
     if missing:
@@ -162,7 +171,7 @@ def main() -> int:
     log(f"machine {db.machine_busy():.0f} % busy before the run")
     rows = []
     for round_ in range(args.rounds):
-        for mode in ("off", "on"):
+        for mode in args.modes.split(","):
             try:
                 rows.append(one_run(mode, args, log) | {"round": round_ + 1})
             except db.Failed as error:
@@ -178,7 +187,7 @@ def main() -> int:
             print(f"| {row['round']} | {row['mode']} | error: {row['error']} | | | | |")
             continue
         sent = "-"
-        if row["mode"] == "on":
+        if row["mode"] in ("on", "notify"):
             sent = f"{row['webhook']} {row['webhook_kinds']}; {row['mails']} mails"
         median = "-" if row["median_ms"] is None else f"{row['median_ms']:.1f} ms"
         p90 = "-" if row["p90_ms"] is None else f"{row['p90_ms']:.1f} ms"
