@@ -76,6 +76,20 @@ def receiver(topo: Topology, argv: list[str]) -> Any:
             proc.wait()
 
 
+def thread_ticks(pid: int) -> tuple[int, int]:
+    """(the loop's thread, every other thread of the monitor): utime+stime in ticks."""
+    main = others = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError), open(task / "stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+            ticks = int(rest[11]) + int(rest[12])
+            if task.name == str(pid):
+                main += ticks
+            else:
+                others += ticks
+    return main, others
+
+
 def lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -118,6 +132,7 @@ def one_run(mode: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
                     with bench.flood(args.rate, args.seconds + 30, gen):
                         t0 = time.monotonic()
                         cpu0, _ = db.proc_stat(pid)
+                        main0, threads0 = thread_ticks(pid)
                         helpers = db.children(pid)
                         packet0 = db.children_cpu(helpers)
                         time.sleep(2.0)
@@ -125,6 +140,7 @@ def one_run(mode: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
                         time.sleep(max(0.0, args.seconds - (time.monotonic() - t0)))
                         t1 = time.monotonic()
                         cpu1, _ = db.proc_stat(pid)
+                        main1, threads1 = thread_ticks(pid)
                         packet1 = db.children_cpu(helpers)
                     out["generator_rate"] = gen.get("rate")
             out["stop"] = results.get("stop", "ok")
@@ -132,6 +148,9 @@ def one_run(mode: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
             out.update(
                 window=round(t1 - t0, 1),
                 cpu=100.0 * (cpu1 - cpu0 + packet1 - packet0) / db.CLK_TCK / (t1 - t0),
+                packet_cpu=100.0 * (packet1 - packet0) / db.CLK_TCK / (t1 - t0),
+                loop_cpu=100.0 * (main1 - main0) / db.CLK_TCK / (t1 - t0),
+                threads_cpu=100.0 * (threads1 - threads0) / db.CLK_TCK / (t1 - t0),
                 opened=f"{len(opened)}/{len(values)}",
                 median_ms=1000 * statistics.median(opened) if opened else None,
                 p90_ms=1000 * db.percentile(opened, 0.9) if opened else None,
@@ -178,13 +197,14 @@ def main() -> int:
                 rows.append({"mode": mode, "round": round_ + 1, "error": str(error)})
     print(f"\n{args.rate} spoofed SYN/s on the knock ports for {args.seconds:.0f} s\n")
     print(
-        "| round | metrics+notifiers | daemon CPU (% of a core) | knocks opened | "
-        "knock->open median | p90 | notifications sent (webhook; mails) |"
+        "| round | metrics+notifiers | daemon CPU (% of a core) | packet process | loop "
+        "thread | other threads | knocks opened | knock->open median | p90 | "
+        "notifications sent (webhook; mails) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['round']} | {row['mode']} | error: {row['error']} | | | | |")
+            print(f"| {row['round']} | {row['mode']} | error: {row['error']} |" + " |" * 7)
             continue
         sent = "-"
         if row["mode"] in ("on", "notify"):
@@ -192,7 +212,8 @@ def main() -> int:
         median = "-" if row["median_ms"] is None else f"{row['median_ms']:.1f} ms"
         p90 = "-" if row["p90_ms"] is None else f"{row['p90_ms']:.1f} ms"
         print(
-            f"| {row['round']} | {row['mode']} | {row['cpu']:.1f} | {row['opened']} | "
+            f"| {row['round']} | {row['mode']} | {row['cpu']:.1f} | {row['packet_cpu']:.1f} | "
+            f"{row['loop_cpu']:.1f} | {row['threads_cpu']:.2f} | {row['opened']} | "
             f"{median} | {p90} | {sent} |"
         )
     for row in rows:
