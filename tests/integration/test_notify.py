@@ -233,7 +233,7 @@ def test_a_flood_of_spoofed_first_knocks_gives_one_summary(
         assert len(got) == 1, got  # one notification for the whole flood
         (summary,) = [line["event"] for line in got]
         assert summary["kind"] == "knocks"
-        assert re.fullmatch(r"[0-9 ]+ first knocks, .* in the last 1[0-9] s", summary["detail"])
+        assert re.fullmatch(r"[0-9 ]+ first knocks, .* in the last [0-9]+ s", summary["detail"])
         print(f"{sent} spoofed first knocks -> 1 notification: {summary['detail']}")
 
 
