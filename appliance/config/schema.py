@@ -143,6 +143,69 @@ class FleetSettings:
     def shares(self, door: str) -> bool:
         """Whether ``door`` takes part in the fleet."""
         return door not in self.local_doors
+NOTIFY_KINDS = ("webhook", "chat", "mail")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """POST each event as JSON, signed with HMAC-SHA256 over ``timestamp.body`` with
+    the secret read from ``secret_file`` (never written in the YAML itself)."""
+
+    url: str
+    secret_file: str
+    secret: bytes = field(repr=False, default=b"")
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    """A templated HTTP request per event (ntfy, Slack, Matrix, ...): ``{text}``,
+    ``{kind}``, ``{door}``, ... in ``url``, ``headers`` and ``body``, escaped for the
+    ``content_type`` (JSON strings, URL parts). ``token_file``'s content is ``{token}``."""
+
+    url: str
+    body: str = "{text}"
+    method: Literal["POST", "PUT"] = "POST"
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+    token_file: str | None = None
+    token: str = field(repr=False, default="")
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """A digest through an SMTP server: every ``every`` seconds, or daily at ``at``
+    (local time, HH:MM) when ``every`` is not given."""
+
+    host: str
+    sender: str
+    to: tuple[str, ...]
+    port: int = 25
+    tls: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password_file: str | None = None
+    password: str = field(repr=False, default="")
+    every: float | None = None
+    at: tuple[int, int] = (7, 0)
+    quiet: Literal["send", "skip"] = "send"  # a period with nothing to report
+    subject: str = "knockgate digest"
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Notifier:
+    """One ``notify:`` entry: its name (a metrics label), what it does, which event
+    kinds it gets and how many deliveries may wait while its receiver is down."""
+
+    name: str
+    target: Webhook | Chat | Mail
+    events: tuple[str, ...]
+    queue: int = 1000
+
+    @property
+    def kind(self) -> str:
+        return {Webhook: "webhook", Chat: "chat", Mail: "mail"}[type(self.target)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +220,7 @@ class Settings:
     state_dir: str = DEFAULT_STATE_DIR  # the SPA replay cache and used TOTP steps
     metrics: MetricsSettings | None = None  # the Prometheus endpoint (off when None)
     fleet: FleetSettings | None = None  # grants and security state shared (off when None)
+    notify: tuple[Notifier, ...] = ()  # notifications (none when empty)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,12 @@ last) and unknown keys are reported with what was expected. Schema::
         service: NAME or {name: NAME, duration: 30}   # a container from services:
         spa: {...}                # instead of knock: single packet authorization
     state_dir: /var/lib/knockgate # the SPA replay cache and used TOTP steps
+    notify: {NAME: {webhook|chat|mail: {...}, events: [...]}}   # yaml_notify
     services: {NAME: {image: ..., container_port: 22, host_port: 2222, ...}}
     fleet: {name: prod, redis: redis://USER@HOST:PORT/0, ...}   # yaml_fleet
 
-TOTP and SPA are read by :mod:`appliance.config.yaml_auth`.
+TOTP and SPA are read by :mod:`appliance.config.yaml_auth`, ``notify:`` by
+:mod:`appliance.config.yaml_notify`.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from appliance.config.yaml_nodes import (
     _string,
     compose,
 )
+from appliance.config.yaml_notify import parse_notify
 from appliance.core.model import (
     DEFAULT_CMD_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
@@ -110,6 +113,7 @@ TOP_KEYS = (
     "status_socket",
     "state_dir",
     "metrics",
+    "notify",
     "services",
     "doors",
     "fleet",  # appliance.config.yaml_fleet
@@ -173,7 +177,7 @@ def parse_yaml(text: str, path: str, problems: Problems) -> Config | None:
         problems.error(_line(root), "(top)", "expected a mapping with doors at the top level")
         return None
     top = _Map(root, "", TOP_KEYS, problems)
-    settings = _settings(top)
+    settings = _settings(top, path)
     default_duplicates: DuplicatePolicy = (
         "reset" if top.get("duplicates", _choice("ignore", "reset")) == "reset" else "ignore"
     )
@@ -222,7 +226,7 @@ def _open_lines(doors: _Map | None) -> dict[str, int]:
     return lines
 
 
-def _settings(top: _Map) -> Settings:
+def _settings(top: _Map, path: str) -> Settings:
     problems = top.problems
     for key in ("pid_file", "status_socket", "state_dir"):
         if key in top.items:
@@ -253,6 +257,7 @@ def _settings(top: _Map) -> Settings:
         status_socket=top.get("status_socket", _string) or DEFAULT_STATUS_SOCKET,
         state_dir=top.get("state_dir", _string) or DEFAULT_STATE_DIR,
         metrics=_metrics(top),
+        notify=parse_notify(top, path),
     )
 
 

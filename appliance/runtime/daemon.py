@@ -40,6 +40,10 @@ Fail closed:
 SIGHUP: read the config again; a bad one is logged and the old one kept. A good one
 goes to the engine as :class:`NewDoors`: unchanged doors keep their attempts, and
 pending stop commands run at their own time.
+
+Notifications (:mod:`appliance.notify`) follow the event log on threads of their own; the
+loop only starts them, swaps them at a reload when their settings changed, gives them at
+most 2 s to flush at shutdown, and passes SIGUSR1 on (a mail digest now).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import queue
 import selectors
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +137,7 @@ from appliance.services.launcher import ServiceLauncher
 
 if TYPE_CHECKING:  # imported when metrics are configured (prometheus_client is heavy)
     from appliance.fleet.store import FleetStore
+    from appliance.notify.hub import Notifications
     from appliance.runtime.fleet import FleetHooks  # imported when a fleet is configured
     from appliance.runtime.metrics_server import MetricsServer
 
@@ -306,6 +312,7 @@ class Daemon:
         self.metrics: MetricsServer | None = None
         self.fleet: FleetHooks | None = None  # the fleet's link, when fleet: is configured
         self.fleet_store: Callable[[FleetSettings], FleetStore] | None = None  # tests: a fake
+        self.notifications: Notifications | None = None  # when notify: is configured
 
     def _service_manager(self, launcher: ServiceLauncher) -> ServiceManager:
         manager = ServiceManager(
@@ -372,6 +379,7 @@ class Daemon:
             self.config.settings.status_socket, self.enqueue, events=self.events
         )
         self.status.start()
+        self._start_notifications()
         if self.services is not None:
             self.services.start()
         if self.capture:
@@ -407,6 +415,39 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self.enqueue(Signal("stop")))
         signal.signal(signal.SIGINT, lambda *_: self.enqueue(Signal("stop")))
         signal.signal(signal.SIGHUP, lambda *_: self.enqueue(Signal("reload")))
+        signal.signal(signal.SIGUSR1, lambda *_: self._digest_now())
+
+    def _digest_now(self) -> None:
+        """SIGUSR1: the mail notifiers send their digest now (a flag the hub reads)."""
+        if self.notifications is not None:
+            self.notifications.digest_now()
+
+    def _start_notifications(self) -> None:
+        """The notifiers of the configuration in force (none: no hub, no thread)."""
+        notifiers = self.config.settings.notify
+        if not notifiers:
+            return
+        # Imported here: a daemon without notifiers does not carry urllib and smtplib.
+        from appliance.notify.hub import Notifications
+
+        self.notifications = Notifications(notifiers, self.events, wall=self.wall)
+        self.notifications.start()
+
+    def _reload_notifications(self) -> None:
+        """A reload with other notifier settings: the old hub flushes (bounded) and stops,
+        the new one starts. Unchanged settings keep the running hub and its queues."""
+        running = self.notifications.notifiers if self.notifications is not None else ()
+        if self.config.settings.notify == running:
+            return
+        if self.notifications is not None:
+            # Its flush (bounded) on a thread of its own: the loop does not wait for it.
+            threading.Thread(
+                target=self.notifications.stop, name="notify-stop", daemon=True
+            ).start()
+            self.notifications = None
+        self._start_notifications()
+        if self.notifications is None:
+            log.info("notify: no notifiers now")
 
     def run(self) -> None:
         """Read packets and queued items until SIGTERM; then shut down in order.
@@ -644,6 +685,8 @@ class Daemon:
         steps.append(("wait for commands", self.runner.shutdown))
         steps.append(("run pending stop commands", self._run_pending_stops))
         steps.append(("save the state file", self._save_state))
+        if self.notifications is not None:  # bounded: FLUSH_SECONDS at most
+            steps.append(("flush notifications", self.notifications.stop))
         if self.status is not None:
             steps.append(("close the status socket", self.status.stop))
         if self.metrics is not None:
@@ -1094,6 +1137,7 @@ class Daemon:
         self.stats.reloads += 1
         self._guarded("reload metrics", self._forget_removed)
         self._guarded("reload fleet", self._fleet_reloaded)
+        self._guarded("reload notifications", self._reload_notifications)
         self.events.event("reload", detail=f"{len(loaded.config.doors)} door(s)")
         for warning in loaded.warnings:
             log.warning("%s", warning)
@@ -1197,7 +1241,14 @@ class Daemon:
             doors=tuple(door.name for door in self.config.doors),
             events_followers_dropped=self.events.followers_dropped,
             fleet=self.fleet.numbers() if self.fleet is not None else None,
+            **self._notification_counts(),
         )
+
+    def _notification_counts(self) -> dict[str, Any]:
+        if self.notifications is None:
+            return {}
+        totals, queued = self.notifications.counts()
+        return {"notifications": totals, "notifications_queued": queued}
 
     def snapshot(self) -> dict[str, Any]:
         """What ``knockgate status`` prints."""

@@ -113,6 +113,8 @@ class MetricsSnapshot:
     services_running: Mapping[str, int]  # 1 while the service runs (ready or serving)
     doors: tuple[str, ...]
     events_followers_dropped: int = 0
+    notifications: Mapping[tuple[str, str], int] = field(default_factory=dict)  # name, outcome
+    notifications_queued: Mapping[str, int] = field(default_factory=dict)  # by notifier
     fleet: FleetNumbers | None = None  # with fleet: configured
 
 

@@ -165,6 +165,23 @@ def families(snap: MetricsSnapshot, now: float) -> Iterator[Metric]:
     )
     if snap.fleet is not None:
         yield from _fleet_families(snap.fleet)
+    sent = CounterMetricFamily(
+        "knockgate_notifications",
+        "Notifications by notifier and outcome: sent, failed (an attempt; retried), "
+        "rejected (refused by the receiver for good), dropped (queue full or shutdown).",
+        labels=["notifier", "outcome"],
+    )
+    for (notifier, outcome), count in sorted(snap.notifications.items()):
+        sent.add_metric([notifier, outcome], count)
+    yield sent
+    queued = GaugeMetricFamily(
+        "knockgate_notifications_queued",
+        "Notifications waiting for delivery (a receiver that is down), by notifier.",
+        labels=["notifier"],
+    )
+    for notifier, count in sorted(snap.notifications_queued.items()):
+        queued.add_metric([notifier], count)
+    yield queued
     yield GaugeMetricFamily(
         "knockgate_snapshot_age_seconds",
         "How old the numbers served are (the loop answers each scrape unless it is busy).",

@@ -1,0 +1,127 @@
+"""A flood becomes one summary a minute, never a notification per packet.
+
+The event log already sums knock noise (first knocks that go nowhere, resets, time-outs)
+into one ``knocks`` record per 10 s and budgets refusals (held off, SPA refused) at 100
+per 10 s: still far too many for a phone. Per notifier, an :class:`Aggregator` lets a
+few refusals through one by one (:data:`REFUSALS_SHOWN` a window), holds the rest and
+the knock noise, and at the end of each :data:`SUMMARY_SECONDS` window in which anything
+was held gives one ``knocks`` summary: "last 60 s: 12 000 first knocks, 40 resets; 95
+more refusals (80 held-off, 15 refused)". Every other record passes at once. Pure: the
+caller passes the time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from appliance.runtime.events_log import SUMMARY_SECONDS as LOG_WINDOW
+from appliance.runtime.events_log import EventRecord
+
+SUMMARY_SECONDS = 60.0
+REFUSALS_SHOWN = 5  # refusal records sent one by one per window; the rest are summed up
+REFUSALS = ("held-off", "refused")
+_HELD_BACK = re.compile(r"(\d+) more refusals")
+WORDS = {
+    "first_knock": "first knocks",
+    "stage": "later steps",
+    "reset": "resets",
+    "timed_out": "timed out",
+}
+
+
+def number(n: int) -> str:
+    """``12 000``: a thin-spaced thousands separator reads well in any locale."""
+    return f"{n:,}".replace(",", " ")
+
+
+@dataclass
+class _Window:
+    start: float  # monotonic
+    since: float  # what it sums up began then (a knocks record covers the 10 s before it)
+    shown: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # door -> outcome -> n
+    held: dict[str, int] = field(default_factory=dict)  # refusal kind -> n not shown
+    held_by_log: int = 0  # refusals the event log itself only counted
+
+    def empty(self) -> bool:
+        return not (self.counts or self.held or self.held_by_log)
+
+
+class Aggregator:
+    def __init__(self, every: float = SUMMARY_SECONDS, shown: int = REFUSALS_SHOWN) -> None:
+        self.every = every
+        self.shown = shown
+        self._window: _Window | None = None
+
+    def offer(self, record: EventRecord, now: float) -> list[EventRecord]:
+        """What to send now for ``record`` (it, or nothing while it is held)."""
+        if record.kind == "knocks":
+            window = self._open(now, LOG_WINDOW)
+            for door, by in (record.counts or {}).items():
+                mine = window.counts.setdefault(door, {})
+                for outcome, n in by.items():
+                    mine[outcome] = mine.get(outcome, 0) + n
+            held = _HELD_BACK.search(record.detail)
+            if held:
+                window.held_by_log += int(held.group(1))
+            return []
+        if record.kind in REFUSALS:
+            window = self._open(now)
+            if window.shown < self.shown:
+                window.shown += 1
+                return [record]
+            window.held[record.kind] = window.held.get(record.kind, 0) + 1
+            return []
+        return [record]
+
+    def _open(self, now: float, before: float = 0.0) -> _Window:
+        if self._window is None:
+            self._window = _Window(now, now - before)
+        return self._window
+
+    def next_due(self) -> float | None:
+        return None if self._window is None else self._window.start + self.every
+
+    def due(self, now: float, wall: float) -> list[EventRecord]:
+        """The summary of a window that has ended (nothing when nothing was held)."""
+        window = self._window
+        if window is None or now < window.start + self.every:
+            return []
+        return self.flush(now, wall)
+
+    def flush(self, now: float, wall: float) -> list[EventRecord]:
+        """The summary of the current window, ended now (at shutdown: what was held)."""
+        window, self._window = self._window, None
+        if window is None or window.empty():
+            return []
+        seconds = now - window.since
+        return [summary(window.counts, window.held, window.held_by_log, seconds, wall)]
+
+
+def summary(
+    counts: dict[str, dict[str, int]],
+    held: dict[str, int],
+    held_by_log: int,
+    seconds: float,
+    wall: float,
+) -> EventRecord:
+    totals: dict[str, int] = {}
+    for by in counts.values():
+        for outcome, n in by.items():
+            totals[outcome] = totals.get(outcome, 0) + n
+    parts = [
+        f"{number(totals[outcome])} {words}"
+        for outcome, words in WORDS.items()
+        if outcome in totals
+    ]
+    span = "the last minute" if 55 <= seconds <= 75 else f"the last {seconds:.0f} s"
+    detail = (", ".join(parts) or "no knock noise") + f" in {span}"
+    refused = sum(held.values()) + held_by_log
+    if refused:
+        kinds = ", ".join(f"{number(n)} {kind}" for kind, n in sorted(held.items()))
+        detail += f"; {number(refused)} more refusals not sent one by one"
+        if kinds:
+            detail += f" ({kinds}{', ' if held_by_log else ''}"
+            detail += f"{number(held_by_log)} only counted)" if held_by_log else ")"
+    return EventRecord(wall, "knocks", detail=detail, counts=counts or None)

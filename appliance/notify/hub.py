@@ -1,0 +1,204 @@
+"""The notifications hub the daemon starts: one thread between the event log and the
+notifiers' deliveries (see the package docstring for the flow).
+
+The hub follows the event log with a large buffer and does little per record (a kind
+check, an aggregator or digest update, a ``put`` on a bounded queue), so it keeps up with
+anything the log publishes; should it ever fall behind and be cut off, it follows again
+at once and counts the gap. ``digest_now`` (SIGUSR1) asks every mail notifier for a
+digest at the hub's next pass (within a second). ``stop`` flushes what is held and
+queued for at most :data:`FLUSH_SECONDS`, then gives up: a shutdown never hangs on a
+receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.config.schema import Chat, Mail, Notifier, Webhook
+from appliance.notify.delivery import Delivery
+from appliance.notify.digest import Digest, next_digest
+from appliance.notify.flood import Aggregator
+from appliance.notify.senders import Message, chat_sender, mail_sender, webhook_sender
+from appliance.runtime.events_log import EventLog, EventRecord, Follower
+
+log = logging.getLogger("knockgate.notify")
+
+FLUSH_SECONDS = 2.0  # at shutdown, for what is queued
+FOLLOW_BUFFER = 20_000  # records the hub may be behind the log
+PASS_SECONDS = 1.0  # how often summaries and schedules are looked at
+
+
+@dataclass
+class _Route:
+    notifier: Notifier
+    kinds: frozenset[str]
+    aggregator: Aggregator | None  # webhook, chat
+    delivery: Delivery[EventRecord] | None
+    digest: Digest | None = None  # mail
+    mailer: Delivery[Message] | None = None
+    due: float = 0.0  # unix time of the next digest
+
+
+class Notifications:
+    def __init__(
+        self,
+        notifiers: tuple[Notifier, ...],
+        events: EventLog,
+        *,
+        host: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.notifiers = notifiers
+        self.events = events
+        self.host = host or socket.gethostname()
+        self.clock = clock
+        self.wall = wall
+        self.routes = [self._route(notifier) for notifier in notifiers]
+        self.follower: Follower | None = None
+        self.gaps = 0  # times the hub fell behind and was cut off
+        self._digest_asked = False  # set from a signal handler: a plain flag, no lock
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _route(self, notifier: Notifier) -> _Route:
+        kinds = frozenset(notifier.events)
+        target = notifier.target
+        if isinstance(target, Mail):
+            mailer = Delivery(notifier.name, mail_sender(target), notifier.queue, clock=self.clock)
+            now = self.wall()
+            return _Route(
+                notifier,
+                kinds,
+                None,
+                None,
+                Digest(now),
+                mailer,
+                next_digest(now, target.every, target.at),
+            )
+        if isinstance(target, Webhook):
+            send = webhook_sender(target, self.host, self.wall)
+        elif isinstance(target, Chat):
+            send = chat_sender(target, self.host)
+        else:  # pragma: no cover - the schema has three kinds
+            raise TypeError(f"unknown notifier target {target!r}")
+        delivery = Delivery(notifier.name, send, notifier.queue, clock=self.clock)
+        return _Route(notifier, kinds, Aggregator(), delivery)
+
+    # ---------------------------------------------------------------- life cycle
+
+    def start(self) -> None:
+        _, self.follower = self.events.subscribe(history=0, buffer=FOLLOW_BUFFER)
+        for route in self.routes:
+            for delivery in (route.delivery, route.mailer):
+                if delivery is not None:
+                    delivery.start()
+        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+        self._thread.start()
+        log.info(
+            "notify: %s",
+            ", ".join(f"{r.notifier.name} ({r.notifier.kind})" for r in self.routes),
+        )
+
+    def stop(self, seconds: float = FLUSH_SECONDS) -> None:
+        deadline = self.clock() + seconds
+        self._stopping.set()
+        if self.follower is not None:  # wakes the thread at once
+            self.follower.offer(EventRecord(0.0, "stop"))
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - self.clock()))
+        if self.follower is not None:
+            self.events.unsubscribe(self.follower)
+            if self._thread is None or not self._thread.is_alive():
+                # What the log published up to now (the shutdown's own records too).
+                while (record := self.follower.next(0.0)) is not None:
+                    if record.kind != "stop":
+                        self.route(record, self.clock())
+        now, wall = self.clock(), self.wall()
+        for route in self.routes:
+            if route.aggregator is not None and route.delivery is not None:
+                for summary in route.aggregator.flush(now, wall):
+                    route.delivery.put(summary)
+        deliveries = [d for r in self.routes for d in (r.delivery, r.mailer) if d is not None]
+        for delivery in deliveries:
+            delivery.stop(deadline)
+        for delivery in deliveries:
+            delivery.join(deadline)
+
+    def digest_now(self) -> None:
+        """From a signal handler: every mail notifier sends its digest at the next pass."""
+        self._digest_asked = True
+
+    # ---------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        next_pass = self.clock() + PASS_SECONDS
+        while not self._stopping.is_set():
+            follower = self.follower
+            assert follower is not None
+            record = follower.next(max(0.0, min(PASS_SECONDS, next_pass - self.clock())))
+            if record is not None and record.kind != "stop":
+                self.route(record, self.clock())
+            if self._stopping.is_set():
+                return  # stop() routes what is left
+            if record is None and follower.dropped:
+                self.gaps += 1
+                log.warning("notify: fell behind the event log; records were lost")
+                _, self.follower = self.events.subscribe(history=0, buffer=FOLLOW_BUFFER)
+            now = self.clock()
+            if now >= next_pass or self._digest_asked:
+                next_pass = now + PASS_SECONDS
+                self.tick(now, self.wall())
+
+    def route(self, record: EventRecord, now: float) -> None:
+        for route in self.routes:
+            if record.kind not in route.kinds:
+                continue
+            if route.digest is not None:
+                route.digest.add(record)
+            elif route.aggregator is not None and route.delivery is not None:
+                for out in route.aggregator.offer(record, now):
+                    route.delivery.put(out)
+
+    def tick(self, now: float, wall: float) -> None:
+        """Summaries whose window ended; digests due (or asked for)."""
+        asked, self._digest_asked = self._digest_asked, False
+        for route in self.routes:
+            if route.aggregator is not None and route.delivery is not None:
+                for summary in route.aggregator.due(now, wall):
+                    route.delivery.put(summary)
+            due = asked or wall >= route.due
+            if route.digest is not None and route.mailer is not None and due:
+                self._send_digest(route, wall)
+
+    def _send_digest(self, route: _Route, wall: float) -> None:
+        assert route.digest is not None and route.mailer is not None
+        target = route.notifier.target
+        assert isinstance(target, Mail)
+        digest, route.digest = route.digest, Digest(wall)
+        route.due = next_digest(wall, target.every, target.at)
+        if digest.quiet() and target.quiet == "skip":
+            return
+        tail, body = digest.render(self.host, wall)
+        route.mailer.put(Message(f"{target.subject} {self.host}: {tail}", body))
+
+    # ---------------------------------------------------------------- metrics
+
+    def counts(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """(deliveries by (notifier, outcome), items queued by notifier)."""
+        totals: dict[tuple[str, str], int] = {}
+        queued: dict[str, int] = {}
+        for route in self.routes:
+            delivery = route.delivery or route.mailer
+            if delivery is None:
+                continue
+            name = route.notifier.name
+            for outcome, n in delivery.counts.items():
+                totals[(name, outcome)] = n
+            queued[name] = delivery.queued()
+        return totals, queued

@@ -1,0 +1,96 @@
+"""Real receivers for the notification tests, run inside a test namespace (loopback only).
+
+``webhook``: an http.server that verifies each request's HMAC-SHA256 signature with the
+shared secret, as the README tells a receiver to, answers 204 (or 401 when the
+signature is wrong) and appends one JSON line per request to ``--out``:
+``{"verified": bool, "event": {...}}``. ``smtp``: aiosmtpd's server that writes each
+message it receives to ``--out`` as one JSON line (``{"from", "to", "data"}``).
+Both print ``ready`` once they listen and run until SIGTERM.
+
+    python -m tests.integration.notify_receivers webhook --port 8765 --secret-file F --out F
+    python -m tests.integration.notify_receivers smtp --port 8025 --out F
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from appliance.notify.sign import verify
+
+
+def webhook(port: int, secret: bytes, out: Path) -> None:
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            ok = verify(
+                secret,
+                self.headers.get("X-Knockgate-Timestamp", ""),
+                body,
+                self.headers.get("X-Knockgate-Signature", ""),
+                time.time(),
+            )
+            try:
+                event: Any = json.loads(body)
+            except ValueError:
+                event = body.decode(errors="replace")
+            with lock, out.open("a") as file:
+                file.write(json.dumps({"verified": ok, "event": event}) + "\n")
+            self.send_response(204 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print("ready", flush=True)
+    server.serve_forever()
+    server.server_close()
+
+
+def smtp(port: int, out: Path) -> None:
+    from aiosmtpd.controller import Controller
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            data = envelope.content.decode("utf-8", "replace")
+            line = {"from": envelope.mail_from, "to": envelope.rcpt_tos, "data": data}
+            with out.open("a") as file:
+                file.write(json.dumps(line) + "\n")
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("ready", flush=True)
+    stop.wait()
+    controller.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=("webhook", "smtp"))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--secret-file", type=Path)
+    args = parser.parse_args()
+    if args.kind == "webhook":
+        webhook(args.port, args.secret_file.read_text().removesuffix("\n").encode(), args.out)
+    else:
+        smtp(args.port, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
