@@ -143,6 +143,8 @@ class FleetSettings:
     def shares(self, door: str) -> bool:
         """Whether ``door`` takes part in the fleet."""
         return door not in self.local_doors
+
+
 NOTIFY_KINDS = ("webhook", "chat", "mail")
 
 
