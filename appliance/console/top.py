@@ -134,7 +134,7 @@ def unreachable(path: str, reason: str, interval: float, now: float | None = Non
         f" every {interval:g} s ({stamp})\n",
         (reason, "dim"),
     )
-    return Panel(text, title="knockgate top", subtitle=path, border_style="red")
+    return Panel(text, title="knockgate top", subtitle=Text(path), border_style="red")
 
 
 def _header(snapshot: dict[str, Any], now: float | None) -> Panel:
@@ -163,6 +163,12 @@ def _header(snapshot: dict[str, Any], now: float | None) -> Panel:
     )
     stamp = time.strftime("%H:%M:%S", time.localtime(now))
     return Panel(line, title=f"knockgate top · {stamp}", title_align="left", box=box.ROUNDED)
+
+
+def _row(table: Table, *cells: RenderableType) -> None:
+    """A row whose plain strings are shown as they are: text from the daemon (an event's
+    detail, a container or error name) is never read as rich markup."""
+    table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in cells))
 
 
 def _table(title: str, *columns: str, wide: str = "") -> Table:
@@ -195,7 +201,7 @@ def _doors(snapshot: dict[str, Any]) -> Table:
         if door.get("closes"):
             opens = "closes " + ", ".join(door["closes"])
         grants = len(holders.get(str(door.get("name")), ()))
-        table.add_row(str(door.get("name")), how, opens or "(commands)", str(grants))
+        _row(table, str(door.get("name")), how, opens or "(commands)", str(grants))
     return table
 
 
@@ -203,12 +209,13 @@ def _grants(snapshot: dict[str, Any]) -> Table:
     table = _table("grants", "door", "address", "port", "remaining", wide="address")
     grants = snapshot.get("grants") or []
     if grants and "error" in grants[0]:
-        table.add_row(Text(f"cannot list: {grants[0]['error']}", "red"), "", "", "")
+        _row(table, Text(f"cannot list: {grants[0]['error']}", "red"), "", "", "")
         return table
     ordered = sorted(grants, key=lambda g: float(g.get("expires_in", 0)))
     for grant in ordered[:MAX_ROWS]:
         service = f"service {grant['service']}" if grant.get("service") else "?"
-        table.add_row(
+        _row(
+            table,
             str(grant.get("door") or service),
             str(grant.get("address")),
             str(grant.get("port")),
@@ -216,7 +223,7 @@ def _grants(snapshot: dict[str, Any]) -> Table:
         )
     _more(table, len(ordered), 4)
     if not ordered:
-        table.add_row(Text("none open", "dim"), "", "", "")
+        _row(table, Text("none open", "dim"), "", "", "")
     return table
 
 
@@ -240,10 +247,10 @@ def _services(snapshot: dict[str, Any]) -> Table:
             detail += f"; {len(row['problems'])} problem(s)"
         rows.append((str(row.get("name")), str(row.get("state")), detail, str(row.get("grants"))))
     for name, state, detail, grants in rows[:MAX_ROWS]:
-        table.add_row(name, Text(state, _state_style(state)), detail, grants)
+        _row(table, name, Text(state, _state_style(state)), detail, grants)
     _more(table, len(rows), 4)
     if not rows:
-        table.add_row(Text("none", "dim"), "", "", "")
+        _row(table, Text("none", "dim"), "", "", "")
     return table
 
 
@@ -259,7 +266,7 @@ def _rates(rows: Iterable[Rate]) -> Table:
     table = _table("rates", "rate", "now", "total", wide="total")
     for rate in rows:
         now = "-" if rate.value is None else f"{rate.value:.1f}"
-        table.add_row(rate.name, now, str(rate.total))
+        _row(table, rate.name, now, str(rate.total))
     return table
 
 
@@ -267,15 +274,15 @@ def _events(recent: Sequence[dict[str, Any]]) -> Table:
     table = _table("recent events", "event", wide="event")
     table.show_header = False
     for record in recent[-EVENTS_SHOWN:]:
-        table.add_row(EventRecord.from_dict(record).text()[DATE:])  # the time is enough
+        _row(table, EventRecord.from_dict(record).text()[DATE:])  # the time is enough
     if not recent:
-        table.add_row(Text("none yet", "dim"))
+        _row(table, Text("none yet", "dim"))
     return table
 
 
 def _more(table: Table, count: int, width: int) -> None:
     if count > MAX_ROWS:
-        table.add_row(Text(f"... {count - MAX_ROWS} more", "dim"), *[""] * (width - 1))
+        _row(table, Text(f"... {count - MAX_ROWS} more", "dim"), *[""] * (width - 1))
 
 
 class Top:
@@ -295,9 +302,15 @@ class Top:
             return unreachable(self.path, str(error), self.interval)
         if "error" in snapshot:
             return unreachable(self.path, str(snapshot["error"]), self.interval)
-        rows = rates(self.last, snapshot)
+        try:
+            rows = rates(self.last, snapshot)
+            drawn = frame(snapshot, rows, self.recent())
+        except (AttributeError, KeyError, TypeError, ValueError) as error:  # not our shape
+            self.last = None
+            why = f"the daemon's answer cannot be shown (another version?): {error!r}"
+            return unreachable(self.path, why, self.interval)
         self.last = snapshot
-        return frame(snapshot, rows, self.recent())
+        return drawn
 
     def recent(self) -> list[dict[str, Any]]:
         try:
@@ -309,7 +322,7 @@ class Top:
 def run(path: str, interval: float, once: bool, console: Console | None = None) -> int:
     """Draw frames until Ctrl-C (status 0); ``once``: print one frame, its rates over
     ``interval``, and return (a daemon that is not there is then an error)."""
-    console = console or Console()
+    console = console or Console(markup=False)  # no cell is markup
     top = Top(path, interval)
     try:
         if once:

@@ -277,3 +277,37 @@ def test_a_flood_of_grants_is_cut_to_the_first_to_end_and_counted() -> None:
     assert has(lines, "ssh", r"198\.18\.7\.24", "22/tcp", "1m16s")  # the soonest first
     assert not has(lines, r"198\.18\.7\.4 ")  # the 21st to end and later: counted
     assert has(lines, r"\.\.\. 5 more")
+
+
+def test_text_from_the_daemon_is_shown_as_it_is_never_read_as_markup() -> None:
+    """An event's detail, a door or a container name with rich markup in it (an error
+    text from Redis, a label) is printed literally, not parsed (``[/x]`` would raise)."""
+    snapshot = {
+        "pid": 7,
+        "host": "kg-[bold]host",
+        "backend": "nftables",
+        "uptime": 5.0,
+        "doors": [{"name": "d[/x]", "knock": "sequence", "steps": 3, "open": ["22/tcp"]}],
+        "grants": [],
+        "services": [],
+        "gated": [{"name": "kg-[red]web", "docker": "running", "state": "open", "grants": 0}],
+        "counters": {},
+    }
+    recent = [{"time": 1796000000.0, "kind": "repair", "detail": "redis said [/x] [link=y]"}]
+    lines = render(frame(snapshot, rates(None, snapshot), recent))
+    assert has(lines, r"host kg-\[bold\]host")
+    assert has(lines, r"d\[/x\]", "3-step sequence", "22/tcp")
+    assert has(lines, r"kg-\[red\]web", "open")
+    assert has(lines, r"repair: redis said \[/x\] \[link=y\]")
+
+
+def test_an_answer_of_another_shape_is_a_retrying_frame_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon of another version whose snapshot has other types: the frame says so."""
+    top = Top(str(tmp_path / "status.sock"), 1.0)
+    odd = {"pid": 7, "uptime": "soon", "doors": 5, "counters": []}
+    monkeypatch.setattr("appliance.console.top.query", lambda path: odd)
+    lines = render(top.refresh())
+    assert has(lines, "daemon not reachable, retrying")
+    assert any("cannot be shown" in line for line in lines)
