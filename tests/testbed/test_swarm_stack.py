@@ -119,7 +119,12 @@ class Stack:
         return found[0] if len(found) == 1 else None
 
     def logs(self) -> str:
-        proc = docker("service", "logs", "--raw", self.service, check=False, timeout=20)
+        """The task's log (``docker logs``: faster than ``docker service logs``)."""
+        container = self.task_container()
+        if container is None:
+            proc = docker("service", "ps", "--no-trunc", self.service, check=False)
+            return proc.stdout + proc.stderr
+        proc = docker("logs", container, check=False, timeout=20)
         lines = (proc.stdout + proc.stderr).splitlines()
         return "\n".join(line for line in lines if "host addresses changed" not in line)[-4000:]
 
