@@ -12,7 +12,8 @@ The stack is deployed as written (``kgsw<pid>``), with this module's own knockga
 1. the global knockgate service runs one task on the node, with the capabilities, read-only
    root, the config and secret as written in the stack file;
 2. ``knockgate status`` in that task shows the fleet reachable (the stack's Redis, ACL user,
-   password from the secret);
+   password from the secret); that Redis listens on 127.0.0.1 only and refuses the default
+   user;
 3. a client in a network namespace of its own (198.18.71.2, veth to the host's 198.18.71.1)
    finds the door's port closed, knocks the sequence, and then connects to a listener on
    the host: the door opened for it, and the grant is in knockgate's nftables set.
@@ -103,6 +104,7 @@ class Stack:
     name: str
     workdir: Path
     made_swarm: bool = False
+    redis_port: int = 0
     listener: socket.socket | None = None
     served: list[str] = field(default_factory=list)
 
@@ -320,7 +322,7 @@ def deploy(stack: Stack) -> Stack:
         assert state == "active", f"the engine's swarm is {state!r} (expected inactive or active)"
     make_client()
     serve(stack)
-    redis_port = free_loopback_port()
+    stack.redis_port = redis_port = free_loopback_port()
     config = stack.workdir / "knockgate.yaml"
     config.write_text(CONFIG.format(port=redis_port))
     password = stack.workdir / "redis-password"
@@ -370,6 +372,26 @@ def test_status_in_the_task_shows_the_fleet_reachable(stack: Stack) -> None:
     text = docker("exec", container, "knockgate", "status").stdout
     line = rf"fleet {FLEET}: this host kgsw-node, redis://knockgate@127\.0\.0\.1:\d+/0 reachable"
     assert re.search(line, text), text
+
+
+def test_the_stacks_redis_listens_on_loopback_only_and_refuses_the_default_user(
+    stack: Stack,
+) -> None:
+    port = stack.redis_port
+    wait_for("the stack's Redis answers", lambda: redis_says(port, b"PING\r\n"), 30, 0.5)
+    assert redis_says(port, b"PING\r\n").startswith(b"-NOAUTH")
+    listening = run(["ss", "-Hltn", f"sport = :{port}"]).stdout.split("\n")
+    local = sorted(line.split()[3] for line in listening if line.strip())
+    assert local == [f"127.0.0.1:{port}"]
+
+
+def redis_says(port: int, request: bytes) -> bytes:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            conn.sendall(request)
+            return conn.recv(200)
+    except OSError:
+        return b""
 
 
 def test_a_knock_from_the_client_opens_the_door(stack: Stack) -> None:
