@@ -16,7 +16,8 @@ The stack is deployed as written (``kgsw<pid>``), with this module's own knockga
    user;
 3. a client in a network namespace of its own (198.18.71.2, veth to the host's 198.18.71.1)
    finds the door's port closed, knocks the sequence, and then connects to a listener on
-   the host: the door opened for it, and the grant is in knockgate's nftables set.
+   the host: the door opened for it, the grant is in knockgate's nftables set and was
+   published to the fleet (status: published 1).
 
 Teardown, even after a failure: ``docker stack rm`` (services, configs and secrets it made),
 its containers gone, its volumes, knockgate's nftables table, the namespace, the swarm if
