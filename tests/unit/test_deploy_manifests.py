@@ -1,0 +1,173 @@
+"""The deployment files (deploy/, compose/fleet-trial.*): the Kubernetes manifest validates
+offline against the Kubernetes schema (kubernetes-validate, strict: no unknown field), the
+Swarm stack file says what the README says it does, and every knockgate configuration they
+ship parses with knockgate's own loader (its ``password_file`` pointed at a real file: the
+loader checks that it is readable, and /run/secrets exists only in the container)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from appliance.config import load_config
+from appliance.config.initial import initial_config
+from tests.integration.conftest import require
+
+REPO = Path(__file__).resolve().parents[2]
+DAEMONSET = REPO / "deploy" / "kubernetes" / "knockgate-daemonset.yaml"
+STACK = REPO / "deploy" / "swarm" / "knockgate-stack.yml"
+STACK_CONFIG = REPO / "deploy" / "swarm" / "knockgate.yaml"
+TRIAL = REPO / "compose" / "fleet-trial.yml"
+TRIAL_FLEET = REPO / "compose" / "fleet-trial.yaml"
+SECRET_PATH = "/run/secrets/knockgate-redis-password"
+# The oldest Kubernetes the manifest is meant for, and the newest the validator knows.
+OLDEST_KUBERNETES = "1.29.0"
+
+
+def kubernetes_validate() -> Any:
+    try:
+        import kubernetes_validate as module
+    except ImportError:
+        require(False, "kubernetes-validate is not installed (pip install -e '.[test]')")
+    return module
+
+
+def manifests() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(DAEMONSET.read_text()) if doc is not None]
+
+
+def kind(name: str) -> dict[str, Any]:
+    found = [doc for doc in manifests() if doc["kind"] == name]
+    assert len(found) == 1, f"{name}: {len(found)} in {DAEMONSET}"
+    return found[0]
+
+
+def loads_as_knockgate(text: str, tmp_path: Path, name: str = "knockgate.yaml") -> Any:
+    """``text`` parsed by knockgate's loader, the secret's path replaced by a real file."""
+    password = tmp_path / "redis-password"
+    password.write_text("kg-" + "0" * 32 + "\n")
+    assert SECRET_PATH in text
+    path = tmp_path / name
+    path.write_text(text.replace(SECRET_PATH, str(password)))
+    return load_config(str(path)).config
+
+
+# ---------------------------------------------------------------------------- Kubernetes
+
+
+@pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "latest"])
+def test_the_kubernetes_manifest_validates_strictly_against_the_schema(version: str) -> None:
+    validator = kubernetes_validate()
+    wanted = validator.latest_version() if version == "latest" else version
+    kinds = []
+    for doc in manifests():
+        validator.validate(doc, wanted, strict=True)  # raises ValidationError
+        kinds.append(doc["kind"])
+    assert kinds == ["Namespace", "Secret", "ConfigMap", "DaemonSet"]
+
+
+def test_strict_validation_rejects_a_misspelled_field() -> None:
+    """The validator is really strict: a typo in the pod spec does not pass silently."""
+    validator = kubernetes_validate()
+    daemonset = copy.deepcopy(kind("DaemonSet"))
+    pod = daemonset["spec"]["template"]["spec"]
+    pod["hostNetwrok"] = pod.pop("hostNetwork")
+    with pytest.raises(validator.ValidationError):
+        validator.validate(daemonset, validator.latest_version(), strict=True)
+
+
+def test_the_daemonset_runs_on_the_host_network_with_only_net_admin_and_net_raw() -> None:
+    daemonset = kind("DaemonSet")
+    assert daemonset["metadata"]["namespace"] == "knockgate"
+    assert daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 0
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    (container,) = pod["containers"]
+    context = container["securityContext"]
+    assert context["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"]}
+    assert context["readOnlyRootFilesystem"] is True
+    assert "privileged" not in context
+    # No Docker socket by default (services are off on Kubernetes), state in a hostPath.
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {"state": "/var/lib/knockgate"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/var/lib/knockgate"] == "state"
+    assert not any("docker" in path for path in mounts)
+
+
+def test_the_redis_password_comes_from_the_secret_at_the_configs_password_file() -> None:
+    secret = kind("Secret")
+    assert secret["metadata"]["namespace"] == "knockgate"
+    pod = kind("DaemonSet")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    (item,) = volume["secret"]["items"]
+    assert item["key"] in secret["stringData"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    assert f"{mount['mountPath']}/{item['path']}" == SECRET_PATH
+    config = yaml.safe_load(kind("ConfigMap")["data"]["knockgate.yaml"])
+    assert config["fleet"]["password_file"] == SECRET_PATH
+
+
+def test_the_configmaps_knockgate_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
+    config = loads_as_knockgate(kind("ConfigMap")["data"]["knockgate.yaml"], tmp_path)
+    fleet = config.settings.fleet
+    assert fleet is not None and fleet.name == "k8s" and fleet.redis.startswith("rediss://")
+    assert not any(door.service for door in config.doors)  # no Docker socket on Kubernetes
+
+
+# ---------------------------------------------------------------------------- Swarm
+
+
+def test_the_swarm_stack_is_global_on_the_host_network_with_capabilities() -> None:
+    stack = yaml.safe_load(STACK.read_text())
+    assert stack["networks"]["hostnet"] == {"external": True, "name": "host"}
+    knockgate = stack["services"]["knockgate"]
+    assert knockgate["networks"] == ["hostnet"]
+    assert knockgate["cap_add"] == ["NET_ADMIN", "NET_RAW"]
+    assert knockgate["deploy"]["mode"] == "global"
+    assert knockgate["deploy"]["update_config"]["order"] == "stop-first"
+    assert knockgate["read_only"] is True
+    targets = {s["target"] for s in knockgate["secrets"]}
+    assert {f"/run/secrets/{t}" for t in targets} == {SECRET_PATH}
+    assert {c["target"] for c in knockgate["configs"]} == {"/etc/knockgate/knockgate.yaml"}
+    redis = stack["services"]["redis"]
+    assert redis["networks"] == ["hostnet"]
+    assert redis["environment"]["KNOCKGATE_REDIS_BIND"] == "${KNOCKGATE_REDIS_BIND:-127.0.0.1}"
+
+
+def test_the_swarm_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
+    config = loads_as_knockgate(STACK_CONFIG.read_text(), tmp_path)
+    fleet = config.settings.fleet
+    assert fleet is not None
+    stack = yaml.safe_load(STACK.read_text())
+    # The stack's Redis ACL covers the config's fleet (kg:{NAME}:*) by default.
+    assert stack["services"]["redis"]["environment"]["KNOCKGATE_FLEET"] == (
+        f"${{KNOCKGATE_FLEET:-{fleet.name}}}"
+    )
+    assert fleet.redis == "redis://knockgate@127.0.0.1:6379/0"
+
+
+# ---------------------------------------------------------------------------- Compose trial
+
+
+def test_the_trials_fleet_block_added_to_a_first_config_parses(tmp_path: Path) -> None:
+    """What the README has a trial user do: the appliance's first config plus the block."""
+    text = initial_config(str(tmp_path / "ssh-keys")) + "\n" + TRIAL_FLEET.read_text()
+    config = loads_as_knockgate(text, tmp_path)
+    fleet = config.settings.fleet
+    assert fleet is not None and fleet.name == "trial"
+    trial = yaml.safe_load(TRIAL.read_text())
+    redis = trial["services"]["redis"]
+    assert redis["environment"]["KNOCKGATE_FLEET"] == fleet.name
+    assert redis["environment"]["KNOCKGATE_REDIS_BIND"] == "127.0.0.1"
+    assert (
+        fleet.redis
+        == f"redis://knockgate@127.0.0.1:{redis['environment']['KNOCKGATE_REDIS_PORT']}/0"
+    )
+    assert trial["services"]["knockgate"]["secrets"] == ["knockgate-redis-password"]
