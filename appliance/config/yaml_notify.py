@@ -348,6 +348,15 @@ def _every(value: Any) -> float:
     return seconds
 
 
+def _one_line(value: Any) -> str:
+    text = _string(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise Invalid(
+            f"{shown(text)}: expected one line of text (no line breaks or control characters)"
+        )
+    return text
+
+
 def _mail(top: _Map, path: str) -> Mail | None:
     spec = top.mapping("mail", MAIL_KEYS)
     if spec is None:
@@ -378,7 +387,7 @@ def _mail(top: _Map, path: str) -> Mail | None:
     every = spec.get("every", _every)
     at = spec.get("at", _at) or (7, 0)
     quiet = spec.get("quiet", _choice("send", "skip")) or "send"
-    subject = spec.get("subject", _string) or "knockgate digest"
+    subject = spec.get("subject", _one_line) or "knockgate digest"
     timeout = spec.get("timeout", _timeout)
     if host is None or sender is None or not to or problems.error_count != errors:
         if "to" in spec.items and to == () and problems.error_count == errors:

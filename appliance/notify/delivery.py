@@ -5,9 +5,11 @@ full the oldest item is dropped and counted. The thread sends the oldest item; a
 error it can retry (the receiver is down, times out, answers 5xx) keeps the item at the
 head and waits :func:`backoff` (doubling from :data:`BACKOFF_FIRST` to
 :data:`BACKOFF_CAP`); an answer that refuses it for good (4xx) drops it, counted as
-``rejected``. A failure streak is logged twice: a warning at its first failure and,
-when a delivery succeeds again, one line saying how long it lasted, how many attempts
-failed and how many items were dropped meanwhile. Nothing is logged in a steady state.
+``rejected``; so does any other exception (a bug, an answer nobody foresaw: logged once
+per exception type, never the end of the thread). A failure streak is logged twice: a
+warning at its first failure and, when a delivery succeeds again, one line saying how
+long it lasted, how many attempts failed and how many items were dropped meanwhile.
+Nothing is logged in a steady state.
 
 :meth:`Delivery.step` is the whole policy with the time as an argument (the unit tests
 drive it with a fake sender and clock); the thread only waits between steps.
@@ -66,6 +68,7 @@ class Delivery(Generic[T]):
         self._failures = 0  # in the current streak
         self._streak_start = 0.0
         self._streak_dropped = 0
+        self._unexpected_seen: set[str] = set()
         self._stopping = False
         self._deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -108,6 +111,12 @@ class Delivery(Generic[T]):
                 self._failed(error, now)
                 self._retry_at = now + backoff(self._failures, self.first, self.cap)
                 return self._retry_at
+        except Exception as error:  # a bug or an answer nobody foresaw: never kill the thread
+            with self._cond:
+                self._remove(item)
+                self.counts["rejected"] += 1
+                self._unexpected(error)
+            return now
         with self._cond:
             self._remove(item)
             self.counts["sent"] += 1
@@ -131,6 +140,22 @@ class Delivery(Generic[T]):
                 self.limit,
             )
         self._failures += 1
+
+    def _unexpected(self, error: Exception) -> None:
+        """An item whose send raised something unforeseen: dropped; logged once per
+        exception type (with its traceback), so a repeating one cannot flood the log."""
+        kind = type(error).__name__
+        if kind in self._unexpected_seen:
+            return
+        self._unexpected_seen.add(kind)
+        log.error(
+            "notify %s: dropped an item: unexpected %s: %s (later ones of this kind are "
+            "only counted as rejected)",
+            self.name,
+            kind,
+            error,
+            exc_info=error,
+        )
 
     def _recovered(self, now: float) -> None:
         log.info(

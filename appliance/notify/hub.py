@@ -63,6 +63,8 @@ class Notifications:
         self.follower: Follower | None = None
         self.gaps = 0  # times the hub fell behind and was cut off
         self._digest_asked = False  # set from a signal handler: a plain flag, no lock
+        self.errors = 0  # unexpected exceptions in routing or a pass (the hub went on)
+        self._errors_seen: set[str] = set()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -143,7 +145,7 @@ class Notifications:
             assert follower is not None
             record = follower.next(max(0.0, min(PASS_SECONDS, next_pass - self.clock())))
             if record is not None and record.kind != "stop":
-                self.route(record, self.clock())
+                self._guarded("route", self.route, record, self.clock())
             if self._stopping.is_set():
                 return  # stop() routes what is left
             if record is None and follower.dropped:
@@ -153,7 +155,26 @@ class Notifications:
             now = self.clock()
             if now >= next_pass or self._digest_asked:
                 next_pass = now + PASS_SECONDS
-                self.tick(now, self.wall())
+                self._guarded("tick", self.tick, now, self.wall())
+
+    def _guarded(self, what: str, step: Callable[..., None], *args: object) -> None:
+        """A bug in routing or a schedule loses that record or pass, never the thread
+        (logged once per exception type)."""
+        try:
+            step(*args)
+        except Exception as error:
+            self.errors += 1
+            kind = type(error).__name__
+            if kind not in self._errors_seen:
+                self._errors_seen.add(kind)
+                log.error(
+                    "notify: %s failed: unexpected %s: %s (the hub goes on; later ones "
+                    "of this kind are only counted)",
+                    what,
+                    kind,
+                    error,
+                    exc_info=error,
+                )
 
     def route(self, record: EventRecord, now: float) -> None:
         for route in self.routes:

@@ -9,6 +9,7 @@ environment, no redirect followed (a signed body is for one receiver).
 
 from __future__ import annotations
 
+import http.client
 import json
 import smtplib
 import ssl
@@ -56,6 +57,10 @@ def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeo
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise DeliveryError(f"{_where(url)}: {reason}") from None
+    except http.client.HTTPException as error:  # not HTTP (an SSH port), cut short, ...
+        raise DeliveryError(
+            f"{_where(url)}: not a valid HTTP answer ({type(error).__name__})"
+        ) from None
 
 
 def _where(url: str) -> str:
@@ -125,8 +130,11 @@ def mail_message(settings: Mail, message: Message) -> EmailMessage:
 
 def mail_sender(settings: Mail) -> Callable[[Message], None]:
     def send(message: Message) -> None:
-        mail = mail_message(settings, message)
         where = f"{settings.host}:{settings.port}"
+        try:
+            mail = mail_message(settings, message)
+        except (ValueError, UnicodeError) as error:  # e.g. a line break in a header
+            raise Rejected(f"{where}: cannot build the mail: {error}: dropped") from None
         try:
             if settings.tls == "tls":
                 context = ssl.create_default_context()

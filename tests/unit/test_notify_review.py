@@ -1,0 +1,157 @@
+"""Regressions from the notifications review (issue 13 §3), named after the defect."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.config.schema import Chat, Mail, Notifier
+from appliance.errors import ConfigError
+from appliance.notify.delivery import Delivery, DeliveryError
+from appliance.notify.hub import Notifications
+from appliance.notify.senders import Message, http_send
+from appliance.runtime.events_log import EventLog, EventRecord
+
+
+def _config(tmp_path: Path, notify: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path}/s.sock\nstate_dir: {tmp_path}/state\n"
+        "doors:\n  ssh:\n    knock: {sequence: [7113, 2231/udp, 9157]}\n"
+        "    open: {ports: [22/tcp], duration: 30}\n"
+        "notify:\n" + notify
+    )
+    return load_config(str(path)).config
+
+
+@pytest.fixture
+def garbage_server() -> Iterator[int]:
+    """A TCP server on loopback that answers every connection with an SSH banner."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(2)
+        server.close()
+
+
+# ------------------------------------------------------------------ 1: threads never die
+
+
+def test_a_garbage_answer_is_a_retryable_delivery_error(garbage_server: int) -> None:
+    url = f"http://127.0.0.1:{garbage_server}/hook"
+    with pytest.raises(DeliveryError) as caught:
+        http_send("POST", url, b"{}", {}, 2.0)
+    assert f"127.0.0.1:{garbage_server}" in str(caught.value)
+
+
+def test_an_unexpected_exception_does_not_kill_the_delivery_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    got: list[int] = []
+
+    def send(item: int) -> None:
+        if item < 3:
+            raise RuntimeError(f"bug {item}")
+        got.append(item)
+
+    delivery = Delivery("hook", send, limit=10)
+    for item in range(5):
+        delivery.put(item)
+    with caplog.at_level(logging.WARNING, "knockgate.notify"):
+        while delivery.step(0.0) is not None:
+            pass
+    assert got == [3, 4]
+    assert delivery.counts["rejected"] == 3 and delivery.counts["sent"] == 2
+    errors = [r for r in caplog.records if "RuntimeError" in r.getMessage()]
+    assert len(errors) == 1  # logged once, not per item
+
+
+def test_the_thread_survives_an_unexpected_exception() -> None:
+    got: list[int] = []
+    arrived = threading.Event()
+
+    def send(item: int) -> None:
+        if item == 0:
+            raise KeyError("bug")
+        got.append(item)
+        arrived.set()
+
+    delivery = Delivery("hook", send, limit=10)
+    delivery.start()
+    delivery.put(0)
+    delivery.put(1)
+    assert arrived.wait(2.0) and got == [1]
+    delivery.stop(0.0)
+
+
+def test_a_subject_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    mail = (
+        "  daily:\n    mail: {host: 127.0.0.1, from: a@b.example, to: c@d.example,"
+        ' subject: "x\\r\\nBcc: e@f.example"}\n'
+    )
+    with pytest.raises(ConfigError, match=r"notify\.daily\.mail\.subject.*one line"):
+        _config(tmp_path, mail)
+
+
+def test_a_mail_that_cannot_be_built_is_rejected_not_fatal() -> None:
+    sent = Mail("127.0.0.1", "a@b.example", ("c@d.example",), port=9)
+    from appliance.notify.delivery import Rejected
+    from appliance.notify.senders import mail_sender
+
+    with pytest.raises(Rejected):
+        mail_sender(sent)(Message("bad\nsubject", "body"))
+
+
+def test_the_hub_thread_survives_a_failing_route(caplog: pytest.LogCaptureFixture) -> None:
+    events = EventLog()
+    hub = Notifications((Notifier("chat", Chat("http://127.0.0.1:9/"), ("opened",)),), events)
+    calls: list[str] = []
+    original = hub.route
+
+    def route(record: EventRecord, now: float) -> None:
+        calls.append(record.door)
+        if record.door == "bad":
+            raise RuntimeError("bug in routing")
+        original(record, now)
+
+    hub.route = route  # type: ignore[method-assign]
+    hub.start()
+    try:
+        events.event("opened", door="bad", address="198.18.1.7")
+        events.event("opened", door="ssh", address="198.18.1.7")
+        deadline = __import__("time").monotonic() + 2
+        while len(calls) < 2 and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.01)
+        assert calls == ["bad", "ssh"]
+        assert hub._thread is not None and hub._thread.is_alive()
+    finally:
+        hub.stop(0.2)
