@@ -163,9 +163,10 @@ class Webhook:
 class Chat:
     """A templated HTTP request per event (ntfy, Slack, Matrix, ...): ``{text}``,
     ``{kind}``, ``{door}``, ... in ``url``, ``headers`` and ``body``, escaped for the
-    ``content_type`` (JSON strings, URL parts). ``token_file``'s content is ``{token}``."""
+    ``content_type`` (JSON strings, URL parts). ``token_file``'s content is ``{token}``;
+    ``url_file``, when given, is where ``url`` was read from (the URL is the credential)."""
 
-    url: str
+    url: str = field(repr=False)
     body: str = "{text}"
     method: Literal["POST", "PUT"] = "POST"
     content_type: str = "text/plain; charset=utf-8"
@@ -173,6 +174,7 @@ class Chat:
     token_file: str | None = None
     token: str = field(repr=False, default="")
     timeout: float = 10.0
+    url_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

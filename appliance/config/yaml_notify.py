@@ -5,7 +5,7 @@ Schema::
     notify:
       NAME:                       # a label of the notification metrics: [a-z0-9_-]
         webhook: {url: http(s)://..., secret_file: PATH, timeout: 10}
-        chat: {preset: ntfy|slack|matrix, url: ..., method: POST|PUT,
+        chat: {preset: ntfy|slack|matrix, url: ... | url_file: PATH, method: POST|PUT,
                content_type: ..., headers: {NAME: VALUE}, body: TEMPLATE,
                token_file: PATH, timeout: 10}
         mail: {host: HOST, port: 25, tls: none|starttls|tls, username: USER,
@@ -39,6 +39,7 @@ WEBHOOK_KEYS = ("url", "secret_file", "secret", "timeout")
 CHAT_KEYS = (
     "preset",
     "url",
+    "url_file",
     "method",
     "content_type",
     "headers",
@@ -167,8 +168,18 @@ def _events(value: Any) -> tuple[str, ...]:
 
 def _url(value: Any) -> str:
     text = _string(value)
+    return _checked_url(text, shown(text))
+
+
+def _checked_url(text: str, named: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text):
-        raise Invalid(f"{shown(text)} is not an http:// or https:// URL")
+        raise Invalid(f"{named} is not an http:// or https:// URL")
+    if "@" in text.split("/", 3)[2]:
+        raise Invalid(
+            "a user name or password in the URL is refused (it would be logged and sent "
+            "in the clear): give the credential in a header with {token} and token_file, "
+            "or the whole URL in url_file"
+        )
     return text
 
 
@@ -273,6 +284,24 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _file_of(spec: _Map, key: str, path: str) -> str:
+    name = str(spec.items[key])
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(path) or ".", name)
+
+
+def _url_file(spec: _Map, path: str) -> str | None:
+    """The chat URL from ``url_file`` (a Slack or Telegram URL is the credential): a
+    private file like the other secrets; never echoed in an error."""
+    secret = read_secret(spec, "url_file", path)
+    if secret is None:
+        return None
+    try:
+        return _checked_url(secret[1].strip(), f"the content of {secret[0]}")
+    except Invalid as error:
+        spec.problems.error(spec.line_of("url_file"), spec.key("url_file"), str(error))
+        return None
+
+
 def _chat(top: _Map, path: str) -> Chat | None:
     spec = top.mapping("chat", CHAT_KEYS)
     if spec is None:
@@ -280,13 +309,13 @@ def _chat(top: _Map, path: str) -> Chat | None:
     problems = spec.problems
     errors = problems.error_count
     _inline_secret(spec, "token", "token_file")
-    if "url" not in spec.items:
-        problems.error(spec.line, spec.key("url"), "missing")
+    if ("url" in spec.items) == ("url_file" in spec.items):
+        problems.error(spec.line, spec.key("url"), "expected exactly one of url, url_file")
     preset = spec.get("preset", _choice(*PRESETS))
     method, content_type, headers, body = PRESETS.get(
         preset or "", ("POST", "text/plain; charset=utf-8", (), "{text}")
     )
-    url = spec.get("url", _url)
+    url = spec.get("url", _url) if "url" in spec.items else _url_file(spec, path)
     given_method = spec.get("method", _choice("POST", "PUT"))
     method = "PUT" if (given_method or method) == "PUT" else "POST"
     content_type = spec.get("content_type", _string) or content_type
@@ -324,6 +353,7 @@ def _chat(top: _Map, path: str) -> Chat | None:
         token_file=token[0] if token else None,
         token=token[1] if token else "",
         timeout=timeout or 10.0,
+        url_file=_file_of(spec, "url_file", path) if "url_file" in spec.items else None,
     )
 
 

@@ -15,6 +15,7 @@ import smtplib
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,8 +65,17 @@ def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeo
 
 
 def _where(url: str) -> str:
-    """The URL without its query (a token may be there)."""
-    return url.split("?", 1)[0]
+    """Only ``scheme://host[:port]`` of the URL: its path and query may hold a token (a
+    Telegram bot, a Slack webhook), so they are never logged."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "?"
+        port = parts.port
+    except ValueError:
+        return "the receiver"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def webhook_body(record: EventRecord, host: str) -> bytes:

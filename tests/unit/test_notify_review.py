@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -155,3 +156,51 @@ def test_the_hub_thread_survives_a_failing_route(caplog: pytest.LogCaptureFixtur
         assert hub._thread is not None and hub._thread.is_alive()
     finally:
         hub.stop(0.2)
+
+
+# ------------------------------------------------------------------ 2: no secret in logs
+
+
+def test_a_token_in_a_url_path_or_query_is_never_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from appliance.notify.senders import chat_sender
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now: connection refused
+    url = f"http://127.0.0.1:{port}/bot123456:SECRETTOKEN/sendMessage?key=QUERYSECRET"
+    delivery = Delivery("tg", chat_sender(Chat(url), "gate1"), limit=10)
+    delivery.put(EventRecord(1.0, "opened", door="ssh", address="198.18.1.7"))
+    with caplog.at_level(logging.DEBUG, "knockgate.notify"):
+        delivery.step(0.0)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"http://127.0.0.1:{port}" in text
+    assert "SECRETTOKEN" not in text and "QUERYSECRET" not in text and "bot" not in text
+
+
+def test_a_user_and_password_in_a_url_are_refused_without_echoing_them(tmp_path: Path) -> None:
+    chat = "  c:\n    chat: {url: 'http://user:PASSWORD@198.18.0.9/x'}\n"
+    with pytest.raises(ConfigError, match=r"notify\.c\.chat\.url") as caught:
+        _config(tmp_path, chat)
+    assert "PASSWORD" not in str(caught.value)
+
+
+def test_a_chat_url_can_come_from_a_private_file(tmp_path: Path) -> None:
+    from appliance.notify.senders import chat_request
+
+    secret = "https://hooks.slack.example/services/T000/B000/XXXXSECRET"
+    (tmp_path / "slack.url").write_text(secret + "\n")
+    os.chmod(tmp_path / "slack.url", 0o600)
+    config = _config(tmp_path, "  slack:\n    chat: {preset: slack, url_file: slack.url}\n")
+    (notifier,) = config.settings.notify
+    assert isinstance(notifier.target, Chat) and notifier.target.url_file is not None
+    assert "XXXXSECRET" not in repr(notifier)
+    url, _, _ = chat_request(notifier.target, EventRecord(1.0, "opened", door="ssh"), "gate1")
+    assert url == secret
+    with pytest.raises(ConfigError, match="exactly one of url, url_file"):
+        _config(tmp_path, "  s:\n    chat: {url: 'http://198.18.0.9/', url_file: slack.url}\n")
+    os.chmod(tmp_path / "slack.url", 0o644)
+    with pytest.raises(ConfigError, match="mode 0644"):
+        _config(tmp_path, "  slack:\n    chat: {preset: slack, url_file: slack.url}\n")
