@@ -206,6 +206,7 @@ class Notifier:
     target: Webhook | Chat | Mail
     events: tuple[str, ...]
     queue: int = 1000
+    flood_threshold: int = 100  # knock noise a minute that gets a summary of its own
 
     @property
     def kind(self) -> str:

@@ -13,6 +13,7 @@ Schema::
                every: 1h | at: "07:00", quiet: send|skip, subject: TEXT}
         events: [opened, held-off, ...]   # or all; default: a notifier kind's own set
         queue: 1000               # deliveries kept while the receiver is down
+        flood_threshold: 100      # knock noise a minute that is summarised on its own
 
 Secrets (the webhook's HMAC key, a chat token, the SMTP password) are read from files
 that only their owner (and group) may read; written inline in the YAML they are refused:
@@ -34,7 +35,7 @@ from appliance.config.yaml_nodes import _choice, _list_of, _Map, _string
 from appliance.notify.template import TemplateError, check_template
 from appliance.runtime.events_log import KINDS
 
-NOTIFIER_KEYS = ("webhook", "chat", "mail", "events", "queue")
+NOTIFIER_KEYS = ("webhook", "chat", "mail", "events", "queue", "flood_threshold")
 WEBHOOK_KEYS = ("url", "secret_file", "secret", "timeout")
 CHAT_KEYS = (
     "preset",
@@ -152,9 +153,12 @@ def _notifier(name: str, spec: _Map, path: str) -> Notifier | None:
     default = EVENT_KINDS if kind == "mail" else DEFAULT_EVENTS
     events = spec.get("events", _events)
     queue = spec.get("queue", lambda v: parse_count(v, minimum=1, maximum=100_000))
+    threshold = spec.get(
+        "flood_threshold", lambda v: parse_count(v, minimum=1, maximum=100_000_000)
+    )
     if target is None or problems.error_count != errors:
         return None
-    return Notifier(name, target, events or default, queue or 1000)
+    return Notifier(name, target, events or default, queue or 1000, threshold or 100)
 
 
 def _events(value: Any) -> tuple[str, ...]:

@@ -3,11 +3,15 @@
 The event log already sums knock noise (first knocks that go nowhere, resets, time-outs)
 into one ``knocks`` record per 10 s and budgets refusals (held off, SPA refused) at 100
 per 10 s: still far too many for a phone. Per notifier, an :class:`Aggregator` lets a
-few refusals through one by one (:data:`REFUSALS_SHOWN` a window), holds the rest and
-the knock noise, and at the end of each :data:`SUMMARY_SECONDS` window in which anything
-was held gives one ``knocks`` summary: "last 60 s: 12 000 first knocks, 40 resets; 95
-more refusals (80 held-off, 15 refused)". Every other record passes at once. Pure: the
-caller passes the time.
+few records that one address caused (:data:`PER_ADDRESS`: opens, closes, expiries,
+failed grants, refusals) through one by one (:data:`SHOWN` a window, all kinds
+together), holds the rest and the knock noise, and at the end of each
+:data:`SUMMARY_SECONDS` window gives one ``knocks`` summary when something was held back
+or the noise reached a flood (``threshold`` knocks, :data:`FLOOD_KNOCKS` by default):
+"12 000 first knocks, 40 resets in the last minute; 95 more refusals not sent one by one
+(80 held-off, 15 refused)". A stray knock or background scanning below the threshold
+gives nothing (the mail digest still counts it). Records no address causes (services,
+reloads, repairs) pass at once. Pure: the caller passes the time.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from appliance.runtime.events_log import SUMMARY_SECONDS as LOG_WINDOW
 from appliance.runtime.events_log import EventRecord
 
 SUMMARY_SECONDS = 60.0
-REFUSALS_SHOWN = 5  # refusal records sent one by one per window; the rest are summed up
+SHOWN = 5  # records of PER_ADDRESS kinds sent one by one per window; the rest summed up
+REFUSALS_SHOWN = SHOWN  # the earlier name
+FLOOD_KNOCKS = 100  # knock noise in a window that is a flood worth a summary on its own
 REFUSALS = ("held-off", "refused")
+PER_ADDRESS = ("opened", "closed", "expired", "grant-failed", *REFUSALS)
 _HELD_BACK = re.compile(r"(\d+) more refusals")
 WORDS = {
     "first_knock": "first knocks",
@@ -41,17 +48,24 @@ class _Window:
     since: float  # what it sums up began then (a knocks record covers the 10 s before it)
     shown: int = 0
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # door -> outcome -> n
-    held: dict[str, int] = field(default_factory=dict)  # refusal kind -> n not shown
+    held: dict[str, int] = field(default_factory=dict)  # kind -> n not shown
     held_by_log: int = 0  # refusals the event log itself only counted
 
-    def empty(self) -> bool:
-        return not (self.counts or self.held or self.held_by_log)
+    def worth_a_summary(self, threshold: int) -> bool:
+        """Something was held back, or the noise is a flood."""
+        if self.held or self.held_by_log:
+            return True
+        noise = sum(n for by in self.counts.values() for n in by.values())
+        return noise >= threshold
 
 
 class Aggregator:
-    def __init__(self, every: float = SUMMARY_SECONDS, shown: int = REFUSALS_SHOWN) -> None:
+    def __init__(
+        self, every: float = SUMMARY_SECONDS, shown: int = SHOWN, threshold: int = FLOOD_KNOCKS
+    ) -> None:
         self.every = every
         self.shown = shown
+        self.threshold = threshold
         self._window: _Window | None = None
 
     def offer(self, record: EventRecord, now: float) -> list[EventRecord]:
@@ -66,7 +80,7 @@ class Aggregator:
             if held:
                 window.held_by_log += int(held.group(1))
             return []
-        if record.kind in REFUSALS:
+        if record.kind in PER_ADDRESS:
             window = self._open(now)
             if window.shown < self.shown:
                 window.shown += 1
@@ -91,9 +105,10 @@ class Aggregator:
         return self.flush(now, wall)
 
     def flush(self, now: float, wall: float) -> list[EventRecord]:
-        """The summary of the current window, ended now (at shutdown: what was held)."""
+        """The summary of the current window, ended now (at shutdown: what was held);
+        nothing when nothing was held and the noise stayed under the threshold."""
         window, self._window = self._window, None
-        if window is None or window.empty():
+        if window is None or not window.worth_a_summary(self.threshold):
             return []
         seconds = now - window.since
         return [summary(window.counts, window.held, window.held_by_log, seconds, wall)]
@@ -120,7 +135,8 @@ def summary(
     refused = sum(held.values()) + held_by_log
     if refused:
         kinds = ", ".join(f"{number(n)} {kind}" for kind, n in sorted(held.items()))
-        detail += f"; {number(refused)} more refusals not sent one by one"
+        what = "refusals" if all(kind in REFUSALS for kind in held) else "events"
+        detail += f"; {number(refused)} more {what} not sent one by one"
         if kinds:
             detail += f" ({kinds}{', ' if held_by_log else ''}"
             detail += f"{number(held_by_log)} only counted)" if held_by_log else ")"

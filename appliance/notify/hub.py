@@ -90,7 +90,7 @@ class Notifications:
         else:  # pragma: no cover - the schema has three kinds
             raise TypeError(f"unknown notifier target {target!r}")
         delivery = Delivery(notifier.name, send, notifier.queue, clock=self.clock)
-        return _Route(notifier, kinds, Aggregator(), delivery)
+        return _Route(notifier, kinds, Aggregator(threshold=notifier.flood_threshold), delivery)
 
     # ---------------------------------------------------------------- life cycle
 

@@ -158,9 +158,15 @@ def test_other_records_pass_at_once_and_a_held_window_is_flushed_at_shutdown() -
     aggregator = Aggregator()
     opened = EventRecord(1.0, "opened", door="ssh")
     assert aggregator.offer(opened, 1.0) == [opened]
+    service = EventRecord(1.5, "service-started", service="git")
+    assert aggregator.offer(service, 1.5) == [service]
     aggregator.offer(EventRecord(2.0, "knocks", counts={"ssh": {"reset": 3}}), 2.0)
-    (summary,) = aggregator.flush(5.0, 5.0)
-    assert summary.detail == "3 resets in the last 13 s"
+    assert aggregator.flush(5.0, 5.0) == []  # a little noise, nothing held: no summary
+    for second in range(7):
+        aggregator.offer(EventRecord(2.0, "held-off", address="198.18.9.9"), 2.0 + second)
+    aggregator.offer(EventRecord(9.0, "knocks", counts={"ssh": {"reset": 3}}), 9.0)
+    (summary,) = aggregator.flush(12.0, 12.0)
+    assert summary.detail.startswith("3 resets in the last 10 s; 2 more refusals")
 
 
 # --------------------------------------------------------------------------- digest

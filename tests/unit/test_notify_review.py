@@ -204,3 +204,64 @@ def test_a_chat_url_can_come_from_a_private_file(tmp_path: Path) -> None:
     os.chmod(tmp_path / "slack.url", 0o644)
     with pytest.raises(ConfigError, match="mode 0644"):
         _config(tmp_path, "  slack:\n    chat: {preset: slack, url_file: slack.url}\n")
+
+
+# ------------------------------------------------------------------ 4: floods, steady state
+
+
+def test_one_stray_knock_gives_no_summary() -> None:
+    from appliance.notify.flood import Aggregator
+
+    aggregator = Aggregator()
+    sent = aggregator.offer(EventRecord(0.0, "knocks", counts={"ssh": {"first_knock": 1}}), 0.0)
+    sent += aggregator.offer(EventRecord(5.0, "knocks", counts={"ssh": {"stage": 1}}), 5.0)
+    for now in (30.0, 61.0, 120.0):
+        sent += aggregator.due(now, now)
+    assert sent == []
+    # background scanning, every minute, forever: still nothing
+    for minute in range(2, 30):
+        now = minute * 60.0
+        counts = {"ssh": {"first_knock": 20}}
+        sent += aggregator.offer(EventRecord(now, "knocks", counts=counts), now)
+        sent += aggregator.due(now + 61.0, now + 61.0)
+    assert sent == [] and aggregator.flush(2000.0, 2000.0) == []
+
+
+def test_a_flood_of_noise_over_the_threshold_is_summarised() -> None:
+    from appliance.notify.flood import Aggregator
+
+    aggregator = Aggregator(threshold=100)
+    aggregator.offer(EventRecord(0.0, "knocks", counts={"ssh": {"first_knock": 150}}), 0.0)
+    (summary,) = aggregator.due(60.0, 60.0)
+    assert summary.detail.startswith("150 first knocks in the last")
+
+
+def test_many_opens_from_many_addresses_in_a_minute_are_summarised() -> None:
+    from appliance.notify.flood import Aggregator
+
+    aggregator = Aggregator()
+    sent: list[EventRecord] = []
+    for i in range(200):
+        for kind in ("opened", "closed", "expired", "grant-failed"):
+            record = EventRecord(i * 0.1, kind, door="ssh", address=f"198.18.{i // 250}.{i % 250}")
+            sent += aggregator.offer(record, i * 0.1)
+    service = EventRecord(30.0, "service-started", service="git")
+    sent += aggregator.offer(service, 30.0)  # not an address's doing: passes
+    sent += aggregator.due(60.0, 60.0)
+    assert len(sent) <= 7, [r.kind for r in sent]  # 5 one by one, the service, 1 summary
+    assert service in sent
+    summary = sent[-1]
+    assert summary.kind == "knocks"
+    assert "795 more events not sent one by one" in summary.detail
+    assert "198 opened" in summary.detail and "199 expired" in summary.detail
+
+
+def test_the_flood_threshold_is_a_setting(tmp_path: Path) -> None:
+    chat = "  c:\n    chat: {url: 'http://198.18.0.9/x'}\n    flood_threshold: 5\n"
+    (notifier,) = _config(tmp_path, chat).settings.notify
+    assert notifier.flood_threshold == 5
+    hub = Notifications((notifier,), EventLog(), host="gate1")
+    (route,) = hub.routes
+    assert route.aggregator is not None and route.aggregator.threshold == 5
+    with pytest.raises(ConfigError, match=r"notify\.c\.flood_threshold"):
+        _config(tmp_path, chat.replace("5", "0"))
