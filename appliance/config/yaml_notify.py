@@ -284,6 +284,8 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
         text = str(item)
         if "\r" in text or "\n" in text:
             raise Invalid(f"{shown(key, text=True)}: a header value is one line")
+        if not text.isascii() or not text.isprintable():
+            raise Invalid(f"{shown(key, text=True)}: a header value is printable ASCII")
         out.append((key, text))
     return tuple(out)
 

@@ -55,9 +55,11 @@ def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeo
         if status >= 500 or status in (408, 429):
             raise DeliveryError(f"HTTP {status} from {_where(url)}") from None
         raise Rejected(f"HTTP {status} from {_where(url)}: dropped") from None
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise DeliveryError(f"{_where(url)}: {reason}") from None
+    except ValueError as error:  # UnicodeError too: the request cannot be built, ever
+        raise Rejected(f"{_where(url)}: cannot build the request ({error}): dropped") from None
     except http.client.HTTPException as error:  # not HTTP (an SSH port), cut short, ...
         raise DeliveryError(
             f"{_where(url)}: not a valid HTTP answer ({type(error).__name__})"

@@ -2,10 +2,12 @@
 header or a body, each value escaped for where it goes, so that a door name, an address
 or a detail can never break the request: inside a JSON body a value is a JSON string's
 content, in a URL a percent-encoded part, in a form body form-encoded, in a header one
-line. Braces that are not a placeholder (``{"text": ...}``) are left alone."""
+line without control characters (an RFC 2047 encoded word beyond ASCII).
+Braces that are not a placeholder (``{"text": ...}``) are left alone."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -43,12 +45,22 @@ def escaper(kind: str) -> Callable[[str], str]:
     if kind == "url":
         return lambda value: quote(value, safe="")
     if kind == "header":
-        return lambda value: " ".join(value.split())  # one line, no CR/LF
+        return header_value
     if "json" in lowered:
         return lambda value: json.dumps(value)[1:-1]
     if "x-www-form-urlencoded" in lowered:
         return quote_plus
     return lambda value: value
+
+
+def header_value(value: str) -> str:
+    """One line without control characters; beyond ASCII an RFC 2047 encoded word
+    (``=?utf-8?b?...?=``, which ntfy and mail-minded receivers decode): HTTP sends
+    headers as Latin-1 and a curly apostrophe must not make a request unbuildable."""
+    text = " ".join("".join(c for c in value if c.isspace() or c.isprintable()).split())
+    if text.isascii():
+        return text
+    return "=?utf-8?b?" + base64.b64encode(text.encode()).decode("ascii") + "?="
 
 
 def render(template: str, values: Mapping[str, str], kind: str) -> str:

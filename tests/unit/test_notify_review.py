@@ -265,3 +265,32 @@ def test_the_flood_threshold_is_a_setting(tmp_path: Path) -> None:
     assert route.aggregator is not None and route.aggregator.threshold == 5
     with pytest.raises(ConfigError, match=r"notify\.c\.flood_threshold"):
         _config(tmp_path, chat.replace("5", "0"))
+
+
+# ------------------------------------------------------------------ 3: permanent errors
+
+
+def test_a_non_latin1_detail_in_a_header_is_encoded_not_retried_forever() -> None:
+    from appliance.notify.senders import chat_request
+    from appliance.notify.template import render
+
+    chat = Chat("http://198.18.0.9/t", headers=(("Title", "{detail}"),))
+    record = EventRecord(1.0, "service-failed", service="git", detail="can\u2019t start\x07 \u2603")
+    _, _, headers = chat_request(chat, record, "gate1")
+    value = headers["Title"]
+    value.encode("ascii")  # an RFC 2047 encoded word: plain ASCII
+    assert value.startswith("=?utf-8?b?")
+    import email.header
+
+    decoded = str(email.header.make_header(email.header.decode_header(value)))
+    assert decoded == "can\u2019t start \u2603"  # the control character is dropped
+    assert render("{detail}", {"detail": "plain\x00 text\r\n"}, "header") == "plain text"
+
+
+def test_a_request_that_cannot_be_built_is_rejected_not_retried() -> None:
+    from appliance.notify.delivery import Rejected
+
+    with pytest.raises(Rejected):
+        http_send("POST", "http://127.0.0.1:9/x", b"", {"X-A": "caf\u00e9 \u2603"}, 1.0)
+    with pytest.raises(Rejected):
+        http_send("POST", "http://127.0.0.1:9/x", b"", {"X-A": "a\r\nb: c"}, 1.0)
