@@ -84,6 +84,17 @@ class Delivery(Generic[T]):
             self._queue.append(item)
             self._cond.notify()
 
+    def retarget(self, send: Callable[[T], None], limit: int) -> None:
+        """New settings (a reload): what is queued goes to the new target, tried at once."""
+        with self._cond:
+            self.send = send
+            self.limit = limit
+            while len(self._queue) > limit:
+                self._queue.popleft()
+                self.counts["dropped"] += 1
+            self._retry_at = 0.0
+            self._cond.notify()
+
     def queued(self) -> int:
         return len(self._queue)
 

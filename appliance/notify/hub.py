@@ -63,6 +63,7 @@ class Notifications:
         self.follower: Follower | None = None
         self.gaps = 0  # times the hub fell behind and was cut off
         self._digest_asked = False  # set from a signal handler: a plain flag, no lock
+        self._lock = threading.Lock()  # routes: the hub's thread vs a reload
         self.errors = 0  # unexpected exceptions in routing or a pass (the hub went on)
         self._errors_seen: set[str] = set()
         self._stopping = threading.Event()
@@ -83,14 +84,16 @@ class Notifications:
                 mailer,
                 next_digest(now, target.every, target.at),
             )
-        if isinstance(target, Webhook):
-            send = webhook_sender(target, self.host, self.wall)
-        elif isinstance(target, Chat):
-            send = chat_sender(target, self.host)
-        else:  # pragma: no cover - the schema has three kinds
-            raise TypeError(f"unknown notifier target {target!r}")
-        delivery = Delivery(notifier.name, send, notifier.queue, clock=self.clock)
+        delivery = Delivery(notifier.name, self._sender(notifier), notifier.queue, clock=self.clock)
         return _Route(notifier, kinds, Aggregator(threshold=notifier.flood_threshold), delivery)
+
+    def _sender(self, notifier: Notifier) -> Callable[[EventRecord], None]:
+        target = notifier.target
+        if isinstance(target, Webhook):
+            return webhook_sender(target, self.host, self.wall)
+        if isinstance(target, Chat):
+            return chat_sender(target, self.host)
+        raise TypeError(f"not a webhook or chat: {target!r}")  # pragma: no cover
 
     # ---------------------------------------------------------------- life cycle
 
@@ -132,6 +135,79 @@ class Notifications:
         for delivery in deliveries:
             delivery.join(deadline)
 
+    def reconfigure(self, notifiers: tuple[Notifier, ...]) -> None:
+        """A reload, in place (one hub, one subscription: no record lost or sent twice).
+        A notifier kept by name and kind keeps its queue, its held flood window and its
+        digest so far; changed settings (a URL, a rotated secret, a schedule) apply to
+        what is queued too. A new one starts; one no longer configured flushes what it
+        holds for at most :data:`FLUSH_SECONDS` on a thread of its own."""
+        started: list[_Route] = []
+        with self._lock:
+            old = {route.notifier.name: route for route in self.routes}
+            routes: list[_Route] = []
+            changed: list[str] = []
+            for notifier in notifiers:
+                route = old.get(notifier.name)
+                if route is not None and route.notifier.kind == notifier.kind:
+                    del old[notifier.name]
+                    if route.notifier != notifier:
+                        self._retarget(route, notifier)
+                        changed.append(notifier.name)
+                    routes.append(route)
+                else:
+                    route = self._route(notifier)
+                    started.append(route)
+                    routes.append(route)
+            self.routes = routes
+            self.notifiers = notifiers
+        if self._thread is not None:
+            for route in started:
+                for delivery in (route.delivery, route.mailer):
+                    if delivery is not None:
+                        delivery.start()
+        gone = list(old.values())
+        if gone:
+            threading.Thread(
+                target=self._retire, args=(gone,), name="notify-retire", daemon=True
+            ).start()
+        log.info(
+            "notify: %s (reload: %d kept, %d changed, %d new, %d removed)",
+            ", ".join(f"{r.notifier.name} ({r.notifier.kind})" for r in self.routes),
+            len(notifiers) - len(started) - len(changed),
+            len(changed),
+            len(started),
+            len(gone),
+        )
+
+    def _retarget(self, route: _Route, notifier: Notifier) -> None:
+        target = notifier.target
+        if isinstance(target, Mail):
+            assert route.mailer is not None
+            route.mailer.retarget(mail_sender(target), notifier.queue)
+            before = route.notifier.target
+            assert isinstance(before, Mail)
+            if (before.every, before.at) != (target.every, target.at):
+                route.due = next_digest(self.wall(), target.every, target.at)
+        else:
+            assert route.delivery is not None and route.aggregator is not None
+            route.delivery.retarget(self._sender(notifier), notifier.queue)
+            route.aggregator.threshold = notifier.flood_threshold
+        route.notifier = notifier
+        route.kinds = frozenset(notifier.events)
+
+    def _retire(self, routes: list[_Route], seconds: float = FLUSH_SECONDS) -> None:
+        deadline = self.clock() + seconds
+        now, wall = self.clock(), self.wall()
+        for route in routes:
+            if route.aggregator is not None and route.delivery is not None:
+                for summary in route.aggregator.flush(now, wall):
+                    route.delivery.put(summary)
+        deliveries = [d for r in routes for d in (r.delivery, r.mailer) if d is not None]
+        for delivery in deliveries:
+            delivery.stop(deadline)
+        for delivery in deliveries:
+            delivery.join(deadline)
+
     def digest_now(self) -> None:
         """From a signal handler: every mail notifier sends its digest at the next pass."""
         self._digest_asked = True
@@ -161,7 +237,8 @@ class Notifications:
         """A bug in routing or a schedule loses that record or pass, never the thread
         (logged once per exception type)."""
         try:
-            step(*args)
+            with self._lock:
+                step(*args)
         except Exception as error:
             self.errors += 1
             kind = type(error).__name__

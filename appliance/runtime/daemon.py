@@ -434,10 +434,14 @@ class Daemon:
         self.notifications.start()
 
     def _reload_notifications(self) -> None:
-        """A reload with other notifier settings: the old hub flushes (bounded) and stops,
-        the new one starts. Unchanged settings keep the running hub and its queues."""
+        """A reload with other notifier settings: the running hub reconfigures in place
+        (each notifier kept by name keeps its queue and digest); with no notifiers left
+        it flushes (bounded) and stops on a thread of its own."""
         running = self.notifications.notifiers if self.notifications is not None else ()
         if self.config.settings.notify == running:
+            return
+        if self.notifications is not None and self.config.settings.notify:
+            self.notifications.reconfigure(self.config.settings.notify)
             return
         if self.notifications is not None:
             # Its flush (bounded) on a thread of its own: the loop does not wait for it.

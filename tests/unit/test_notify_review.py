@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
 import os
 import socket
@@ -294,3 +296,85 @@ def test_a_request_that_cannot_be_built_is_rejected_not_retried() -> None:
         http_send("POST", "http://127.0.0.1:9/x", b"", {"X-A": "caf\u00e9 \u2603"}, 1.0)
     with pytest.raises(Rejected):
         http_send("POST", "http://127.0.0.1:9/x", b"", {"X-A": "a\r\nb: c"}, 1.0)
+
+
+# ------------------------------------------------------------------ 5: reload keeps data
+
+
+def test_a_reload_keeps_an_unchanged_notifier_s_queue_and_digest(tmp_path: Path) -> None:
+    from appliance.config.schema import Webhook
+
+    hook = Notifier("hook", Webhook("http://127.0.0.1:9/h", "f", b"k"), ("opened",))
+    mail = Notifier("mail", Mail("127.0.0.1", "a@b", ("c@d",), port=9, every=3600.0), ("opened",))
+    chat = Notifier("chat", Chat("http://127.0.0.1:9/c"), ("opened",))
+    events = EventLog()
+    hub = Notifications((hook, mail, chat), events, host="gate1")  # not started: no sends
+    for i in range(3):
+        hub.route(EventRecord(1.0, "opened", door="ssh", address=f"198.18.1.{i}"), 1.0)
+    hook_delivery = hub.routes[0].delivery
+    digest = hub.routes[1].digest
+    assert digest is not None and digest.opens == {"ssh": 3}
+    rotated = Notifier("hook", Webhook("http://127.0.0.1:9/h", "f", b"new key"), ("opened",))
+    mail2 = Notifier(
+        "mail", Mail("127.0.0.1", "a@b", ("c@d",), port=9, every=3600.0, subject="x"), ("opened",)
+    )
+    ntfy = Notifier("ntfy", Chat("http://127.0.0.1:9/n"), ("opened",))
+    hub.reconfigure((rotated, mail2, ntfy))
+    assert [r.notifier.name for r in hub.routes] == ["hook", "mail", "ntfy"]
+    assert hub.routes[0].delivery is hook_delivery and hook_delivery.queued() == 3
+    assert hub.routes[0].notifier is rotated
+    assert hub.routes[1].digest is digest and digest.opens == {"ssh": 3}
+    assert hub.notifiers == (rotated, mail2, ntfy)
+    _, queued = hub.counts()
+    assert queued == {"hook": 3, "mail": 0, "ntfy": 0}
+
+
+def test_a_daemon_reload_reconfigures_the_running_hub_without_duplicates(tmp_path: Path) -> None:
+    import time
+
+    from appliance.firewall.memory import MemoryBackend
+    from appliance.runtime.daemon import Daemon
+
+    got: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    (tmp_path / "hook.secret").write_text("s3cret\n")
+    os.chmod(tmp_path / "hook.secret", 0o600)
+    hook = (
+        f'  hook:\n    webhook: {{url: "http://127.0.0.1:{port}/x", secret_file: hook.secret}}\n'
+        "    events: [reload, opened]\n"
+    )
+    _config(tmp_path, hook)
+    path = str(tmp_path / "k.yaml")
+    daemon = Daemon(load_config(path), MemoryBackend(time.monotonic), capture=False)
+    daemon.start()
+    try:
+        first = daemon.notifications
+        assert first is not None
+        (tmp_path / "hook.secret").write_text("rotated\n")  # a changed notifier
+        daemon.events.event("opened", door="ssh", address="198.18.1.7")
+        daemon.reload()
+        assert daemon.notifications is first  # the same hub: one subscription
+        daemon.events.event("opened", door="ssh", address="198.18.1.8")
+        deadline = time.monotonic() + 3
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # a duplicate would arrive meanwhile
+    finally:
+        daemon.shutdown()
+        server.shutdown()
+        server.server_close()
+    kinds = [json.loads(body)["kind"] for body in got]
+    assert sorted(kinds) == ["opened", "opened", "reload"], kinds
