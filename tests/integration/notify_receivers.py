@@ -4,8 +4,8 @@
 shared secret, as the README tells a receiver to, answers 204 (or 401 when the
 signature is wrong) and appends one JSON line per request to ``--out``:
 ``{"verified": bool, "event": {...}}``. ``smtp``: aiosmtpd's server that writes each
-message it receives to ``--out`` as one JSON line (``{"from", "to", "data"}``).
-Both print ``ready`` once they listen and run until SIGTERM.
+message it receives to ``--out`` as one JSON line (``{"from", "to", "data"}``). ``blackhole``: accepts connections and never answers (a
+hung receiver). Each prints ``ready`` once they listen and run until SIGTERM.
 
     python -m tests.integration.notify_receivers webhook --port 8765 --secret-file F --out F
     python -m tests.integration.notify_receivers smtp --port 8025 --out F
@@ -58,6 +58,33 @@ def webhook(port: int, secret: bytes, out: Path) -> None:
     server.server_close()
 
 
+def blackhole(port: int, out: Path) -> None:
+    """Accepts every connection and never answers (a hung receiver); appends one line
+    per connection to ``out``."""
+    import socket
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(128)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.settimeout(0.2)
+    print("ready", flush=True)
+    while not stop.is_set():
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
+        held.append(conn)  # read nothing, answer nothing, close nothing
+        with out.open("a") as file:
+            file.write(json.dumps({"connection": len(held)}) + "\n")
+    for conn in held:
+        conn.close()
+    server.close()
+
+
 def smtp(port: int, out: Path) -> None:
     from aiosmtpd.controller import Controller
 
@@ -80,13 +107,15 @@ def smtp(port: int, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("webhook", "smtp"))
+    parser.add_argument("kind", choices=("webhook", "smtp", "blackhole"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--secret-file", type=Path)
     args = parser.parse_args()
     if args.kind == "webhook":
         webhook(args.port, args.secret_file.read_text().removesuffix("\n").encode(), args.out)
+    elif args.kind == "blackhole":
+        blackhole(args.port, args.out)
     else:
         smtp(args.port, args.out)
     return 0

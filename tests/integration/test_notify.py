@@ -192,6 +192,64 @@ def test_a_down_receiver_does_not_slow_knocks_and_gets_the_events_when_back(
         assert log.count("notify hook: delivering again") == 1
 
 
+def test_a_receiver_that_never_answers_does_not_slow_knocks_or_hang_the_shutdown(
+    topo: Topology, tmp_path: Path, secret: Path
+) -> None:
+    """A hung receiver (accepts, never answers) holds a delivery thread for its whole
+    time-out: knocks still open as fast as with a receiver that answers, and the daemon
+    stops within its 2 s flush bound. One daemon per receiver (each starts a fresh flood
+    window: 5 opens a minute are sent one by one)."""
+    server = topo.host("server").ipv4
+    knockers = ("client", "other", "attacker")
+    config = (
+        CONFIG.format(notify=WEBHOOK)
+        .replace("duration: 30", "duration: 2")
+        .replace("secret_file: hook.secret", f"secret_file: {secret}")
+    )
+
+    def rounds(n: int) -> list[float]:
+        times = []
+        for i in range(n):
+            if i:
+                time.sleep(2.5)  # the grants of the round before expire
+            times += [knock_and_time(topo, host, server) for host in knockers]
+        return times
+
+    results: dict[str, tuple[list[float], float]] = {}
+    for name, argv in (
+        ("answering", ["webhook", "--port", str(HOOK_PORT), "--secret-file", str(secret)]),
+        ("hung", ["blackhole", "--port", str(HOOK_PORT)]),
+    ):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        receiver = Receiver(topo, workdir / "receiver.jsonl", argv).start()
+        daemon = Knockgate(topo, workdir, config)
+        with running(receiver, daemon):
+            daemon.start()
+            times = rounds(2)
+            assert receiver.wait_for(bool, timeout=5), f"{name}: nothing reached the receiver"
+            started = time.monotonic()
+            assert daemon.stop() == 0
+            results[name] = (times, time.monotonic() - started)
+            if name == "answering":
+                assert len(opened(receiver.lines())) == 5  # the 6th: in the summary
+            else:
+                assert "not delivered at shutdown" in daemon.log()
+
+    def median(times: list[float]) -> float:
+        return sorted(times)[len(times) // 2]
+
+    (up, up_stop), (down, down_stop) = results["answering"], results["hung"]
+    print(
+        f"knock->open median (max) over {len(up)} knocks: receiver answering "
+        f"{median(up) * 1000:.0f} ms ({max(up) * 1000:.0f}), receiver hung "
+        f"{median(down) * 1000:.0f} ms ({max(down) * 1000:.0f}); daemon.stop(): "
+        f"{up_stop:.2f} s answering, {down_stop:.2f} s hung"
+    )
+    assert median(down) <= median(up) + 0.05
+    assert down_stop < 5.0  # the 2 s flush bound plus the rest of the shutdown
+
+
 def test_a_flood_of_spoofed_first_knocks_gives_one_summary(
     topo: Topology, tmp_path: Path, secret: Path
 ) -> None:
