@@ -1,22 +1,26 @@
-"""Sending: HTTP requests (webhook, chat) with urllib, mail with smtplib.
+"""Sending: HTTP requests (webhook, chat) with http.client, mail with smtplib.
 
 Each sender raises :class:`~appliance.notify.delivery.DeliveryError` when the receiver
-cannot take the item now (connection refused, time-out, 5xx, 408, 429: tried again) and
-:class:`~appliance.notify.delivery.Rejected` when it refuses it for good (another 4xx, a
-redirect, an SMTP 5xx: dropped). Requests go straight to the receiver: no proxy from the
-environment, no redirect followed (a signed body is for one receiver).
+cannot take the item now (connection refused, time-out, 5xx, 408, 429, an answer that
+is not HTTP: tried again) and :class:`~appliance.notify.delivery.Rejected` when it
+refuses it for good (another 4xx, a redirect, an SMTP 5xx, a request that cannot be
+built: dropped). Requests go straight to the receiver: no proxy from the environment, no
+redirect followed (a signed body is for one receiver). A notifier's ``timeout`` bounds
+the whole request (resolving, connecting, sending, reading the answer), not each socket
+operation: a receiver that trickles its answer is cut off at it (:class:`_Watchdog`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import smtplib
+import socket
 import ssl
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -33,37 +37,116 @@ from appliance.runtime.events_log import EventRecord
 USER_AGENT = f"knockgate/{__version__}"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # the 3xx becomes an HTTPError: refused
+class _Watchdog:
+    """One deadline for a whole request: a socket's time-out bounds each operation only
+    (a receiver that trickles a byte every half second would hold a send for minutes),
+    so at the deadline the watchdog shuts the socket down and the blocked call fails."""
+
+    def __init__(self, seconds: float, sock: Callable[[], socket.socket | None]) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.fired = False
+        self._sock = sock
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def _cut(self) -> None:
+        self.fired = True
+        sock = self._sock()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def _resolve(host: str, port: int, deadline: float) -> list[Any]:
+    """getaddrinfo has no time-out of its own: it runs on a thread the caller stops
+    waiting for at the deadline."""
+    result: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as error:
+            result.append(error)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="notify-resolve", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError(f"timed out resolving {host}")
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return list(result[0])
+
+
+def connect(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to ``host``, resolving and connecting within ``deadline``."""
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in _resolve(host, port, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(remaining)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as failed:
+            sock.close()
+            error = failed
+    raise error
 
 
 def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeout: float) -> None:
-    request = urllib.request.Request(url, data=body, method=method)
-    request.add_header("User-Agent", USER_AGENT)
-    for name, value in headers.items():
-        request.add_header(name, value)
+    """One request straight to the receiver (no proxy, no redirect followed), done or
+    given up on within ``timeout`` seconds in all (resolving, connecting, sending and
+    reading the answer)."""
+    where = _where(url)
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError as error:
+        raise Rejected(f"{where}: not a URL ({error}): dropped") from None
+    https = parts.scheme == "https"
+    port = port or (443 if https else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn: http.client.HTTPConnection
+    if https:
+        context = ssl.create_default_context()
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    watchdog = _Watchdog(timeout, lambda: conn.sock)
+    conn._create_connection = lambda *_args, **_kw: connect(host, port, watchdog.deadline)  # type: ignore[attr-defined]
+    try:
+        with watchdog:
+            conn.request(method, target, body=body, headers={"User-Agent": USER_AGENT, **headers})
+            response = conn.getresponse()
+            status = response.status
             response.read(65536)
-    except urllib.error.HTTPError as error:
-        status = error.code
-        error.close()
-        if status >= 500 or status in (408, 429):
-            raise DeliveryError(f"HTTP {status} from {_where(url)}") from None
-        raise Rejected(f"HTTP {status} from {_where(url)}: dropped") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise DeliveryError(f"{_where(url)}: {reason}") from None
     except ValueError as error:  # UnicodeError too: the request cannot be built, ever
-        raise Rejected(f"{_where(url)}: cannot build the request ({error}): dropped") from None
-    except http.client.HTTPException as error:  # not HTTP (an SSH port), cut short, ...
-        raise DeliveryError(
-            f"{_where(url)}: not a valid HTTP answer ({type(error).__name__})"
-        ) from None
+        raise Rejected(f"{where}: cannot build the request ({error}): dropped") from None
+    except (OSError, http.client.HTTPException) as error:
+        if watchdog.fired or isinstance(error, TimeoutError):
+            raise DeliveryError(f"{where}: timed out after {timeout:g} s") from None
+        if isinstance(error, http.client.HTTPException):  # not HTTP (an SSH port), cut short
+            name = type(error).__name__
+            raise DeliveryError(f"{where}: not a valid HTTP answer ({name})") from None
+        raise DeliveryError(f"{where}: {error}") from None
+    finally:
+        conn.close()
+    if 200 <= status < 300:
+        return
+    if status >= 500 or status in (408, 429):
+        raise DeliveryError(f"HTTP {status} from {where}")
+    raise Rejected(f"HTTP {status} from {where}: dropped")
 
 
 def _where(url: str) -> str:
@@ -140,6 +223,20 @@ def mail_message(settings: Mail, message: Message) -> EmailMessage:
     return mail
 
 
+class _SMTP(smtplib.SMTP):
+    deadline = 0.0  # resolving and connecting within it
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return connect(host, port, self.deadline)
+
+
+class _SMTPS(smtplib.SMTP_SSL):
+    deadline = 0.0
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return self.context.wrap_socket(connect(host, port, self.deadline), server_hostname=host)
+
+
 def mail_sender(settings: Mail) -> Callable[[Message], None]:
     def send(message: Message) -> None:
         where = f"{settings.host}:{settings.port}"
@@ -147,15 +244,16 @@ def mail_sender(settings: Mail) -> Callable[[Message], None]:
             mail = mail_message(settings, message)
         except (ValueError, UnicodeError) as error:  # e.g. a line break in a header
             raise Rejected(f"{where}: cannot build the mail: {error}: dropped") from None
+        smtp: smtplib.SMTP
+        if settings.tls == "tls":
+            smtp = _SMTPS(timeout=settings.timeout, context=ssl.create_default_context())
+        else:
+            smtp = _SMTP(timeout=settings.timeout)
+        watchdog = _Watchdog(settings.timeout, lambda: getattr(smtp, "sock", None))
+        smtp.deadline = watchdog.deadline
         try:
-            if settings.tls == "tls":
-                context = ssl.create_default_context()
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    settings.host, settings.port, timeout=settings.timeout, context=context
-                )
-            else:
-                smtp = smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout)
-            with smtp:
+            with watchdog, smtp:
+                smtp.connect(settings.host, settings.port)
                 if settings.tls == "starttls":
                     smtp.starttls(context=ssl.create_default_context())
                 if settings.username is not None:
@@ -169,6 +267,8 @@ def mail_sender(settings: Mail) -> Callable[[Message], None]:
         except smtplib.SMTPRecipientsRefused as error:
             raise Rejected(f"{where}: recipients refused: {list(error.recipients)}") from None
         except (smtplib.SMTPException, OSError) as error:
+            if watchdog.fired or isinstance(error, TimeoutError):
+                raise DeliveryError(f"{where}: timed out after {settings.timeout:g} s") from None
             raise DeliveryError(f"{where}: {error}") from None
 
     return send

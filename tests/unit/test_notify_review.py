@@ -378,3 +378,70 @@ def test_a_daemon_reload_reconfigures_the_running_hub_without_duplicates(tmp_pat
         server.server_close()
     kinds = [json.loads(body)["kind"] for body in got]
     assert sorted(kinds) == ["opened", "opened", "reload"], kinds
+
+
+# ------------------------------------------------------------------ 6: one deadline a request
+
+
+@pytest.fixture
+def trickler() -> Iterator[int]:
+    """A loopback server that answers one byte every 0.1 s, forever (until the test ends):
+    an HTTP status line and endless headers, or an SMTP greeting that never ends."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.1)
+    done = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            payload = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000
+            for byte in payload:
+                if done.wait(0.1):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(2)
+        server.close()
+
+
+def test_a_trickling_http_receiver_cannot_hold_a_send_past_its_timeout(trickler: int) -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(DeliveryError, match="timed out"):
+        http_send("POST", f"http://127.0.0.1:{trickler}/x", b"{}", {}, 1.0)
+    took = time.monotonic() - started
+    print(f"http send against a trickling receiver, timeout 1 s: gave up after {took:.2f} s")
+    assert took < 1.6
+
+
+def test_a_trickling_smtp_server_cannot_hold_a_send_past_its_timeout(trickler: int) -> None:
+    import time
+
+    from appliance.notify.senders import mail_sender
+
+    mail = Mail("127.0.0.1", "a@b.example", ("c@d.example",), port=trickler, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(DeliveryError, match="timed out"):
+        mail_sender(mail)(Message("subject", "body"))
+    took = time.monotonic() - started
+    print(f"mail send against a trickling server, timeout 1 s: gave up after {took:.2f} s")
+    assert took < 1.6
