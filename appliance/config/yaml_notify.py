@@ -217,9 +217,26 @@ def _inline_secret(spec: _Map, key: str, instead: str) -> None:
 
 
 def read_secret(spec: _Map, key: str, path: str) -> tuple[str, str] | None:
+    """``(file, content)`` of the text secret file named by ``key`` (UTF-8; one
+    trailing line break is not part of the secret); see :func:`read_secret_bytes`."""
+    secret = read_secret_bytes(spec, key, path)
+    if secret is None:
+        return None
+    file, data = secret
+    try:
+        text = data.decode("utf-8").removesuffix("\r")
+    except UnicodeDecodeError:
+        spec.problems.error(
+            spec.line_of(key), spec.key(key), f"{file} is not UTF-8 text (expected the secret)"
+        )
+        return None
+    return file, text
+
+
+def read_secret_bytes(spec: _Map, key: str, path: str) -> tuple[str, bytes] | None:
     """``(file, content)`` of the secret file named by ``key``: absolute or relative to
     the configuration's directory, a regular file, not readable or writable by others
-    (0600 or 0640), not empty; one trailing line break is not part of the secret."""
+    (0600 or 0640), not empty; its bytes as they are, minus one trailing ``\n``."""
     name = spec.get(key, _string)
     if name is None:
         return None
@@ -249,11 +266,11 @@ def read_secret(spec: _Map, key: str, path: str) -> tuple[str, str] | None:
     if len(data) > SECRET_MAX:
         spec.problems.error(line, where, f"{file} is over {SECRET_MAX} bytes (a secret?)")
         return None
-    text = data.decode("utf-8", "replace").removesuffix("\n").removesuffix("\r")
-    if not text.strip():
+    data = data.removesuffix(b"\n")
+    if not data.strip():
         spec.problems.error(line, where, f"{file} is empty (expected the secret)")
         return None
-    return file, text
+    return file, data
 
 
 def _webhook(top: _Map, path: str) -> Webhook | None:
@@ -265,11 +282,11 @@ def _webhook(top: _Map, path: str) -> Webhook | None:
         if key not in spec.items:
             spec.problems.error(spec.line, spec.key(key), "missing")
     url = spec.get("url", _url)
-    secret = read_secret(spec, "secret_file", path)
+    secret = read_secret_bytes(spec, "secret_file", path)  # the HMAC key: any bytes
     timeout = spec.get("timeout", _timeout)
     if url is None or secret is None:
         return None
-    return Webhook(url, secret[0], secret[1].encode(), timeout or 10.0)
+    return Webhook(url, secret[0], secret[1], timeout or 10.0)
 
 
 def _headers(value: Any) -> tuple[tuple[str, str], ...]:

@@ -445,3 +445,23 @@ def test_a_trickling_smtp_server_cannot_hold_a_send_past_its_timeout(trickler: i
     took = time.monotonic() - started
     print(f"mail send against a trickling server, timeout 1 s: gave up after {took:.2f} s")
     assert took < 1.6
+
+
+# ------------------------------------------------------------------ 7: binary secrets
+
+
+def test_a_binary_webhook_secret_is_used_as_is(tmp_path: Path) -> None:
+    raw = bytes(range(256)) + b"\xff\xfe"
+    (tmp_path / "hook.secret").write_bytes(raw + b"\n")
+    os.chmod(tmp_path / "hook.secret", 0o600)
+    hook = '  hook:\n    webhook: {url: "http://127.0.0.1:9/x", secret_file: hook.secret}\n'
+    (notifier,) = _config(tmp_path, hook).settings.notify
+    assert notifier.target.secret == raw  # type: ignore[union-attr]
+
+
+def test_a_token_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "t").write_bytes(b"\xff\xfetoken\n")
+    os.chmod(tmp_path / "t", 0o600)
+    chat = "  c:\n    chat: {preset: matrix, url: 'http://198.18.0.9/x', token_file: t}\n"
+    with pytest.raises(ConfigError, match=r"notify\.c\.chat\.token_file.*UTF-8"):
+        _config(tmp_path, chat)
