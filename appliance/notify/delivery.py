@@ -5,8 +5,10 @@ full the oldest item is dropped and counted. The thread sends the oldest item; a
 error it can retry (the receiver is down, times out, answers 5xx) keeps the item at the
 head and waits :func:`backoff` (doubling from :data:`BACKOFF_FIRST` to
 :data:`BACKOFF_CAP`); an answer that refuses it for good (4xx) drops it, counted as
-``rejected``; so does any other exception (a bug, an answer nobody foresaw: logged once
-per exception type, never the end of the thread). A failure streak is logged twice: a
+``rejected``, and the next item is tried at once (the receiver is up: no backoff; the
+first refusal is logged, later ones until a delivery succeeds only counted); any other
+exception (a bug, an answer nobody foresaw) drops it too: logged once per exception
+type, never the end of the thread. A failure streak is logged twice: a
 warning at its first failure and, when a delivery succeeds again, one line saying how
 long it lasted, how many attempts failed and how many items were dropped meanwhile.
 Nothing is logged in a steady state.
@@ -69,6 +71,7 @@ class Delivery(Generic[T]):
         self._streak_start = 0.0
         self._streak_dropped = 0
         self._unexpected_seen: set[str] = set()
+        self._rejecting = False  # refusals logged once until a delivery succeeds
         self._stopping = False
         self._deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -113,12 +116,22 @@ class Delivery(Generic[T]):
             item = self._queue[0]
         try:
             self.send(item)
-        except DeliveryError as error:
-            rejected = isinstance(error, Rejected)
+        except Rejected as error:  # the receiver answered: no outage, no backoff
             with self._cond:
-                if rejected:
-                    self._remove(item)
-                self.counts["rejected" if rejected else "failed"] += 1
+                self._remove(item)
+                self.counts["rejected"] += 1
+                if not self._rejecting:
+                    self._rejecting = True
+                    log.warning(
+                        "notify %s: %s (later refusals are only counted as rejected until "
+                        "a delivery succeeds)",
+                        self.name,
+                        error,
+                    )
+            return now
+        except DeliveryError as error:
+            with self._cond:
+                self.counts["failed"] += 1
                 self._failed(error, now)
                 self._retry_at = now + backoff(self._failures, self.first, self.cap)
                 return self._retry_at
@@ -131,6 +144,7 @@ class Delivery(Generic[T]):
         with self._cond:
             self._remove(item)
             self.counts["sent"] += 1
+            self._rejecting = False
             if self._failures:
                 self._recovered(now)
             return now

@@ -465,3 +465,32 @@ def test_a_token_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     chat = "  c:\n    chat: {preset: matrix, url: 'http://198.18.0.9/x', token_file: t}\n"
     with pytest.raises(ConfigError, match=r"notify\.c\.chat\.token_file.*UTF-8"):
         _config(tmp_path, chat)
+
+
+# ------------------------------------------------------------------ 9: a rejection is no outage
+
+
+def test_a_rejection_does_not_back_off_or_start_a_failure_streak(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from appliance.notify.delivery import Rejected
+
+    answers = ["401"] * 50 + ["ok"]
+    got: list[int] = []
+
+    def send(item: int) -> None:
+        if answers.pop(0) == "401":
+            raise Rejected("HTTP 401 from http://127.0.0.1:9: dropped")
+        got.append(item)
+
+    delivery = Delivery("hook", send, limit=100)
+    for item in range(51):
+        delivery.put(item)
+    now = 0.0
+    with caplog.at_level(logging.INFO, "knockgate.notify"):
+        while (due := delivery.step(now)) is not None:
+            assert due == now  # the next one at once: no backoff
+    assert got == [50] and delivery.counts["rejected"] == 50
+    assert not delivery.failing()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "HTTP 401" in lines[0], lines  # once, no "delivering again"
