@@ -23,7 +23,13 @@ from appliance.config.schema import Chat, Mail, Notifier, Webhook
 from appliance.notify.delivery import Delivery
 from appliance.notify.digest import Digest, next_digest
 from appliance.notify.flood import Aggregator
-from appliance.notify.senders import Message, chat_sender, mail_sender, webhook_sender
+from appliance.notify.senders import (
+    Message,
+    Outgoing,
+    chat_sender,
+    mail_sender,
+    webhook_sender,
+)
 from appliance.runtime.events_log import EventLog, EventRecord, Follower
 
 log = logging.getLogger("knockgate.notify")
@@ -38,7 +44,7 @@ class _Route:
     notifier: Notifier
     kinds: frozenset[str]
     aggregator: Aggregator | None  # webhook, chat
-    delivery: Delivery[EventRecord] | None
+    delivery: Delivery[Outgoing] | None
     digest: Digest | None = None  # mail
     mailer: Delivery[Message] | None = None
     due: float = 0.0  # unix time of the next digest
@@ -87,7 +93,7 @@ class Notifications:
         delivery = Delivery(notifier.name, self._sender(notifier), notifier.queue, clock=self.clock)
         return _Route(notifier, kinds, Aggregator(threshold=notifier.flood_threshold), delivery)
 
-    def _sender(self, notifier: Notifier) -> Callable[[EventRecord], None]:
+    def _sender(self, notifier: Notifier) -> Callable[[Outgoing], None]:
         target = notifier.target
         if isinstance(target, Webhook):
             return webhook_sender(target, self.host, self.wall)
@@ -128,7 +134,7 @@ class Notifications:
         for route in self.routes:
             if route.aggregator is not None and route.delivery is not None:
                 for summary in route.aggregator.flush(now, wall):
-                    route.delivery.put(summary)
+                    route.delivery.put(Outgoing(summary))
         deliveries = [d for r in self.routes for d in (r.delivery, r.mailer) if d is not None]
         for delivery in deliveries:
             delivery.stop(deadline)
@@ -201,7 +207,7 @@ class Notifications:
         for route in routes:
             if route.aggregator is not None and route.delivery is not None:
                 for summary in route.aggregator.flush(now, wall):
-                    route.delivery.put(summary)
+                    route.delivery.put(Outgoing(summary))
         deliveries = [d for r in routes for d in (r.delivery, r.mailer) if d is not None]
         for delivery in deliveries:
             delivery.stop(deadline)
@@ -261,7 +267,7 @@ class Notifications:
                 route.digest.add(record)
             elif route.aggregator is not None and route.delivery is not None:
                 for out in route.aggregator.offer(record, now):
-                    route.delivery.put(out)
+                    route.delivery.put(Outgoing(out))
 
     def tick(self, now: float, wall: float) -> None:
         """Summaries whose window ended; digests due (or asked for)."""
@@ -269,7 +275,7 @@ class Notifications:
         for route in self.routes:
             if route.aggregator is not None and route.delivery is not None:
                 for summary in route.aggregator.due(now, wall):
-                    route.delivery.put(summary)
+                    route.delivery.put(Outgoing(summary))
             due = asked or wall >= route.due
             if route.digest is not None and route.mailer is not None and due:
                 self._send_digest(route, wall)

@@ -21,8 +21,9 @@ import ssl
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
@@ -163,19 +164,29 @@ def _where(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
-def webhook_body(record: EventRecord, host: str) -> bytes:
-    data = {**record.as_dict(), "host": host, "version": __version__}
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """An event record queued for a webhook or a chat, with its delivery id: one per
+    event and notifier, the same at every retry (a receiver deduplicates on it)."""
+
+    record: EventRecord
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def webhook_body(record: EventRecord, host: str, delivery: str = "") -> bytes:
+    data = {**record.as_dict(), "host": host, "version": __version__, "id": delivery}
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 def webhook_sender(
     settings: Webhook, host: str, wall: Callable[[], float] = time.time
-) -> Callable[[EventRecord], None]:
-    def send(record: EventRecord) -> None:
-        body = webhook_body(record, host)
+) -> Callable[[Outgoing], None]:
+    def send(item: Outgoing) -> None:
+        body = webhook_body(item.record, host, item.id)
         headers = {
             "Content-Type": "application/json",
-            "X-Knockgate-Event": record.kind,
+            "X-Knockgate-Event": item.record.kind,
+            "X-Knockgate-Delivery": item.id,
             **signed_headers(settings.secret, wall(), body),
         }
         http_send("POST", settings.url, body, headers, settings.timeout)
@@ -196,9 +207,9 @@ def chat_request(
     return url, body, headers
 
 
-def chat_sender(settings: Chat, host: str) -> Callable[[EventRecord], None]:
-    def send(record: EventRecord) -> None:
-        url, body, headers = chat_request(settings, record, host)
+def chat_sender(settings: Chat, host: str) -> Callable[[Outgoing], None]:
+    def send(item: Outgoing) -> None:
+        url, body, headers = chat_request(settings, item.record, host)
         http_send(settings.method, url, body, headers, settings.timeout)
 
     return send

@@ -18,7 +18,7 @@ from appliance.config.schema import Chat, Mail, Notifier
 from appliance.errors import ConfigError
 from appliance.notify.delivery import Delivery, DeliveryError
 from appliance.notify.hub import Notifications
-from appliance.notify.senders import Message, http_send
+from appliance.notify.senders import Message, Outgoing, http_send
 from appliance.runtime.events_log import EventLog, EventRecord
 
 
@@ -174,7 +174,7 @@ def test_a_token_in_a_url_path_or_query_is_never_logged(
     listener.close()  # nothing listens there now: connection refused
     url = f"http://127.0.0.1:{port}/bot123456:SECRETTOKEN/sendMessage?key=QUERYSECRET"
     delivery = Delivery("tg", chat_sender(Chat(url), "gate1"), limit=10)
-    delivery.put(EventRecord(1.0, "opened", door="ssh", address="198.18.1.7"))
+    delivery.put(Outgoing(EventRecord(1.0, "opened", door="ssh", address="198.18.1.7")))
     with caplog.at_level(logging.DEBUG, "knockgate.notify"):
         delivery.step(0.0)
     text = "\n".join(r.getMessage() for r in caplog.records)
@@ -494,3 +494,45 @@ def test_a_rejection_does_not_back_off_or_start_a_failure_streak(
     assert not delivery.failing()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "HTTP 401" in lines[0], lines  # once, no "delivering again"
+
+
+# ------------------------------------------------------------------ 8: a delivery id
+
+
+def test_a_webhook_delivery_carries_one_id_in_body_and_header_across_retries() -> None:
+    from appliance.config.schema import Webhook
+    from appliance.notify.senders import Outgoing, webhook_sender
+    from appliance.notify.sign import verify
+
+    seen: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((dict(self.headers), body))
+            self.send_response(503 if len(seen) == 1 else 204)  # the first: try again
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/h"
+        delivery = Delivery("hook", webhook_sender(Webhook(url, "f", b"k"), "gate1"), limit=10)
+        delivery.put(Outgoing(EventRecord(1.0, "opened", door="ssh", address="198.18.1.7")))
+        delivery.put(Outgoing(EventRecord(1.0, "opened", door="ssh", address="198.18.1.7")))
+        now = 0.0
+        while (due := delivery.step(now)) is not None:
+            now = due
+    finally:
+        server.shutdown()
+        server.server_close()
+    ids = [json.loads(body)["id"] for _, body in seen]
+    assert len(ids) == 3 and ids[0] == ids[1] != ids[2]  # a retry keeps its id
+    for headers, body in seen:
+        assert headers["X-Knockgate-Delivery"] == json.loads(body)["id"]
+        stamp, mac = headers["X-Knockgate-Timestamp"], headers["X-Knockgate-Signature"]
+        assert verify(b"k", stamp, body, mac, float(stamp))  # the id is signed
