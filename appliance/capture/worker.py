@@ -344,6 +344,7 @@ def main(fd: int, uid: int | None, gid: int | None) -> int:
     # whole group (supervisord's stopasgroup, Ctrl-C) must not end it before the monitor.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a digest now: the monitor's, not ours
     control = socket.socket(fileno=fd)
     try:
         _warm_up()

@@ -272,6 +272,8 @@ class Notifications:
     def tick(self, now: float, wall: float) -> None:
         """Summaries whose window ended; digests due (or asked for)."""
         asked, self._digest_asked = self._digest_asked, False
+        if asked and not any(route.mailer is not None for route in self.routes):
+            log.info("SIGUSR1: no mail notifier configured: no digest to send")
         for route in self.routes:
             if route.aggregator is not None and route.delivery is not None:
                 for summary in route.aggregator.due(now, wall):

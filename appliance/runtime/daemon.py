@@ -421,6 +421,8 @@ class Daemon:
         """SIGUSR1: the mail notifiers send their digest now (a flag the hub reads)."""
         if self.notifications is not None:
             self.notifications.digest_now()
+        else:
+            log.info("SIGUSR1: no mail notifier configured: no digest to send")
 
     def _start_notifications(self) -> None:
         """The notifiers of the configuration in force (none: no hub, no thread)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
@@ -293,6 +294,27 @@ def test_a_flood_of_spoofed_first_knocks_gives_one_summary(
         assert summary["kind"] == "knocks"
         assert re.fullmatch(r"[0-9 ]+ first knocks, .* in the last [0-9]+ s", summary["detail"])
         print(f"{sent} spoofed first knocks -> 1 notification: {summary['detail']}")
+
+
+def test_a_group_wide_sigusr1_without_a_mail_notifier_is_one_log_line(
+    topo: Topology, tmp_path: Path, secret: Path
+) -> None:
+    """``kill -USR1 -PGID`` reaches the packet process too: it must survive it (and the
+    daemon says once that there is no digest to send)."""
+    receiver = webhook_receiver(topo, tmp_path, secret).start()
+    daemon = Knockgate(topo, tmp_path, CONFIG.format(notify=WEBHOOK))
+    with running(receiver, daemon):
+        daemon.start()
+        assert daemon.process is not None
+        os.killpg(daemon.process.pid, signal.SIGUSR1)  # its own session: the daemon's group
+        assert daemon.wait_log("no mail notifier", timeout=5), daemon.log()
+        time.sleep(0.5)  # a packet process killed by it would be reported meanwhile
+        knock_and_time(topo, "client", topo.host("server").ipv4)
+        assert daemon.process.poll() is None
+        assert daemon.stop() == 0
+        log = daemon.log()
+        assert log.count("no mail notifier") == 1
+        assert "packet process" not in log.split("no mail notifier", 1)[1], log
 
 
 def test_a_real_smtp_server_receives_the_digest(topo: Topology, tmp_path: Path) -> None:

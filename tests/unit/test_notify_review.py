@@ -536,3 +536,29 @@ def test_a_webhook_delivery_carries_one_id_in_body_and_header_across_retries() -
         assert headers["X-Knockgate-Delivery"] == json.loads(body)["id"]
         stamp, mac = headers["X-Knockgate-Timestamp"], headers["X-Knockgate-Signature"]
         assert verify(b"k", stamp, body, mac, float(stamp))  # the id is signed
+
+
+# ------------------------------------------------------------------ 10: SIGUSR1
+
+
+def test_a_digest_asked_for_moves_the_schedule_as_the_readme_says(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import time
+
+    wall = time.mktime((2026, 12, 5, 15, 0, 0, 0, 0, -1))  # 15:00 local
+    every = Notifier("e", Mail("127.0.0.1", "a@b", ("c@d",), port=9, every=3600.0), ("opened",))
+    at = Notifier("a", Mail("127.0.0.1", "a@b", ("c@d",), port=9, at=(7, 0)), ("opened",))
+    hub = Notifications((every, at), EventLog(), host="gate1", wall=lambda: wall)
+    hub.digest_now()
+    hub.tick(0.0, wall + 600)  # 15:10
+    assert hub.routes[0].due == wall + 600 + 3600  # every: a full period later
+    assert time.localtime(hub.routes[1].due)[2:5] == (6, 7, 0)  # at: the next 07:00
+    chat = Notifications((Notifier("c", Chat("http://127.0.0.1:9/"), ("opened",)),), EventLog())
+    with caplog.at_level(logging.INFO, "knockgate.notify"):
+        chat.digest_now()
+        chat.tick(0.0, wall)
+        chat.tick(1.0, wall)
+    assert [r.getMessage() for r in caplog.records] == [
+        "SIGUSR1: no mail notifier configured: no digest to send"
+    ]
