@@ -1,44 +1,55 @@
 """Real receivers for the notification tests, run inside a test namespace (loopback only).
 
 ``webhook``: an http.server that verifies each request's HMAC-SHA256 signature with the
-shared secret, as the README tells a receiver to, answers 204 (or 401 when the
-signature is wrong) and appends one JSON line per request to ``--out``:
+README's own recipe (its ``key`` and ``verified``, run as shown there), answers 204 (or
+401 when the signature is wrong) and appends one JSON line per request to ``--out``:
 ``{"verified": bool, "event": {...}}``. ``smtp``: aiosmtpd's server that writes each
-message it receives to ``--out`` as one JSON line (``{"from", "to", "data"}``). ``blackhole``: accepts connections and never answers (a
-hung receiver). Each prints ``ready`` once they listen and run until SIGTERM.
+message it receives to ``--out`` as one JSON line (``{"from", "to", "data"}``).
+``blackhole``: accepts connections and never answers (a hung receiver). Each prints
+``ready`` once it listens and runs until SIGTERM.
 
     python -m tests.integration.notify_receivers webhook --port 8765 --secret-file F --out F
     python -m tests.integration.notify_receivers smtp --port 8025 --out F
+    python -m tests.integration.notify_receivers blackhole --port 8765 --out F
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from appliance.notify.sign import verify
+REPO = Path(__file__).resolve().parents[2]
 
 
-def webhook(port: int, secret: bytes, out: Path) -> None:
+def readme_recipe() -> dict[str, Any]:
+    """The receiver's code exactly as the README shows it (``key``, ``verified``): the
+    test receiver verifies with it, not with the product's own code."""
+    text = (REPO / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        if "def verified(" in block:
+            namespace: dict[str, Any] = {}
+            exec(compile(block, "README.md", "exec"), namespace)
+            return namespace
+    raise AssertionError("README.md: no python block with def verified(")
+
+
+def webhook(port: int, secret_file: Path, out: Path) -> None:
+    recipe = readme_recipe()
+    verified = recipe["verified"]
+    secret = recipe["key"](str(secret_file))
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            ok = verify(
-                secret,
-                self.headers.get("X-Knockgate-Timestamp", ""),
-                body,
-                self.headers.get("X-Knockgate-Signature", ""),
-                time.time(),
-            )
+            ok = bool(verified(secret, self.headers, body))
             try:
                 event: Any = json.loads(body)
             except ValueError:
@@ -113,7 +124,7 @@ def main() -> int:
     parser.add_argument("--secret-file", type=Path)
     args = parser.parse_args()
     if args.kind == "webhook":
-        webhook(args.port, args.secret_file.read_text().removesuffix("\n").encode(), args.out)
+        webhook(args.port, args.secret_file, args.out)
     elif args.kind == "blackhole":
         blackhole(args.port, args.out)
     else:

@@ -562,3 +562,35 @@ def test_a_digest_asked_for_moves_the_schedule_as_the_readme_says(
     assert [r.getMessage() for r in caplog.records] == [
         "SIGUSR1: no mail notifier configured: no digest to send"
     ]
+
+
+# ------------------------------------------------------------------ 11, 13: the README recipe
+
+
+def test_the_readme_receiver_recipe_verifies_and_never_raises(tmp_path: Path) -> None:
+    import time
+
+    from appliance.notify.senders import webhook_body
+    from appliance.notify.sign import signed_headers
+    from tests.integration.notify_receivers import readme_recipe
+
+    recipe = readme_recipe()
+    raw = bytes(range(256))
+    (tmp_path / "hook.secret").write_bytes(raw + b"\n")
+    secret = recipe["key"](str(tmp_path / "hook.secret"))
+    assert secret == raw
+    body = webhook_body(EventRecord(1.0, "opened", door="ssh"), "gate1", "id1")
+    headers = signed_headers(raw, time.time(), body)
+    verified = recipe["verified"]
+    assert verified(secret, headers, body)
+    assert not verified(secret, headers, body + b" ")
+    stamp = headers["X-Knockgate-Timestamp"]
+    for bad in (
+        {},
+        {**headers, "X-Knockgate-Timestamp": "12x"},
+        {**headers, "X-Knockgate-Timestamp": "\u00b2"},
+        {**headers, "X-Knockgate-Timestamp": str(int(stamp) - 400)},
+        {**headers, "X-Knockgate-Signature": "sha256=\u00e9\u2603"},
+        {"X-Knockgate-Timestamp": stamp},
+    ):
+        assert verified(secret, bad, body) is False
