@@ -168,6 +168,9 @@ def test_the_webhook_receiver_verifies_the_signature_of_the_opened_event(
         assert event["door"] == "ssh" and event["address"] == client
         assert event["host"] and event["version"]
         assert "notify hook" not in daemon.log()  # delivered at once: nothing to log
+        assert daemon.stop() == 0
+        # One knock is no flood: no "1 first knocks, 2 later steps" summary, even at shutdown.
+        assert [line["event"]["kind"] for line in receiver.lines()] == ["opened"]
 
 
 def test_a_down_receiver_does_not_slow_knocks_and_gets_the_events_when_back(
@@ -293,7 +296,21 @@ def test_a_flood_of_spoofed_first_knocks_gives_one_summary(
         (summary,) = [line["event"] for line in got]
         assert summary["kind"] == "knocks"
         assert re.fullmatch(r"[0-9 ]+ first knocks, .* in the last [0-9]+ s", summary["detail"])
-        print(f"{sent} spoofed first knocks -> 1 notification: {summary['detail']}")
+        # The summary's count is the flood's: every knock it names was one of ours
+        # (first knocks, and resets of an address that knocked again), most of them seen.
+        counted = sum(
+            int(n.replace(" ", ""))
+            for n in re.findall(
+                r"([0-9][0-9 ]*) (?:first knocks|later steps|resets|timed out)", summary["detail"]
+            )
+        )
+        by_outcome = summary["counts"]["ssh"]
+        assert counted == sum(by_outcome.values())  # the text and the counts agree
+        assert 0.5 * sent <= counted <= sent, (counted, sent)
+        print(
+            f"{sent} spoofed first knocks -> 1 notification counting {counted} "
+            f"({counted / sent:.0%}): {summary['detail']}"
+        )
 
 
 def test_a_group_wide_sigusr1_without_a_mail_notifier_is_one_log_line(
