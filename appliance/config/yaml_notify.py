@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import urllib.parse
 from typing import Any, Literal
 
 from appliance.config.schema import Chat, Mail, Notifier, Webhook
@@ -176,14 +177,18 @@ def _url(value: Any) -> str:
 
 
 def _checked_url(text: str, named: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text):
-        raise Invalid(f"{named} is not an http:// or https:// URL")
-    if "@" in text.split("/", 3)[2]:
+    try:
+        userinfo = "@" in urllib.parse.urlsplit(text).netloc
+    except ValueError:
+        userinfo = False
+    if userinfo:  # checked first: an error must not echo a password
         raise Invalid(
             "a user name or password in the URL is refused (it would be logged and sent "
             "in the clear): give the credential in a header with {token} and token_file, "
             "or the whole URL in url_file"
         )
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text):
+        raise Invalid(f"{named} is not an http:// or https:// URL")
     return text
 
 

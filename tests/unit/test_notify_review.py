@@ -594,3 +594,12 @@ def test_the_readme_receiver_recipe_verifies_and_never_raises(tmp_path: Path) ->
         {"X-Knockgate-Timestamp": stamp},
     ):
         assert verified(secret, bad, body) is False
+
+
+def test_an_at_sign_in_a_path_or_query_is_not_a_password(tmp_path: Path) -> None:
+    for url in ("http://198.18.0.9/a@b", "http://198.18.0.9?to=me@example.org"):
+        (notifier,) = _config(tmp_path, f"  c:\n    chat: {{url: '{url}'}}\n").settings.notify
+        assert notifier.target.url == url  # type: ignore[union-attr]
+    with pytest.raises(ConfigError) as caught:
+        _config(tmp_path, "  c:\n    chat: {url: 'ftp://u:PASSWORD@198.18.0.9/'}\n")
+    assert "PASSWORD" not in str(caught.value)
