@@ -130,16 +130,7 @@ class Notifications:
                 while (record := self.follower.next(0.0)) is not None:
                     if record.kind != "stop":
                         self.route(record, self.clock())
-        now, wall = self.clock(), self.wall()
-        for route in self.routes:
-            if route.aggregator is not None and route.delivery is not None:
-                for summary in route.aggregator.flush(now, wall):
-                    route.delivery.put(Outgoing(summary))
-        deliveries = [d for r in self.routes for d in (r.delivery, r.mailer) if d is not None]
-        for delivery in deliveries:
-            delivery.stop(deadline)
-        for delivery in deliveries:
-            delivery.join(deadline)
+        self._retire(self.routes, deadline)
 
     def reconfigure(self, notifiers: tuple[Notifier, ...]) -> None:
         """A reload, in place (one hub, one subscription: no record lost or sent twice).
@@ -173,8 +164,9 @@ class Notifications:
                         delivery.start()
         gone = list(old.values())
         if gone:
+            deadline = self.clock() + FLUSH_SECONDS
             threading.Thread(
-                target=self._retire, args=(gone,), name="notify-retire", daemon=True
+                target=self._retire, args=(gone, deadline), name="notify-retire", daemon=True
             ).start()
         log.info(
             "notify: %s (reload: %d kept, %d changed, %d new, %d removed)",
@@ -201,8 +193,9 @@ class Notifications:
         route.notifier = notifier
         route.kinds = frozenset(notifier.events)
 
-    def _retire(self, routes: list[_Route], seconds: float = FLUSH_SECONDS) -> None:
-        deadline = self.clock() + seconds
+    def _retire(self, routes: list[_Route], deadline: float) -> None:
+        """What the routes hold (a flood window) queued, what is queued delivered until
+        ``deadline``, their threads ended (at shutdown, or for notifiers a reload removed)."""
         now, wall = self.clock(), self.wall()
         for route in routes:
             if route.aggregator is not None and route.delivery is not None:
