@@ -125,15 +125,18 @@ def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeo
     else:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
     watchdog = _Watchdog(timeout, lambda: conn.sock)
-    conn._create_connection = lambda *_args, **_kw: connect(host, port, watchdog.deadline)  # type: ignore[attr-defined]
+
+    def connected(*_args: object, **_kw: object) -> socket.socket:  # resolving bounded too
+        return connect(host, port, watchdog.deadline)
+
+    conn._create_connection = connected  # type: ignore[attr-defined]
     try:
         with watchdog:
             conn.request(method, target, body=body, headers={"User-Agent": USER_AGENT, **headers})
             response = conn.getresponse()
             status = response.status
             response.read(65536)
-    except ValueError as error:  # UnicodeError too: the request cannot be built, ever
-        raise Rejected(f"{where}: cannot build the request ({error}): dropped") from None
+    # OSError before ValueError: ssl's certificate errors are both (and are retried).
     except (OSError, http.client.HTTPException) as error:
         if watchdog.fired or isinstance(error, TimeoutError):
             raise DeliveryError(f"{where}: timed out after {timeout:g} s") from None
@@ -141,6 +144,8 @@ def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeo
             name = type(error).__name__
             raise DeliveryError(f"{where}: not a valid HTTP answer ({name})") from None
         raise DeliveryError(f"{where}: {error}") from None
+    except ValueError as error:  # UnicodeError too: the request cannot be built, ever
+        raise Rejected(f"{where}: cannot build the request ({error}): dropped") from None
     finally:
         conn.close()
     if 200 <= status < 300:

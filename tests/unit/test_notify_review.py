@@ -603,3 +603,47 @@ def test_an_at_sign_in_a_path_or_query_is_not_a_password(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as caught:
         _config(tmp_path, "  c:\n    chat: {url: 'ftp://u:PASSWORD@198.18.0.9/'}\n")
     assert "PASSWORD" not in str(caught.value)
+
+
+def test_an_untrusted_certificate_is_retried_not_rejected(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    files = ["-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            *files,
+            *subject,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        from appliance.notify.delivery import Rejected
+
+        with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+            http_send("POST", f"https://127.0.0.1:{server.server_address[1]}/", b"", {}, 2.0)
+        assert not isinstance(caught.value, Rejected)  # a renewed certificate fixes it
+    finally:
+        server.shutdown()
+        server.server_close()
