@@ -288,23 +288,28 @@ def teardown(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def images() -> None:
+    """Both images of the stack, built from this tree (BuildKit's cache: seconds when unchanged)."""
     prerequisites()
+    buildkit = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    for tag, context, dockerfile in IMAGES:
+        args = ["build", "-q", "-t", tag]
+        if dockerfile is not None:
+            args += ["-f", str(dockerfile)]
+        run([DOCKER, *args, str(context)], timeout=1800, env=buildkit)
+
+
+@pytest.fixture(scope="module")
+def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require(
         docker("stack", "--help", check=False).returncode == 0,
         f"{DOCKER} has no `stack` command (Debian's docker.io client has it)",
     )
     handle = lock_testbed()
     try:
+        remove_leftovers()
         others = appliance_running()
         assert not others, f"another knockgate appliance runs on this host: {others}"
-        remove_leftovers()
-        buildkit = {**os.environ, "DOCKER_BUILDKIT": "1"}
-        for tag, context, dockerfile in IMAGES:
-            args = ["build", "-q", "-t", tag]
-            if dockerfile is not None:
-                args += ["-f", str(dockerfile)]
-            run([DOCKER, *args, str(context)], timeout=1800, env=buildkit)
         stack = Stack(f"kgsw{os.getpid()}", tmp_path_factory.mktemp("kgsw"))
         try:
             yield deploy(stack)
@@ -422,3 +427,84 @@ def test_a_knock_from_the_client_opens_the_door(stack: Stack) -> None:
         return isinstance(fleet, dict) and fleet.get("published") == 1
 
     wait_for("the grant is published to the fleet's Redis", published, 10, 0.2, stack.logs)
+
+
+# ---------------------------------------------------------------------------- the Redis image
+
+
+def redis_image_exit(password: str | None, tmp_path: Path, *argv: str) -> tuple[int, str]:
+    """``knockgate-redis:local`` run with ``password`` as its secret file (None: no file), on
+    a network of its own: its exit status once it ended (a Redis that serves never ends:
+    ``docker wait`` times out) and its log."""
+    name = f"kgsw-redis-{os.getpid()}"
+    args = ["run", "-d", "--name", name, "--network", "none", "--read-only", "--tmpfs", "/run"]
+    if password is not None:
+        secret = tmp_path / "redis-password"
+        secret.write_text(password)
+        args += ["-v", f"{secret}:/run/secrets/knockgate-redis-password:ro"]
+    docker("rm", "-f", name, check=False)
+    try:
+        docker(*args, "knockgate-redis:local", *argv)
+        try:
+            status = int(docker("wait", name, timeout=15).stdout.strip())
+        except subprocess.TimeoutExpired:
+            status = -1  # still running: it serves (the entrypoint's bug before exit 2 held)
+        logs = docker("logs", name, check=False)
+        return status, logs.stdout + logs.stderr
+    finally:
+        docker("rm", "-f", "-v", name, check=False)
+
+
+@pytest.mark.parametrize(
+    ("password", "said"),
+    [
+        (None, "no readable password file"),
+        ("short\n", "shorter than 16 characters"),
+        ("", "shorter than 16 characters"),
+        ("a" * 32 + "\n" + "b" * 32 + "\n", "more than one line"),
+        (" " + "a" * 32 + "\n", "spaces"),
+    ],
+    ids=["missing", "short", "empty", "two-lines", "leading-space"],
+)
+def test_the_redis_image_refuses_to_serve_without_a_good_password(
+    images: None, tmp_path: Path, password: str | None, said: str
+) -> None:
+    """Exit status 2 and a clear line, never a Redis whose knockgate user has the empty
+    password's hash (anyone could AUTH and write the fleet's grants)."""
+    status, logs = redis_image_exit(password, tmp_path)
+    assert status == 2, logs
+    assert said in logs, logs
+    assert "listening" not in logs and "Ready to accept" not in logs, logs
+
+
+@pytest.mark.parametrize("password", [None, "short\n"], ids=["missing", "short"])
+def test_the_redis_health_check_fails_without_a_good_password(
+    images: None, tmp_path: Path, password: str | None
+) -> None:
+    status, logs = redis_image_exit(password, tmp_path, "ping")
+    assert status == 2, logs
+
+
+def test_the_redis_image_serves_with_a_one_line_password_and_a_crlf(
+    images: None, tmp_path: Path
+) -> None:
+    """A password file written on Windows (CRLF) is the same password: it starts."""
+    name = f"kgsw-redis-{os.getpid()}"
+    secret = tmp_path / "redis-password"
+    secret.write_text("k" * 32 + "\r\n")
+    docker("rm", "-f", name, check=False)
+    try:
+        docker(
+            "run", "-d", "--name", name, "--network", "none", "--read-only", "--tmpfs", "/run",
+            "-v", f"{secret}:/run/secrets/knockgate-redis-password:ro", "knockgate-redis:local",
+        )  # fmt: skip
+
+        def logs() -> str:
+            proc = docker("logs", name, check=False)
+            return proc.stdout + proc.stderr
+
+        wait_for("Redis serves", lambda: "Ready to accept connections" in logs(), 15, 0.2, logs)
+        health = docker("exec", name, "knockgate-redis-entrypoint", "ping", check=False)
+        assert health.stdout.strip() == "PONG", health.stdout + health.stderr
+    finally:
+        docker("rm", "-f", "-v", name, check=False)
