@@ -7,6 +7,8 @@ loader checks that it is readable, and /run/secrets exists only in the container
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,13 @@ from tests.integration.conftest import require
 REPO = Path(__file__).resolve().parents[2]
 DAEMONSET = REPO / "deploy" / "kubernetes" / "knockgate-daemonset.yaml"
 STACK = REPO / "deploy" / "swarm" / "knockgate-stack.yml"
-STACK_CONFIG = REPO / "deploy" / "swarm" / "knockgate.yaml"
+STACK_CONFIG = REPO / "deploy" / "swarm" / "knockgate.example.yaml"
 TRIAL = REPO / "compose" / "fleet-trial.yml"
 TRIAL_FLEET = REPO / "compose" / "fleet-trial.yaml"
 SECRET_PATH = "/run/secrets/knockgate-redis-password"
+PLACEHOLDER = "REPLACE-with-a-random-knock"
+# The README's example sequences: a shipped deployment must never open with them.
+README_KNOCKS = ("7113, 2231/udp, 9157", "9157, 2231/udp, 7113")
 # The oldest Kubernetes the manifest is meant for, and the newest the validator knows.
 OLDEST_KUBERNETES = "1.29.0"
 
@@ -47,13 +52,32 @@ def kind(name: str) -> dict[str, Any]:
 
 
 def loads_as_knockgate(text: str, tmp_path: Path, name: str = "knockgate.yaml") -> Any:
-    """``text`` parsed by knockgate's loader, the secret's path replaced by a real file."""
+    """``text`` parsed by knockgate's loader, the secret's path replaced by a real file and
+    each knock placeholder by a sequence (as the user does before deploying)."""
     password = tmp_path / "redis-password"
     password.write_text("kg-" + "0" * 32 + "\n")
     assert SECRET_PATH in text
     path = tmp_path / name
-    path.write_text(text.replace(SECRET_PATH, str(password)))
+    text = text.replace(SECRET_PATH, str(password))
+    for n in range(text.count(PLACEHOLDER)):
+        text = text.replace(PLACEHOLDER, f"{41001 + n}, {42001 + n}/udp, {43001 + n}", 1)
+    path.write_text(text)
     return load_config(str(path)).config
+
+
+def check_refuses(text: str, tmp_path: Path) -> str:
+    """``knockgate check`` on ``text`` as shipped (only the secret's path made real): it must
+    refuse, and says why."""
+    password = tmp_path / "redis-password"
+    password.write_text("kg-" + "0" * 32 + "\n")
+    path = tmp_path / "shipped.yaml"
+    path.write_text(text.replace(SECRET_PATH, str(password)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "check", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------------- Kubernetes
@@ -151,6 +175,49 @@ def test_the_swarm_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
         f"${{KNOCKGATE_FLEET:-{fleet.name}}}"
     )
     assert fleet.redis == "redis://knockgate@127.0.0.1:6379/0"
+
+
+# ---------------------------------------------------------------------------- shipped knocks
+
+
+@pytest.mark.parametrize("where", ["swarm", "kubernetes"])
+def test_a_shipped_config_has_no_knock_and_knockgate_check_says_so(
+    where: str, tmp_path: Path
+) -> None:
+    """Deployed unedited, the README's example knock would open every node to whoever read
+    the README: the shipped configs hold a placeholder that ``knockgate check`` refuses (the
+    appliance then waits for a valid config and opens nothing)."""
+    if where == "swarm":
+        text = STACK_CONFIG.read_text()
+    else:
+        text = kind("ConfigMap")["data"]["knockgate.yaml"]
+    for knock in README_KNOCKS:
+        assert knock not in text
+    doors = yaml.safe_load(text)["doors"]
+    assert all(door["knock"]["sequence"] == [PLACEHOLDER] for door in doors.values())
+    said = check_refuses(text, tmp_path)
+    assert f"doors.ssh.knock.sequence: '{PLACEHOLDER}' is not a port" in said, said
+
+
+def test_no_deployment_file_ships_the_readmes_example_knock() -> None:
+    shipped = [*(REPO / "deploy").rglob("*.y*ml"), *(REPO / "compose").rglob("*.y*ml")]
+    assert STACK_CONFIG in shipped and DAEMONSET in shipped
+    for path in shipped:
+        text = path.read_text()
+        for knock in README_KNOCKS:
+            assert knock not in text, path
+
+
+def test_the_swarm_config_users_fill_in_is_ignored_by_git() -> None:
+    """The stack reads ./knockgate.yaml (the user's copy, with the knock): never tracked."""
+    stack = yaml.safe_load(STACK.read_text())
+    assert (
+        stack["configs"]["knockgate-config"]["file"] == "${KNOCKGATE_CONFIG_FILE:-./knockgate.yaml}"
+    )
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "deploy/swarm/knockgate.yaml"], cwd=REPO, check=False
+    )
+    assert ignored.returncode == 0
 
 
 # ---------------------------------------------------------------------------- Compose trial
