@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.conftest import require
 from tests.integration.netns import pid_alive
@@ -506,5 +507,83 @@ def test_the_redis_image_serves_with_a_one_line_password_and_a_crlf(
         wait_for("Redis serves", lambda: "Ready to accept connections" in logs(), 15, 0.2, logs)
         health = docker("exec", name, "knockgate-redis-entrypoint", "ping", check=False)
         assert health.stdout.strip() == "PONG", health.stdout + health.stderr
+    finally:
+        docker("rm", "-f", "-v", name, check=False)
+
+
+# ---------------------------------------------------------------------------- the Kubernetes pod
+
+DAEMONSET = REPO / "deploy" / "kubernetes" / "knockgate-daemonset.yaml"
+POD_CONFIG = """\
+fleet:
+  name: k8s
+  redis: redis://knockgate@127.0.0.1:1/0
+  password_file: /run/secrets/knockgate-redis-password
+  on_outage: refuse
+doors:
+  ssh:
+    knock: {sequence: [41731, 45219/udp, 43310], seq_timeout: 5}
+    open: {ports: [22/tcp], duration: 30}
+"""
+
+
+def test_the_image_runs_as_the_daemonsets_pod_and_status_answers(
+    images: None, tmp_path: Path
+) -> None:
+    """No cluster here: ``docker run`` of knockgate:local as the DaemonSet's pod runs it —
+    every capability dropped but the manifest's list, no new privileges, read-only root,
+    /run world-writable as an emptyDir is (1777), no Docker socket, config and password
+    ``0440`` group 64110 and that group added (fsGroup). Its own network (not the host's:
+    the firewall it manages is its own). ``knockgate status`` (the liveness probe's command)
+    answers, the monitor and packet process dropped to their users, and /run is 0755 again."""
+    daemonset = next(
+        doc for doc in yaml.safe_load_all(DAEMONSET.read_text()) if doc["kind"] == "DaemonSet"
+    )
+    pod = daemonset["spec"]["template"]["spec"]
+    (spec,) = pod["containers"]
+    context = spec["securityContext"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert context["allowPrivilegeEscalation"] is False
+    group = str(pod["securityContext"]["fsGroup"])
+    run_dir = tmp_path / "run"  # an emptyDir is a directory of the node's, mode 0777/1777
+    run_dir.mkdir()
+    run_dir.chmod(0o1777)
+    config = tmp_path / "knockgate.yaml"
+    config.write_text(POD_CONFIG)
+    password = tmp_path / "redis-password"
+    password.write_text(secrets.token_hex(24) + "\n")
+    for path in (config, password):
+        os.chown(path, 0, int(group))
+        path.chmod(0o440)
+    name = f"kgsw-pod-{os.getpid()}"
+    caps = [arg for cap in context["capabilities"]["add"] for arg in ("--cap-add", cap)]
+    docker("rm", "-f", name, check=False)
+    try:
+        docker(
+            "run", "-d", "--name", name, "--network", "none", "--read-only",
+            "--cap-drop", "ALL", *caps, "--security-opt", "no-new-privileges",
+            "--group-add", group, "--user", str(context["runAsUser"]),
+            "-v", f"{run_dir}:/run", "--tmpfs", "/tmp", "--tmpfs", "/etc/knockgate",
+            "--tmpfs", "/var/lib/knockgate",
+            "-v", f"{config}:/etc/knockgate/knockgate.yaml:ro",
+            "-v", f"{password}:/run/secrets/knockgate-redis-password:ro",
+            "-e", "KNOCKGATE_CONFIG=/etc/knockgate/knockgate.yaml", "knockgate:local",
+        )  # fmt: skip
+
+        def logs() -> str:
+            proc = docker("logs", name, check=False)
+            return proc.stdout + proc.stderr
+
+        def status() -> str | None:
+            proc = docker("exec", name, *spec["livenessProbe"]["exec"]["command"], check=False)
+            return proc.stdout if proc.returncode == 0 else None
+
+        text = wait_for("knockgate status answers in the pod", status, 30, 0.5, logs)
+        assert "packet process: pid" in text and "user knockgate-packet" in text, text
+        assert "fleet k8s:" in text, text  # the password file was readable: no read error
+        assert "monitor runs as knockgate (uid 64111)" in logs()
+        assert "Operation not permitted" not in logs()
+        mode = docker("exec", name, "stat", "-c", "%a %U", "/run").stdout.strip()
+        assert mode == "755 root"
     finally:
         docker("rm", "-f", "-v", name, check=False)

@@ -29,6 +29,11 @@ SECRET_PATH = "/run/secrets/knockgate-redis-password"
 PLACEHOLDER = "REPLACE-with-a-random-knock"
 # The README's example sequences: a shipped deployment must never open with them.
 README_KNOCKS = ("7113, 2231/udp, 9157", "9157, 2231/udp, 7113")
+# The DaemonSet's capabilities (all others dropped): what the entrypoint and appliance use.
+POD_CAPABILITIES = (
+    "NET_ADMIN", "NET_RAW", "SETUID", "SETGID", "SETPCAP", "CHOWN", "FOWNER", "DAC_OVERRIDE",
+    "KILL",
+)  # fmt: skip
 # The oldest Kubernetes the manifest is meant for, and the newest the validator knows.
 OLDEST_KUBERNETES = "1.29.0"
 
@@ -91,7 +96,8 @@ def test_the_kubernetes_manifest_validates_strictly_against_the_schema(version: 
     for doc in manifests():
         validator.validate(doc, wanted, strict=True)  # raises ValidationError
         kinds.append(doc["kind"])
-    assert kinds == ["Namespace", "Secret", "ConfigMap", "DaemonSet"]
+    # No Secret: `kubectl apply` of this file again must never reset the Redis password.
+    assert kinds == ["Namespace", "ConfigMap", "DaemonSet"]
 
 
 def test_strict_validation_rejects_a_misspelled_field() -> None:
@@ -104,16 +110,27 @@ def test_strict_validation_rejects_a_misspelled_field() -> None:
         validator.validate(daemonset, validator.latest_version(), strict=True)
 
 
-def test_the_daemonset_runs_on_the_host_network_with_only_net_admin_and_net_raw() -> None:
+def test_the_daemonset_runs_on_the_host_network_with_every_capability_dropped_but_its_list() -> (
+    None
+):
+    """The list is the one the pod-like ``docker run`` in tests/testbed/test_swarm_stack.py
+    starts the appliance with (and without any one of them it does not come up)."""
     daemonset = kind("DaemonSet")
     assert daemonset["metadata"]["namespace"] == "knockgate"
     assert daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 0
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["securityContext"] == {
+        "fsGroup": 64110,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     (container,) = pod["containers"]
     context = container["securityContext"]
-    assert context["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"]}
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert sorted(context["capabilities"]["add"]) == sorted(POD_CAPABILITIES)
+    assert context["runAsUser"] == 0
+    assert context["allowPrivilegeEscalation"] is False
     assert context["readOnlyRootFilesystem"] is True
     assert "privileged" not in context
     # No Docker socket by default (services are off on Kubernetes), state in a hostPath.
@@ -122,20 +139,36 @@ def test_the_daemonset_runs_on_the_host_network_with_only_net_admin_and_net_raw(
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts["/var/lib/knockgate"] == "state"
     assert not any("docker" in path for path in mounts)
+    # Not measured: no limit the appliance could be OOM-killed at under a flood.
+    assert "limits" not in container["resources"]
 
 
-def test_the_redis_password_comes_from_the_secret_at_the_configs_password_file() -> None:
-    secret = kind("Secret")
-    assert secret["metadata"]["namespace"] == "knockgate"
+def test_the_namespace_admits_the_pods_under_pod_security_enforcement() -> None:
+    labels = kind("Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+def test_the_liveness_probe_asks_the_daemon_without_reading_the_config() -> None:
+    (container,) = kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["exec"]["command"] == ["knockgate", "status"]
+
+
+def test_the_redis_password_and_ca_come_from_a_secret_the_user_creates() -> None:
+    """Every key of the Secret is a file in /run/secrets (no ``items:`` that would leave the
+    CA out): the key names are the files the config names."""
     pod = kind("DaemonSet")["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if "secret" in v)
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-    (item,) = volume["secret"]["items"]
-    assert item["key"] in secret["stringData"]
+    assert volume["secret"] == {"secretName": "knockgate-redis", "defaultMode": 0o440}
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
-    assert f"{mount['mountPath']}/{item['path']}" == SECRET_PATH
-    config = yaml.safe_load(kind("ConfigMap")["data"]["knockgate.yaml"])
+    assert mount["mountPath"] == "/run/secrets"
+    text = kind("ConfigMap")["data"]["knockgate.yaml"]
+    config = yaml.safe_load(text)
     assert config["fleet"]["password_file"] == SECRET_PATH
+    assert "tls: {ca: /run/secrets/knockgate-redis-ca.pem}" in text
+    header = DAEMONSET.read_text()
+    assert "--from-file=knockgate-redis-password=" in header
+    assert "--from-file=knockgate-redis-ca.pem=" in header
+    assert "rollout restart ds/knockgate" in header
 
 
 def test_the_configmaps_knockgate_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
