@@ -2,7 +2,10 @@
 # knockgate-redis: redis-server for a knockgate fleet, configured from the environment.
 #
 #   KNOCKGATE_FLEET                the fleet's name: the ACL user reaches kg:{NAME}:* only
-#   KNOCKGATE_REDIS_BIND           addresses to listen on (default 127.0.0.1; space-separated)
+#   KNOCKGATE_REDIS_BIND           addresses to listen on (default 127.0.0.1; space-separated):
+#                                  loopback only (127.x, ::1), else it exits 2: this Redis
+#                                  serves plain TCP (password, grants) and is for one host;
+#                                  several hosts need a Redis with TLS (README: Running a fleet)
 #   KNOCKGATE_REDIS_PORT           default 6379
 #   KNOCKGATE_REDIS_PASSWORD_FILE  the knockgate user's password (a secret): one line of at
 #                                  least 16 characters, no surrounding spaces, a final newline
@@ -70,6 +73,19 @@ esac
 case "$PORT" in
     *[!0-9]* | "") say "error: KNOCKGATE_REDIS_PORT=$PORT is not a port"; exit 2 ;;
 esac
+case "$BIND" in
+    *[![:space:]]*) ;;
+    *) say "error: KNOCKGATE_REDIS_BIND is empty"; exit 2 ;;
+esac
+for address in $BIND; do
+    case "${address#-}" in
+        ::1) continue ;;
+        127.*[!0-9.]*) ;;
+        127.*) continue ;;
+    esac
+    say "error: KNOCKGATE_REDIS_BIND=$BIND: $address is not a loopback address; this Redis serves plain TCP (the password and every grant in clear), so it is for one host only: for several hosts use a Redis with TLS (README: Running a fleet)"
+    exit 2
+done
 
 secret=$(password)
 hash=$(printf '%s' "$secret" | sha256sum | cut -d' ' -f1)

@@ -1,8 +1,13 @@
 """The Docker Swarm stack (deploy/swarm/knockgate-stack.yml) on a single-node swarm.
 
 The engine joins a swarm only for this module when it is not in one already (``docker swarm
-init`` on 127.0.0.1, so nothing listens beyond loopback), and leaves it at the end, with the
-``docker_gwbridge`` network it made; an engine that was in a swarm is left as it was.
+init`` on 127.0.0.1, so nothing listens beyond loopback, with its address pool in
+198.19.64.0/18), and leaves it at the end, with the ``docker_gwbridge`` network it made; an
+engine that was in a swarm is left as it was. The swarm it made is marked
+(/run/lock/knockgate-swarm-test.pid): a killed run's swarm is left by the next run, before
+that run looks for another appliance (a leftover stack's task would be one). The node gets the
+``knockgate-redis=true`` label the stack's Redis is placed by (removed again on a swarm that
+was there before).
 
 The stack is deployed as written (``kgsw<pid>``), with this module's own knockgate config
 (a door on a test port, the stack's Redis on a free loopback port) and a fresh Redis password:
@@ -13,11 +18,16 @@ The stack is deployed as written (``kgsw<pid>``), with this module's own knockga
    root, the config and secret as written in the stack file;
 2. ``knockgate status`` in that task shows the fleet reachable (the stack's Redis, ACL user,
    password from the secret); that Redis listens on 127.0.0.1 only and refuses the default
-   user;
+   user; AUTH with the real password reaches the fleet's keys and nothing else (NOPERM);
 3. a client in a network namespace of its own (198.18.71.2, veth to the host's 198.18.71.1)
    finds the door's port closed, knocks the sequence, and then connects to a listener on
    the host: the door opened for it, the grant is in knockgate's nftables set and was
    published to the fleet (status: published 1).
+
+Without a swarm: the Redis image refuses a missing, short or multi-line password file and a
+non-loopback bind (exit status 2, never serving), and the knockgate image runs as the
+Kubernetes DaemonSet's pod would (its capabilities only, read-only, a 1777 /run) with
+``knockgate status`` answering.
 
 Teardown, even after a failure: ``docker stack rm`` (services, configs and secrets it made),
 its containers gone, its volumes, knockgate's nftables table, the namespace, the swarm if
@@ -71,6 +81,11 @@ HOST_ADDRESS, CLIENT_ADDRESS = "198.18.71.1", "198.18.71.2"
 DOOR_PORT = 47022
 KNOCK = ("41731", "45219:udp", "43310")
 FLEET = "kgsw"
+# Written when this module makes the engine join a swarm (the pid that did): a killed run's
+# swarm is left by the next run; an engine's own swarm (no mark) never.
+SWARM_MARK = Path("/run/lock/knockgate-swarm-test.pid")
+# Not 10.0.0.0/8 (the default pool): every address here is in 198.18.0.0/15.
+ADDRESS_POOL = ("--default-addr-pool", "198.19.64.0/18", "--default-addr-pool-mask-length", "24")
 
 CONFIG = f"""\
 fleet:
@@ -106,6 +121,8 @@ class Stack:
     name: str
     workdir: Path
     made_swarm: bool = False
+    labelled: str = ""  # the node this module gave the knockgate-redis label
+    password: str = ""
     redis_port: int = 0
     listener: socket.socket | None = None
     served: list[str] = field(default_factory=list)
@@ -176,7 +193,8 @@ def appliance_running() -> list[str]:
 
 
 def remove_leftovers() -> None:
-    """A killed earlier run's stack (kgsw<pid> of a dead pid), its volumes, the namespace."""
+    """A killed earlier run's stack (kgsw<pid> of a dead pid), its volumes, the namespace,
+    and the swarm it made (SWARM_MARK names its pid; a swarm without the mark is not ours)."""
     stacks = docker("stack", "ls", "--format", "{{.Name}}", check=False).stdout.split()
     for name in stacks:
         match = re.fullmatch(r"kgsw(\d+)", name)
@@ -184,6 +202,19 @@ def remove_leftovers() -> None:
             remove_stack(name)
     run(["ip", "netns", "del", NETNS], check=False)
     run(["ip", "link", "del", HOST_IF], check=False)
+    try:
+        pid = int(SWARM_MARK.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if not pid_alive(pid):
+        if swarm_state() == "active":
+            leave_swarm()
+        SWARM_MARK.unlink(missing_ok=True)
+
+
+def leave_swarm() -> None:
+    docker("swarm", "leave", "--force", check=False, timeout=60)
+    docker("network", "rm", "docker_gwbridge", check=False)
 
 
 def remove_stack(name: str) -> None:
@@ -272,9 +303,13 @@ def teardown(stack: Stack) -> None:
         lambda: run(["ip", "netns", "del", NETNS], check=False),
         lambda: run(["ip", "link", "del", HOST_IF], check=False),
     ]
+    if stack.labelled and not stack.made_swarm:
+        steps.append(
+            lambda: docker("node", "update", "--label-rm", "knockgate-redis", stack.labelled)
+        )
     if stack.made_swarm:
-        steps.append(lambda: docker("swarm", "leave", "--force", check=False, timeout=60))
-        steps.append(lambda: docker("network", "rm", "docker_gwbridge", check=False))
+        steps.append(leave_swarm)
+        steps.append(lambda: SWARM_MARK.unlink(missing_ok=True))
     errors = []
     for step in steps:
         try:
@@ -323,17 +358,28 @@ def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
 def deploy(stack: Stack) -> Stack:
     state = swarm_state()
     if state == "inactive":
-        docker("swarm", "init", "--listen-addr", "127.0.0.1:2377", "--advertise-addr", "127.0.0.1")
+        SWARM_MARK.write_text(f"{os.getpid()}\n")
         stack.made_swarm = True
+        docker(
+            "swarm", "init", "--listen-addr", "127.0.0.1:2377", "--advertise-addr", "127.0.0.1",
+            *ADDRESS_POOL,
+        )  # fmt: skip
     else:
         assert state == "active", f"the engine's swarm is {state!r} (expected inactive or active)"
+    # The stack's Redis runs on the node labelled knockgate-redis=true (README).
+    node = docker("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+    labels = json.loads(docker("node", "inspect", "--format", "{{json .Spec.Labels}}", node).stdout)
+    if "knockgate-redis" not in (labels or {}):
+        docker("node", "update", "--label-add", "knockgate-redis=true", node)
+        stack.labelled = node
     make_client()
     serve(stack)
     stack.redis_port = redis_port = free_loopback_port()
     config = stack.workdir / "knockgate.yaml"
     config.write_text(CONFIG.format(port=redis_port))
     password = stack.workdir / "redis-password"
-    password.write_text(secrets.token_hex(24) + "\n")
+    stack.password = secrets.token_hex(24)
+    password.write_text(stack.password + "\n")
     password.chmod(0o600)
     env = {
         **os.environ,
@@ -392,6 +438,43 @@ def test_the_stacks_redis_listens_on_loopback_only_and_refuses_the_default_user(
     assert local == [f"127.0.0.1:{port}"]
 
 
+def test_the_stacks_redis_acl_lets_knockgate_reach_its_fleets_keys_only(stack: Stack) -> None:
+    """AUTH as knockgate with the real password works; anything beyond the fleet's keys and
+    the commands a fleet uses is NOPERM."""
+    port = stack.redis_port
+    wait_for("the stack's Redis answers", lambda: redis_says(port, b"PING\r\n"), 30, 0.5)
+    replies = redis_session(
+        port,
+        ["AUTH", "knockgate", stack.password],
+        ["SET", f"kg:{{{FLEET}}}:kgsw-probe", "1", "PX", "1000"],
+        ["SET", "other-key", "1"],
+        ["SET", "kg:{other}:x", "1"],
+        ["CONFIG", "GET", "*"],
+        ["KEYS", "*"],
+        ["FLUSHALL"],
+    )
+    assert replies[0] == b"+OK"
+    assert replies[1] == b"+OK"
+    for reply in replies[2:]:
+        assert reply.startswith(b"-NOPERM"), replies
+    wrong = redis_session(port, ["AUTH", "knockgate", "not-the-password"])
+    assert wrong[0].startswith(b"-WRONGPASS"), wrong
+
+
+def redis_session(port: int, *commands: list[str]) -> list[bytes]:
+    """Each command in RESP on one connection: the first line of each reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        reader = conn.makefile("rb")
+        replies = []
+        for command in commands:
+            request = f"*{len(command)}\r\n".encode()
+            for part in command:
+                request += f"${len(part.encode())}\r\n{part}\r\n".encode()
+            conn.sendall(request)
+            replies.append(reader.readline().rstrip(b"\r\n"))
+        return replies
+
+
 def redis_says(port: int, request: bytes) -> bytes:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
@@ -433,7 +516,9 @@ def test_a_knock_from_the_client_opens_the_door(stack: Stack) -> None:
 # ---------------------------------------------------------------------------- the Redis image
 
 
-def redis_image_exit(password: str | None, tmp_path: Path, *argv: str) -> tuple[int, str]:
+def redis_image_exit(
+    password: str | None, tmp_path: Path, *argv: str, env: tuple[str, ...] = ()
+) -> tuple[int, str]:
     """``knockgate-redis:local`` run with ``password`` as its secret file (None: no file), on
     a network of its own: its exit status once it ended (a Redis that serves never ends:
     ``docker wait`` times out) and its log."""
@@ -443,6 +528,8 @@ def redis_image_exit(password: str | None, tmp_path: Path, *argv: str) -> tuple[
         secret = tmp_path / "redis-password"
         secret.write_text(password)
         args += ["-v", f"{secret}:/run/secrets/knockgate-redis-password:ro"]
+    for setting in env:
+        args += ["-e", setting]
     docker("rm", "-f", name, check=False)
     try:
         docker(*args, "knockgate-redis:local", *argv)
@@ -476,6 +563,16 @@ def test_the_redis_image_refuses_to_serve_without_a_good_password(
     assert status == 2, logs
     assert said in logs, logs
     assert "listening" not in logs and "Ready to accept" not in logs, logs
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "127.0.0.1 198.18.71.1", "::", "127.0.0.1.example"])
+def test_the_redis_image_binds_loopback_only(images: None, tmp_path: Path, bind: str) -> None:
+    """Plain TCP carries the password and every grant in clear: one host only."""
+    status, logs = redis_image_exit(
+        "k" * 32 + "\n", tmp_path, env=(f"KNOCKGATE_REDIS_BIND={bind}",)
+    )
+    assert status == 2, logs
+    assert "is not a loopback address" in logs, logs
 
 
 @pytest.mark.parametrize("password", [None, "short\n"], ids=["missing", "short"])

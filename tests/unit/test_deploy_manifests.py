@@ -195,7 +195,10 @@ def test_the_swarm_stack_is_global_on_the_host_network_with_capabilities() -> No
     assert {c["target"] for c in knockgate["configs"]} == {"/etc/knockgate/knockgate.yaml"}
     redis = stack["services"]["redis"]
     assert redis["networks"] == ["hostnet"]
-    assert redis["environment"]["KNOCKGATE_REDIS_BIND"] == "${KNOCKGATE_REDIS_BIND:-127.0.0.1}"
+    # Plain TCP: loopback only, not a variable (the image refuses anything else too).
+    assert redis["environment"]["KNOCKGATE_REDIS_BIND"] == "127.0.0.1"
+    # Its data stays on one labelled node, not on whichever manager the task lands on.
+    assert redis["deploy"]["placement"]["constraints"] == ["node.labels.knockgate-redis == true"]
 
 
 def test_the_swarm_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
