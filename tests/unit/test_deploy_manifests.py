@@ -256,6 +256,18 @@ def test_the_swarm_config_users_fill_in_is_ignored_by_git() -> None:
     assert ignored.returncode == 0
 
 
+def test_the_readmes_fleet_recipes_leave_no_knock_or_password_in_the_working_directory() -> None:
+    """The live config (the knock) goes through a mktemp file removed at once, never a
+    world-readable ./knockgate.yaml; password files are made by you only (umask, install)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Running a fleet") : readme.index("## Coming from knockd")]
+    assert "> knockgate.yaml" not in section
+    assert "config=$(mktemp)" in section and 'rm -f "$config"' in section
+    for line in section.splitlines():
+        if "openssl rand" in line and ">" in line:
+            assert "umask 077" in line or "install -m 0640" in section, line
+
+
 # ---------------------------------------------------------------------------- Compose trial
 
 
