@@ -624,15 +624,18 @@ doors:
 """
 
 
+@pytest.mark.parametrize("valid", [True, False], ids=["config", "placeholder-config"])
 def test_the_image_runs_as_the_daemonsets_pod_and_status_answers(
-    images: None, tmp_path: Path
+    images: None, tmp_path: Path, valid: bool
 ) -> None:
     """No cluster here: ``docker run`` of knockgate:local as the DaemonSet's pod runs it —
     every capability dropped but the manifest's list, no new privileges, read-only root,
     /run world-writable as an emptyDir is (1777), no Docker socket, config and password
     ``0440`` group 64110 and that group added (fsGroup). Its own network (not the host's:
     the firewall it manages is its own). ``knockgate status`` (the liveness probe's command)
-    answers, the monitor and packet process dropped to their users, and /run is 0755 again."""
+    answers, the monitor and packet process dropped to their users, and /run is 0755 again.
+    With the shipped placeholder knock instead: the liveness probe passes (the pod waits for
+    a fixed config, no restart loop) while no daemon runs and nothing is opened."""
     daemonset = next(
         doc for doc in yaml.safe_load_all(DAEMONSET.read_text()) if doc["kind"] == "DaemonSet"
     )
@@ -646,7 +649,12 @@ def test_the_image_runs_as_the_daemonsets_pod_and_status_answers(
     run_dir.mkdir()
     run_dir.chmod(0o1777)
     config = tmp_path / "knockgate.yaml"
-    config.write_text(POD_CONFIG)
+    text = (
+        POD_CONFIG
+        if valid
+        else POD_CONFIG.replace("41731, 45219/udp, 43310", "REPLACE-with-a-random-knock")
+    )
+    config.write_text(text)
     password = tmp_path / "redis-password"
     password.write_text(secrets.token_hex(24) + "\n")
     for path in (config, password):
@@ -671,11 +679,22 @@ def test_the_image_runs_as_the_daemonsets_pod_and_status_answers(
             proc = docker("logs", name, check=False)
             return proc.stdout + proc.stderr
 
-        def status() -> str | None:
+        def probe() -> bool:
             proc = docker("exec", name, *spec["livenessProbe"]["exec"]["command"], check=False)
+            return proc.returncode == 0
+
+        def status() -> str | None:
+            proc = docker("exec", name, "knockgate", "status", check=False)
             return proc.stdout if proc.returncode == 0 else None
 
+        if not valid:
+            wait_for("the config is refused", lambda: "is not a port" in logs(), 30, 0.5, logs)
+            assert probe(), logs()
+            assert status() is None
+            assert docker("exec", name, "nft", "list", "tables").stdout.strip() == ""
+            return
         text = wait_for("knockgate status answers in the pod", status, 30, 0.5, logs)
+        assert probe()
         assert "packet process: pid" in text and "user knockgate-packet" in text, text
         assert "fleet k8s:" in text, text  # the password file was readable: no read error
         assert "monitor runs as knockgate (uid 64111)" in logs()

@@ -150,7 +150,10 @@ def test_the_namespace_admits_the_pods_under_pod_security_enforcement() -> None:
 
 def test_the_liveness_probe_asks_the_daemon_without_reading_the_config() -> None:
     (container,) = kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
-    assert container["livenessProbe"]["exec"]["command"] == ["knockgate", "status"]
+    command = container["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert command[2].startswith("knockgate status >/dev/null || ")  # no --config
+    assert "--config" not in command[2]
 
 
 def test_the_redis_password_and_ca_come_from_a_secret_the_user_creates() -> None:
