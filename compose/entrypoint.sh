@@ -22,6 +22,11 @@ set -eu
 
 say() { echo "knockgate-entrypoint: $*"; }
 
+# /run holds the sockets and supervisord's config: nobody but root may create anything in it.
+# Compose mounts it 0755; a Kubernetes emptyDir is world-writable (and so may another
+# deployment's tmpfs be): make it 0755 here, before anything is put there.
+chmod 0755 /run 2>/dev/null || say "warning: could not make /run 0755 ($(stat -c %a /run))"
+
 # Only the launcher (supervisord program `launcher`, user knockgate-launcher) reaches Docker:
 # compose mounts the socket in a directory of its own, made 0700 and the launcher's below, so
 # the monitor (user knockgate once it started the packet process) cannot even look into it. An older compose file mounts it at /var/run/docker.sock: that still works,

@@ -33,13 +33,22 @@ READ_SLACK = 3.0  # the reader's socket timeout beyond its XREAD BLOCK
 
 
 def read_password(path: str | None) -> str | None:
+    """The password in ``path`` by the rule the bundled Redis image applies too
+    (compose/redis/entrypoint.sh): one line, a final LF or CRLF not part of it; a second
+    line or spaces around it are refused (Redis would hash a different password)."""
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read().strip() or None
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = handle.read()
     except OSError as error:
         raise FleetUnreachable(f"fleet.password_file {path}: {error.strerror or error}") from None
+    line = text.removesuffix("\n").removesuffix("\r")
+    if "\n" in line or "\r" in line:
+        raise FleetUnreachable(f"fleet.password_file {path}: more than one line")
+    if line != line.strip():
+        raise FleetUnreachable(f"fleet.password_file {path}: spaces around the password")
+    return line or None
 
 
 class RedisStore:

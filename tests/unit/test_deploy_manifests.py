@@ -7,6 +7,8 @@ loader checks that it is readable, and /run/secrets exists only in the container
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,18 @@ from tests.integration.conftest import require
 REPO = Path(__file__).resolve().parents[2]
 DAEMONSET = REPO / "deploy" / "kubernetes" / "knockgate-daemonset.yaml"
 STACK = REPO / "deploy" / "swarm" / "knockgate-stack.yml"
-STACK_CONFIG = REPO / "deploy" / "swarm" / "knockgate.yaml"
+STACK_CONFIG = REPO / "deploy" / "swarm" / "knockgate.example.yaml"
 TRIAL = REPO / "compose" / "fleet-trial.yml"
 TRIAL_FLEET = REPO / "compose" / "fleet-trial.yaml"
 SECRET_PATH = "/run/secrets/knockgate-redis-password"
+PLACEHOLDER = "REPLACE-with-a-random-knock"
+# The README's example sequences: a shipped deployment must never open with them.
+README_KNOCKS = ("7113, 2231/udp, 9157", "9157, 2231/udp, 7113")
+# The DaemonSet's capabilities (all others dropped): what the entrypoint and appliance use.
+POD_CAPABILITIES = (
+    "NET_ADMIN", "NET_RAW", "SETUID", "SETGID", "SETPCAP", "CHOWN", "FOWNER", "DAC_OVERRIDE",
+    "KILL",
+)  # fmt: skip
 # The oldest Kubernetes the manifest is meant for, and the newest the validator knows.
 OLDEST_KUBERNETES = "1.29.0"
 
@@ -47,13 +57,32 @@ def kind(name: str) -> dict[str, Any]:
 
 
 def loads_as_knockgate(text: str, tmp_path: Path, name: str = "knockgate.yaml") -> Any:
-    """``text`` parsed by knockgate's loader, the secret's path replaced by a real file."""
+    """``text`` parsed by knockgate's loader, the secret's path replaced by a real file and
+    each knock placeholder by a sequence (as the user does before deploying)."""
     password = tmp_path / "redis-password"
     password.write_text("kg-" + "0" * 32 + "\n")
     assert SECRET_PATH in text
     path = tmp_path / name
-    path.write_text(text.replace(SECRET_PATH, str(password)))
+    text = text.replace(SECRET_PATH, str(password))
+    for n in range(text.count(PLACEHOLDER)):
+        text = text.replace(PLACEHOLDER, f"{41001 + n}, {42001 + n}/udp, {43001 + n}", 1)
+    path.write_text(text)
     return load_config(str(path)).config
+
+
+def check_refuses(text: str, tmp_path: Path) -> str:
+    """``knockgate check`` on ``text`` as shipped (only the secret's path made real): it must
+    refuse, and says why."""
+    password = tmp_path / "redis-password"
+    password.write_text("kg-" + "0" * 32 + "\n")
+    path = tmp_path / "shipped.yaml"
+    path.write_text(text.replace(SECRET_PATH, str(password)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "check", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------------- Kubernetes
@@ -67,7 +96,8 @@ def test_the_kubernetes_manifest_validates_strictly_against_the_schema(version: 
     for doc in manifests():
         validator.validate(doc, wanted, strict=True)  # raises ValidationError
         kinds.append(doc["kind"])
-    assert kinds == ["Namespace", "Secret", "ConfigMap", "DaemonSet"]
+    # No Secret: `kubectl apply` of this file again must never reset the Redis password.
+    assert kinds == ["Namespace", "ConfigMap", "DaemonSet"]
 
 
 def test_strict_validation_rejects_a_misspelled_field() -> None:
@@ -80,16 +110,27 @@ def test_strict_validation_rejects_a_misspelled_field() -> None:
         validator.validate(daemonset, validator.latest_version(), strict=True)
 
 
-def test_the_daemonset_runs_on_the_host_network_with_only_net_admin_and_net_raw() -> None:
+def test_the_daemonset_runs_on_the_host_network_with_every_capability_dropped_but_its_list() -> (
+    None
+):
+    """The list is the one the pod-like ``docker run`` in tests/testbed/test_swarm_stack.py
+    starts the appliance with (and without any one of them it does not come up)."""
     daemonset = kind("DaemonSet")
     assert daemonset["metadata"]["namespace"] == "knockgate"
     assert daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 0
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["securityContext"] == {
+        "fsGroup": 64110,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     (container,) = pod["containers"]
     context = container["securityContext"]
-    assert context["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"]}
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert sorted(context["capabilities"]["add"]) == sorted(POD_CAPABILITIES)
+    assert context["runAsUser"] == 0
+    assert context["allowPrivilegeEscalation"] is False
     assert context["readOnlyRootFilesystem"] is True
     assert "privileged" not in context
     # No Docker socket by default (services are off on Kubernetes), state in a hostPath.
@@ -98,20 +139,39 @@ def test_the_daemonset_runs_on_the_host_network_with_only_net_admin_and_net_raw(
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts["/var/lib/knockgate"] == "state"
     assert not any("docker" in path for path in mounts)
+    # Not measured: no limit the appliance could be OOM-killed at under a flood.
+    assert "limits" not in container["resources"]
 
 
-def test_the_redis_password_comes_from_the_secret_at_the_configs_password_file() -> None:
-    secret = kind("Secret")
-    assert secret["metadata"]["namespace"] == "knockgate"
+def test_the_namespace_admits_the_pods_under_pod_security_enforcement() -> None:
+    labels = kind("Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+def test_the_liveness_probe_asks_the_daemon_without_reading_the_config() -> None:
+    (container,) = kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    command = container["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert command[2].startswith("knockgate status >/dev/null || ")  # no --config
+    assert "--config" not in command[2]
+
+
+def test_the_redis_password_and_ca_come_from_a_secret_the_user_creates() -> None:
+    """Every key of the Secret is a file in /run/secrets (no ``items:`` that would leave the
+    CA out): the key names are the files the config names."""
     pod = kind("DaemonSet")["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if "secret" in v)
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-    (item,) = volume["secret"]["items"]
-    assert item["key"] in secret["stringData"]
+    assert volume["secret"] == {"secretName": "knockgate-redis", "defaultMode": 0o440}
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
-    assert f"{mount['mountPath']}/{item['path']}" == SECRET_PATH
-    config = yaml.safe_load(kind("ConfigMap")["data"]["knockgate.yaml"])
+    assert mount["mountPath"] == "/run/secrets"
+    text = kind("ConfigMap")["data"]["knockgate.yaml"]
+    config = yaml.safe_load(text)
     assert config["fleet"]["password_file"] == SECRET_PATH
+    assert "tls: {ca: /run/secrets/knockgate-redis-ca.pem}" in text
+    header = DAEMONSET.read_text()
+    assert "--from-file=knockgate-redis-password=" in header
+    assert "--from-file=knockgate-redis-ca.pem=" in header
+    assert "rollout restart ds/knockgate" in header
 
 
 def test_the_configmaps_knockgate_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
@@ -138,7 +198,10 @@ def test_the_swarm_stack_is_global_on_the_host_network_with_capabilities() -> No
     assert {c["target"] for c in knockgate["configs"]} == {"/etc/knockgate/knockgate.yaml"}
     redis = stack["services"]["redis"]
     assert redis["networks"] == ["hostnet"]
-    assert redis["environment"]["KNOCKGATE_REDIS_BIND"] == "${KNOCKGATE_REDIS_BIND:-127.0.0.1}"
+    # Plain TCP: loopback only, not a variable (the image refuses anything else too).
+    assert redis["environment"]["KNOCKGATE_REDIS_BIND"] == "127.0.0.1"
+    # Its data stays on one labelled node, not on whichever manager the task lands on.
+    assert redis["deploy"]["placement"]["constraints"] == ["node.labels.knockgate-redis == true"]
 
 
 def test_the_swarm_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
@@ -151,6 +214,61 @@ def test_the_swarm_config_parses_with_knockgates_loader(tmp_path: Path) -> None:
         f"${{KNOCKGATE_FLEET:-{fleet.name}}}"
     )
     assert fleet.redis == "redis://knockgate@127.0.0.1:6379/0"
+
+
+# ---------------------------------------------------------------------------- shipped knocks
+
+
+@pytest.mark.parametrize("where", ["swarm", "kubernetes"])
+def test_a_shipped_config_has_no_knock_and_knockgate_check_says_so(
+    where: str, tmp_path: Path
+) -> None:
+    """Deployed unedited, the README's example knock would open every node to whoever read
+    the README: the shipped configs hold a placeholder that ``knockgate check`` refuses (the
+    appliance then waits for a valid config and opens nothing)."""
+    if where == "swarm":
+        text = STACK_CONFIG.read_text()
+    else:
+        text = kind("ConfigMap")["data"]["knockgate.yaml"]
+    for knock in README_KNOCKS:
+        assert knock not in text
+    doors = yaml.safe_load(text)["doors"]
+    assert all(door["knock"]["sequence"] == [PLACEHOLDER] for door in doors.values())
+    said = check_refuses(text, tmp_path)
+    assert f"doors.ssh.knock.sequence: '{PLACEHOLDER}' is not a port" in said, said
+
+
+def test_no_deployment_file_ships_the_readmes_example_knock() -> None:
+    shipped = [*(REPO / "deploy").rglob("*.y*ml"), *(REPO / "compose").rglob("*.y*ml")]
+    assert STACK_CONFIG in shipped and DAEMONSET in shipped
+    for path in shipped:
+        text = path.read_text()
+        for knock in README_KNOCKS:
+            assert knock not in text, path
+
+
+def test_the_swarm_config_users_fill_in_is_ignored_by_git() -> None:
+    """The stack reads ./knockgate.yaml (the user's copy, with the knock): never tracked."""
+    stack = yaml.safe_load(STACK.read_text())
+    assert (
+        stack["configs"]["knockgate-config"]["file"] == "${KNOCKGATE_CONFIG_FILE:-./knockgate.yaml}"
+    )
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "deploy/swarm/knockgate.yaml"], cwd=REPO, check=False
+    )
+    assert ignored.returncode == 0
+
+
+def test_the_readmes_fleet_recipes_leave_no_knock_or_password_in_the_working_directory() -> None:
+    """The live config (the knock) goes through a mktemp file removed at once, never a
+    world-readable ./knockgate.yaml; password files are made by you only (umask, install)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Running a fleet") : readme.index("## Coming from knockd")]
+    assert "> knockgate.yaml" not in section
+    assert "config=$(mktemp)" in section and 'rm -f "$config"' in section
+    for line in section.splitlines():
+        if "openssl rand" in line and ">" in line:
+            assert "umask 077" in line or "install -m 0640" in section, line
 
 
 # ---------------------------------------------------------------------------- Compose trial
