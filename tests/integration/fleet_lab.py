@@ -113,6 +113,8 @@ class FleetLab:
     def close(self) -> None:
         for server, daemon in list(self.daemons.items()):
             with contextlib.suppress(Exception):
+                self.cut(server, False)
+            with contextlib.suppress(Exception):
                 daemon.stop()
             with contextlib.suppress(Exception):
                 self.topo.run(server, ["nft", "delete", "table", "inet", "knockgate"], check=False)
@@ -200,6 +202,33 @@ class FleetLab:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{server}: fleet {self.fleet(server)}")
                 time.sleep(0.05)
+
+    def cut(self, server: str, cut: bool = True) -> None:
+        """Cut ``server`` off from Redis (its own nft table ``kgcut`` drops the traffic
+        both ways; the other hosts still reach Redis), or undo that."""
+        if not cut:
+            self.topo.run(server, ["nft", "delete", "table", "inet", "kgcut"], check=False)
+            return
+        redis = self.redis_address
+        rules = (
+            "table inet kgcut {\n"
+            "  chain out { type filter hook output priority -5; "
+            f"ip daddr {redis} tcp dport {REDIS_PORT} drop; }}\n"
+            "  chain inbound { type filter hook input priority -5; "
+            f"ip saddr {redis} tcp sport {REDIS_PORT} drop; }}\n"
+            "}\n"
+        )
+        self.topo.run(server, ["nft", "-f", "-"], input=rules)
+
+    def redis_raw(self, code: str) -> None:
+        """Run ``code`` with ``r``, a redis-py client (replies as bytes) of the ACL user,
+        in Redis's namespace: a writer of the fleet's keys."""
+        setup = (
+            "import redis\n"
+            f"r = redis.Redis(host={self.redis_address!r}, port={REDIS_PORT}, "
+            f"username='knockgate', password={PASSWORD!r})\n"
+        )
+        self.topo.run("other", [PYTHON, "-c", setup + code])
 
     # ----------------------------------------------------------------- addresses, knocks
 
