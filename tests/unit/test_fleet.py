@@ -851,7 +851,7 @@ def test_sentinel_with_rediss_uses_tls_for_the_master_and_the_sentinels(tmp_path
         )
         pool = client.connection_pool
         assert pool.connection_class is redis.sentinel.SentinelManagedSSLConnection
-        sentinels = pool.proxy.sentinel_manager.sentinels
+        sentinels = getattr(pool, "proxy", pool).sentinel_manager.sentinels  # redis-py 5 | 4
         assert sentinels[0].connection_pool.connection_class is redis.connection.SSLConnection
         if tls is not None:
             assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
