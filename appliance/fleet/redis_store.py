@@ -10,8 +10,8 @@ Key layout (``NAME``: the fleet; the braces make one Cluster hash slot)::
     kg:{NAME}:totp:DOOR:STEP     a TOTP step used
     kg:{NAME}:onetime:DOOR:LINE  a one-time sequence used
 
-Commands used (for an ACL user): PING, XADD, XREAD, XRANGE, XREVRANGE, XLEN, HSET,
-HDEL, HGETALL, ZADD, ZREM, ZRANGEBYSCORE, SET, MULTI, EXEC (Cluster: CLUSTER SLOTS too).
+Commands used (for an ACL user): PING, XADD, XREAD, XREVRANGE, HSET, HDEL, HGETALL,
+ZADD, ZREM, ZRANGEBYSCORE, SET, MULTI, EXEC (Cluster: CLUSTER SLOTS and COMMAND too).
 """
 
 from __future__ import annotations
@@ -103,23 +103,16 @@ class RedisStore:
         return _ident(found[0][0]) if found else "0-0"
 
     def trimmed(self, after: str) -> bool:
-        """MAXLEN ~ trims only a stream longer than :data:`STREAM_MAX` and leaves at
-        least that many: a shorter one never lost an entry (a Redis restarted empty
-        is not a trim: the position reads on among the new entries)."""
-
-        def run() -> tuple[int, Any]:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.xlen(self.keys.stream)
-            pipe.xrange(self.keys.stream, count=1)
-            length, first = pipe.execute()
-            return int(length), first
-
-        length, first = self._do("XLEN", run)
-        return (
-            length >= STREAM_MAX
-            and bool(first)
-            and stream_id(_ident(first[0][0])) > stream_id(after)
+        """Whether the entry at ``after`` is gone: MAXLEN trims the oldest first, so
+        while it is there nothing newer is missing (gone too when Redis came back
+        empty). ``0-0`` (the stream was empty) counts as not trimmed."""
+        if after == "0-0":
+            return False
+        found = self._do(
+            "XREVRANGE",
+            lambda: self.client.xrevrange(self.keys.stream, max=after, min=after, count=1),
         )
+        return not found
 
     def live(self, now: float) -> list[FleetMessage | None]:
         self._cleanup(now)

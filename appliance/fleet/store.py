@@ -36,8 +36,8 @@ class FleetStore(Protocol):
         ...
 
     def trimmed(self, after: str) -> bool:
-        """Whether entries newer than ``after`` may have been trimmed away (then reading
-        on from ``after`` could miss some)."""
+        """Whether the entry at ``after`` is gone (then reading on from it could miss
+        newer ones; ``0-0``: the stream was empty, not trimmed)."""
         ...
 
     def live(self, now: float) -> list[FleetMessage | None]:
@@ -78,7 +78,6 @@ class MemoryStore:
         self._grants: dict[bytes, bytes] = {}
         self._claims: dict[str, tuple[str, float]] = {}
         self._seq = 0
-        self._dropped = "0-0"  # the newest entry trimmed away
         self.now = 0.0  # the claims' clock (tests set it)
         self.calls: dict[str, int] = {}
 
@@ -100,8 +99,8 @@ class MemoryStore:
 
     def trimmed(self, after: str) -> bool:
         with self._lock:
-            self._check("XLEN")
-            return stream_id(self._dropped) > stream_id(after)
+            self._check("XREVRANGE")
+            return after != "0-0" and all(ident != after for ident, _ in self._stream)
 
     def live(self, now: float) -> list[FleetMessage | None]:
         with self._lock:
@@ -134,10 +133,7 @@ class MemoryStore:
             self._trim(keep)
 
     def _trim(self, keep: int) -> None:
-        drop = max(0, len(self._stream) - keep)
-        if drop:
-            self._dropped = self._stream[drop - 1][0]
-            del self._stream[:drop]
+        del self._stream[: max(0, len(self._stream) - keep)]
 
     def _add(self, fields: dict[bytes, bytes]) -> None:
         self._seq += 1

@@ -36,7 +36,7 @@ SSH, SPA_OPENS, TOTP_OPENS = 22, 2222, 2223
 SPA_PORT = 62201
 TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 ACL = (
-    "resetchannels -@all +ping +xadd +xread +xrange +xrevrange +xlen +hset +hdel +hgetall +zadd +zrem "
+    "resetchannels -@all +ping +xadd +xread +xrevrange +hset +hdel +hgetall +zadd +zrem "
     "+zrangebyscore +set +multi +exec +info +memory"
 )
 
