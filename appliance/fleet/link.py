@@ -11,12 +11,16 @@ stream. They hand what they learn back to the loop as items (:class:`FleetApply`
 Every publish goes through one ordered backlog (at most :data:`BACKLOG_MAX`): while the
 store is unreachable it waits there (grants only while their deadline has not passed),
 and a new message never overtakes it. The reader keeps its position in the stream
-across reconnects: on a reconnect it publishes the backlog first, then reads on from
-where it was, so a close made elsewhere meanwhile reaches this host, and so does one
-made here (a host applies its own closes from the stream, never its own grants). Only
-when that position was trimmed away does it read the live grants in full
+across reconnects: on a reconnect it reads on from where it was (a close made
+elsewhere meanwhile reaches this host), then publishes the backlog (a close made here
+meanwhile reaches every host, and this one applies it from the stream too: a host
+carries out its own closes, never its own grants), dropping its grants for a door and
+address closed elsewhere meanwhile (that close closed them here too: a late grant does
+not reopen; no clocks compared). Only when
+that position was trimmed away does it read the live grants in full
 (:class:`FleetReconcile`: grants no longer live are closed here). The first connect
-after a start reads the live grants (catch-up, this host's own included).
+after a start publishes the backlog, then reads the live grants (catch-up, this host's
+own included).
 
 The store counts as reachable after a connect that wrote (the backlog) and read (the
 stream); reconnects back off from :data:`MIN_BACKOFF` to :data:`MAX_BACKOFF` with
@@ -43,7 +47,7 @@ from appliance.fleet.messages import (
     FleetMessage,
     FleetReconcile,
 )
-from appliance.fleet.store import FleetStore, FleetUnreachable
+from appliance.fleet.store import READ_COUNT, FleetStore, FleetUnreachable
 
 log = logging.getLogger("knockgate.fleet")
 
@@ -87,6 +91,7 @@ class FleetLink:
         self.published = 0
         self.malformed = 0
         self.reconciled = 0
+        self.stale = 0  # backlog grants dropped: closed elsewhere during the outage
         self.last_error = ""
 
     @property
@@ -218,17 +223,33 @@ class FleetLink:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _connect(self) -> None:
-        """Ping; publish the backlog; on the first connect read the live grants
-        (catch-up) and follow the stream from its end, later read on from the last
-        position (in full again only when it was trimmed away); then tell the loop."""
+        """Ping. On the first connect: publish the backlog, read the live grants
+        (catch-up) and follow the stream from its end. Later: read on from the last
+        position (what was closed meanwhile), then publish the backlog; when that
+        position was trimmed away, publish the backlog and reconcile on the live
+        grants. Then tell the loop."""
         self.store.ping()
-        self._flush()
         if self._after is None:
             after = self.store.last_id()
+            self._flush()
             self._catch_up()
             self._after = after
         elif self.store.trimmed(self._after):
+            self._flush()
             self._reconcile()
+        else:
+            closed: set[str] = set()
+            while True:
+                entries = self._follow(self.store.read(self._after, None))
+                closed.update(
+                    m.field
+                    for _, m in entries
+                    if m is not None and m.kind == "revoke" and m.origin != self.host
+                )
+                if len(entries) < READ_COUNT:
+                    break
+            self._drop_grants(closed)
+            self._flush()
         self._follow(self.store.read(self._after, None))
         self._up()
         self._outbox.put(("flush",))  # what was queued while connecting
@@ -250,13 +271,29 @@ class FleetLink:
         self.reconciled += 1
         self._after = after
 
-    def _follow(self, entries: list[tuple[str, FleetMessage | None]]) -> None:
+    def _follow(
+        self, entries: list[tuple[str, FleetMessage | None]]
+    ) -> list[tuple[str, FleetMessage | None]]:
         for ident, message in entries:
             self._after = ident
             if message is None:
                 self.malformed += 1
-            elif message.origin != self.host or message.kind == "revoke":
+                continue
+            if message.origin != self.host or message.kind == "revoke":
                 self._hand(FleetApply(message))  # never this host's own grants
+        return entries
+
+    def _drop_grants(self, closed: set[str]) -> None:
+        """Backlog grants for a door and address closed elsewhere during the outage
+        are not published: that close reached this host too (it closed the grant
+        here), so the fleet agrees on closed, whatever the hosts' clocks say."""
+        if not closed:
+            return
+        with self._publishing:
+            kept = [m for m in self._backlog if m.kind != "grant" or m.field not in closed]
+            self.stale += len(self._backlog) - len(kept)
+            self._backlog.clear()
+            self._backlog.extend(kept)
 
     def _hand(self, item: FleetApply) -> None:
         """To the loop, at most :data:`IN_FLIGHT` not yet carried out."""

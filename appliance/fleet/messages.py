@@ -41,7 +41,7 @@ class FleetMessage:
     origin: str
     id: str
     ports: tuple[Step, ...] = ()
-    made_at: float = 0.0  # unix time it was made at its origin (0: not known)
+    made_at: float = 0.0  # unix time at its origin (0: not known); shown, never compared
 
     @property
     def field(self) -> str:

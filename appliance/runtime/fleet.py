@@ -18,8 +18,8 @@ here runs on the loop's thread; the link (:mod:`appliance.fleet.link`) does the 
 
 What a fleet message may do here is checked on the loop: the address (no address of
 this host's own), the door (this host's, shared), the deadline (capped; past: counted
-as expired), its age (a grant made before a close seen here for the same door and
-address is refused: a backlog published late does not reopen).
+as expired). (A grant that waited in the backlog and was made before a close made
+elsewhere meanwhile is dropped by the link before it is published.)
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ MIN_REMAINING = 0.5  # seconds: a fleet grant with less left is not applied
 CLAIM_GRACE = 1.0  # seconds beyond claim_timeout before a claim counts as unreachable
 CAP_SLACK = 2.0  # seconds a fleet grant may last beyond this host's door's longest grant
 PEERS_MAX = 64  # peers remembered (the least recently seen go first)
-CLOSED_MAX = 4096  # closes remembered (door, address -> made at) to refuse older grants
 CLAIM_OUTCOMES = ("claimed", "taken", "unreachable", "local")
 
 
@@ -86,7 +85,6 @@ class FleetHooks:
         self.skipped = 0  # fleet messages for doors this host does not share
         self.capped = 0  # grants that asked for longer than this host's door allows
         self.expired = 0  # grants past their deadline on arrival (or a clock ahead)
-        self.stale = 0  # grants made before a close seen here for the same door, address
         self.refused = 0  # grants for an address of this host's own
         self.reconciled_closes = 0  # grants closed because they were not live any more
         self.claims = dict.fromkeys(CLAIM_OUTCOMES, 0)
@@ -94,7 +92,6 @@ class FleetHooks:
         # with a heap by deadline to forget the past ones
         self._applied: dict[tuple[str, str], tuple[float, float]] = {}  # (as sent, here)
         self._deadlines: list[tuple[float, tuple[str, str]]] = []
-        self._closed: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
 
     @property
     def fleet(self) -> FleetSettings:
@@ -130,7 +127,7 @@ class FleetHooks:
     def revoked(self, revoke: Revoke) -> None:
         if self.fleet.shares(revoke.door):
             now = self.daemon.wall()
-            self._forget(revoke.door, revoke.address, now)
+            self._forget(revoke.door, revoke.address)
             self.link.publish(messages.revoke(revoke.door, revoke.address, self.settings.host, now))
 
     # ----------------------------------------------------------------- deferred vets
@@ -253,10 +250,6 @@ class FleetHooks:
         if message.address in (daemon.addresses or ()):
             self.refused += 1
             return
-        closed = self._closed.get(key)
-        if closed is not None and 0 < message.made_at < closed:
-            self.stale += 1  # made before a close this host has seen
-            return
         remaining = message.deadline - daemon.wall()
         if self._applied.get(key, (0.0,))[0] == message.deadline:
             return  # this very grant is in place already (catch-up and stream)
@@ -315,7 +308,7 @@ class FleetHooks:
         key = (message.door, message.address)
         if message.origin == self.settings.host and key not in self._applied:
             return  # a close made here, carried out here already
-        self._forget(message.door, message.address, message.made_at)
+        self._forget(message.door, message.address)
         self.revocations_applied += 1
         revoke = Revoke(
             daemon.clock(), message.door, message.address, f"fleet from {message.origin}"
@@ -331,7 +324,7 @@ class FleetHooks:
         now = self.daemon.wall()
         for (door, address), (_, expires) in list(self._applied.items()):
             if expires > now and f"{door}|{address}" not in live:
-                self._forget(door, address, 0.0)
+                self._forget(door, address)
                 self.reconciled_closes += 1
                 revoke = Revoke(self.daemon.clock(), door, address, "no longer live")
                 self.daemon.revoke(revoke, origin="redis (no longer live)")
@@ -347,15 +340,9 @@ class FleetHooks:
         self._applied[(door, address)] = (deadline, expires)
         heapq.heappush(self._deadlines, (expires, (door, address)))
 
-    def _forget(self, door: str, address: str, made_at: float) -> None:
-        """Closed: not in place any more; grants made before ``made_at`` are refused."""
-        key = (door, address)
-        self._applied.pop(key, None)
-        if made_at > 0:
-            self._closed[key] = max(made_at, self._closed.get(key, 0.0))
-            self._closed.move_to_end(key)
-            while len(self._closed) > CLOSED_MAX:
-                self._closed.popitem(last=False)
+    def _forget(self, door: str, address: str) -> None:
+        """Closed: not in place here any more."""
+        self._applied.pop((door, address), None)
 
     # ----------------------------------------------------------------- status, metrics
 
@@ -388,7 +375,7 @@ class FleetHooks:
                 "malformed": self.link.malformed,
                 "capped": self.capped,
                 "expired": self.expired,
-                "stale": self.stale,
+                "stale": self.link.stale,
                 "own_address": self.refused,
             },
             "reconciled": self.link.reconciled,

@@ -754,7 +754,7 @@ def test_a_store_that_answers_ping_but_refuses_xread_is_one_warning_not_a_storm(
 def test_a_grant_queued_during_an_outage_does_not_reopen_after_a_later_close(
     fleet: Fleet,
 ) -> None:
-    _, wall_a = fleet.start("a")
+    a, wall_a = fleet.start("a")
     _, wall_b = fleet.start("b")
     fleet.knock("a", A, *OPEN)
     assert fleet.pump(lambda: wall_b.is_open(A, SSH))
@@ -766,6 +766,8 @@ def test_a_grant_queued_during_an_outage_does_not_reopen_after_a_later_close(
     assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # the later close reaches A
     fleet.pump(lambda: False, timeout=0.2)
     assert not wall_b.is_open(A, SSH)  # and the older grant does not reopen B
+    assert a.snapshot()["fleet"]["refused"]["stale"] == 1
+    assert a.fleet is not None and a.fleet.link.backlog == 0
 
 
 def test_claims_do_not_wait_behind_the_backlog(fleet: Fleet) -> None:
@@ -889,3 +891,23 @@ def test_a_password_file_readable_by_others_is_warned_about(tmp_path: Path) -> N
     assert any("readable by group or others" in w for w in warnings)
     secret.chmod(0o600)
     assert not any("readable by group" in w for w in load_config(str(path)).warnings)
+
+
+def test_a_grant_made_during_an_outage_after_a_close_elsewhere_leaves_the_fleet_agreeing(
+    fleet: Fleet,
+) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.knock("b", A, *CLOSE)
+    fleet.clock.now += 1
+    fleet.knock("a", A, *CLOSE)
+    fleet.knock("a", A, *OPEN)  # made after B's close; the clocks cannot tell
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # B's close closes it here
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.backlog == 0)
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_b.is_open(A, SSH)  # and it is not published: closed everywhere
+    assert a.snapshot()["fleet"]["refused"]["stale"] == 1
