@@ -911,3 +911,48 @@ def test_a_grant_made_during_an_outage_after_a_close_elsewhere_leaves_the_fleet_
     fleet.pump(lambda: False, timeout=0.2)
     assert not wall_b.is_open(A, SSH)  # and it is not published: closed everywhere
     assert a.snapshot()["fleet"]["refused"]["stale"] == 1
+
+
+def test_the_reader_hands_the_loop_a_bounded_number_of_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(link_module, "IN_FLIGHT", 5)
+    store = MemoryStore("prod")
+    items: list[FleetItem] = []
+    link = link_module.FleetLink("a", store, items.append, wall=lambda: 1000.0, block=0.02)
+    link.start()
+    try:
+        for number in range(50):
+            store.publish(grant("ssh", A, 2000.0, f"h{number}", (SSH,)), 1000.0)
+        time.sleep(0.3)
+        assert sum(isinstance(item, FleetApply) for item in items) == 5
+        for _ in range(5):
+            link.applied()
+        time.sleep(0.3)
+        assert sum(isinstance(item, FleetApply) for item in items) == 10
+    finally:
+        link.stop()
+
+
+def test_a_daemon_with_cluster_true_starts_with_redis_down(tmp_path: Path) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path}/status.sock\nstate_dir: {tmp_path}/state\n"
+        "fleet: {name: prod, host: a, redis: 'redis://knockgate@127.0.0.1:1/0', cluster: true,"
+        " claim_timeout: 0.2}\n" + DOORS
+    )
+    clock = Clock()
+    daemon = Daemon(
+        load_config(str(path)), MemoryBackend(clock), clock=clock, wall=clock, capture=False
+    )
+    daemon.start()
+    try:
+        assert daemon.fleet is not None
+        deadline = time.monotonic() + 5
+        while daemon.fleet.last_error == "" and time.monotonic() < deadline:
+            daemon._drain_queue()
+            time.sleep(0.02)
+        assert not daemon.fleet.reachable
+        assert "PING" in daemon.fleet.last_error
+    finally:
+        daemon.shutdown()
