@@ -121,12 +121,13 @@ class FleetLab:
         self.stop_redis()
         self.topo.__exit__(None, None, None)
 
-    def start_redis(self) -> None:
+    def start_redis(self, acl: str = ACL) -> None:
+        """Start Redis (empty) with the ACL user allowed ``acl``."""
         conf = self.workdir / "redis.conf"
         conf.write_text(
             f'port {REDIS_PORT}\nbind {self.redis_address}\nsave ""\nappendonly no\n'
             f"dir {self.workdir}\nuser default off\n"
-            f"user knockgate on >{PASSWORD} ~kg:{{{FLEET}}}:* {ACL}\n"
+            f"user knockgate on >{PASSWORD} ~kg:{{{FLEET}}}:* {acl}\n"
         )
         log = (self.workdir / "redis.log").open("a")
         self.redis = self.topo.popen("other", ["redis-server", str(conf)], stdout=log, stderr=log)

@@ -19,7 +19,7 @@ import pytest
 from appliance.config import load_config
 from appliance.core.totp import time_step, totp_sequence
 from tests.integration.conftest import require, require_root_tools
-from tests.integration.fleet_lab import FLEET, SERVERS, SPA_OPENS, SSH, TOTP_OPENS, FleetLab
+from tests.integration.fleet_lab import ACL, FLEET, SERVERS, SPA_OPENS, SSH, TOTP_OPENS, FleetLab
 from tests.integration.netns import cleanup_stale
 
 pytestmark = pytest.mark.integration
@@ -180,3 +180,25 @@ def test_a_non_utf8_entry_is_skipped_counted_and_the_fleet_goes_on(lab: FleetLab
     assert lab.fleet("server3")["refused"]["malformed"] == 1  # type: ignore[index]
     for server in SERVERS:
         assert "Traceback" not in lab.daemons[server].log()
+
+
+def test_a_redis_that_answers_ping_but_refuses_xread_is_one_warning_per_host(
+    lab: FleetLab,
+) -> None:
+    """Review finding 7: a partial failure (an ACL without XREAD) is one warning, not a
+    reconnect storm; the hosts come back once Redis does."""
+    lab.stop_redis()
+    lab.start_redis(acl=ACL.replace(" +xread", ""))
+    lab.wait_reachable(reachable=False)
+    time.sleep(6)  # a storm would log a line or two every 0.2 to 2 s
+    for server in SERVERS:
+        log = lab.daemons[server].log()
+        assert log.count(f"fleet {FLEET}: shared state unreachable") == 1, log
+        assert log.count(f"fleet {FLEET}: shared state reachable") == 1, log  # at the start
+        assert "NOPERM" in str(lab.fleet(server)["last_error"]) or "xread" in log.lower()
+    lab.stop_redis()
+    lab.start_redis()
+    lab.wait_reachable(timeout=20)
+    lab.knock("client", "server1", *OPEN)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SSH) == "open", lab.daemons[server].log()
