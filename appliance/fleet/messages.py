@@ -41,7 +41,9 @@ class FleetMessage:
     origin: str
     id: str
     ports: tuple[Step, ...] = ()
-    made_at: float = 0.0  # unix time at its origin (0: not known); shown, never compared
+    # unix time at its origin (0: not known): in the stream for diagnosis; never compared
+    # across hosts (their clocks differ), so it decides nothing
+    made_at: float = 0.0
 
     @property
     def field(self) -> str:
