@@ -72,7 +72,7 @@ def parse_fleet(top: _Map) -> FleetSettings | None:
             spec.key("cluster"),
             "a fleet uses Sentinel or Cluster (expected one of them, not both)",
         )
-    password_file = spec.get("password_file", _readable_file)
+    password_file = _password_file(spec)
     tls = _tls(spec)
     if tls is not None and redis is not None and not redis.startswith("rediss://"):
         problems.error(
@@ -151,20 +151,53 @@ def _group_name(value: Any) -> str:
 
 
 def _redis_url(value: Any) -> str:
+    """A Redis URL without a password; no message ever shows a password given."""
     text = _string(value)
+    seen = shown(redacted(text))
     try:
         url = urllib.parse.urlsplit(text)
+    except ValueError as error:
+        raise Invalid(f"{seen} is not a Redis URL ({error})") from None
+    if url.password is not None or "password=" in url.query.lower():
+        raise Invalid("the URL holds a password (expected it in fleet.password_file, never inline)")
+    try:
         url.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as error:
-        raise Invalid(f"{shown(text)} is not a Redis URL ({error})") from None
+        raise Invalid(f"{seen} is not a Redis URL ({error})") from None
     if url.scheme not in _SCHEMES or not (url.hostname or url.path):
         raise Invalid(
-            f"{shown(text)} is not a Redis URL (expected redis://USER@HOST:PORT/DB, "
+            f"{seen} is not a Redis URL (expected redis://USER@HOST:PORT/DB, "
             "rediss://... or unix:///PATH)"
         )
-    if url.password is not None or "password=" in url.query:
-        raise Invalid("the URL holds a password (expected it in fleet.password_file, never inline)")
     return text
+
+
+_USERINFO = re.compile(r"^([^:/?#]*://)([^@/?#]*)@")
+_QUERY_PASSWORD = re.compile(r"(password=)[^&#]*", re.IGNORECASE)
+
+
+def redacted(url: str) -> str:
+    """``url`` with any password in it replaced by ``***`` (user names stay)."""
+    found = _USERINFO.match(url)
+    if found is not None and ":" in found[2]:
+        user = found[2].split(":", 1)[0]
+        url = f"{found[1]}{user}:***@{url[found.end() :]}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def _password_file(spec: _Map) -> str | None:
+    path: str | None = spec.get("password_file", _readable_file)
+    # Group-readable is how the shipped deployments hand it over (0640 / 0440 with the
+    # appliance's group): only a file every user can read is warned about.
+    if path is not None and os.stat(path).st_mode & 0o004:
+        spec.problems.warn(
+            spec.line_of("password_file"),
+            spec.key("password_file"),
+            f"{shown(path, text=True)} is readable by every user "
+            "(expected mode 0600, or 0640 with knockgate's group: it holds the fleet's "
+            "Redis password)",
+        )
+    return path
 
 
 def _readable_file(value: Any) -> str:

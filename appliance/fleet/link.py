@@ -1,16 +1,31 @@
-"""The link between the daemon's loop and the fleet's store: two threads.
+"""The link between the daemon's loop and the fleet's store: three threads.
 
 The loop calls :meth:`FleetLink.publish` and :meth:`FleetLink.claim`, which only put
-the request on the link's outbox; it never waits on the store. The writer thread
-carries the outbox out in order; the reader thread (re)connects, catches up on the
-live grants and follows the stream. Both hand what they learn back to the loop as
-items (:class:`FleetApply`, :class:`FleetClaimed`, :class:`FleetHealth`) through the
+the request on a queue; it never waits on the store. The writer thread publishes in
+order; the claimer thread answers claims (a queue of its own: a claim never waits
+behind a backlog of publishes); the reader thread (re)connects and follows the
+stream. They hand what they learn back to the loop as items (:class:`FleetApply`,
+:class:`FleetReconcile`, :class:`FleetClaimed`, :class:`FleetHealth`) through the
 ``enqueue`` given; the link shares no state with the loop.
 
-While the store is unreachable, publishes wait in a bounded backlog (published when
-it comes back, grants only while their deadline has not passed: the fleet converges)
-and claims are answered ``unreachable`` at once (the loop applies ``on_outage``). The
-reader tries again with a doubling backoff; one :class:`FleetHealth` per change.
+Every publish goes through one ordered backlog (at most :data:`BACKLOG_MAX`): while the
+store is unreachable it waits there (grants only while their deadline has not passed),
+and a new message never overtakes it. The reader keeps its position in the stream
+across reconnects: on a reconnect it reads on from where it was (a close made
+elsewhere meanwhile reaches this host), then publishes the backlog (a close made here
+meanwhile reaches every host, and this one applies it from the stream too: a host
+carries out its own closes, never its own grants), dropping its grants for a door and
+address closed elsewhere meanwhile (that close closed them here too: a late grant does
+not reopen; no clocks compared). Only when
+that position was trimmed away does it read the live grants in full
+(:class:`FleetReconcile`: grants no longer live are closed here). The first connect
+after a start publishes the backlog, then reads the live grants (catch-up, this host's
+own included).
+
+The store counts as reachable after a connect that wrote (the backlog) and read (the
+stream); reconnects back off from :data:`MIN_BACKOFF` to :data:`MAX_BACKOFF` with
+jitter, and the backoff starts again only after such a connect: a store that answers
+PING but refuses XREAD or XADD (an ACL, a full server) is one warning, not a storm.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -29,8 +45,9 @@ from appliance.fleet.messages import (
     FleetHealth,
     FleetItem,
     FleetMessage,
+    FleetReconcile,
 )
-from appliance.fleet.store import FleetStore, FleetUnreachable
+from appliance.fleet.store import READ_COUNT, FleetStore, FleetUnreachable
 
 log = logging.getLogger("knockgate.fleet")
 
@@ -38,13 +55,10 @@ BLOCK = 2.0  # seconds the reader waits in one XREAD
 MIN_BACKOFF = 0.2  # seconds before the first reconnect
 MAX_BACKOFF = 5.0
 BACKLOG_MAX = 10_000  # messages kept while the store is unreachable (the oldest go first)
+IN_FLIGHT = 1_000  # applies handed to the loop and not yet carried out (the reader waits)
 
-_Op = (
-    tuple[Literal["publish"], FleetMessage]
-    | tuple[Literal["claim"], int, tuple[tuple[str, float], ...]]
-    | tuple[Literal["flush"]]
-    | None
-)
+_Op = tuple[Literal["publish"], FleetMessage] | tuple[Literal["flush"]] | None
+_Claim = tuple[int, tuple[tuple[str, float], ...]] | None
 
 
 class FleetLink:
@@ -63,15 +77,21 @@ class FleetLink:
         self.wall = wall
         self.block = BLOCK if block is None else block
         self._outbox: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._claims: queue.SimpleQueue[_Claim] = queue.SimpleQueue()
         self._backlog: collections.deque[FleetMessage] = collections.deque(maxlen=BACKLOG_MAX)
+        self._publishing = threading.Lock()  # one publisher at a time: the backlog's order
+        self._in_flight = threading.Semaphore(IN_FLIGHT)
         self._reachable = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._reported: bool | None = None  # the reachability last told to the loop
+        self._after: str | None = None  # the stream position (None: not connected yet)
         self._threads: list[threading.Thread] = []
         # Read by the loop for status (plain ints and a string: no lock needed).
         self.published = 0
         self.malformed = 0
+        self.reconciled = 0
+        self.stale = 0  # backlog grants dropped: closed elsewhere during the outage
         self.last_error = ""
 
     @property
@@ -81,7 +101,11 @@ class FleetLink:
     # ----------------------------------------------------------------- the loop's calls
 
     def start(self) -> None:
-        for name, target in (("writer", self._write), ("reader", self._read)):
+        for name, target in (
+            ("writer", self._write),
+            ("claimer", self._claim_loop),
+            ("reader", self._read),
+        ):
             thread = threading.Thread(target=target, name=f"knockgate-fleet-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -90,15 +114,24 @@ class FleetLink:
         self._outbox.put(("publish", message))
 
     def claim(self, ticket: int, claims: tuple[tuple[str, float], ...]) -> None:
-        self._outbox.put(("claim", ticket, claims))
+        self._claims.put((ticket, claims))
+
+    def applied(self) -> None:
+        """The loop carried out one :class:`FleetApply` (the reader may hand another)."""
+        self._in_flight.release()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop both threads (what is still in the outbox is dropped: the grants it
-        held close at their own deadline here, and the rest of the fleet never had them)."""
+        """Stop the threads, waiting ``timeout`` seconds in all (what is still queued is
+        dropped: the grants it held close at their own deadline here, and the rest of
+        the fleet never had them). A thread stuck on an unreachable store is left to
+        die with the process (daemon threads)."""
         self._stopping.set()
         self._outbox.put(None)
+        self._claims.put(None)
+        self._in_flight.release()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
 
     # ----------------------------------------------------------------- writer thread
@@ -116,81 +149,158 @@ class FleetLink:
     def _carry_out(self, op: _Op) -> None:
         match op:
             case ("publish", message):
-                if not self._reachable.is_set():
-                    self._backlog.append(message)
-                    return
-                try:
-                    self.store.publish(message, self.wall())
-                    self.published += 1
-                except FleetUnreachable as error:
-                    self._backlog.append(message)
-                    self._down(str(error))
-            case ("claim", ticket, claims):
-                if not self._reachable.is_set():
-                    self.enqueue(FleetClaimed(ticket, "unreachable", self.last_error))
-                    return
-                try:
-                    taken = all(self.store.claim(key, self.host, ttl) for key, ttl in claims)
-                except FleetUnreachable as error:
-                    self._down(str(error))
-                    self.enqueue(FleetClaimed(ticket, "unreachable", str(error)))
-                    return
-                self.enqueue(FleetClaimed(ticket, "claimed" if taken else "taken"))
+                with self._publishing:
+                    self._backlog.append(message)  # behind what waits: the order holds
             case ("flush",):
-                self._flush()
+                pass
             case _:
                 raise TypeError(f"unknown fleet op {op!r}")
+        if not self._reachable.is_set():
+            return
+        try:
+            self._flush()
+        except FleetUnreachable as error:
+            self._down(str(error))
 
     def _flush(self) -> None:
-        """What waited during an outage, in order; grants whose deadline passed are dropped."""
-        while self._backlog and self._reachable.is_set():
-            message = self._backlog[0]
-            if message.kind == "grant" and message.deadline <= self.wall():
-                self._backlog.popleft()
-                continue
-            try:
+        """What waits, in order; grants whose deadline passed are dropped."""
+        with self._publishing:
+            while self._backlog:
+                message = self._backlog[0]
+                if message.kind == "grant" and message.deadline <= self.wall():
+                    self._backlog.popleft()
+                    continue
                 self.store.publish(message, self.wall())
-            except FleetUnreachable as error:
-                self._down(str(error))
+                self._backlog.popleft()
+                self.published += 1
+
+    # ----------------------------------------------------------------- claimer thread
+
+    def _claim_loop(self) -> None:
+        while True:
+            request = self._claims.get()
+            if request is None or self._stopping.is_set():
                 return
-            self._backlog.popleft()
-            self.published += 1
+            ticket, claims = request
+            try:
+                self.enqueue(self._answer(ticket, claims))
+            except Exception as error:  # a bug: logged, the claim counts as unreachable
+                log.exception("fleet: internal error in the claimer (a bug; going on)")
+                self.enqueue(FleetClaimed(ticket, "unreachable", f"internal error: {error}"))
+
+    def _answer(self, ticket: int, claims: tuple[tuple[str, float], ...]) -> FleetClaimed:
+        """A failed claim is that claim's outcome; the reader alone decides whether the
+        store is reachable (one slow claim does not flip the fleet's health)."""
+        if not self._reachable.is_set():
+            return FleetClaimed(ticket, "unreachable", self.last_error)
+        try:
+            taken = all(self.store.claim(key, self.host, ttl) for key, ttl in claims)
+        except FleetUnreachable as error:
+            return FleetClaimed(ticket, "unreachable", str(error))
+        return FleetClaimed(ticket, "claimed" if taken else "taken")
 
     # ----------------------------------------------------------------- reader thread
 
     def _read(self) -> None:
         backoff = MIN_BACKOFF
-        after = "0-0"
         while not self._stopping.is_set():
             try:
                 if not self._reachable.is_set():
-                    after = self._connect()
-                    backoff = MIN_BACKOFF
+                    self._connect()
+                    backoff = MIN_BACKOFF  # it wrote and read: the store works
                     continue
-                for ident, message in self.store.read(after, self.block):
-                    after = ident
-                    if message is None:
-                        self.malformed += 1
-                    elif message.origin != self.host:
-                        self.enqueue(FleetApply(message))
-            except FleetUnreachable as error:
-                self._down(str(error))
-                self._stopping.wait(backoff)
+                assert self._after is not None
+                self._follow(self.store.read(self._after, self.block))
+            except Exception as error:
+                if isinstance(error, FleetUnreachable):
+                    why = str(error)
+                else:  # a bug, or a reply of another shape: the store counts as down
+                    if self._reported is not False:
+                        log.exception("fleet: internal error in the reader (going on)")
+                    why = f"internal error: {type(error).__name__}: {error}"
+                self._down(why)
+                self._stopping.wait(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, MAX_BACKOFF)
-            except Exception:  # a bug: logged, tried again after a pause
-                log.exception("fleet: internal error in the reader (a bug; going on)")
-                self._stopping.wait(MAX_BACKOFF)
 
-    def _connect(self) -> str:
-        """Ping, note the stream's end, read the live grants (catch-up), then tell the
-        loop and let the writer publish its backlog. Returns where to follow from."""
+    def _connect(self) -> None:
+        """Ping. On the first connect: publish the backlog, read the live grants
+        (catch-up) and follow the stream from its end. Later: read on from the last
+        position (what was closed meanwhile), then publish the backlog; when that
+        position was trimmed away, publish the backlog and reconcile on the live
+        grants. Then tell the loop."""
         self.store.ping()
-        after = self.store.last_id()
-        for message in self.store.live(self.wall()):
-            self.enqueue(FleetApply(message, catchup=True))
+        if self._after is None:
+            after = self.store.last_id()
+            self._flush()
+            self._catch_up()
+            self._after = after
+        elif self.store.trimmed(self._after):
+            self._flush()
+            self._reconcile()
+        else:
+            closed: set[str] = set()
+            while True:
+                entries = self._follow(self.store.read(self._after, None))
+                closed.update(
+                    m.field
+                    for _, m in entries
+                    if m is not None and m.kind == "revoke" and m.origin != self.host
+                )
+                if len(entries) < READ_COUNT:
+                    break
+            self._drop_grants(closed)
+            self._flush()
+        self._follow(self.store.read(self._after, None))
         self._up()
-        self._outbox.put(("flush",))
-        return after
+        self._outbox.put(("flush",))  # what was queued while connecting
+
+    def _catch_up(self) -> None:
+        for message in self.store.live(self.wall()):
+            if message is None:
+                self.malformed += 1
+            else:
+                self._hand(FleetApply(message, catchup=True))
+
+    def _reconcile(self) -> None:
+        """The stream moved on past this host's position: the live grants in full."""
+        after = self.store.last_id()  # before the hash: nothing falls in between
+        found = self.store.live(self.wall())
+        self.malformed += sum(message is None for message in found)
+        live = tuple(m for m in found if m is not None and m.origin != self.host)
+        self.enqueue(FleetReconcile(live, tuple(m.field for m in found if m is not None)))
+        self.reconciled += 1
+        self._after = after
+
+    def _follow(
+        self, entries: list[tuple[str, FleetMessage | None]]
+    ) -> list[tuple[str, FleetMessage | None]]:
+        for ident, message in entries:
+            self._after = ident
+            if message is None:
+                self.malformed += 1
+                continue
+            if message.origin != self.host or message.kind == "revoke":
+                self._hand(FleetApply(message))  # never this host's own grants
+        return entries
+
+    def _drop_grants(self, closed: set[str]) -> None:
+        """Backlog grants for a door and address closed elsewhere during the outage
+        are not published: that close reached this host too (it closed the grant
+        here), so the fleet agrees on closed, whatever the hosts' clocks say."""
+        if not closed:
+            return
+        with self._publishing:
+            kept = [m for m in self._backlog if m.kind != "grant" or m.field not in closed]
+            self.stale += len(self._backlog) - len(kept)
+            self._backlog.clear()
+            self._backlog.extend(kept)
+
+    def _hand(self, item: FleetApply) -> None:
+        """To the loop, at most :data:`IN_FLIGHT` not yet carried out."""
+        while not self._in_flight.acquire(timeout=0.5):
+            if self._stopping.is_set():
+                return
+        self.enqueue(item)
 
     def _up(self) -> None:
         with self._lock:

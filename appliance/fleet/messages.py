@@ -16,13 +16,15 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from appliance.config.schema import FleetSettings
-from appliance.core.events import Record, SpaDigestSeen, TotpStepUsed
+from appliance.core.events import MarkSequenceUsed, Record, SpaDigestSeen, TotpStepUsed
 from appliance.core.model import Step
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _PORT = re.compile(r"([0-9]{1,5})/(tcp|udp)")
+_ID = re.compile(r"[0-9A-Za-z_-]{0,64}")
 ONE_TIME_CLAIM = 366 * 86_400.0  # a one-time line stays used (a claim needs a lifetime)
 MIN_CLAIM = 1.0  # seconds: a claim never lives shorter than this
+CLOCK_SKEW = 30.0  # seconds the hosts' clocks may differ: added to every claim's lifetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,9 @@ class FleetMessage:
     origin: str
     id: str
     ports: tuple[Step, ...] = ()
+    # unix time at its origin (0: not known): in the stream for diagnosis; never compared
+    # across hosts (their clocks differ), so it decides nothing
+    made_at: float = 0.0
 
     @property
     def field(self) -> str:
@@ -54,6 +59,7 @@ class FleetMessage:
             "origin": self.origin,
             "id": self.id,
             "ports": _ports_text(self.ports),
+            "made_at": f"{self.made_at:.3f}",
         }
 
 
@@ -79,13 +85,45 @@ def new_id() -> str:
 
 
 def grant(
-    door: str, address: str, deadline: float, origin: str, ports: tuple[Step, ...]
+    door: str,
+    address: str,
+    deadline: float,
+    origin: str,
+    ports: tuple[Step, ...],
+    made_at: float = 0.0,
 ) -> FleetMessage:
-    return FleetMessage("grant", door, address, deadline, origin, new_id(), ports)
+    return FleetMessage("grant", door, address, deadline, origin, new_id(), ports, made_at)
 
 
-def revoke(door: str, address: str, origin: str) -> FleetMessage:
-    return FleetMessage("revoke", door, address, 0.0, origin, new_id())
+def revoke(door: str, address: str, origin: str, made_at: float = 0.0) -> FleetMessage:
+    return FleetMessage("revoke", door, address, 0.0, origin, new_id(), (), made_at)
+
+
+def grantable(text: str) -> str | None:
+    """``text`` when it is an address a fleet grant may open for: canonical text (as
+    the capture writes it: no scope id, no second spelling), and not unspecified,
+    loopback, multicast, reserved or IPv4-mapped. ``None`` otherwise."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if "%" in text or str(address) != text:
+        return None
+    if address.is_unspecified or address.is_loopback or address.is_multicast:
+        return None
+    if address.is_reserved or (address.version == 6 and address.ipv4_mapped is not None):
+        return None
+    return text
+
+
+def _number(text: str | None, default: float) -> float | None:
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def decode(fields: Mapping[str, str]) -> FleetMessage | None:
@@ -96,33 +134,54 @@ def decode(fields: Mapping[str, str]) -> FleetMessage | None:
         return None
     if not _NAME.fullmatch(origin):
         return None
-    try:
-        address = str(ipaddress.ip_address(fields.get("address", "")))
-        deadline = float(fields.get("deadline", "0"))
-    except ValueError:
+    address = grantable(fields.get("address", ""))
+    deadline = _number(fields.get("deadline"), 0.0)
+    made_at = _number(fields.get("made_at"), 0.0)
+    if address is None or deadline is None or made_at is None or made_at < 0:
         return None
-    if not math.isfinite(deadline) or (kind == "grant" and deadline <= 0):
+    if kind == "grant" and deadline <= 0:
         return None
     ports = _parse_ports(fields.get("ports", "-"))
     if ports is None or (kind == "grant" and not ports):
         return None
-    ident = fields.get("id", "")[:64]
+    ident = fields.get("id", "")
+    if not _ID.fullmatch(ident):
+        return None
     return FleetMessage(
-        "grant" if kind == "grant" else "revoke", door, address, deadline, origin, ident, ports
+        "grant" if kind == "grant" else "revoke",
+        door,
+        address,
+        deadline,
+        origin,
+        ident,
+        ports,
+        made_at,
     )
+
+
+def decode_bytes(fields: Mapping[bytes, bytes]) -> FleetMessage | None:
+    """:func:`decode` on the raw fields read from Redis (``None``: not UTF-8)."""
+    try:
+        text = {k.decode("utf-8"): v.decode("utf-8") for k, v in fields.items()}
+    except (UnicodeDecodeError, AttributeError):
+        return None
+    return decode(text)
 
 
 def encode_live(message: FleetMessage) -> str:
     """A live grant's value in the hash (its field holds door and address)."""
-    return f"{message.deadline:.3f} {message.origin} {message.id} {_ports_text(message.ports)}"
+    return (
+        f"{message.deadline:.3f} {message.origin} {message.id} {_ports_text(message.ports)} "
+        f"{message.made_at:.3f}"
+    )
 
 
 def decode_live(field: str, value: str) -> FleetMessage | None:
     door, _, address = field.partition("|")
     parts = value.split(" ")
-    if len(parts) != 4:
+    if len(parts) not in (4, 5):  # 4: written before made_at was carried
         return None
-    deadline, origin, ident, ports = parts
+    deadline, origin, ident, ports = parts[:4]
     return decode(
         {
             "kind": "grant",
@@ -132,8 +191,17 @@ def decode_live(field: str, value: str) -> FleetMessage | None:
             "origin": origin,
             "id": ident,
             "ports": ports,
+            "made_at": parts[4] if len(parts) == 5 else "0",
         }
     )
+
+
+def decode_live_bytes(field: bytes, value: bytes) -> FleetMessage | None:
+    """:func:`decode_live` on the raw field and value (``None``: not UTF-8)."""
+    try:
+        return decode_live(field.decode("utf-8"), value.decode("utf-8"))
+    except (UnicodeDecodeError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +230,9 @@ class Keys:
     def claims(self, records: tuple[Record, ...], now: float) -> tuple[tuple[str, float], ...]:
         """The shared claims a vet's records make: (key, seconds to keep it), at unix
         time ``now``. The same identity as the local caches: an SPA packet by its
-        digest, a TOTP step by door and step, a one-time line by door and line."""
+        digest, a TOTP step by door and step, a one-time line by door and line. Each
+        lives :data:`CLOCK_SKEW` longer than the local record: a host whose clock is
+        behind still accepts the packet or step that long after this one stops."""
         claims: list[tuple[str, float]] = []
         for record in records:
             if isinstance(record, SpaDigestSeen):
@@ -171,6 +241,8 @@ class Keys:
                 key, ttl = f"totp:{record.door}:{record.step}", record.until - now
             else:
                 key, ttl = f"onetime:{record.door}:{record.line}", ONE_TIME_CLAIM
+            if not isinstance(record, MarkSequenceUsed):
+                ttl += CLOCK_SKEW
             claims.append((self.prefix + key, max(MIN_CLAIM, ttl)))
         return tuple(claims)
 
@@ -185,6 +257,17 @@ class FleetApply:
 
     message: FleetMessage
     catchup: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FleetReconcile:
+    """The reader's position in the stream was trimmed away during an outage: the
+    live grants of other hosts (``grants``) and the fields of every live grant
+    (``live``); a fleet grant or a grant made here that is not live any more was
+    closed meanwhile."""
+
+    grants: tuple[FleetMessage, ...]
+    live: tuple[str, ...]
 
 
 ClaimOutcome = Literal["claimed", "taken", "unreachable"]
@@ -207,7 +290,7 @@ class FleetHealth:
     error: str = ""
 
 
-FleetItem = FleetApply | FleetClaimed | FleetHealth
+FleetItem = FleetApply | FleetReconcile | FleetClaimed | FleetHealth
 
 
 def same_fleet(old: FleetSettings | None, new: FleetSettings | None) -> bool:

@@ -11,21 +11,30 @@ Key layout (``NAME``: the fleet; the braces make one Cluster hash slot)::
     kg:{NAME}:onetime:DOOR:LINE  a one-time sequence used
 
 Commands used (for an ACL user): PING, XADD, XREAD, XREVRANGE, HSET, HDEL, HGETALL,
-ZADD, ZREM, ZRANGEBYSCORE, SET, MULTI, EXEC.
+ZADD, ZREM, ZRANGEBYSCORE, SET, MULTI, EXEC (Cluster: CLUSTER SLOTS and COMMAND too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
 import redis.cluster
+import redis.exceptions
 import redis.sentinel
 
 from appliance.config.schema import FleetSettings
-from appliance.fleet.messages import FleetMessage, Keys, decode, decode_live, encode_live
-from appliance.fleet.store import STREAM_MAX, FleetUnreachable
+from appliance.fleet.messages import (
+    FleetMessage,
+    Keys,
+    decode_bytes,
+    decode_live_bytes,
+    encode_live,
+)
+from appliance.fleet.store import READ_COUNT, STREAM_MAX, FleetUnreachable, stream_id
 
 CLEANUP_BATCH = 200  # expired live grants removed per publish
 CLEANUP_GRACE = 60.0  # seconds past its deadline before a live grant is removed
@@ -53,35 +62,72 @@ def read_password(path: str | None) -> str | None:
 
 class RedisStore:
     """:class:`~appliance.fleet.store.FleetStore` on redis-py: one client for commands
-    (short timeouts: a claim must answer fast) and one for the blocking stream read."""
+    (short timeouts: a claim must answer fast) and one for the blocking stream read.
+
+    The clients are made on first use, on the link's threads (a Cluster client
+    connects in its constructor: an unreachable Cluster never stops the daemon's
+    start). Replies are bytes, decoded field by field: an entry that is not UTF-8
+    is one malformed entry, never an error of the link."""
 
     def __init__(self, settings: FleetSettings, block: float) -> None:
+        self.settings = settings
         self.keys = Keys(settings.name)
         self.cluster = settings.cluster
-        password = read_password(settings.password_file)
-        self.client = _client(settings, password, settings.claim_timeout)
-        self.reader = _client(settings, password, block + READ_SLACK)
+        self.block = block
+        self._made: dict[str, Any] = {}
+        self._lock = threading.Lock()
 
-    def _do(self, what: str, call: Any) -> Any:
+    def _client(self, which: str) -> Any:
+        with self._lock:
+            client = self._made.get(which)
+            if client is None:
+                password = read_password(self.settings.password_file)
+                reading = which == "reader"
+                timeout = self.block + READ_SLACK if reading else self.settings.claim_timeout
+                client = make_client(self.settings, password, timeout)
+                self._made[which] = client
+            return client
+
+    @property
+    def client(self) -> Any:
+        return self._client("client")
+
+    @property
+    def reader(self) -> Any:
+        return self._client("reader")
+
+    def _do(self, what: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
-        except redis.RedisError as error:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as error:
             raise FleetUnreachable(f"{what}: {type(error).__name__}: {error}") from None
         except OSError as error:
             raise FleetUnreachable(f"{what}: {error}") from None
 
     def ping(self) -> None:
-        self._do("PING", self.client.ping)
+        self._do("PING", lambda: self.client.ping())
 
     def last_id(self) -> str:
         found = self._do("XREVRANGE", lambda: self.client.xrevrange(self.keys.stream, count=1))
-        return str(found[0][0]) if found else "0-0"
+        return _ident(found[0][0]) if found else "0-0"
 
-    def live(self, now: float) -> list[FleetMessage]:
+    def trimmed(self, after: str) -> bool:
+        """Whether the entry at ``after`` is gone: MAXLEN trims the oldest first, so
+        while it is there nothing newer is missing (gone too when Redis came back
+        empty). ``0-0`` (the stream was empty) counts as not trimmed."""
+        if after == "0-0":
+            return False
+        found = self._do(
+            "XREVRANGE",
+            lambda: self.client.xrevrange(self.keys.stream, max=after, min=after, count=1),
+        )
+        return not found
+
+    def live(self, now: float) -> list[FleetMessage | None]:
         self._cleanup(now)
         entries = self._do("HGETALL", lambda: self.client.hgetall(self.keys.grants))
-        found = (decode_live(str(field), str(value)) for field, value in entries.items())
-        return [m for m in found if m is not None and m.deadline > now]
+        found = (decode_live_bytes(field, value) for field, value in entries.items())
+        return [m for m in found if m is None or m.deadline > now]
 
     def publish(self, message: FleetMessage, now: float) -> None:
         keys = self.keys
@@ -119,17 +165,16 @@ class RedisStore:
 
             self._do("cleanup", run)
 
-    def read(self, after: str, block: float) -> list[tuple[str, FleetMessage | None]]:
+    def read(self, after: str, block: float | None) -> list[tuple[str, FleetMessage | None]]:
+        wait = None if block is None else max(1, int(block * 1000))
         found = self._do(
             "XREAD",
-            lambda: self.reader.xread(
-                {self.keys.stream: after}, count=500, block=max(1, int(block * 1000))
-            ),
+            lambda: self.reader.xread({self.keys.stream: after}, count=READ_COUNT, block=wait),
         )
         out: list[tuple[str, FleetMessage | None]] = []
         for _stream, entries in found or ():
             for ident, fields in entries:
-                out.append((str(ident), decode({str(k): str(v) for k, v in fields.items()})))
+                out.append((_ident(ident), decode_bytes(fields)))
         return out
 
     def claim(self, key: str, owner: str, ttl: float) -> bool:
@@ -140,18 +185,30 @@ class RedisStore:
         return bool(taken)
 
     def close(self) -> None:
-        for client in (self.client, self.reader):
+        with self._lock:
+            made, self._made = list(self._made.values()), {}
+        for client in made:
             with contextlib.suppress(Exception):  # closing a broken connection: best effort
                 client.close()
 
 
-def _client(settings: FleetSettings, password: str | None, timeout: float) -> Any:
-    """A redis-py client for ``settings`` (strings decoded) with ``timeout`` seconds."""
+def _ident(value: bytes | str) -> str:
+    """A stream id as text (ids are ASCII: ``MS-SEQ``)."""
+    text = value.decode("ascii") if isinstance(value, bytes) else value
+    stream_id(text)  # a ValueError for anything else (a bug of the server)
+    return text
+
+
+def make_client(settings: FleetSettings, password: str | None, timeout: float) -> Any:
+    """A redis-py client for ``settings`` (replies as bytes) with ``timeout`` seconds.
+
+    TLS: a ``rediss://`` URL (with or without ``tls:``) for the data connections, and
+    for Sentinel also the connections to the sentinels."""
+    tls = settings.redis.startswith("rediss://")
     options: dict[str, Any] = {
         "password": password,
         "socket_timeout": timeout,
         "socket_connect_timeout": settings.claim_timeout,
-        "decode_responses": True,
     }
     if settings.tls is not None:
         options.update(
@@ -162,18 +219,27 @@ def _client(settings: FleetSettings, password: str | None, timeout: float) -> An
     if settings.sentinel is not None:
         url = redis.connection.parse_url(settings.redis)  # type: ignore[no-untyped-call]
         username = url.get("username")
+        sentinel_options = {
+            "password": password,
+            "username": username,
+            "socket_timeout": settings.claim_timeout,
+            "socket_connect_timeout": settings.claim_timeout,
+        }
+        if tls:
+            sentinel_options.update(ssl=True, **_ssl_only(options))
         sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(settings.sentinel.hosts),
-            sentinel_kwargs={
-                "password": password,
-                "username": username,
-                "socket_timeout": settings.claim_timeout,
-            },
+            sentinel_kwargs=sentinel_options,
             username=username,
             db=url.get("db", 0),
+            ssl=tls,
             **options,
         )
         return sentinel.master_for(settings.sentinel.master)  # type: ignore[no-untyped-call]
     if settings.cluster:
         return redis.cluster.RedisCluster.from_url(settings.redis, **options)
     return redis.Redis.from_url(settings.redis, **options)
+
+
+def _ssl_only(options: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in options.items() if key.startswith("ssl_")}

@@ -114,7 +114,13 @@ from appliance.core.lifecycle import (
 from appliance.core.model import Door, Step
 from appliance.errors import FirewallError, KnockgateError
 from appliance.firewall import FirewallBackend, FirewallPlan, PortRange
-from appliance.fleet.messages import FleetApply, FleetClaimed, FleetHealth, same_fleet
+from appliance.fleet.messages import (
+    FleetApply,
+    FleetClaimed,
+    FleetHealth,
+    FleetReconcile,
+    same_fleet,
+)
 from appliance.runtime.actions import CommandRunner, run_command
 from appliance.runtime.events_log import HELD_OFF, OPENED, UNRECORDED, EventLog, GrantBook
 from appliance.runtime.items import Signal, StatusRequest
@@ -157,6 +163,7 @@ Item = (
     | Changed
     | Removed
     | FleetApply
+    | FleetReconcile
     | FleetClaimed
     | FleetHealth
 )
@@ -652,7 +659,7 @@ class Daemon:
                     raise TypeError(f"a discovery event without services: {item!r}")
                 self.services.discovered(item)
                 self._sync_labelled()
-            case FleetApply() | FleetClaimed() | FleetHealth():
+            case FleetApply() | FleetReconcile() | FleetClaimed() | FleetHealth():
                 if self.fleet is None:
                     raise TypeError(f"a fleet item without a fleet: {item!r}")
                 self.fleet.item(item)
@@ -1181,6 +1188,8 @@ class Daemon:
     def _fleet_reloaded(self) -> None:
         """The doors' fleet keys apply at once; the group's own settings at the next start."""
         running = self.fleet.settings if self.fleet is not None else None
+        if self.fleet is not None:
+            self.fleet.reloaded()
         if not same_fleet(running, self.config.settings.fleet):
             log.warning("fleet: the new fleet settings take effect at the next start")
 

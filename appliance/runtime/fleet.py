@@ -11,16 +11,27 @@ here runs on the loop's thread; the link (:mod:`appliance.fleet.link`) does the 
   ``unreachable`` follows ``on_outage``; an answer that does not come within
   ``claim_timeout`` (plus a second) counts as unreachable.
 * :meth:`FleetHooks.item`: the link's items: apply a grant (same deadline: remaining =
-  deadline - now) or a revocation, note the store's health.
+  deadline - now, never more than this host's door allows plus :data:`CAP_SLACK`) or a
+  revocation, reconcile after the stream was trimmed, note the store's health.
+* :meth:`FleetHooks.reloaded`: a vet still waiting for its claims when its door
+  changed in a reload is refused (it would act on the old door).
+
+What a fleet message may do here is checked on the loop: the address (no address of
+this host's own), the door (this host's, shared), the deadline (capped; past: counted
+as expired). (A grant that waited in the backlog and was made before a close made
+elsewhere meanwhile is dropped by the link before it is published.)
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
 import logging
 from typing import TYPE_CHECKING, Any, assert_never
 
 from appliance.config.schema import FleetSettings
 from appliance.core.events import Grant, Revoke, Vet
+from appliance.core.model import Door
 from appliance.errors import FirewallError
 from appliance.fleet import messages
 from appliance.fleet.link import FleetLink
@@ -30,6 +41,7 @@ from appliance.fleet.messages import (
     FleetHealth,
     FleetItem,
     FleetMessage,
+    FleetReconcile,
     Keys,
 )
 from appliance.fleet.store import FleetStore
@@ -42,7 +54,8 @@ log = logging.getLogger("knockgate.fleet")
 
 MIN_REMAINING = 0.5  # seconds: a fleet grant with less left is not applied
 CLAIM_GRACE = 1.0  # seconds beyond claim_timeout before a claim counts as unreachable
-APPLIED_PRUNE = 4096  # applied deadlines remembered before the past ones are dropped
+CAP_SLACK = 2.0  # seconds a fleet grant may last beyond this host's door's longest grant
+PEERS_MAX = 64  # peers remembered (the least recently seen go first)
 CLAIM_OUTCOMES = ("claimed", "taken", "unreachable", "local")
 
 
@@ -63,13 +76,22 @@ class FleetHooks:
         self.reachable = False
         self.last_error = ""
         self.changed_at = daemon.wall()  # when reachability last changed (unix time)
-        self.pending: dict[int, tuple[Vet, float]] = {}  # ticket -> (vet, asked at)
-        self.peers: dict[str, float] = {}  # origin host -> last message (unix time)
+        # ticket -> (vet, asked at, its door then)
+        self.pending: dict[int, tuple[Vet, float, Door | None]] = {}
+        # origin host -> last message (unix time), the most recent last
+        self.peers: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.applied = 0
         self.revocations_applied = 0
         self.skipped = 0  # fleet messages for doors this host does not share
+        self.capped = 0  # grants that asked for longer than this host's door allows
+        self.expired = 0  # grants past their deadline on arrival (or a clock ahead)
+        self.refused = 0  # grants for an address of this host's own
+        self.reconciled_closes = 0  # grants closed because they were not live any more
         self.claims = dict.fromkeys(CLAIM_OUTCOMES, 0)
-        self._applied: dict[tuple[str, str], float] = {}  # (door, address) -> deadline
+        # (door, address) -> deadline of a grant in place here (applied or made here),
+        # with a heap by deadline to forget the past ones
+        self._applied: dict[tuple[str, str], tuple[float, float]] = {}  # (as sent, here)
+        self._deadlines: list[tuple[float, tuple[str, str]]] = []
 
     @property
     def fleet(self) -> FleetSettings:
@@ -93,14 +115,20 @@ class FleetHooks:
     def granted(self, grant: Grant, seconds: float) -> None:
         """A grant made here by a knock: published with its deadline as unix time."""
         if self.fleet.shares(grant.door):
-            deadline = self.daemon.wall() + seconds
+            now = self.daemon.wall()
+            deadline = now + seconds
+            self._remember(grant.door, grant.address, deadline, deadline)
             self.link.publish(
-                messages.grant(grant.door, grant.address, deadline, self.settings.host, grant.ports)
+                messages.grant(
+                    grant.door, grant.address, deadline, self.settings.host, grant.ports, now
+                )
             )
 
     def revoked(self, revoke: Revoke) -> None:
         if self.fleet.shares(revoke.door):
-            self.link.publish(messages.revoke(revoke.door, revoke.address, self.settings.host))
+            now = self.daemon.wall()
+            self._forget(revoke.door, revoke.address)
+            self.link.publish(messages.revoke(revoke.door, revoke.address, self.settings.host, now))
 
     # ----------------------------------------------------------------- deferred vets
 
@@ -111,9 +139,23 @@ class FleetHooks:
         claims = self.keys.claims(vet.records, self.daemon.wall())
         if not claims:
             return False
-        self.pending[vet.ticket] = (vet, self.daemon.clock())
+        self.pending[vet.ticket] = (vet, self.daemon.clock(), self.daemon.config.door(vet.door))
         self.link.claim(vet.ticket, claims)
         return True
+
+    def reloaded(self) -> None:
+        """A vet waiting for its claims whose door changed (or went) in a reload is
+        refused: the answer would grant what the old door said."""
+        for ticket, (vet, _, door) in list(self.pending.items()):
+            if self.daemon.config.door(vet.door) != door:
+                del self.pending[ticket]
+                self.daemon.events.refusal(
+                    "refused",
+                    door=vet.door,
+                    address=vet.address,
+                    detail="its door changed in a reload while its fleet claim was pending",
+                )
+                self.daemon.finish_vet(vet, "its door changed in a reload")
 
     def _claimed(self, answer: FleetClaimed) -> None:
         waiting = self.pending.pop(answer.ticket, None)
@@ -148,7 +190,7 @@ class FleetHooks:
         if not self.pending:
             return
         late = self.daemon.clock() - self.settings.claim_timeout - CLAIM_GRACE
-        for ticket, (vet, asked) in list(self.pending.items()):
+        for ticket, (vet, asked, _) in list(self.pending.items()):
             if asked <= late:
                 del self.pending[ticket]
                 self._finish(vet, "unreachable", "no answer in time")
@@ -158,11 +200,14 @@ class FleetHooks:
     def item(self, item: FleetItem) -> None:
         match item:
             case FleetApply(message=message, catchup=catchup):
-                self.peers[message.origin] = self.daemon.wall()
+                self.link.applied()
+                self._seen(message.origin)
                 if message.kind == "grant":
                     self._apply_grant(message, catchup)
                 else:
                     self._apply_revoke(message)
+            case FleetReconcile(grants=grants, live=live):
+                self._reconcile(grants, frozenset(live))
             case FleetClaimed():
                 self._claimed(item)
             case FleetHealth(reachable=reachable, error=error):
@@ -187,24 +232,39 @@ class FleetHooks:
         )
         self.daemon.events.event("fleet", detail=f"shared state unreachable: {error}")
 
+    def _seen(self, origin: str) -> None:
+        if origin == self.settings.host:
+            return
+        self.peers[origin] = self.daemon.wall()
+        self.peers.move_to_end(origin)
+        while len(self.peers) > PEERS_MAX:
+            self.peers.popitem(last=False)
+
     def _apply_grant(self, message: FleetMessage, catchup: bool) -> None:
         daemon = self.daemon
         door = daemon.config.door(message.door)
         if door is None or door.open is None or not self.fleet.shares(door.name):
             self.skipped += 1
             return
-        remaining = message.deadline - daemon.wall()
         key = (message.door, message.address)
-        if remaining < MIN_REMAINING or self._applied.get(key) == message.deadline:
-            return  # past, or this very grant is in place already (catch-up and stream)
-        if len(self._applied) >= APPLIED_PRUNE:
-            self._forget_past()
-        self._applied[key] = message.deadline
-        now = daemon.clock()
+        if message.address in (daemon.addresses or ()):
+            self.refused += 1
+            return
+        remaining = message.deadline - daemon.wall()
+        if self._applied.get(key, (0.0,))[0] == message.deadline:
+            return  # this very grant is in place already (catch-up and stream)
+        if remaining < MIN_REMAINING:
+            self.expired += 1
+            return
+        longest = door.spa.max_time if door.spa is not None else door.open.duration
+        if remaining > longest + CAP_SLACK:
+            self.capped += 1
+            remaining = longest + CAP_SLACK
         ports = tuple(port for port in door.open.ports if port in message.ports)
         if not ports:  # none of what was granted is this host's door's
             self.skipped += 1
             return
+        now = daemon.clock()
         detail = f"fleet from {message.origin}"
         if door.service is not None:
             service = daemon.config.service(door.service)
@@ -221,6 +281,7 @@ class FleetHooks:
                 daemon.stats.grant_failures += 1
                 log.error("%s: %s: fleet grant failed: %s", message.address, door.name, error)
                 return
+        self._remember(message.door, message.address, message.deadline, daemon.wall() + remaining)
         self.applied += 1
         daemon.grant_book.add(door.name, message.address, now + remaining)
         daemon.events.event(
@@ -244,17 +305,44 @@ class FleetHooks:
         if not self.fleet.shares(message.door) or daemon.config.door(message.door) is None:
             self.skipped += 1
             return
-        self._applied.pop((message.door, message.address), None)
+        key = (message.door, message.address)
+        if message.origin == self.settings.host and key not in self._applied:
+            return  # a close made here, carried out here already
+        self._forget(message.door, message.address)
         self.revocations_applied += 1
         revoke = Revoke(
             daemon.clock(), message.door, message.address, f"fleet from {message.origin}"
         )
         daemon.revoke(revoke, origin=message.origin)
 
-    def _forget_past(self) -> None:
-        """Forget applied deadlines that are past (bounded by the grants in force)."""
+    def _reconcile(self, grants: tuple[FleetMessage, ...], live: frozenset[str]) -> None:
+        """After the stream moved past this host's position: the live grants are
+        applied, and grants in place here that are not live any more are closed."""
+        for message in grants:
+            self._seen(message.origin)
+            self._apply_grant(message, catchup=True)
         now = self.daemon.wall()
-        self._applied = {k: d for k, d in self._applied.items() if d > now}
+        for (door, address), (_, expires) in list(self._applied.items()):
+            if expires > now and f"{door}|{address}" not in live:
+                self._forget(door, address)
+                self.reconciled_closes += 1
+                revoke = Revoke(self.daemon.clock(), door, address, "no longer live")
+                self.daemon.revoke(revoke, origin="redis (no longer live)")
+
+    def _remember(self, door: str, address: str, deadline: float, expires: float) -> None:
+        """A grant (``deadline`` as sent) in place here until ``expires``; the past
+        ones are forgotten (a heap by expiry: O(log n) a grant)."""
+        now = self.daemon.wall()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            past, key = heapq.heappop(self._deadlines)
+            if self._applied.get(key, (0.0, 0.0))[1] == past:
+                del self._applied[key]
+        self._applied[(door, address)] = (deadline, expires)
+        heapq.heappush(self._deadlines, (expires, (door, address)))
+
+    def _forget(self, door: str, address: str) -> None:
+        """Closed: not in place here any more."""
+        self._applied.pop((door, address), None)
 
     # ----------------------------------------------------------------- status, metrics
 
@@ -283,6 +371,15 @@ class FleetHooks:
             "applied": self.applied,
             "revocations_applied": self.revocations_applied,
             "skipped": self.skipped,
+            "refused": {
+                "malformed": self.link.malformed,
+                "capped": self.capped,
+                "expired": self.expired,
+                "stale": self.link.stale,
+                "own_address": self.refused,
+            },
+            "reconciled": self.link.reconciled,
+            "reconciled_closes": self.reconciled_closes,
             "backlog": self.link.backlog,
             "claims": dict(self.claims),
             "claims_waiting": len(self.pending),

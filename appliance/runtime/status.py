@@ -334,4 +334,9 @@ def fleet_lines(block: dict[str, Any] | None) -> list[str]:
         f"{block.get('revocations_applied')} revocation(s), backlog {block.get('backlog')}; "
         f"claims: {claims}"
     )
+    refused = {k: v for k, v in (block.get("refused") or {}).items() if v}
+    if refused:
+        lines.append(
+            "  refused from the fleet: " + ", ".join(f"{k} {v}" for k, v in refused.items())
+        )
     return lines

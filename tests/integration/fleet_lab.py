@@ -113,18 +113,21 @@ class FleetLab:
     def close(self) -> None:
         for server, daemon in list(self.daemons.items()):
             with contextlib.suppress(Exception):
+                self.cut(server, False)
+            with contextlib.suppress(Exception):
                 daemon.stop()
             with contextlib.suppress(Exception):
                 self.topo.run(server, ["nft", "delete", "table", "inet", "knockgate"], check=False)
         self.stop_redis()
         self.topo.__exit__(None, None, None)
 
-    def start_redis(self) -> None:
+    def start_redis(self, acl: str = ACL) -> None:
+        """Start Redis (empty) with the ACL user allowed ``acl``."""
         conf = self.workdir / "redis.conf"
         conf.write_text(
             f'port {REDIS_PORT}\nbind {self.redis_address}\nsave ""\nappendonly no\n'
             f"dir {self.workdir}\nuser default off\n"
-            f"user knockgate on >{PASSWORD} ~kg:{{{FLEET}}}:* {ACL}\n"
+            f"user knockgate on >{PASSWORD} ~kg:{{{FLEET}}}:* {acl}\n"
         )
         log = (self.workdir / "redis.log").open("a")
         self.redis = self.topo.popen("other", ["redis-server", str(conf)], stdout=log, stderr=log)
@@ -200,6 +203,33 @@ class FleetLab:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{server}: fleet {self.fleet(server)}")
                 time.sleep(0.05)
+
+    def cut(self, server: str, cut: bool = True) -> None:
+        """Cut ``server`` off from Redis (its own nft table ``kgcut`` drops the traffic
+        both ways; the other hosts still reach Redis), or undo that."""
+        if not cut:
+            self.topo.run(server, ["nft", "delete", "table", "inet", "kgcut"], check=False)
+            return
+        redis = self.redis_address
+        rules = (
+            "table inet kgcut {\n"
+            "  chain out { type filter hook output priority -5; "
+            f"ip daddr {redis} tcp dport {REDIS_PORT} drop; }}\n"
+            "  chain inbound { type filter hook input priority -5; "
+            f"ip saddr {redis} tcp sport {REDIS_PORT} drop; }}\n"
+            "}\n"
+        )
+        self.topo.run(server, ["nft", "-f", "-"], input=rules)
+
+    def redis_raw(self, code: str) -> None:
+        """Run ``code`` with ``r``, a redis-py client (replies as bytes) of the ACL user,
+        in Redis's namespace: a writer of the fleet's keys."""
+        setup = (
+            "import redis\n"
+            f"r = redis.Redis(host={self.redis_address!r}, port={REDIS_PORT}, "
+            f"username='knockgate', password={PASSWORD!r})\n"
+        )
+        self.topo.run("other", [PYTHON, "-c", setup + code])
 
     # ----------------------------------------------------------------- addresses, knocks
 

@@ -19,7 +19,7 @@ import pytest
 from appliance.config import load_config
 from appliance.core.totp import time_step, totp_sequence
 from tests.integration.conftest import require, require_root_tools
-from tests.integration.fleet_lab import SERVERS, SPA_OPENS, SSH, TOTP_OPENS, FleetLab
+from tests.integration.fleet_lab import ACL, FLEET, SERVERS, SPA_OPENS, SSH, TOTP_OPENS, FleetLab
 from tests.integration.netns import cleanup_stale
 
 pytestmark = pytest.mark.integration
@@ -118,3 +118,87 @@ def test_redis_down_local_knocks_open_spa_follows_on_outage_and_the_fleet_conver
         assert lab.wait_state("client", server, SSH) == "open", lab.daemons[server].log()
         assert lab.state("client2", server, SSH) == "refused"
     assert lab.daemons["server1"].log().count("shared state unreachable") == 1
+
+
+def test_closes_made_while_a_host_is_cut_off_from_redis_reach_every_host(lab: FleetLab) -> None:
+    """Review finding 1: a close made on B while A is cut off reaches A when it
+    reconnects; A's own close made during its outage closes everywhere."""
+    lab.knock("client", "server1", *OPEN)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SSH) == "open"
+    lab.cut("server1")
+    lab.wait_reachable("server1", reachable=False)
+    lab.knock("client", "server2", *CLOSE)
+    for server in ("server2", "server3"):
+        assert lab.wait_state("client", server, SSH, "refused") == "refused"
+    assert lab.state("client", "server1", SSH) == "open"  # cut off: it cannot know yet
+    lab.cut("server1", False)
+    lab.wait_reachable("server1")
+    assert lab.wait_state("client", "server1", SSH, "refused") == "refused"
+
+    lab.knock("client", "server1", *OPEN)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SSH) == "open"
+    lab.cut("server1")
+    lab.knock("client", "server1", *CLOSE)  # made on A itself, during its outage
+    assert lab.wait_state("client", "server1", SSH, "refused") == "refused"
+    lab.wait_reachable("server1", reachable=False)
+    assert lab.state("client", "server2", SSH) == "open"
+    lab.cut("server1", False)
+    lab.wait_reachable("server1")
+    for server in ("server2", "server3"):
+        assert lab.wait_state("client", server, SSH, "refused") == "refused"
+    time.sleep(0.5)
+    assert lab.state("client", "server1", SSH) == "refused"  # not caught up again
+
+    # Stopping a host cut off from Redis (its threads blocked on it) takes no longer.
+    lab.cut("server1")
+    started = time.monotonic()
+    assert lab.daemons["server1"].stop() == 0
+    assert time.monotonic() - started < 5, lab.daemons["server1"].log()
+
+
+def test_a_non_utf8_entry_is_skipped_counted_and_the_fleet_goes_on(lab: FleetLab) -> None:
+    """Review finding 3: bytes that are not UTF-8 in the stream or in the live grants."""
+    lab.redis_raw(
+        f"r.xadd('kg:{{{FLEET}}}:events', "
+        "{b'kind': b'grant', b'door': b'ssh', b'address': b'\\xff\\xfe', b'origin': b'\\xc3('})\n"
+        f"r.hset('kg:{{{FLEET}}}:grants', b'ssh|\\xff', b'\\xfe 1 2 3')\n"
+    )
+    for server in SERVERS:
+        deadline = time.monotonic() + 10
+        while lab.fleet(server)["refused"]["malformed"] < 1:  # type: ignore[index]
+            assert time.monotonic() < deadline, lab.fleet(server)
+            time.sleep(0.05)
+        assert lab.fleet(server)["reachable"] is True
+    lab.knock("client", "server1", *OPEN)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SSH) == "open", lab.daemons[server].log()
+    # A host started with the bad bytes in the live grants comes up and catches up.
+    lab.restart("server3")
+    assert lab.wait_state("client", "server3", SSH) == "open", lab.daemons["server3"].log()
+    assert lab.fleet("server3")["refused"]["malformed"] == 1  # type: ignore[index]
+    for server in SERVERS:
+        assert "Traceback" not in lab.daemons[server].log()
+
+
+def test_a_redis_that_answers_ping_but_refuses_xread_is_one_warning_per_host(
+    lab: FleetLab,
+) -> None:
+    """Review finding 7: a partial failure (an ACL without XREAD) is one warning, not a
+    reconnect storm; the hosts come back once Redis does."""
+    lab.stop_redis()
+    lab.start_redis(acl=ACL.replace(" +xread", ""))
+    lab.wait_reachable(reachable=False)
+    time.sleep(6)  # a storm would log a line or two every 0.2 to 2 s
+    for server in SERVERS:
+        log = lab.daemons[server].log()
+        assert log.count(f"fleet {FLEET}: shared state unreachable") == 1, log
+        assert log.count(f"fleet {FLEET}: shared state reachable") == 1, log  # at the start
+        assert "NOPERM" in str(lab.fleet(server)["last_error"]) or "xread" in log.lower()
+    lab.stop_redis()
+    lab.start_redis()
+    lab.wait_reachable(timeout=20)
+    lab.knock("client", "server1", *OPEN)
+    for server in SERVERS:
+        assert lab.wait_state("client", server, SSH) == "open", lab.daemons[server].log()

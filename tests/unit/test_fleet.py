@@ -3,11 +3,16 @@ share grants, revocations and claims through it."""
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from appliance.config import load_config
 from appliance.config.schema import FleetSettings
@@ -16,8 +21,23 @@ from appliance.core.model import Step
 from appliance.errors import ConfigError
 from appliance.firewall.memory import MemoryBackend
 from appliance.fleet import link as link_module
-from appliance.fleet.messages import ONE_TIME_CLAIM, Keys, decode, decode_live, encode_live, grant
-from appliance.fleet.store import MemoryStore
+from appliance.fleet.messages import (
+    CLOCK_SKEW,
+    ONE_TIME_CLAIM,
+    FleetApply,
+    FleetClaimed,
+    FleetItem,
+    FleetMessage,
+    Keys,
+    decode,
+    decode_bytes,
+    decode_live,
+    decode_live_bytes,
+    encode_live,
+    grant,
+    grantable,
+)
+from appliance.fleet.store import FleetUnreachable, MemoryStore
 from appliance.runtime import daemon as daemon_module
 from appliance.runtime.daemon import Daemon
 from appliance.spa.keyfile import generate_keys
@@ -70,6 +90,30 @@ def _short_block(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(link_module, "MAX_BACKOFF", 0.05)
 
 
+class Cut:
+    """One host's view of the shared store: ``cut`` makes every command fail there
+    only (that host is cut off from Redis; the others still reach it)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.cut = False
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self.store, name)
+        if name in ("close", "keys") or not callable(command):
+            return command
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.cut:
+                raise FleetUnreachable("cut off (test)")
+            result = command(*args, **kwargs)
+            if self.cut:  # cut while waiting in a read
+                raise FleetUnreachable("cut off (test)")
+            return result
+
+        return call
+
+
 class Fleet:
     """Daemons on one clock sharing one memory store."""
 
@@ -80,6 +124,14 @@ class Fleet:
         self.keys = generate_keys()
         self.on_outage = on_outage
         self.daemons: dict[str, tuple[Daemon, MemoryBackend]] = {}
+        self.views: dict[str, Cut] = {}
+
+    def cut(self, host: str, cut: bool = True) -> None:
+        self.views[host].cut = cut
+        self.store.wake()
+        if cut:
+            daemon = self.daemons[host][0]
+            assert self.pump(lambda: daemon.fleet is not None and not daemon.fleet.reachable)
 
     def start(self, host: str) -> tuple[Daemon, MemoryBackend]:
         directory = self.tmp_path / host
@@ -95,7 +147,8 @@ class Fleet:
         daemon = Daemon(
             load_config(str(path)), backend, clock=self.clock, wall=self.clock, capture=False
         )
-        daemon.fleet_store = lambda _settings: self.store
+        view = self.views.setdefault(host, Cut(self.store))
+        daemon.fleet_store = lambda _settings: view  # type: ignore[assignment,return-value]
         daemon.start()
         self.daemons[host] = (daemon, backend)
         self.pump(lambda: (daemon.fleet is not None and daemon.fleet.reachable) or self.store.down)
@@ -251,9 +304,9 @@ def test_claim_keys_share_the_local_caches_identity() -> None:
         MarkSequenceUsed(0, "once", A, "/etc/knockgate/once", 3, 40),
         SpaDigestSeen(0, "spa", A, b"\x03", 900.0),  # already past: kept a second anyway
     )
-    assert keys.claims(records, 1000.0) == (
-        ("kg:{prod}:spa:0102", 120.0),
-        ("kg:{prod}:totp:t:7", 90.0),
+    assert keys.claims(records, 1000.0) == (  # + CLOCK_SKEW: a host behind is covered too
+        ("kg:{prod}:spa:0102", 120.0 + CLOCK_SKEW),
+        ("kg:{prod}:totp:t:7", 90.0 + CLOCK_SKEW),
         ("kg:{prod}:onetime:once:3", ONE_TIME_CLAIM),
         ("kg:{prod}:spa:03", 1.0),
     )
@@ -516,3 +569,391 @@ def test_a_fleet_grant_starts_a_service_only_where_the_door_says_so(tmp_path: Pa
     finally:
         group.close()
         listener.close()
+
+
+# ----------------------------------------------------------------- review findings (R2)
+
+OPEN = ("7113", "2231/udp", "9157")
+CLOSE = ("9157", "2231/udp", "7113")
+
+
+def test_a_close_made_elsewhere_while_cut_off_reaches_this_host_when_it_reconnects(
+    fleet: Fleet,
+) -> None:
+    _, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.knock("b", A, *CLOSE)
+    assert not wall_b.is_open(A, SSH)
+    fleet.pump(lambda: False, timeout=0.2)
+    assert wall_a.is_open(A, SSH)  # cut off: it cannot know yet
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))
+
+
+def test_a_close_made_here_during_an_outage_closes_everywhere(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.knock("a", A, *CLOSE)
+    assert not wall_a.is_open(A, SSH)
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: not wall_b.is_open(A, SSH))
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.reachable)
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_a.is_open(A, SSH)  # its own grant is not caught up again
+
+
+def test_a_trimmed_stream_position_reconciles_on_the_live_grants(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    b, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    fleet.knock("a", B, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH) and wall_b.is_open(B, SSH))
+    fleet.cut("b")
+    fleet.knock("a", A, *CLOSE)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.published == 3)
+    fleet.store.trim(0)  # B's position is gone
+    fleet.cut("b", False)
+    assert fleet.pump(lambda: not wall_b.is_open(A, SSH))
+    assert wall_b.is_open(B, SSH)  # still live
+    assert b.fleet is not None and b.snapshot()["fleet"]["reconciled_closes"] == 1
+    assert not wall_a.is_open(A, SSH)
+
+
+def test_a_non_utf8_entry_is_skipped_and_counted_and_the_fleet_goes_on(fleet: Fleet) -> None:
+    _, wall_a = fleet.start("a")
+    b, wall_b = fleet.start("b")
+    fleet.store.inject({b"kind": b"grant", b"door": b"ssh\xff", b"address": b"\xc3("})
+    fleet.store.inject({b"\xff": b"\xfe"})
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    assert b.fleet is not None and b.snapshot()["fleet"]["refused"]["malformed"] == 2
+    assert b.fleet.reachable
+    # The same bytes in the live grants: a host started later still comes up.
+    fleet.store.inject_live(b"ssh|\xff", b"\xff\xfe")
+    c, wall_c = fleet.start("c")
+    assert fleet.pump(lambda: wall_c.is_open(A, SSH))
+    assert c.fleet is not None and c.fleet.reachable
+    assert c.snapshot()["fleet"]["refused"]["malformed"] == 1
+    assert wall_a.is_open(A, SSH)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "fe80::1%eth0\nforged log line",
+        "fe80::1%eth0",
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+        "ff02::1",
+        "127.0.0.1",
+        "::1",
+        "::ffff:198.18.0.1",
+        "240.0.0.1",
+        "198.018.0.1",
+        "2001:DB8::1",
+    ],
+)
+def test_hostile_addresses_from_the_fleet_are_refused(address: str) -> None:
+    message = grant("ssh", A, 1234.5, "web-1", (SSH,))
+    assert decode({**message.fields(), "address": address}) is None
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [b"kind", b"door", b"address", b"deadline", b"origin", b"id", b"ports", b"made_at"]
+        )
+        | st.binary(max_size=8),
+        st.binary(max_size=40)
+        | st.sampled_from([b"grant", b"revoke", b"ssh", b"198.18.0.1", b"22/tcp", b"1e400"]),
+        max_size=9,
+    )
+)
+def test_decode_never_raises_on_hostile_bytes(fields: dict[bytes, bytes]) -> None:
+    message = decode_bytes(fields)
+    if message is not None:
+        assert grantable(message.address) == message.address
+        assert math.isfinite(message.deadline) and math.isfinite(message.made_at)
+
+
+@given(st.binary(max_size=40), st.binary(max_size=80))
+def test_decode_live_never_raises_on_hostile_bytes(field: bytes, value: bytes) -> None:
+    decode_live_bytes(field, value)
+
+
+def _arrive(fleet: Fleet, host: str, message: FleetMessage) -> None:
+    daemon, _ = fleet.daemons[host]
+    fleet.store.publish(message, fleet.clock.now)
+    fleet.pump(lambda: False, timeout=0.15)
+    assert daemon.fleet is not None
+
+
+def test_a_fleet_grant_lasts_no_longer_than_this_hosts_door_allows(fleet: Fleet) -> None:
+    b, wall_b = fleet.start("b")
+    now = fleet.clock.now
+    _arrive(fleet, "b", grant("ssh", A, now + 10 * 365 * 86_400, "x", (SSH,)))
+    assert wall_b.table[(A, SSH)] == pytest.approx(now + 30 + 2)  # duration + CAP_SLACK
+    _arrive(fleet, "b", grant("ssh", B, now - 5, "x", (SSH,)))  # a clock ahead, or late
+    assert not wall_b.is_open(B, SSH)
+    refused = b.snapshot()["fleet"]["refused"]
+    assert (refused["capped"], refused["expired"]) == (1, 1)
+    from appliance.runtime.status import fleet_lines
+
+    assert "  refused from the fleet: capped 1, expired 1" in fleet_lines(b.snapshot()["fleet"])
+
+
+def test_a_fleet_grant_for_this_hosts_own_address_is_refused(fleet: Fleet) -> None:
+    from appliance.capture.host import HostState
+
+    b, wall_b = fleet.start("b")
+    b.host = HostState(frozenset({"198.18.0.1"}), ())
+    _arrive(fleet, "b", grant("ssh", "198.18.0.1", fleet.clock.now + 20, "x", (SSH,)))
+    assert wall_b.table == {}
+    assert b.snapshot()["fleet"]["refused"]["own_address"] == 1
+
+
+def test_a_knock_waiting_for_its_claim_is_refused_when_its_door_changes_in_a_reload(
+    fleet: Fleet,
+) -> None:
+    a, wall_a = fleet.start("a")
+    assert a.fleet is not None
+    asked: list[int] = []
+    a.fleet.link.claim = lambda ticket, claims: asked.append(ticket)  # type: ignore[method-assign]
+    fleet.spa("a", fleet.packet())
+    assert a.fleet.pending and asked
+    path = Path(a.config.path)
+    path.write_text(path.read_text().replace("2223/tcp], duration: 30", "2223/tcp], duration: 60"))
+    a.reload()
+    assert not a.fleet.pending
+    a.fleet.item(FleetClaimed(asked[0], "claimed"))  # the answer, too late
+    assert wall_a.table == {}
+
+
+def test_a_store_that_answers_ping_but_refuses_xread_is_one_warning_not_a_storm() -> None:
+    store = MemoryStore("prod")
+    store.failing = {"XREAD"}
+    items: list[object] = []
+    link = link_module.FleetLink("a", store, items.append, block=0.02)
+    link_module.MIN_BACKOFF, link_module.MAX_BACKOFF = 0.02, 0.3
+    link.start()
+    try:
+        time.sleep(1.0)
+    finally:
+        link.stop()
+    assert [type(item).__name__ for item in items] == ["FleetHealth"]
+    assert store.calls["PING"] <= 12  # 0.02 doubling to 0.3, jittered: not 50 in a second
+
+
+def test_a_grant_queued_during_an_outage_does_not_reopen_after_a_later_close(
+    fleet: Fleet,
+) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.knock("a", A, *OPEN)  # again: queued, A is cut off
+    fleet.clock.now += 1
+    fleet.knock("b", A, *CLOSE)  # a later close, made on B meanwhile
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # the later close reaches A
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_b.is_open(A, SSH)  # and the older grant does not reopen B
+    assert a.snapshot()["fleet"]["refused"]["stale"] == 1
+    assert a.fleet is not None and a.fleet.link.backlog == 0
+
+
+def test_claims_do_not_wait_behind_the_backlog(fleet: Fleet) -> None:
+    a, _ = fleet.start("a")
+    assert a.fleet is not None
+    slow = threading.Event()
+    publish = fleet.store.publish
+
+    def slowly(message: FleetMessage, now: float) -> None:
+        slow.wait(0.02)
+        publish(message, now)
+
+    fleet.store.publish = slowly  # type: ignore[method-assign]
+    for _ in range(100):  # two seconds of publishes
+        fleet.knock("a", A, *OPEN)
+    answers: list[FleetItem] = []
+    a.fleet.link.enqueue = answers.append
+    started = time.monotonic()
+    a.fleet.link.claim(99, (("kg:{prod}:spa:01", 10.0),))
+    while not answers and time.monotonic() - started < 3:
+        time.sleep(0.005)
+    assert answers and time.monotonic() - started < 0.5
+    assert answers[0] == FleetClaimed(99, "claimed")
+
+
+def test_peers_are_bounded(fleet: Fleet) -> None:
+    b, _ = fleet.start("b")
+    assert b.fleet is not None
+    for number in range(200):
+        b.fleet.item(FleetApply(grant("nodoor", A, fleet.clock.now + 5, f"h{number}", (SSH,))))
+    assert len(b.fleet.peers) == 64 and "h199" in b.fleet.peers
+
+
+def test_a_reconnect_does_not_catch_up_this_hosts_own_grants(fleet: Fleet) -> None:
+    a, _ = fleet.start("a")
+    fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.published == 1)
+    fleet.cut("a")
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.reachable)
+    fleet.pump(lambda: False, timeout=0.2)
+    assert a.fleet is not None and a.fleet.applied == 0
+    assert "a" not in a.fleet.peers
+    assert not [e for e in a.events.recent() if "fleet from a" in str(e.as_dict())]
+
+
+def test_stop_returns_in_time_with_the_store_blackholed() -> None:
+    class Blackhole(MemoryStore):
+        def ping(self) -> None:
+            time.sleep(30)
+
+    link = link_module.FleetLink("a", Blackhole("prod"), lambda item: None)
+    link.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    link.stop(timeout=1.0)
+    assert time.monotonic() - started < 1.3
+
+
+# ----------------------------------------------------------------- the Redis client
+
+
+def _settings(**changes: Any) -> FleetSettings:
+    base: dict[str, Any] = {"name": "prod", "host": "a", "redis": "redis://knockgate@127.0.0.1:1/0"}
+    return FleetSettings(**{**base, **changes})
+
+
+def test_sentinel_with_rediss_uses_tls_for_the_master_and_the_sentinels(tmp_path: Path) -> None:
+    import redis.sentinel
+
+    from appliance.config.schema import FleetSentinel, FleetTls
+    from appliance.fleet.redis_store import make_client
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    sentinel = FleetSentinel("mymaster", (("198.18.0.6", 26379),))
+    for tls in (FleetTls(ca=str(ca), cert=None, key=None), None):
+        client = make_client(
+            _settings(redis="rediss://knockgate@198.18.0.5/0", sentinel=sentinel, tls=tls),
+            "pw",
+            1.0,
+        )
+        pool = client.connection_pool
+        assert pool.connection_class is redis.sentinel.SentinelManagedSSLConnection
+        sentinels = getattr(pool, "proxy", pool).sentinel_manager.sentinels  # redis-py 5 | 4
+        assert sentinels[0].connection_pool.connection_class is redis.connection.SSLConnection
+        if tls is not None:
+            assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+            assert sentinels[0].connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+    plain = make_client(_settings(sentinel=sentinel), "pw", 1.0)
+    assert plain.connection_pool.connection_class is redis.sentinel.SentinelManagedConnection
+
+
+def test_a_cluster_that_cannot_be_reached_does_not_stop_the_start() -> None:
+    from appliance.fleet.redis_store import RedisStore
+
+    store = RedisStore(_settings(cluster=True, claim_timeout=0.2), 0.1)  # connects lazily
+    with pytest.raises(FleetUnreachable, match="PING"):
+        store.ping()
+    store.close()
+
+
+def test_a_redis_password_never_shows_in_a_config_error(tmp_path: Path) -> None:
+    for url in ("redis://u:s3cret@198.18.0.5:99999/0", "http://u:s3cret@198.18.0.5/"):
+        with pytest.raises(ConfigError) as error:
+            _load(tmp_path, f"fleet: {{name: prod, redis: '{url}'}}\n" + DOORS)
+        assert "s3cret" not in str(error.value)
+        assert "the URL holds a password" in str(error.value)
+
+
+def test_a_password_file_readable_by_others_is_warned_about(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"fleet: {{name: prod, redis: 'redis://198.18.0.5', password_file: {secret}}}\n" + DOORS
+    )
+    warnings = load_config(str(path)).warnings
+    assert any("readable by every user" in w for w in warnings)
+    for mode in (0o600, 0o640):  # the shipped deployments use 0640 / 0440 with a group
+        secret.chmod(mode)
+        assert not any("readable by every" in w for w in load_config(str(path)).warnings)
+
+
+def test_a_grant_made_during_an_outage_after_a_close_elsewhere_leaves_the_fleet_agreeing(
+    fleet: Fleet,
+) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.knock("b", A, *CLOSE)
+    fleet.clock.now += 1
+    fleet.knock("a", A, *CLOSE)
+    fleet.knock("a", A, *OPEN)  # made after B's close; the clocks cannot tell
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # B's close closes it here
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.backlog == 0)
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_b.is_open(A, SSH)  # and it is not published: closed everywhere
+    assert a.snapshot()["fleet"]["refused"]["stale"] == 1
+
+
+def test_the_reader_hands_the_loop_a_bounded_number_of_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(link_module, "IN_FLIGHT", 5)
+    store = MemoryStore("prod")
+    items: list[FleetItem] = []
+    link = link_module.FleetLink("a", store, items.append, wall=lambda: 1000.0, block=0.02)
+    link.start()
+    try:
+        for number in range(50):
+            store.publish(grant("ssh", A, 2000.0, f"h{number}", (SSH,)), 1000.0)
+        time.sleep(0.3)
+        assert sum(isinstance(item, FleetApply) for item in items) == 5
+        for _ in range(5):
+            link.applied()
+        time.sleep(0.3)
+        assert sum(isinstance(item, FleetApply) for item in items) == 10
+    finally:
+        link.stop()
+
+
+def test_a_daemon_with_cluster_true_starts_with_redis_down(tmp_path: Path) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        f"status_socket: {tmp_path}/status.sock\nstate_dir: {tmp_path}/state\n"
+        "fleet: {name: prod, host: a, redis: 'redis://knockgate@127.0.0.1:1/0', cluster: true,"
+        " claim_timeout: 0.2}\n" + DOORS
+    )
+    clock = Clock()
+    daemon = Daemon(
+        load_config(str(path)), MemoryBackend(clock), clock=clock, wall=clock, capture=False
+    )
+    daemon.start()
+    try:
+        assert daemon.fleet is not None
+        deadline = time.monotonic() + 5
+        while daemon.fleet.last_error == "" and time.monotonic() < deadline:
+            daemon._drain_queue()
+            time.sleep(0.02)
+        assert not daemon.fleet.reachable
+        assert "PING" in daemon.fleet.last_error
+    finally:
+        daemon.shutdown()
