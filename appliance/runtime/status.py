@@ -324,7 +324,8 @@ def fleet_lines(block: dict[str, Any] | None) -> list[str]:
         f"{state} for {block.get('since')} s (on_outage: {block.get('on_outage')})"
     ]
     if block.get("last_error"):
-        lines.append(f"  last error: {block['last_error']}")
+        error = "".join(c if c.isprintable() else "?" for c in str(block["last_error"]))
+        lines.append(f"  last error: {error}")  # Redis's words: no control characters
     peers = block.get("peers") or {}
     seen = ", ".join(f"{host} ({ago} s ago)" for host, ago in peers.items()) or "none yet"
     lines.append(f"  peers seen: {seen}")

@@ -957,3 +957,13 @@ def test_a_daemon_with_cluster_true_starts_with_redis_down(tmp_path: Path) -> No
         assert "PING" in daemon.fleet.last_error
     finally:
         daemon.shutdown()
+
+
+def test_status_shows_redis_error_text_without_control_characters() -> None:
+    """Redis's error words reach the terminal without escapes or line breaks."""
+    from appliance.runtime.status import fleet_lines
+
+    block = {"name": "prod", "host": "a", "redis": "redis://kg@198.18.0.5:6379/0"}
+    block["last_error"] = "ERR bad\n2026 opened door ssh\x1b[2J"
+    (error,) = [line for line in fleet_lines(block) if "last error" in line]
+    assert error == "  last error: ERR bad?2026 opened door ssh?[2J"
