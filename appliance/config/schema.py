@@ -207,6 +207,7 @@ class Notifier:
     events: tuple[str, ...]
     queue: int = 1000
     flood_threshold: int = 100  # knock noise a minute that gets a summary of its own
+    per_minute: int = 5  # records one address causes, sent one by one a minute (the rest summed)
 
     @property
     def kind(self) -> str:

@@ -14,6 +14,7 @@ Schema::
         events: [opened, held-off, ...]   # or all; default: a notifier kind's own set
         queue: 1000               # deliveries kept while the receiver is down
         flood_threshold: 100      # knock noise a minute that is summarised on its own
+        per_minute: 5             # records one address causes, sent one by one a minute
 
 Secrets (the webhook's HMAC key, a chat token, the SMTP password) are read from files
 that only their owner (and group) may read; written inline in the YAML they are refused:
@@ -33,10 +34,11 @@ from typing import Any, Literal
 from appliance.config.schema import Chat, Mail, Notifier, Webhook
 from appliance.config.values import Invalid, parse_count, parse_port, shown
 from appliance.config.yaml_nodes import _choice, _list_of, _Map, _string
+from appliance.notify.flood import SHOWN
 from appliance.notify.template import TemplateError, check_template
 from appliance.runtime.events_log import KINDS
 
-NOTIFIER_KEYS = ("webhook", "chat", "mail", "events", "queue", "flood_threshold")
+NOTIFIER_KEYS = ("webhook", "chat", "mail", "events", "queue", "flood_threshold", "per_minute")
 WEBHOOK_KEYS = ("url", "secret_file", "secret", "timeout")
 CHAT_KEYS = (
     "preset",
@@ -157,9 +159,11 @@ def _notifier(name: str, spec: _Map, path: str) -> Notifier | None:
     threshold = spec.get(
         "flood_threshold", lambda v: parse_count(v, minimum=1, maximum=100_000_000)
     )
+    per_minute = spec.get("per_minute", lambda v: parse_count(v, minimum=0, maximum=10_000))
     if target is None or problems.error_count != errors:
         return None
-    return Notifier(name, target, events or default, queue or 1000, threshold or 100)
+    shown = SHOWN if per_minute is None else per_minute
+    return Notifier(name, target, events or default, queue or 1000, threshold or 100, shown)
 
 
 def _events(value: Any) -> tuple[str, ...]:

@@ -91,7 +91,12 @@ class Notifications:
                 next_digest(now, target.every, target.at),
             )
         delivery = Delivery(notifier.name, self._sender(notifier), notifier.queue, clock=self.clock)
-        return _Route(notifier, kinds, Aggregator(threshold=notifier.flood_threshold), delivery)
+        return _Route(
+            notifier,
+            kinds,
+            Aggregator(shown=notifier.per_minute, threshold=notifier.flood_threshold),
+            delivery,
+        )
 
     def _sender(self, notifier: Notifier) -> Callable[[Outgoing], None]:
         target = notifier.target
@@ -190,6 +195,7 @@ class Notifications:
             assert route.delivery is not None and route.aggregator is not None
             route.delivery.retarget(self._sender(notifier), notifier.queue)
             route.aggregator.threshold = notifier.flood_threshold
+            route.aggregator.shown = notifier.per_minute
         route.notifier = notifier
         route.kinds = frozenset(notifier.events)
 

@@ -269,6 +269,25 @@ def test_the_flood_threshold_is_a_setting(tmp_path: Path) -> None:
         _config(tmp_path, chat.replace("5", "0"))
 
 
+def test_the_budget_of_records_an_address_causes_is_a_setting(tmp_path: Path) -> None:
+    """``per_minute``: a host that many people open sends more opens one by one."""
+    chat = "  c:\n    chat: {url: 'http://198.18.0.9/x'}\n    per_minute: 40\n"
+    (notifier,) = _config(tmp_path, chat).settings.notify
+    assert notifier.per_minute == 40
+    hub = Notifications((notifier,), EventLog(), host="gate1")
+    (route,) = hub.routes
+    assert route.aggregator is not None
+    sent: list[EventRecord] = []
+    for i in range(50):
+        record = EventRecord(float(i), "opened", door="ssh", address=f"198.18.1.{i + 1}")
+        sent += route.aggregator.offer(record, float(i))
+    assert len(sent) == 40
+    (default,) = _config(tmp_path, chat.replace("    per_minute: 40\n", "")).settings.notify
+    assert default.per_minute == 5
+    with pytest.raises(ConfigError, match=r"notify\.c\.per_minute"):
+        _config(tmp_path, chat.replace("40", "-1"))
+
+
 # ------------------------------------------------------------------ 3: permanent errors
 
 
