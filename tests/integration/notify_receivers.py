@@ -69,6 +69,45 @@ def webhook(port: int, secret_file: Path, out: Path) -> None:
     server.server_close()
 
 
+def chat(port: int, out: Path) -> None:
+    """Records every request as it came: method, path, the headers a chat service reads,
+    and the body (parsed when it is JSON); answers 200."""
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _record(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            text = body.decode("utf-8", "replace")
+            parsed: Any = text
+            if "json" in self.headers.get("Content-Type", ""):
+                parsed = json.loads(text)  # a body that is not JSON fails the test
+            line = {
+                "method": self.command,
+                "path": self.path,
+                "authorization": self.headers.get("Authorization"),
+                "title": self.headers.get("Title"),
+                "content_type": self.headers.get("Content-Type"),
+                "body": parsed,
+            }
+            with lock, out.open("a") as file:
+                file.write(json.dumps(line) + "\n")
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_POST = do_PUT = _record
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print("ready", flush=True)
+    server.serve_forever()
+    server.server_close()
+
+
 def blackhole(port: int, out: Path) -> None:
     """Accepts every connection and never answers (a hung receiver); appends one line
     per connection to ``out``."""
@@ -118,13 +157,15 @@ def smtp(port: int, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("webhook", "smtp", "blackhole"))
+    parser.add_argument("kind", choices=("webhook", "chat", "smtp", "blackhole"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--secret-file", type=Path)
     args = parser.parse_args()
     if args.kind == "webhook":
         webhook(args.port, args.secret_file, args.out)
+    elif args.kind == "chat":
+        chat(args.port, args.out)
     elif args.kind == "blackhole":
         blackhole(args.port, args.out)
     else:
