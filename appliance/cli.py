@@ -1032,7 +1032,7 @@ def _top(config: str | None, socket_path: str | None, interval: float, once: boo
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
     from appliance.config.schema import DEFAULT_STATUS_SOCKET
-    from appliance.runtime.status import fleet_lines, query
+    from appliance.runtime.status import fleet_lines, notification_lines, query
 
     if socket_path is None:
         socket_path = (
@@ -1085,7 +1085,7 @@ def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
         )
         for problem in row.get("problems") or []:
             print(f"    problem: {problem}")
-    for line in fleet_lines(data.get("fleet")):
+    for line in fleet_lines(data.get("fleet")) + notification_lines(data.get("notifications")):
         print(line)
     print(f"attempts in progress: {data['attempts']}")
     print("counters: " + ", ".join(f"{k} {v}" for k, v in data["counters"].items()))

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.config.schema import Chat, Mail, Notifier, Webhook
 from appliance.notify.delivery import Delivery
@@ -293,6 +294,20 @@ class Notifications:
         route.mailer.put(Message(f"{target.subject} {self.host}: {tail}", body))
 
     # ---------------------------------------------------------------- metrics
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """``knockgate status``'s rows: each notifier's deliveries by outcome, what waits,
+        and whether its receiver is failing now."""
+        rows: list[dict[str, Any]] = []
+        for route in self.routes:
+            delivery = route.delivery or route.mailer
+            row: dict[str, Any] = {"name": route.notifier.name, "kind": route.notifier.kind}
+            if delivery is not None:
+                row.update(delivery.counts)
+                row["queued"] = delivery.queued()
+                row["failing"] = delivery.failing()
+            rows.append(row)
+        return rows
 
     def counts(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
         """(deliveries by (notifier, outcome), items queued by notifier)."""

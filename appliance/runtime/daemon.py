@@ -1301,6 +1301,7 @@ class Daemon:
             "services": self.services.snapshot() if self.services is not None else [],
             "gated": self.services.gated() if self.services is not None else [],
             "fleet": self.fleet.snapshot() if self.fleet is not None else None,
+            "notifications": self.notifications.snapshot() if self.notifications else [],
             "attempts": self.engine.attempt_count,
             "counters": {
                 **self.engine.counters.as_dict(),

@@ -314,6 +314,19 @@ def query(path: str, timeout: float = REPLY_TIMEOUT + 1) -> dict[str, Any]:
     return data
 
 
+def notification_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    """``knockgate status``'s text for the notifiers (none without any)."""
+    lines = []
+    for row in rows or []:
+        state = ", receiver FAILING (retrying)" if row.get("failing") else ""
+        lines.append(
+            f"notify {row.get('name')} ({row.get('kind')}): sent {row.get('sent', 0)}, "
+            f"failed {row.get('failed', 0)}, rejected {row.get('rejected', 0)}, "
+            f"dropped {row.get('dropped', 0)}, queued {row.get('queued', 0)}{state}"
+        )
+    return lines
+
+
 def fleet_lines(block: dict[str, Any] | None) -> list[str]:
     """``knockgate status``'s text for the fleet block of a snapshot (none without one)."""
     if not block:

@@ -405,6 +405,29 @@ def test_the_hub_routes_by_kind_and_queues_for_each_notifier() -> None:
     assert totals[("hook", "sent")] == 0
 
 
+def test_status_shows_each_notifier_with_its_deliveries_and_queue() -> None:
+    from appliance.runtime.status import notification_lines
+
+    clock = Clock()
+    notifiers = (
+        Notifier("hook", Webhook("http://127.0.0.1:9/", "f", b"k"), ("opened",)),
+        Notifier("mail", Mail("127.0.0.1", "a@b", ("c@d",), every=60.0), ("opened",)),
+    )
+    hub = Notifications(notifiers, EventLog(), host="gate1", clock=clock, wall=clock)
+    hub.route(EventRecord(1.0, "opened", door="ssh", address="198.18.1.7"), clock())
+    rows = hub.snapshot()
+    assert [(r["name"], r["kind"], r["queued"], r["sent"]) for r in rows] == [
+        ("hook", "webhook", 1, 0),
+        ("mail", "mail", 0, 0),
+    ]
+    assert notification_lines(rows)[0] == (
+        "notify hook (webhook): sent 0, failed 0, rejected 0, dropped 0, queued 1"
+    )
+    rows[0]["failing"] = True
+    assert notification_lines(rows)[0].endswith("queued 1, receiver FAILING (retrying)")
+    assert notification_lines(None) == [] and notification_lines([]) == []
+
+
 def test_the_notification_families_are_exposed() -> None:
     snapshot = MetricsSnapshot(
         taken=1.0,
