@@ -312,7 +312,9 @@ def test_renewal_keeps_the_port_open_past_the_first_grant_while_the_session_runs
 
 
 def test_ssh_wall_time_through_connect(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
-    """ssh through connect (knock + wait + relay) against ssh to a port already open."""
+    """ssh through connect (knock + wait + relay) logs in each time, and a knock --wait
+    before a plain ssh too; the times are printed (testbed/bench/ssh_connect_bench.py
+    measures them properly: this only runs each way three times)."""
 
     def timed(proxy: str | None) -> float:
         started = time.monotonic()
@@ -330,9 +332,9 @@ def test_ssh_wall_time_through_connect(lab: Lab, capsys: pytest.CaptureFixture[s
         text = (lab.workdir / "sshd.log").read_text(errors="replace")
         return "\n".join(text.splitlines()[-15:])
 
-    through = [timed(lab.proxy()) for _ in range(10)]
+    through = [timed(lab.proxy()) for _ in range(3)]
     direct, knock_wait, opened_after = [], [], []
-    for _ in range(10):
+    for _ in range(3):
         time.sleep(GRANT + 0.2)  # the last grant is gone: each knock opens a closed port
         started = time.monotonic()
         opened = lab.cli(
@@ -346,13 +348,12 @@ def test_ssh_wall_time_through_connect(lab: Lab, capsys: pytest.CaptureFixture[s
         direct.append(timed(None))
     with capsys.disabled():
         print(
-            f"\nssh wall time, median of 10: through connect {statistics.median(through) * 1000:.0f} ms "
+            f"\nssh wall time, median of 3: through connect {statistics.median(through) * 1000:.0f} ms "
             f"(min {min(through) * 1000:.0f}, max {max(through) * 1000:.0f}); "
             f"direct to an open port {statistics.median(direct) * 1000:.0f} ms; "
             f"knock --wait {statistics.median(knock_wait) * 1000:.0f} ms as a process, "
             f"port open {statistics.median(opened_after) * 1000:.0f} ms after the knock"
         )
-    assert statistics.median(through) < 5.0
 
 
 @pytest.mark.parametrize("door", ["spa", "otp"])
