@@ -872,11 +872,22 @@ def test_a_cluster_that_cannot_be_reached_does_not_stop_the_start() -> None:
 
 
 def test_a_redis_password_never_shows_in_a_config_error(tmp_path: Path) -> None:
-    for url in ("redis://u:s3cret@198.18.0.5:99999/0", "http://u:s3cret@198.18.0.5/"):
+    for url in (
+        "redis://u:s3cret@198.18.0.5:99999/0",
+        "http://u:s3cret@198.18.0.5/",
+        "redis://kg:s3cr/et@198.18.0.5:6379",  # urlsplit reads 's3cr' as the port
+        "redis://kg:s3cr#et@198.18.0.5:6379",
+        "redis://kg:s3cr?et@198.18.0.5:6379",
+    ):
         with pytest.raises(ConfigError) as error:
             _load(tmp_path, f"fleet: {{name: prod, redis: '{url}'}}\n" + DOORS)
-        assert "s3cret" not in str(error.value)
+        assert "s3cr" not in str(error.value)
         assert "the URL holds a password" in str(error.value)
+    for url in ("redis://s3cr/et@198.18.0.5:6379", "redis://s3cret@198.18.0.5:99999/0"):
+        with pytest.raises(ConfigError) as error:  # a password given as the user name
+            _load(tmp_path, f"fleet: {{name: prod, redis: '{url}'}}\n" + DOORS)
+        assert "s3cr" not in str(error.value) and "is not a Redis URL" in str(error.value)
+        assert "'redis://***@198.18.0.5:" in str(error.value)
 
 
 def test_a_password_file_readable_by_others_is_warned_about(tmp_path: Path) -> None:
