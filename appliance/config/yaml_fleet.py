@@ -151,19 +151,25 @@ def _group_name(value: Any) -> str:
 
 
 def _redis_url(value: Any) -> str:
-    """A Redis URL without a password; no message ever shows a password given."""
+    """A Redis URL without a password; no message ever shows a password given (an
+    error shows the URL with everything from ``://`` to its last ``@`` replaced, and
+    never the parser's own words, which can quote a piece of it)."""
     text = _string(value)
     seen = shown(redacted(text))
+    head, at, _ = text.rpartition("@")
+    userinfo = head.partition("://")[2] if at else ""
+    if ":" in userinfo or "password=" in text.lower():
+        raise Invalid(
+            "the URL holds a password, or an '@' after its host (expected the password in "
+            "fleet.password_file, never inline)"
+        )
     try:
         url = urllib.parse.urlsplit(text)
-    except ValueError as error:
-        raise Invalid(f"{seen} is not a Redis URL ({error})") from None
-    if url.password is not None or "password=" in url.query.lower():
-        raise Invalid("the URL holds a password (expected it in fleet.password_file, never inline)")
-    try:
         url.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as error:
-        raise Invalid(f"{seen} is not a Redis URL ({error})") from None
+    except ValueError:
+        raise Invalid(f"{seen} is not a Redis URL (a bad host or port)") from None
+    if at and url.netloc.rpartition("@")[0] != userinfo:
+        raise Invalid(f"{seen} is not a Redis URL (an '@' after its host)")
     if url.scheme not in _SCHEMES or not (url.hostname or url.path):
         raise Invalid(
             f"{seen} is not a Redis URL (expected redis://USER@HOST:PORT/DB, "
@@ -172,16 +178,16 @@ def _redis_url(value: Any) -> str:
     return text
 
 
-_USERINFO = re.compile(r"^([^:/?#]*://)([^@/?#]*)@")
 _QUERY_PASSWORD = re.compile(r"(password=)[^&#]*", re.IGNORECASE)
 
 
 def redacted(url: str) -> str:
-    """``url`` with any password in it replaced by ``***`` (user names stay)."""
-    found = _USERINFO.match(url)
-    if found is not None and ":" in found[2]:
-        user = found[2].split(":", 1)[0]
-        url = f"{found[1]}{user}:***@{url[found.end() :]}"
+    """``url`` with everything from ``://`` to its last ``@`` (a user name, and any
+    password, however it is spelt) replaced by ``***``, and any ``password=``."""
+    head, at, tail = url.rpartition("@")
+    if at:
+        scheme, sep, _ = head.partition("://")
+        url = f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
     return _QUERY_PASSWORD.sub(r"\1***", url)
 
 

@@ -181,10 +181,19 @@ def _url(value: Any) -> str:
 
 
 def _checked_url(text: str, named: str) -> str:
+    """An http(s) URL a sender can use. No error echoes a URL with an ``@`` (a password
+    with a ``/``, ``#`` or ``?`` in it ends the host part early: urlsplit then reads a
+    piece of the password as the port), nor the parser's own words."""
+    if "@" in text:
+        named = "the URL (not shown: it holds an '@')"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        raise Invalid(f"{named} holds a control character")
     try:
-        userinfo = "@" in urllib.parse.urlsplit(text).netloc
+        parts = urllib.parse.urlsplit(text)
+        userinfo = "@" in parts.netloc
+        hostname, port = parts.hostname, parts.port
     except ValueError:
-        userinfo = False
+        userinfo, hostname, port = False, None, None
     if userinfo:  # checked first: an error must not echo a password
         raise Invalid(
             "a user name or password in the URL is refused (it would be logged and sent "
@@ -193,6 +202,11 @@ def _checked_url(text: str, named: str) -> str:
         )
     if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text):
         raise Invalid(f"{named} is not an http:// or https:// URL")
+    if not hostname or port == 0:
+        raise Invalid(
+            f"{named} has no valid host and port (expected http[s]://HOST[:PORT]/..., a port "
+            "from 1 to 65535; a user name or password is refused)"
+        )
     return text
 
 

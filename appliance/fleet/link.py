@@ -13,14 +13,19 @@ store is unreachable it waits there (grants only while their deadline has not pa
 and a new message never overtakes it. The reader keeps its position in the stream
 across reconnects: on a reconnect it reads on from where it was (a close made
 elsewhere meanwhile reaches this host), then publishes the backlog (a close made here
-meanwhile reaches every host, and this one applies it from the stream too: a host
-carries out its own closes, never its own grants), dropping its grants for a door and
-address closed elsewhere meanwhile (that close closed them here too: a late grant does
-not reopen; no clocks compared). Only when
-that position was trimmed away does it read the live grants in full
-(:class:`FleetReconcile`: grants no longer live are closed here). The first connect
-after a start publishes the backlog, then reads the live grants (catch-up, this host's
-own included).
+meanwhile reaches every host, and this one reads it back too: the loop carries out a
+close of its own only on what it applied from the fleet before it, never on a grant
+made here after it; a host never applies its own grants), dropping its grants for a
+door and address closed elsewhere meanwhile (that close closed them here too: a late
+grant does not reopen; no clocks compared). When that position was trimmed away
+(before or while reading on; ``0-0``, an empty stream at the first connect, counts as
+trimmed once the stream holds anything) a close made meanwhile may be gone: it
+publishes only the backlog's closes, drops its grants (fail closed: knock again) and
+reads the live grants in full (:class:`FleetReconcile`: grants no longer live, those
+dropped included, are closed here). The first connect after a start drops backlog
+grants for a door and address closed in the readable stream and not live (the close
+may have come after them), publishes the rest, then reads the live grants (catch-up,
+this host's own included; the dropped ones are closed here).
 
 The store counts as reachable after a connect that wrote (the backlog) and read (the
 stream); reconnects back off from :data:`MIN_BACKOFF` to :data:`MAX_BACKOFF` with
@@ -223,21 +228,23 @@ class FleetLink:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _connect(self) -> None:
-        """Ping. On the first connect: publish the backlog, read the live grants
-        (catch-up) and follow the stream from its end. Later: read on from the last
-        position (what was closed meanwhile), then publish the backlog; when that
-        position was trimmed away, publish the backlog and reconcile on the live
-        grants. Then tell the loop."""
+        """Ping. On the first connect: drop the backlog's grants closed in the readable
+        stream and not live, publish the rest, read the live grants (catch-up) and
+        follow the stream from its end. Later: read on from the last position (what was
+        closed meanwhile), then publish the backlog; when that position was trimmed
+        away (before or while reading on), publish only the backlog's closes and
+        reconcile on the live grants. Then tell the loop."""
         self.store.ping()
         if self._after is None:
             after = self.store.last_id()
+            dropped = self._drop_closed_at_start()
             self._flush()
-            self._catch_up()
+            self._catch_up(dropped)
             self._after = after
         elif self.store.trimmed(self._after):
-            self._flush()
-            self._reconcile()
+            self._resync()
         else:
+            start = self._after
             closed: set[str] = set()
             while True:
                 entries = self._follow(self.store.read(self._after, None))
@@ -248,18 +255,62 @@ class FleetLink:
                 )
                 if len(entries) < READ_COUNT:
                     break
-            self._drop_grants(closed)
-            self._flush()
+            if self.store.trimmed(start):  # trimmed while reading on: entries may be missed
+                self._resync()
+            else:
+                self._drop_grants(closed)
+                self._flush()
         self._follow(self.store.read(self._after, None))
         self._up()
         self._outbox.put(("flush",))  # what was queued while connecting
 
-    def _catch_up(self) -> None:
-        for message in self.store.live(self.wall()):
+    def _resync(self) -> None:
+        """This host's position was trimmed away: a close made elsewhere meanwhile may
+        be gone from the stream, so the backlog's grants are not published (fail
+        closed: not live, the reconcile closes them here too; knock again), only its
+        closes; then the live grants in full."""
+        with self._publishing:
+            closes = [m for m in self._backlog if m.kind != "grant"]
+            self.stale += sum(m.kind == "grant" and m.deadline > self.wall() for m in self._backlog)
+            self._backlog.clear()
+            self._backlog.extend(closes)
+        self._flush()
+        self._reconcile()
+
+    def _drop_closed_at_start(self) -> bool:
+        """Before the first publish after a start: backlog grants for a door and address
+        closed anywhere in the readable stream and not live now are dropped (that close
+        may have been made during the startup outage, after them: fail closed, knock
+        again). ``True`` when any was dropped (the loop then closes them here)."""
+        with self._publishing:
+            fields = {m.field for m in self._backlog if m.kind == "grant"}
+        if not fields:
+            return False
+        live = {m.field for m in self.store.live(self.wall()) if m is not None}
+        closed: set[str] = set()
+        position = "0-0"
+        while True:
+            entries = self.store.read(position, None)
+            for ident, message in entries:
+                position = ident
+                if message is not None and message.kind == "revoke":
+                    closed.add(message.field)
+            if len(entries) < READ_COUNT:
+                break
+        return self._drop_grants((fields & closed) - live) > 0
+
+    def _catch_up(self, close_missing: bool = False) -> None:
+        """The live grants, applied here; ``close_missing``: grants in place here that
+        are not live (backlog grants dropped at the first connect) are closed too."""
+        found = self.store.live(self.wall())
+        for message in found:
             if message is None:
                 self.malformed += 1
             else:
                 self._hand(FleetApply(message, catchup=True))
+        if close_missing:
+            fields = tuple(m.field for m in found if m is not None)
+            self.enqueue(FleetReconcile((), fields))
 
     def _reconcile(self) -> None:
         """The stream moved on past this host's position: the live grants in full."""
@@ -283,17 +334,20 @@ class FleetLink:
                 self._hand(FleetApply(message))  # never this host's own grants
         return entries
 
-    def _drop_grants(self, closed: set[str]) -> None:
+    def _drop_grants(self, closed: set[str]) -> int:
         """Backlog grants for a door and address closed elsewhere during the outage
         are not published: that close reached this host too (it closed the grant
-        here), so the fleet agrees on closed, whatever the hosts' clocks say."""
+        here), so the fleet agrees on closed, whatever the hosts' clocks say. How many
+        were dropped."""
         if not closed:
-            return
+            return 0
         with self._publishing:
             kept = [m for m in self._backlog if m.kind != "grant" or m.field not in closed]
-            self.stale += len(self._backlog) - len(kept)
+            dropped = len(self._backlog) - len(kept)
+            self.stale += dropped
             self._backlog.clear()
             self._backlog.extend(kept)
+        return dropped
 
     def _hand(self, item: FleetApply) -> None:
         """To the loop, at most :data:`IN_FLIGHT` not yet carried out."""

@@ -114,9 +114,10 @@ class RedisStore:
     def trimmed(self, after: str) -> bool:
         """Whether the entry at ``after`` is gone: MAXLEN trims the oldest first, so
         while it is there nothing newer is missing (gone too when Redis came back
-        empty). ``0-0`` (the stream was empty) counts as not trimmed."""
+        empty). ``0-0`` (the stream was empty and nothing was read since) counts as
+        trimmed once the stream holds anything (whether entries went is unknown)."""
         if after == "0-0":
-            return False
+            return self.last_id() != "0-0"
         found = self._do(
             "XREVRANGE",
             lambda: self.client.xrevrange(self.keys.stream, max=after, min=after, count=1),

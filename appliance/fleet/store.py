@@ -37,7 +37,9 @@ class FleetStore(Protocol):
 
     def trimmed(self, after: str) -> bool:
         """Whether the entry at ``after`` is gone (then reading on from it could miss
-        newer ones; ``0-0``: the stream was empty, not trimmed)."""
+        newer ones). ``0-0`` (the stream was empty when this host connected, and it
+        read nothing since) counts as trimmed once the stream holds anything: nothing
+        tells whether entries went meanwhile, and a reconcile is cheap."""
         ...
 
     def live(self, now: float) -> list[FleetMessage | None]:
@@ -100,7 +102,9 @@ class MemoryStore:
     def trimmed(self, after: str) -> bool:
         with self._lock:
             self._check("XREVRANGE")
-            return after != "0-0" and all(ident != after for ident, _ in self._stream)
+            if after == "0-0":
+                return bool(self._stream)
+            return all(ident != after for ident, _ in self._stream)
 
     def live(self, now: float) -> list[FleetMessage | None]:
         with self._lock:

@@ -4,10 +4,11 @@ Each sender raises :class:`~appliance.notify.delivery.DeliveryError` when the re
 cannot take the item now (connection refused, time-out, 5xx, 408, 429, an answer that
 is not HTTP: tried again) and :class:`~appliance.notify.delivery.Rejected` when it
 refuses it for good (another 4xx, a redirect, an SMTP 5xx, a request that cannot be
-built: dropped). Requests go straight to the receiver: no proxy from the environment, no
-redirect followed (a signed body is for one receiver). A notifier's ``timeout`` bounds
-the whole request (resolving, connecting, sending, reading the answer), not each socket
-operation: a receiver that trickles its answer is cut off at it (:class:`_Watchdog`).
+built, an invalid URL: dropped). Requests go straight to the receiver: no proxy from
+the environment, no redirect followed (a signed body is for one receiver). A
+notifier's ``timeout`` bounds the whole request (resolving, connecting, sending,
+reading the answer), not each socket operation: a receiver that trickles its answer is
+cut off at it (:class:`_Watchdog`).
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeo
     try:
         parts = urllib.parse.urlsplit(url)
         host, port = parts.hostname or "", parts.port
-    except ValueError as error:
-        raise Rejected(f"{where}: not a URL ({error}): dropped") from None
+    except ValueError:  # its words may quote a piece of the URL (a password, a token)
+        raise Rejected(f"{where}: not a URL: dropped") from None
     https = parts.scheme == "https"
     port = port or (443 if https else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -136,6 +137,8 @@ def http_send(method: str, url: str, body: bytes, headers: dict[str, str], timeo
             response = conn.getresponse()
             status = response.status
             response.read(65536)
+    except http.client.InvalidURL:  # a control character, a bad host: never sendable
+        raise Rejected(f"{where}: not a valid URL: dropped") from None
     # OSError before ValueError: ssl's certificate errors are both (and are retried).
     except (OSError, http.client.HTTPException) as error:
         if watchdog.fired or isinstance(error, TimeoutError):

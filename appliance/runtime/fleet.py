@@ -19,7 +19,9 @@ here runs on the loop's thread; the link (:mod:`appliance.fleet.link`) does the 
 What a fleet message may do here is checked on the loop: the address (no address of
 this host's own), the door (this host's, shared), the deadline (capped; past: counted
 as expired). (A grant that waited in the backlog and was made before a close made
-elsewhere meanwhile is dropped by the link before it is published.)
+elsewhere meanwhile is dropped by the link before it is published.) A close made here
+is read back from the stream: it closes what was applied from the fleet since it was
+made (those grants come before it in the stream), never a grant made here after it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from appliance.core.events import Grant, Revoke, Vet
 from appliance.core.model import Door
 from appliance.errors import FirewallError
 from appliance.fleet import messages
-from appliance.fleet.link import FleetLink
+from appliance.fleet.link import BACKLOG_MAX, IN_FLIGHT, FleetLink
 from appliance.fleet.messages import (
     FleetApply,
     FleetClaimed,
@@ -56,6 +58,7 @@ MIN_REMAINING = 0.5  # seconds: a fleet grant with less left is not applied
 CLAIM_GRACE = 1.0  # seconds beyond claim_timeout before a claim counts as unreachable
 CAP_SLACK = 2.0  # seconds a fleet grant may last beyond this host's door's longest grant
 PEERS_MAX = 64  # peers remembered (the least recently seen go first)
+CLOSING_MAX = BACKLOG_MAX + IN_FLIGHT  # closes made here remembered until read back
 CLAIM_OUTCOMES = ("claimed", "taken", "unreachable", "local")
 
 
@@ -92,6 +95,10 @@ class FleetHooks:
         # with a heap by deadline to forget the past ones
         self._applied: dict[tuple[str, str], tuple[float, float]] = {}  # (as sent, here)
         self._deadlines: list[tuple[float, tuple[str, str]]] = []
+        # id -> (door, address) of a close made here, published and not read back yet,
+        # that still closes what is in place when it comes back (a newer grant made
+        # here for the door and address removes it: that grant follows it in the stream)
+        self._closing: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
 
     @property
     def fleet(self) -> FleetSettings:
@@ -118,6 +125,9 @@ class FleetHooks:
             now = self.daemon.wall()
             deadline = now + seconds
             self._remember(grant.door, grant.address, deadline, deadline)
+            key = (grant.door, grant.address)
+            for ident in [i for i, closing in self._closing.items() if closing == key]:
+                del self._closing[ident]  # closes before this grant, in the stream too
             self.link.publish(
                 messages.grant(
                     grant.door, grant.address, deadline, self.settings.host, grant.ports, now
@@ -128,7 +138,11 @@ class FleetHooks:
         if self.fleet.shares(revoke.door):
             now = self.daemon.wall()
             self._forget(revoke.door, revoke.address)
-            self.link.publish(messages.revoke(revoke.door, revoke.address, self.settings.host, now))
+            message = messages.revoke(revoke.door, revoke.address, self.settings.host, now)
+            self._closing[message.id] = (revoke.door, revoke.address)
+            while len(self._closing) > CLOSING_MAX:
+                self._closing.popitem(last=False)
+            self.link.publish(message)
 
     # ----------------------------------------------------------------- deferred vets
 
@@ -306,8 +320,12 @@ class FleetHooks:
             self.skipped += 1
             return
         key = (message.door, message.address)
-        if message.origin == self.settings.host and key not in self._applied:
-            return  # a close made here, carried out here already
+        # A close made here closed what was in place then; read back, it closes only
+        # what was applied from the fleet since (before it in the stream), never a
+        # grant made here after it (after it in the stream).
+        own = message.origin == self.settings.host
+        if own and (self._closing.pop(message.id, None) is None or key not in self._applied):
+            return
         self._forget(message.door, message.address)
         self.revocations_applied += 1
         revoke = Revoke(

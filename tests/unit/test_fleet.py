@@ -872,11 +872,22 @@ def test_a_cluster_that_cannot_be_reached_does_not_stop_the_start() -> None:
 
 
 def test_a_redis_password_never_shows_in_a_config_error(tmp_path: Path) -> None:
-    for url in ("redis://u:s3cret@198.18.0.5:99999/0", "http://u:s3cret@198.18.0.5/"):
+    for url in (
+        "redis://u:s3cret@198.18.0.5:99999/0",
+        "http://u:s3cret@198.18.0.5/",
+        "redis://kg:s3cr/et@198.18.0.5:6379",  # urlsplit reads 's3cr' as the port
+        "redis://kg:s3cr#et@198.18.0.5:6379",
+        "redis://kg:s3cr?et@198.18.0.5:6379",
+    ):
         with pytest.raises(ConfigError) as error:
             _load(tmp_path, f"fleet: {{name: prod, redis: '{url}'}}\n" + DOORS)
-        assert "s3cret" not in str(error.value)
+        assert "s3cr" not in str(error.value)
         assert "the URL holds a password" in str(error.value)
+    for url in ("redis://s3cr/et@198.18.0.5:6379", "redis://s3cret@198.18.0.5:99999/0"):
+        with pytest.raises(ConfigError) as error:  # a password given as the user name
+            _load(tmp_path, f"fleet: {{name: prod, redis: '{url}'}}\n" + DOORS)
+        assert "s3cr" not in str(error.value) and "is not a Redis URL" in str(error.value)
+        assert "'redis://***@198.18.0.5:" in str(error.value)
 
 
 def test_a_password_file_readable_by_others_is_warned_about(tmp_path: Path) -> None:
@@ -967,3 +978,134 @@ def test_status_shows_redis_error_text_without_control_characters() -> None:
     block["last_error"] = "ERR bad\n2026 opened door ssh\x1b[2J"
     (error,) = [line for line in fleet_lines(block) if "last error" in line]
     assert error == "  last error: ERR bad?2026 opened door ssh?[2J"
+
+
+# ----------------------------------------------------------------- re-check (fix2)
+
+C = "198.18.5.3"
+
+
+def test_a_close_and_reopen_here_during_an_outage_leave_the_fleet_open(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.knock("a", A, *CLOSE)
+    fleet.knock("a", A, *OPEN)  # re-opened here: the newer grant
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.reachable)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.backlog == 0)
+    fleet.pump(lambda: False, timeout=0.2)
+    assert wall_b.is_open(A, SSH)  # close, then grant: open
+    assert wall_a.is_open(A, SSH)  # its own close read back does not shut its newer grant
+
+
+def test_a_close_made_here_read_back_closes_a_fleet_grant_applied_before_it(
+    fleet: Fleet,
+) -> None:
+    a, wall_a = fleet.start("a")
+    b, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.knock("a", A, *CLOSE)  # waits in A's backlog
+    fleet.knock("b", A, *OPEN)  # in the stream before A's close
+    assert fleet.pump(lambda: b.fleet is not None and b.fleet.link.published == 1)
+    fleet.cut("a", False)  # A reads B's grant on (applies it), then publishes its close
+    assert fleet.pump(lambda: not wall_b.is_open(A, SSH))
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # grant, then close: closed
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_a.is_open(A, SSH) and not wall_b.is_open(A, SSH)
+    assert a.fleet is not None and a.fleet.revocations_applied == 1
+
+
+def test_a_trimmed_position_publishes_the_backlogs_closes_only(fleet: Fleet) -> None:
+    a, wall_a = fleet.start("a")
+    _, wall_b = fleet.start("b")
+    fleet.knock("a", A, *OPEN)
+    fleet.knock("a", B, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(A, SSH) and wall_b.is_open(B, SSH))
+    fleet.cut("a")
+    fleet.knock("a", A, *OPEN)  # again: queued before B's close
+    fleet.knock("a", B, *CLOSE)  # a close made here: still published
+    fleet.knock("b", A, *CLOSE)  # a later close, made on B meanwhile
+    fleet.store.trim(0)  # A's position (and B's close) are gone
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.backlog == 0)
+    assert fleet.pump(lambda: not wall_b.is_open(B, SSH))
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # dropped: closed here too
+    fleet.pump(lambda: False, timeout=0.2)
+    assert not wall_b.is_open(A, SSH)  # the older grant does not reopen B
+    assert not wall_a.is_open(A, SSH)
+    assert a.snapshot()["fleet"]["refused"]["stale"] == 1
+
+
+def test_a_host_that_connected_to_an_empty_stream_reconciles_when_it_was_trimmed(
+    fleet: Fleet,
+) -> None:
+    a, wall_a = fleet.start("a")  # the stream is empty: position 0-0
+    _, _ = fleet.start("b")
+    fleet.cut("a")
+    fleet.knock("b", B, *OPEN)
+    fleet.knock("b", A, *OPEN)
+    fleet.store.trim(1)  # B's grant for B is gone from the stream, still live
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: wall_a.is_open(A, SSH) and wall_a.is_open(B, SSH))
+    assert a.fleet is not None and a.fleet.link.reconciled == 1
+
+
+def test_a_position_trimmed_while_reading_on_reconciles(fleet: Fleet) -> None:
+    fleet.start("a")
+    b, wall_b = fleet.start("b")
+    fleet.knock("a", C, *OPEN)
+    assert fleet.pump(lambda: wall_b.is_open(C, SSH))
+    fleet.cut("b")
+    fleet.knock("a", A, *OPEN)
+    fleet.knock("a", B, *OPEN)
+    store = fleet.store
+    trimmed = store.trimmed
+    once = [True]
+
+    def trimmed_then_trim(after: str) -> bool:
+        gone = trimmed(after)
+        if once.pop() if once else False:
+            store.trim(1)  # between the check and the read: B's position and A's grant go
+        return gone
+
+    store.trimmed = trimmed_then_trim  # type: ignore[method-assign]
+    fleet.cut("b", False)
+    assert fleet.pump(lambda: wall_b.is_open(B, SSH) and wall_b.is_open(A, SSH))
+    assert b.fleet is not None and b.fleet.link.reconciled == 1
+
+
+def test_the_first_connect_drops_backlog_grants_closed_during_the_startup_outage() -> None:
+    from appliance.fleet.messages import FleetReconcile, revoke
+
+    store = MemoryStore("prod")
+    store.publish(grant("ssh", A, 2000.0, "b", (SSH,)), 1000.0)
+    store.publish(grant("ssh", B, 2000.0, "b", (SSH,)), 1000.0)
+    store.down = True
+    items: list[FleetItem] = []
+    link = link_module.FleetLink("a", store, items.append, wall=lambda: 1000.0, block=0.02)
+    link.start()
+    try:
+        link.publish(grant("ssh", A, 1030.0, "a", (SSH,)))  # knocked here, Redis down
+        link.publish(grant("ssh", C, 1030.0, "a", (SSH,)))  # never closed anywhere
+        deadline = time.monotonic() + 3
+        while link.backlog < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert link.backlog == 2
+        store.down = False
+        store.publish(revoke("ssh", A, "b"), 1000.0)  # closed elsewhere meanwhile
+        store.wake()
+        while link.backlog and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.1)
+    finally:
+        link.stop()
+    live = {m.field for m in store.live(1000.0) if m is not None}
+    assert live == {f"ssh|{B}", f"ssh|{C}"}  # A's grant does not reopen fleet-wide
+    assert link.stale == 1
+    closing = [item for item in items if isinstance(item, FleetReconcile)]
+    assert closing and f"ssh|{A}" not in closing[0].live

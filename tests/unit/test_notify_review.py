@@ -666,3 +666,35 @@ def test_an_untrusted_certificate_is_retried_not_rejected(tmp_path: Path) -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_password_that_ends_the_host_early_is_refused_without_echoing_it(
+    tmp_path: Path,
+) -> None:
+    for url in (
+        "http://kg:s3cr/et@198.18.0.9/",  # urlsplit reads 's3cr' as the port
+        "http://kg:s3cr#et@198.18.0.9/",
+        "http://kg:s3cr?et@198.18.0.9/",
+        "http://198.18.0.9:99999/x",  # a bad port: every item would be dropped
+        "http://198.18.0.9:0/x",
+    ):
+        with pytest.raises(ConfigError, match=r"notify\.c\.chat\.url") as caught:
+            _config(tmp_path, f"  c:\n    chat: {{url: '{url}'}}\n")
+        assert "s3cr" not in str(caught.value) and "Port" not in str(caught.value)
+
+
+def test_a_control_character_in_a_url_is_refused_and_never_retried(tmp_path: Path) -> None:
+    from appliance.notify.delivery import Rejected
+
+    with pytest.raises(ConfigError, match=r"notify\.c\.chat\.url: .* holds a control character"):
+        _config(tmp_path, '  c:\n    chat: {url: "http://198.18.0.9/a\\x01b"}\n')
+    with pytest.raises(Rejected, match="not a valid URL: dropped"):  # not retried forever
+        http_send("POST", "http://127.0.0.1:9/a\x01b", b"", {}, 1.0)
+
+
+def test_a_url_that_does_not_parse_at_send_time_is_dropped_without_its_words() -> None:
+    from appliance.notify.delivery import Rejected
+
+    with pytest.raises(Rejected) as caught:
+        http_send("POST", "http://kg:s3cr/et@198.18.0.9/", b"", {}, 1.0)
+    assert "s3cr" not in str(caught.value)
