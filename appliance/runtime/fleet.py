@@ -364,6 +364,17 @@ class FleetHooks:
 
     # ----------------------------------------------------------------- status, metrics
 
+    def refusals(self) -> dict[str, int]:
+        """Fleet entries not applied as they came, by reason (``capped`` ones were applied,
+        shortened)."""
+        return {
+            "malformed": self.link.malformed,
+            "capped": self.capped,
+            "expired": self.expired,
+            "stale": self.link.stale,
+            "own_address": self.refused,
+        }
+
     def numbers(self) -> FleetNumbers:
         return FleetNumbers(
             reachable=self.reachable,
@@ -372,6 +383,7 @@ class FleetHooks:
             revocations_applied=self.revocations_applied,
             backlog=self.link.backlog,
             claims=dict(self.claims),
+            refused=self.refusals(),
         )
 
     def snapshot(self) -> dict[str, Any]:
@@ -389,13 +401,7 @@ class FleetHooks:
             "applied": self.applied,
             "revocations_applied": self.revocations_applied,
             "skipped": self.skipped,
-            "refused": {
-                "malformed": self.link.malformed,
-                "capped": self.capped,
-                "expired": self.expired,
-                "stale": self.link.stale,
-                "own_address": self.refused,
-            },
+            "refused": self.refusals(),
             "reconciled": self.link.reconciled,
             "reconciled_closes": self.reconciled_closes,
             "backlog": self.link.backlog,

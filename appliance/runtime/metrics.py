@@ -128,6 +128,7 @@ class FleetNumbers:
     revocations_applied: int
     backlog: int  # messages waiting for the store to come back
     claims: Mapping[str, int]  # shared claims by outcome: claimed, taken, unreachable, local
+    refused: Mapping[str, int] = field(default_factory=dict)  # entries not applied as they came
 
 
 @dataclass(frozen=True, slots=True)

@@ -220,6 +220,16 @@ def _fleet_families(fleet: FleetNumbers) -> Iterator[Metric]:
     for outcome, count in sorted(fleet.claims.items()):
         claims.add_metric([outcome], count)
     yield claims
+    refused = CounterMetricFamily(
+        "knockgate_fleet_refused",
+        "Fleet entries not applied as they came, by reason: malformed, capped (applied, "
+        "shortened to this host's door), expired, stale (a backlog grant closed elsewhere "
+        "meanwhile), own_address.",
+        labels=["reason"],
+    )
+    for reason, count in sorted(fleet.refused.items()):
+        refused.add_metric([reason], count)
+    yield refused
 
 
 def _histogram(name: str, text: str, label: str, by: Mapping[str, Buckets]) -> Metric:

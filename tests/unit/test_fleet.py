@@ -696,6 +696,8 @@ def _arrive(fleet: Fleet, host: str, message: FleetMessage) -> None:
 
 
 def test_a_fleet_grant_lasts_no_longer_than_this_hosts_door_allows(fleet: Fleet) -> None:
+    from appliance.runtime.metrics_server import _fleet_families
+
     b, wall_b = fleet.start("b")
     now = fleet.clock.now
     _arrive(fleet, "b", grant("ssh", A, now + 10 * 365 * 86_400, "x", (SSH,)))
@@ -707,6 +709,11 @@ def test_a_fleet_grant_lasts_no_longer_than_this_hosts_door_allows(fleet: Fleet)
     from appliance.runtime.status import fleet_lines
 
     assert "  refused from the fleet: capped 1, expired 1" in fleet_lines(b.snapshot()["fleet"])
+    assert b.fleet is not None
+    families = list(_fleet_families(b.fleet.numbers()))
+    (family,) = [f for f in families if f.name == "knockgate_fleet_refused"]
+    got = {s.labels["reason"]: s.value for s in family.samples}
+    assert got["capped"] == 1 and got["expired"] == 1 and got["malformed"] == 0
 
 
 def test_a_fleet_grant_for_this_hosts_own_address_is_refused(fleet: Fleet) -> None:
