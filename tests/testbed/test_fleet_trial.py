@@ -206,28 +206,33 @@ def make_password(path: Path) -> None:
 
 def remove_leftovers() -> None:
     """A killed earlier run's project (its containers by label: a ``down -v`` without its
-    override would name the default volumes), its volumes, the namespace."""
-    listing = docker(
+    override would name the default volumes), the service containers its appliance launched,
+    then its volumes (once no container holds them), its table, the namespace."""
+    projects = docker(
         "ps", "-a", "--filter", "label=com.docker.compose.project",
         "--format", '{{.Label "com.docker.compose.project"}}', check=False,
     ).stdout.split()  # fmt: skip
-    dead = set()
-    for project in set(listing):
-        match = re.fullmatch(r"kgtrial(\d+)", project)
-        if match and not pid_alive(int(match.group(1))):
-            dead.add(match.group(1))
-            ids = project_containers(project)
-            if ids:
-                docker("rm", "-f", "-v", *ids, check=False)
-    for volume in docker("volume", "ls", "-q", check=False).stdout.split():
-        match = re.match(r"kgtrial-(\d+)-", volume)
-        if match and not pid_alive(int(match.group(1))):
-            dead.add(match.group(1))
-            docker("volume", "rm", "-f", volume, check=False)
-    if dead:  # that run's appliance launched them and made the table
+    volumes = docker("volume", "ls", "-q", check=False).stdout.split()
+    dead_projects = [
+        project
+        for project in set(projects)
+        if (match := re.fullmatch(r"kgtrial(\d+)", project)) and not pid_alive(int(match[1]))
+    ]
+    dead_volumes = [
+        volume
+        for volume in volumes
+        if (match := re.match(r"kgtrial-(\d+)-", volume)) and not pid_alive(int(match[1]))
+    ]
+    for project in dead_projects:
+        ids = project_containers(project)
+        if ids:
+            docker("rm", "-f", "-v", *ids, check=False)
+    if dead_projects or dead_volumes:  # that run's appliance launched them and made the table
         ids = owned_containers()
         if ids:
             docker("rm", "-f", "-v", *ids, check=False)
+        if dead_volumes:
+            docker("volume", "rm", "-f", *dead_volumes, check=False)
         if nft_table_exists() and not appliance_running():
             run(["nft", "delete", "table", "inet", "knockgate"], check=False)
     run(["ip", "netns", "del", NETNS], check=False)
