@@ -16,7 +16,6 @@ reloads, repairs) pass at once. Pure: the caller passes the time.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from appliance.runtime.events_log import SUMMARY_SECONDS as LOG_WINDOW
@@ -28,7 +27,6 @@ REFUSALS_SHOWN = SHOWN  # the earlier name
 FLOOD_KNOCKS = 100  # knock noise in a window that is a flood worth a summary on its own
 REFUSALS = ("held-off", "refused")
 PER_ADDRESS = ("opened", "closed", "expired", "grant-failed", *REFUSALS)
-_HELD_BACK = re.compile(r"(\d+) more refusals")
 WORDS = {
     "first_knock": "first knocks",
     "stage": "later steps",
@@ -76,9 +74,7 @@ class Aggregator:
                 mine = window.counts.setdefault(door, {})
                 for outcome, n in by.items():
                     mine[outcome] = mine.get(outcome, 0) + n
-            held = _HELD_BACK.search(record.detail)
-            if held:
-                window.held_by_log += int(held.group(1))
+            window.held_by_log += record.held_back
             return []
         if record.kind in PER_ADDRESS:
             window = self._open(now)

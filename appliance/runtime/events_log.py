@@ -87,6 +87,7 @@ class EventRecord:
     service: str = ""
     detail: str = ""
     counts: dict[str, dict[str, int]] | None = None
+    held_back: int = 0  # a ``knocks`` summary: refusals only counted (in ``detail`` as words)
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"time": round(self.time, 3), "kind": self.kind}
@@ -306,7 +307,7 @@ class EventLog:
             detail = f"last {now - window.start:.0f} s"
             if window.held_back:
                 detail += f"; {window.held_back} more refusals not shown one by one"
-            self.event("knocks", detail=detail, counts=counts)
+            self.event("knocks", detail=detail, counts=counts, held_back=window.held_back)
         self._window = _Window(now, dict(self.tally.knocks))
 
     def keep_doors(self, doors: set[str]) -> None:

@@ -169,6 +169,24 @@ def test_other_records_pass_at_once_and_a_held_window_is_flushed_at_shutdown() -
     assert summary.detail.startswith("3 resets in the last 10 s; 2 more refusals")
 
 
+def test_refusals_the_event_log_only_counted_reach_the_summary() -> None:
+    """The log's own budget (100 refusal records a window) held some back: the notifier's
+    summary counts them too, from the record's field, not its words."""
+    from appliance.runtime.events_log import REFUSAL_BUDGET, SUMMARY_SECONDS
+
+    now = [0.0]
+    log = EventLog(wall=lambda: now[0], clock=lambda: now[0])
+    for i in range(REFUSAL_BUDGET + 20):
+        log.refusal("held-off", door="ssh", address=f"198.18.7.{i + 1}")
+    now[0] = SUMMARY_SECONDS
+    log.summarise()
+    aggregator = Aggregator()
+    for record in log.recent():
+        aggregator.offer(record, record.time)
+    (summary,) = aggregator.flush(20.0, 20.0)
+    assert "115 more refusals not sent one by one (95 held-off, 20 only counted)" in summary.detail
+
+
 # --------------------------------------------------------------------------- digest
 
 
