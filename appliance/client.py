@@ -237,18 +237,6 @@ def use_one_time(path: str, offset: int) -> None:
         ) from None
 
 
-def send_datagram(address_family: int, address: str, port: int, payload: bytes) -> str:
-    """Send one UDP datagram; return the local address it left from."""
-    try:
-        with socket.socket(address_family, socket.SOCK_DGRAM) as sock:
-            sock.connect((address, port))
-            local = str(sock.getsockname()[0])
-            sock.send(payload)
-    except OSError as error:
-        raise KnockError(f"cannot send to {address} port {port}/udp: {_reason(error)}") from None
-    return local
-
-
 def _unknown_door(config: Config, door_name: str) -> str:
     known = ", ".join(door.name for door in config.doors)
     if not known:

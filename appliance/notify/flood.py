@@ -90,9 +90,6 @@ class Aggregator:
             self._window = _Window(now, now - before)
         return self._window
 
-    def next_due(self) -> float | None:
-        return None if self._window is None else self._window.start + self.every
-
     def due(self, now: float, wall: float) -> list[EventRecord]:
         """The summary of a window that has ended (nothing when nothing was held)."""
         window = self._window
