@@ -25,7 +25,10 @@ reads the live grants in full (:class:`FleetReconcile`: grants no longer live, t
 dropped included, are closed here). The first connect after a start drops backlog
 grants for a door and address closed in the readable stream and not live (the close
 may have come after them), publishes the rest, then reads the live grants (catch-up,
-this host's own included; the dropped ones are closed here).
+this host's own included; the dropped ones are closed here). A store that lost its data
+meanwhile (a new epoch: Redis restarted without persistence, or flushed) is met the same
+way, then with a reconcile: the grants made during the outage come back whichever host
+reconnects first, and fleet grants from before the loss close (fail closed).
 
 The store counts as reachable after a connect that wrote (the backlog) and read (the
 stream); reconnects back off from :data:`MIN_BACKOFF` to :data:`MAX_BACKOFF` with
@@ -41,6 +44,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Literal
 
@@ -91,6 +95,7 @@ class FleetLink:
         self._lock = threading.Lock()
         self._reported: bool | None = None  # the reachability last told to the loop
         self._after: str | None = None  # the stream position (None: not connected yet)
+        self._epoch: str | None = None  # the store's epoch at the last connect
         self._threads: list[threading.Thread] = []
         # Read by the loop for status (plain ints and a string: no lock needed).
         self.published = 0
@@ -235,12 +240,15 @@ class FleetLink:
         away (before or while reading on), publish only the backlog's closes and
         reconcile on the live grants. Then tell the loop."""
         self.store.ping()
+        epoch = self.store.epoch(uuid.uuid4().hex)
         if self._after is None:
             after = self.store.last_id()
-            dropped = self._drop_closed_at_start()
+            dropped = self._drop_closed_in_stream()
             self._flush()
             self._catch_up(dropped)
             self._after = after
+        elif epoch is not None and self._epoch is not None and epoch != self._epoch:
+            self._lost()
         elif self.store.trimmed(self._after):
             self._resync()
         else:
@@ -260,6 +268,7 @@ class FleetLink:
             else:
                 self._drop_grants(closed)
                 self._flush()
+        self._epoch = epoch
         self._follow(self.store.read(self._after, None))
         self._up()
         self._outbox.put(("flush",))  # what was queued while connecting
@@ -277,7 +286,26 @@ class FleetLink:
         self._flush()
         self._reconcile()
 
-    def _drop_closed_at_start(self) -> bool:
+    def _lost(self) -> None:
+        """The store lost its data while this host was away (Redis restarted without
+        persistence, or flushed): the stream read on from here is gone, the live
+        grants too. As after a start, the backlog's grants not closed in the new
+        stream are published (every host lost contact when Redis went: the grants
+        made meanwhile come back whichever host reconnects first), then the live
+        grants in full (fleet grants applied here before the loss close: fail
+        closed)."""
+        published = self.published
+        self._drop_closed_in_stream()
+        self._flush()
+        self._reconcile()
+        log.warning(
+            "fleet: the shared state lost its data (Redis restarted empty or flushed): "
+            "%d grant(s) and close(s) made here meanwhile published; fleet grants from "
+            "before it are closed here",
+            self.published - published,
+        )
+
+    def _drop_closed_in_stream(self) -> bool:
         """Before the first publish after a start: backlog grants for a door and address
         closed anywhere in the readable stream and not live now are dropped (that close
         may have been made during the startup outage, after them: fail closed, knock

@@ -227,6 +227,10 @@ class Keys:
     def deadlines(self) -> str:
         return self.prefix + "deadlines"
 
+    @property
+    def epoch(self) -> str:
+        return self.prefix + "epoch"
+
     def claims(self, records: tuple[Record, ...], now: float) -> tuple[tuple[str, float], ...]:
         """The shared claims a vet's records make: (key, seconds to keep it), at unix
         time ``now``. The same identity as the local caches: an SPA packet by its

@@ -6,6 +6,7 @@ Key layout (``NAME``: the fleet; the braces make one Cluster hash slot)::
                                  fields kind, door, address, deadline, origin, id, ports
     kg:{NAME}:grants             hash: DOOR|ADDRESS -> "DEADLINE ORIGIN ID PORTS", live grants
     kg:{NAME}:deadlines          sorted set: DOOR|ADDRESS scored by its deadline (cleanup)
+    kg:{NAME}:epoch              a token set once (SET NX GET): new when Redis lost its data
     kg:{NAME}:spa:HEXDIGEST      claims, SET NX PX: an SPA packet used (value: the host)
     kg:{NAME}:totp:DOOR:STEP     a TOTP step used
     kg:{NAME}:onetime:DOOR:LINE  a one-time sequence used
@@ -106,6 +107,18 @@ class RedisStore:
 
     def ping(self) -> None:
         self._do("PING", lambda: self.client.ping())
+
+    def epoch(self, token: str) -> str | None:
+        def run() -> Any:
+            try:
+                return self.client.set(self.keys.epoch, token, nx=True, get=True)
+            except redis.exceptions.ResponseError:
+                return False  # Redis before 7.0 (NX with GET), an ACL without SET, OOM
+
+        found = self._do("SET", run)
+        if found is False:
+            return None
+        return token if found is None else bytes(found).decode("utf-8", "replace")
 
     def last_id(self) -> str:
         found = self._do("XREVRANGE", lambda: self.client.xrevrange(self.keys.stream, count=1))

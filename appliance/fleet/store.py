@@ -31,6 +31,12 @@ class FleetStore(Protocol):
 
     def ping(self) -> None: ...
 
+    def epoch(self, token: str) -> str | None:
+        """The store's epoch: set to ``token`` unless one is set, then the one in
+        force. A store that lost its data (restarted without persistence, flushed)
+        has a new one. ``None`` when the server cannot tell (before Redis 7.0)."""
+        ...
+
     def last_id(self) -> str:
         """The newest stream entry's id (``0-0`` when there is none)."""
         ...
@@ -80,6 +86,7 @@ class MemoryStore:
         self._grants: dict[bytes, bytes] = {}
         self._claims: dict[str, tuple[str, float]] = {}
         self._seq = 0
+        self._epoch: str | None = None
         self.now = 0.0  # the claims' clock (tests set it)
         self.calls: dict[str, int] = {}
 
@@ -93,6 +100,23 @@ class MemoryStore:
     def ping(self) -> None:
         with self._lock:
             self._check("PING")
+
+    def epoch(self, token: str) -> str | None:
+        with self._lock:
+            self._check("SET")
+            if self._epoch is None:
+                self._epoch = token
+            return self._epoch
+
+    def lose_data(self) -> None:
+        """Everything gone, as a Redis restarted without persistence (the ids go on
+        growing, as a clock's do)."""
+        with self._lock:
+            self._stream.clear()
+            self._grants.clear()
+            self._claims.clear()
+            self._epoch = None
+            self._lock.notify_all()
 
     def last_id(self) -> str:
         with self._lock:

@@ -1116,3 +1116,68 @@ def test_the_first_connect_drops_backlog_grants_closed_during_the_startup_outage
     assert link.stale == 1
     closing = [item for item in items if isinstance(item, FleetReconcile)]
     assert closing and f"ssh|{A}" not in closing[0].live
+
+
+def test_grants_made_while_redis_was_gone_come_back_when_it_returns_empty(
+    fleet: Fleet,
+) -> None:
+    """CI found it: Redis restarted without its data; the host that reconnected last
+    found the stream holding another's grant past its old position, took the position
+    for trimmed and dropped the grant made here during the outage. A new epoch is a
+    store that lost its data: every host publishes what it made meanwhile."""
+    a, wall_a = fleet.start("a")
+    b, wall_b = fleet.start("b")
+    c, wall_c = fleet.start("c")
+    fleet.knock("b", A, *OPEN)  # before the loss: a and c apply it from the fleet
+    assert fleet.pump(lambda: wall_a.is_open(A, SSH) and wall_c.is_open(A, SSH))
+    fleet.store.down = True
+    fleet.store.wake()
+    hosts = (a, b, c)
+    assert fleet.pump(lambda: all(d.fleet is not None and not d.fleet.reachable for d in hosts))
+    fleet.knock("a", B, *OPEN)  # made during the outage, on the host that comes back last
+    fleet.knock("c", B, "5001", "5002")  # a local door: never published
+    fleet.cut("a")
+    fleet.store.lose_data()
+    fleet.store.down = False
+    fleet.store.wake()
+    assert fleet.pump(lambda: b.fleet is not None and b.fleet.reachable)
+    assert fleet.pump(lambda: c.fleet is not None and c.fleet.reachable)
+    fleet.knock("c", A, *CLOSE)  # a close made after the loss, before a is back
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: wall_b.is_open(B, SSH) and wall_c.is_open(B, SSH))
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.backlog == 0)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # the close reached a
+    fleet.pump(lambda: False, timeout=0.2)
+    assert wall_a.is_open(B, SSH)  # its own grant was published, not dropped
+    assert a.fleet is not None and a.fleet.link.stale == 0
+    assert not wall_b.is_open(B, Step(23, "tcp"))
+
+
+def test_a_fleet_grant_from_before_redis_lost_its_data_closes_where_it_was_applied(
+    fleet: Fleet,
+) -> None:
+    a, wall_a = fleet.start("a")
+    b, wall_b = fleet.start("b")
+    fleet.knock("b", A, *OPEN)
+    assert fleet.pump(lambda: wall_a.is_open(A, SSH))
+    fleet.cut("a")
+    fleet.store.lose_data()  # a close made meanwhile, if any, is gone with it
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # fail closed: knock again
+    assert a.fleet is not None and a.fleet.reachable
+    assert fleet.pump(lambda: b.fleet is not None and b.fleet.link.backlog == 0)
+    assert wall_b.is_open(A, SSH)  # the knocked host, never cut off, keeps its own grant
+
+
+def test_a_store_that_cannot_tell_its_epoch_keeps_the_trimmed_rule(fleet: Fleet) -> None:
+    """Redis before 7.0 (no SET NX GET): a position gone counts as trimmed, as before."""
+    fleet.store.epoch = lambda token: None  # type: ignore[method-assign]
+    a, wall_a = fleet.start("a")
+    fleet.start("b")
+    fleet.cut("a")
+    fleet.knock("a", A, *OPEN)
+    fleet.knock("b", B, *OPEN)
+    fleet.cut("a", False)
+    assert fleet.pump(lambda: a.fleet is not None and a.fleet.link.reconciled == 1)
+    assert fleet.pump(lambda: not wall_a.is_open(A, SSH))  # dropped, as on a trim
+    assert a.fleet.link.stale == 1
