@@ -26,6 +26,7 @@ from appliance.fleet.messages import (
     ONE_TIME_CLAIM,
     FleetApply,
     FleetClaimed,
+    FleetHealth,
     FleetItem,
     FleetMessage,
     Keys,
@@ -941,6 +942,10 @@ def test_the_reader_hands_the_loop_a_bounded_number_of_applies(
     link = link_module.FleetLink("a", store, items.append, wall=lambda: 1000.0, block=0.02)
     link.start()
     try:
+        deadline = time.monotonic() + 3
+        while not any(isinstance(item, FleetHealth) for item in items):  # connected first:
+            assert time.monotonic() < deadline  # what is published later is followed
+            time.sleep(0.005)
         for number in range(50):
             store.publish(grant("ssh", A, 2000.0, f"h{number}", (SSH,)), 1000.0)
         time.sleep(0.3)
