@@ -42,8 +42,8 @@ goes to the engine as :class:`NewDoors`: unchanged doors keep their attempts, an
 pending stop commands run at their own time.
 
 Notifications (:mod:`appliance.notify`) follow the event log on threads of their own; the
-loop only starts them, swaps them at a reload when their settings changed, gives them at
-most 2 s to flush at shutdown, and passes SIGUSR1 on (a mail digest now).
+loop only starts them, reconfigures them at a reload when their settings changed, gives
+them at most 2 s to flush at shutdown, and passes SIGUSR1 on (a mail digest now).
 """
 
 from __future__ import annotations
@@ -422,10 +422,10 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self.enqueue(Signal("stop")))
         signal.signal(signal.SIGINT, lambda *_: self.enqueue(Signal("stop")))
         signal.signal(signal.SIGHUP, lambda *_: self.enqueue(Signal("reload")))
-        signal.signal(signal.SIGUSR1, lambda *_: self._digest_now())
+        signal.signal(signal.SIGUSR1, lambda *_: self.enqueue(Signal("digest")))
 
     def _digest_now(self) -> None:
-        """SIGUSR1: the mail notifiers send their digest now (a flag the hub reads)."""
+        """SIGUSR1: the mail notifiers send their digest now."""
         if self.notifications is not None:
             self.notifications.digest_now()
         else:
@@ -446,20 +446,17 @@ class Daemon:
         """A reload with other notifier settings: the running hub reconfigures in place
         (each notifier kept by name keeps its queue and digest); with no notifiers left
         it flushes (bounded) and stops on a thread of its own."""
-        running = self.notifications.notifiers if self.notifications is not None else ()
-        if self.config.settings.notify == running:
+        notifiers, hub = self.config.settings.notify, self.notifications
+        if hub is None:
+            self._start_notifications()
+        elif notifiers == hub.notifiers:
             return
-        if self.notifications is not None and self.config.settings.notify:
-            self.notifications.reconfigure(self.config.settings.notify)
-            return
-        if self.notifications is not None:
+        elif notifiers:
+            hub.reconfigure(notifiers)
+        else:
             # Its flush (bounded) on a thread of its own: the loop does not wait for it.
-            threading.Thread(
-                target=self.notifications.stop, name="notify-stop", daemon=True
-            ).start()
+            threading.Thread(target=hub.stop, name="notify-stop", daemon=True).start()
             self.notifications = None
-        self._start_notifications()
-        if self.notifications is None:
             log.info("notify: no notifiers now")
 
     def run(self) -> None:
@@ -637,12 +634,13 @@ class Daemon:
         match item:
             case Packet():
                 self.packet(item)
-            case Signal(action=action):
-                if action == "reload":
-                    self.reload()
-                else:
-                    log.info("shutting down")
-                    self.running = False
+            case Signal(action="reload"):
+                self.reload()
+            case Signal(action="digest"):
+                self._digest_now()
+            case Signal():  # stop
+                log.info("shutting down")
+                self.running = False
             case StatusRequest(reply=reply):
                 reply(self.snapshot())
             case MetricsRequest(reply=answer):

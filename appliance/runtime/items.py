@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 @dataclass(frozen=True, slots=True)
 class Signal:
-    """SIGTERM/SIGINT (``stop``) or SIGHUP (``reload``), from a signal handler."""
+    """SIGTERM/SIGINT (``stop``), SIGHUP (``reload``) or SIGUSR1 (``digest``: the mail
+    notifiers' digest now), from a signal handler."""
 
-    action: Literal["stop", "reload"]
+    action: Literal["stop", "reload", "digest"]
 
 
 @dataclass(frozen=True, slots=True)
