@@ -992,18 +992,13 @@ def _confinement(monitor: Account | None, settings: Settings) -> Callable[[], No
 def _events(
     config: str | None, socket_path: str | None, follow: bool, as_json: bool, last: int
 ) -> int:
-    from appliance.config.schema import DEFAULT_STATUS_SOCKET
     from appliance.runtime.events_log import EventRecord
     from appliance.runtime.status import events
 
-    if socket_path is None:
-        socket_path = (
-            load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
-        )
     if last < 0:
         raise KnockgateError("events --last: expected 0 or more")
     try:
-        for record in events(socket_path, follow=follow, history=last):
+        for record in events(_status_socket(config, socket_path), follow=follow, history=last):
             if as_json:
                 print(json.dumps(record), flush=True)
             else:
@@ -1017,28 +1012,27 @@ def _events(
     return 0
 
 
-def _top(config: str | None, socket_path: str | None, interval: float, once: bool) -> int:
+def _status_socket(config: str | None, socket_path: str | None) -> str:
+    """The status socket: ``--socket``, else the one ``--config`` names, else the default."""
     from appliance.config.schema import DEFAULT_STATUS_SOCKET
+
+    if socket_path is not None:
+        return socket_path
+    return load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
+
+
+def _top(config: str | None, socket_path: str | None, interval: float, once: bool) -> int:
     from appliance.console.top import run  # rich: loaded only for this command
 
     if not 0.1 <= interval <= 3600:
         raise KnockgateError(f"top --interval: expected 0.1 to 3600 seconds, not {interval:g}")
-    if socket_path is None:
-        socket_path = (
-            load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
-        )
-    return run(socket_path, interval, once)
+    return run(_status_socket(config, socket_path), interval, once)
 
 
 def _status(config: str | None, socket_path: str | None, as_json: bool) -> int:
-    from appliance.config.schema import DEFAULT_STATUS_SOCKET
     from appliance.runtime.status import fleet_lines, notification_lines, query
 
-    if socket_path is None:
-        socket_path = (
-            load_config(config).config.settings.status_socket if config else DEFAULT_STATUS_SOCKET
-        )
-    data = query(socket_path)
+    data = query(_status_socket(config, socket_path))
     if as_json:
         print(json.dumps(data, indent=2))
         return 0 if "error" not in data else 1
