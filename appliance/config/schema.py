@@ -145,9 +145,6 @@ class FleetSettings:
         return door not in self.local_doors
 
 
-NOTIFY_KINDS = ("webhook", "chat", "mail")
-
-
 @dataclass(frozen=True, slots=True)
 class Webhook:
     """POST each event as JSON, signed with HMAC-SHA256 over ``timestamp.body`` with

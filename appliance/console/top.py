@@ -98,11 +98,10 @@ def frame(
     snapshot: dict[str, Any],
     rows: Sequence[Rate] = (),
     recent: Sequence[dict[str, Any]] = (),
-    now: float | None = None,
 ) -> RenderableType:
     """One dashboard frame from a status snapshot, its rates and recent event records."""
     panes = _Panes(_doors(snapshot), _rates(rows), _grants(snapshot), _services(snapshot))
-    return Group(_header(snapshot, now), panes, _events(recent))
+    return Group(_header(snapshot), panes, _events(recent))
 
 
 class _Panes:
@@ -126,9 +125,9 @@ class _Panes:
             yield grid
 
 
-def unreachable(path: str, reason: str, interval: float, now: float | None = None) -> Panel:
+def unreachable(path: str, reason: str, interval: float) -> Panel:
     """The frame shown while no daemon answers."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(now))
+    stamp = time.strftime("%H:%M:%S")
     text = Text.assemble(
         ("daemon not reachable, retrying", "bold red"),
         f" every {interval:g} s ({stamp})\n",
@@ -137,7 +136,7 @@ def unreachable(path: str, reason: str, interval: float, now: float | None = Non
     return Panel(text, title="knockgate top", subtitle=Text(path), border_style="red")
 
 
-def _header(snapshot: dict[str, Any], now: float | None) -> Panel:
+def _header(snapshot: dict[str, Any]) -> Panel:
     interfaces = ", ".join(snapshot.get("interfaces") or []) or "(no interface)"
     packet = snapshot.get("packet_process")
     if isinstance(packet, dict):
@@ -161,7 +160,7 @@ def _header(snapshot: dict[str, Any], now: float | None) -> Panel:
         ("  packet process ", "dim"),
         process,
     )
-    stamp = time.strftime("%H:%M:%S", time.localtime(now))
+    stamp = time.strftime("%H:%M:%S")
     return Panel(line, title=f"knockgate top · {stamp}", title_align="left", box=box.ROUNDED)
 
 

@@ -194,19 +194,19 @@ class FleetLink:
             ticket, claims = request
             try:
                 self.enqueue(self._answer(ticket, claims))
-            except Exception as error:  # a bug: logged, the claim counts as unreachable
+            except Exception:  # a bug: logged, the claim counts as unreachable
                 log.exception("fleet: internal error in the claimer (a bug; going on)")
-                self.enqueue(FleetClaimed(ticket, "unreachable", f"internal error: {error}"))
+                self.enqueue(FleetClaimed(ticket, "unreachable"))
 
     def _answer(self, ticket: int, claims: tuple[tuple[str, float], ...]) -> FleetClaimed:
         """A failed claim is that claim's outcome; the reader alone decides whether the
         store is reachable (one slow claim does not flip the fleet's health)."""
         if not self._reachable.is_set():
-            return FleetClaimed(ticket, "unreachable", self.last_error)
+            return FleetClaimed(ticket, "unreachable")
         try:
             taken = all(self.store.claim(key, self.host, ttl) for key, ttl in claims)
-        except FleetUnreachable as error:
-            return FleetClaimed(ticket, "unreachable", str(error))
+        except FleetUnreachable:
+            return FleetClaimed(ticket, "unreachable")
         return FleetClaimed(ticket, "claimed" if taken else "taken")
 
     # ----------------------------------------------------------------- reader thread

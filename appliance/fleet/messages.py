@@ -179,9 +179,9 @@ def encode_live(message: FleetMessage) -> str:
 def decode_live(field: str, value: str) -> FleetMessage | None:
     door, _, address = field.partition("|")
     parts = value.split(" ")
-    if len(parts) not in (4, 5):  # 4: written before made_at was carried
+    if len(parts) != 5:
         return None
-    deadline, origin, ident, ports = parts[:4]
+    deadline, origin, ident, ports, made_at = parts
     return decode(
         {
             "kind": "grant",
@@ -191,7 +191,7 @@ def decode_live(field: str, value: str) -> FleetMessage | None:
             "origin": origin,
             "id": ident,
             "ports": ports,
-            "made_at": parts[4] if len(parts) == 5 else "0",
+            "made_at": made_at,
         }
     )
 
@@ -283,7 +283,6 @@ class FleetClaimed:
 
     ticket: int
     outcome: ClaimOutcome
-    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)

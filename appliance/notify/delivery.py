@@ -55,14 +55,11 @@ class Delivery(Generic[T]):
         limit: int,
         *,
         clock: Callable[[], float] = time.monotonic,
-        first: float = BACKOFF_FIRST,
-        cap: float = BACKOFF_CAP,
     ) -> None:
         self.name = name
         self.send = send
         self.limit = limit
         self.clock = clock
-        self.first, self.cap = first, cap
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self._queue: collections.deque[T] = collections.deque()
         self._cond = threading.Condition()
@@ -133,7 +130,7 @@ class Delivery(Generic[T]):
             with self._cond:
                 self.counts["failed"] += 1
                 self._failed(error, now)
-                self._retry_at = now + backoff(self._failures, self.first, self.cap)
+                self._retry_at = now + backoff(self._failures)
                 return self._retry_at
         except Exception as error:  # a bug or an answer nobody foresaw: never kill the thread
             with self._cond:

@@ -23,7 +23,6 @@ from appliance.runtime.events_log import EventRecord
 
 SUMMARY_SECONDS = 60.0
 SHOWN = 5  # records of PER_ADDRESS kinds sent one by one per window; the rest summed up
-REFUSALS_SHOWN = SHOWN  # the earlier name
 FLOOD_KNOCKS = 100  # knock noise in a window that is a flood worth a summary on its own
 REFUSALS = ("held-off", "refused")
 PER_ADDRESS = ("opened", "closed", "expired", "grant-failed", *REFUSALS)
@@ -58,10 +57,7 @@ class _Window:
 
 
 class Aggregator:
-    def __init__(
-        self, every: float = SUMMARY_SECONDS, shown: int = SHOWN, threshold: int = FLOOD_KNOCKS
-    ) -> None:
-        self.every = every
+    def __init__(self, shown: int = SHOWN, threshold: int = FLOOD_KNOCKS) -> None:
         self.shown = shown
         self.threshold = threshold
         self._window: _Window | None = None
@@ -93,7 +89,7 @@ class Aggregator:
     def due(self, now: float, wall: float) -> list[EventRecord]:
         """The summary of a window that has ended (nothing when nothing was held)."""
         window = self._window
-        if window is None or now < window.start + self.every:
+        if window is None or now < window.start + SUMMARY_SECONDS:
             return []
         return self.flush(now, wall)
 

@@ -68,10 +68,8 @@ class Notifications:
         self.wall = wall
         self.routes = [self._route(notifier) for notifier in notifiers]
         self.follower: Follower | None = None
-        self.gaps = 0  # times the hub fell behind and was cut off
         self._digest_asked = False  # set from a signal handler: a plain flag, no lock
         self._lock = threading.Lock()  # routes: the hub's thread vs a reload
-        self.errors = 0  # unexpected exceptions in routing or a pass (the hub went on)
         self._errors_seen: set[str] = set()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -231,7 +229,6 @@ class Notifications:
             if self._stopping.is_set():
                 return  # stop() routes what is left
             if record is None and follower.dropped:
-                self.gaps += 1
                 log.warning("notify: fell behind the event log; records were lost")
                 _, self.follower = self.events.subscribe(history=0, buffer=FOLLOW_BUFFER)
             now = self.clock()
@@ -246,13 +243,12 @@ class Notifications:
             with self._lock:
                 step(*args)
         except Exception as error:
-            self.errors += 1
             kind = type(error).__name__
             if kind not in self._errors_seen:
                 self._errors_seen.add(kind)
                 log.error(
                     "notify: %s failed: unexpected %s: %s (the hub goes on; later ones "
-                    "of this kind are only counted)",
+                    "of this kind are not logged)",
                     what,
                     kind,
                     error,

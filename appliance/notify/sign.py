@@ -33,7 +33,8 @@ def verify(
     now: float,
     tolerance: float = TOLERANCE,
 ) -> bool:
-    """What a receiver does (the tests' receiver uses it; the README shows it)."""
+    """What a receiver does (the README shows the same in a few lines; the integration
+    tests run the README's, this one the unit tests)."""
     try:
         stamp = int(timestamp)
     except ValueError:

@@ -175,9 +175,9 @@ class FleetHooks:
         waiting = self.pending.pop(answer.ticket, None)
         if waiting is None:
             return  # already timed out (and answered)
-        self._finish(waiting[0], answer.outcome, answer.error)
+        self._finish(waiting[0], answer.outcome)
 
-    def _finish(self, vet: Vet, outcome: str, error: str = "") -> None:
+    def _finish(self, vet: Vet, outcome: str) -> None:
         refusal = None
         if outcome == "taken":
             refusal = "already used on another host of the fleet"
@@ -207,7 +207,7 @@ class FleetHooks:
         for ticket, (vet, asked, _) in list(self.pending.items()):
             if asked <= late:
                 del self.pending[ticket]
-                self._finish(vet, "unreachable", "no answer in time")
+                self._finish(vet, "unreachable")
 
     # ----------------------------------------------------------------- the link's items
 

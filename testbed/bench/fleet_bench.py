@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO))
 from tests.integration.daemon import PYTHON  # noqa: E402
 from tests.integration.fleet_lab import (  # noqa: E402
     FLEET,
-    PASSWORD,
     REDIS_PORT,
     SPA_OPENS,
     SPA_PORT,
@@ -199,7 +198,6 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--spa-trials", type=int, default=10)
     args = parser.parse_args()
-    assert PASSWORD  # the lab's ACL user
     cleanup_stale()
     with tempfile.TemporaryDirectory(prefix="kg-fleet-bench-") as tmp, FleetLab(Path(tmp)) as lab:
         times = latency(lab, args.trials)
