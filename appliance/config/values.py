@@ -95,7 +95,7 @@ def _whole(text: str) -> int | None:
 
 
 _INTERFACE = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
-_DOOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # a door's, fleet's or host's
 
 
 def parse_port(text: object) -> int:
@@ -242,7 +242,7 @@ def parse_interface(value: object) -> str:
 
 
 def parse_door_name(value: object) -> str:
-    if not isinstance(value, str) or not _DOOR_NAME.fullmatch(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise Invalid(
             f"{shown(value)} is not a door name (expected letters, digits, '_', '.', '-', "
             "starting with a letter or digit, at most 63 characters)"

@@ -29,7 +29,7 @@ from yaml.nodes import MappingNode
 
 from appliance.config.problems import Problems
 from appliance.config.schema import FleetSentinel, FleetSettings, FleetTls
-from appliance.config.values import Invalid, parse_bool, parse_seconds, shown
+from appliance.config.values import NAME, Invalid, parse_bool, parse_seconds, shown
 from appliance.config.yaml_nodes import _choice, _line, _list_of, _Map, _string
 
 FLEET_KEYS = (
@@ -46,7 +46,6 @@ FLEET_KEYS = (
 TLS_KEYS = ("ca", "cert", "key")
 SENTINEL_KEYS = ("master", "hosts")
 DOOR_FLEET_KEYS = ("start_services",)
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -142,7 +141,7 @@ def _door_flag(node: Any) -> bool:
 
 
 def _group_name(value: Any) -> str:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise Invalid(
             f"{shown(value)} is not a fleet or host name (expected letters, digits, '_', "
             "'.', '-', at most 63 characters)"

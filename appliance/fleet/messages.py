@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from appliance.config.schema import FleetSettings
+from appliance.config.values import NAME
 from appliance.core.events import MarkSequenceUsed, Record, SpaDigestSeen, TotpStepUsed
 from appliance.core.model import Step
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _PORT = re.compile(r"([0-9]{1,5})/(tcp|udp)")
 _ID = re.compile(r"[0-9A-Za-z_-]{0,64}")
 ONE_TIME_CLAIM = 366 * 86_400.0  # a one-time line stays used (a claim needs a lifetime)
@@ -130,9 +130,9 @@ def decode(fields: Mapping[str, str]) -> FleetMessage | None:
     """A message from its fields as stored; ``None`` when anything is off."""
     kind = fields.get("kind")
     door, origin = fields.get("door", ""), fields.get("origin", "")
-    if kind not in ("grant", "revoke") or not _NAME.fullmatch(door):
+    if kind not in ("grant", "revoke") or not NAME.fullmatch(door):
         return None
-    if not _NAME.fullmatch(origin):
+    if not NAME.fullmatch(origin):
         return None
     address = grantable(fields.get("address", ""))
     deadline = _number(fields.get("deadline"), 0.0)
