@@ -37,21 +37,28 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_bounded(path: str, limit: int) -> bytes:
+def read_bounded(path: str, limit: int, *, private: bool = False) -> bytes:
     """The bytes of ``path``; :class:`Invalid` when it is not a regular file of at most
-    ``limit`` bytes, or cannot be read.
+    ``limit`` bytes, or cannot be read. ``private`` (a secret): not through a symbolic
+    link, and neither readable by others nor writable by its group (0600 or 0640).
 
     Opened non-blocking (a FIFO without a writer would block the open itself) and
     checked with ``fstat`` on the open descriptor, so what is checked is what is read."""
     name = shown(path, text=True, limit=PATH_SHOWN)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        descriptor = os.open(path, flags | (os.O_NOFOLLOW if private else 0))
     except OSError as error:
         raise Invalid(f"cannot read {name}: {error.strerror} (expected a readable file)") from None
     try:
         mode = os.fstat(descriptor).st_mode
         if not stat.S_ISREG(mode):
             raise Invalid(f"{name} is {_kind(mode)} (expected a regular file)")
+        if private and mode & 0o027:
+            raise Invalid(
+                f"{name} has mode {stat.S_IMODE(mode):04o}: others may read it or its group "
+                "may change it (expected 0600 or 0640: chmod 600)"
+            )
         chunks: list[bytes] = []
         size = 0
         while size <= limit:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import urllib.parse
 from typing import Any, Literal
 
+from appliance.config.files import read_bounded
 from appliance.config.schema import Chat, Mail, Notifier, Webhook
 from appliance.config.values import Invalid, parse_count, parse_port, shown
 from appliance.config.yaml_nodes import _choice, _list_of, _Map, _string
-from appliance.notify.flood import SHOWN
 from appliance.notify.template import TemplateError, check_template
 from appliance.runtime.events_log import KINDS
 
@@ -162,8 +161,10 @@ def _notifier(name: str, spec: _Map, path: str) -> Notifier | None:
     per_minute = spec.get("per_minute", lambda v: parse_count(v, minimum=0, maximum=10_000))
     if target is None or problems.error_count != errors:
         return None
-    shown = SHOWN if per_minute is None else per_minute
-    return Notifier(name, target, events or default, queue or 1000, threshold or 100, shown)
+    counts = {"queue": queue, "flood_threshold": threshold, "per_minute": per_minute}
+    return Notifier(  # the schema's defaults for what is not given
+        name, target, events or default, **{k: n for k, n in counts.items() if n is not None}
+    )
 
 
 def _events(value: Any) -> tuple[str, ...]:
@@ -263,33 +264,13 @@ def read_secret_bytes(spec: _Map, key: str, path: str) -> tuple[str, bytes] | No
     name = spec.get(key, _string)
     if name is None:
         return None
-    file = name if os.path.isabs(name) else os.path.join(os.path.dirname(path) or ".", name)
+    file = _beside(name, path)
     line, where = spec.line_of(key), spec.key(key)
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as error:
-        spec.problems.error(line, where, f"cannot read {file}: {error.strerror or error}")
+        data = read_bounded(file, SECRET_MAX, private=True).removesuffix(b"\n")
+    except Invalid as problem:
+        spec.problems.error(line, where, str(problem))
         return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            spec.problems.error(line, where, f"{file} is not a regular file")
-            return None
-        if info.st_mode & 0o027:
-            spec.problems.error(
-                line,
-                where,
-                f"{file} has mode {stat.S_IMODE(info.st_mode):04o}: others may read it or "
-                "its group may change it (expected 0600 or 0640: chmod 600)",
-            )
-            return None
-        data = os.read(fd, SECRET_MAX + 1)
-    finally:
-        os.close(fd)
-    if len(data) > SECRET_MAX:
-        spec.problems.error(line, where, f"{file} is over {SECRET_MAX} bytes (a secret?)")
-        return None
-    data = data.removesuffix(b"\n")
     if not data.strip():
         spec.problems.error(line, where, f"{file} is empty (expected the secret)")
         return None
@@ -330,8 +311,8 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _file_of(spec: _Map, key: str, path: str) -> str:
-    name = str(spec.items[key])
+def _beside(name: str, path: str) -> str:
+    """File ``name`` as given when absolute, else in the configuration's directory."""
     return name if os.path.isabs(name) else os.path.join(os.path.dirname(path) or ".", name)
 
 
@@ -399,7 +380,7 @@ def _chat(top: _Map, path: str) -> Chat | None:
         token_file=token[0] if token else None,
         token=token[1] if token else "",
         timeout=timeout or 10.0,
-        url_file=_file_of(spec, "url_file", path) if "url_file" in spec.items else None,
+        url_file=_beside(str(spec.items["url_file"]), path) if "url_file" in spec.items else None,
     )
 
 
