@@ -146,7 +146,7 @@ class RedisStore:
     def publish(self, message: FleetMessage, now: float) -> None:
         keys = self.keys
 
-        def run() -> None:
+        def run() -> Any:
             pipe = self.client.pipeline(transaction=not self.cluster)
             if message.kind == "grant":
                 pipe.hset(keys.grants, message.field, encode_live(message))
@@ -155,20 +155,22 @@ class RedisStore:
                 pipe.hdel(keys.grants, message.field)
                 pipe.zrem(keys.deadlines, message.field)
             pipe.xadd(keys.stream, message.fields(), maxlen=STREAM_MAX, approximate=True)
-            pipe.execute()
+            self._expired(pipe, now)  # in the same round trip
+            return pipe.execute()[-1]
 
-        self._do("publish", run)
-        self._cleanup(now)
+        self._remove(self._do("publish", run))
+
+    def _expired(self, client: Any, now: float) -> Any:
+        """Live grants well past their deadline (the hash has no per-field expiry)."""
+        return client.zrangebyscore(
+            self.keys.deadlines, "-inf", now - CLEANUP_GRACE, start=0, num=CLEANUP_BATCH
+        )
 
     def _cleanup(self, now: float) -> None:
-        """Drop live grants well past their deadline (the hash has no per-field expiry)."""
+        self._remove(self._do("ZRANGEBYSCORE", lambda: self._expired(self.client, now)))
+
+    def _remove(self, old: list[bytes]) -> None:
         keys = self.keys
-        old = self._do(
-            "ZRANGEBYSCORE",
-            lambda: self.client.zrangebyscore(
-                keys.deadlines, "-inf", now - CLEANUP_GRACE, start=0, num=CLEANUP_BATCH
-            ),
-        )
         if old:
 
             def run() -> None:
