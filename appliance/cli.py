@@ -1213,12 +1213,9 @@ def _config(action: str, path: str, source: str | None, reload: bool) -> int:
     if not reload:
         print("knockgate: reload with: docker compose kill -s HUP knockgate")
         return 0
-    from appliance.provision.reload import appliance_pid_1
+    from appliance.provision.reload import request_appliance_reload
 
-    if os.getpid() != 1 and appliance_pid_1():
-        import signal
-
-        os.kill(1, signal.SIGHUP)  # the entrypoint turns it into knockgate's reload
+    if request_appliance_reload():
         print("knockgate: reload requested (docker compose logs knockgate: configuration reloaded)")
     else:
         print("knockgate: no appliance here; reload with: docker compose kill -s HUP knockgate")

@@ -23,7 +23,7 @@ from typing import Literal
 from appliance.config.schema import Config
 from appliance.errors import KnockgateError
 
-__all__ = ["ReloadResult", "appliance_pid_1", "reload_daemon"]
+__all__ = ["ReloadResult", "appliance_pid_1", "reload_daemon", "request_appliance_reload"]
 
 CONFIRM_TIMEOUT = 10.0
 
@@ -58,6 +58,15 @@ def appliance_pid_1() -> bool:
     except OSError:
         return False
     return any(arg.endswith(b"knockgate-entrypoint") for arg in argv)
+
+
+def request_appliance_reload() -> bool:
+    """Inside the appliance (not as PID 1 itself): SIGHUP to PID 1, which the entrypoint
+    turns into knockgate's reload. ``False`` when this is not the appliance."""
+    if os.getpid() == 1 or not appliance_pid_1():
+        return False
+    os.kill(1, signal.SIGHUP)
+    return True
 
 
 def _pid_from_file(path: str | None) -> int | None:
@@ -100,8 +109,7 @@ def reload_daemon(config: Config, timeout: float = CONFIRM_TIMEOUT) -> ReloadRes
             return ReloadResult(
                 "unconfirmed", f"SIGHUP sent to knockgate (pid {pid}); no reload seen yet"
             )
-    if os.getpid() != 1 and appliance_pid_1():
-        os.kill(1, signal.SIGHUP)  # the entrypoint turns it into knockgate's reload
+    if request_appliance_reload():
         return ReloadResult(
             "requested", "reload requested (docker compose logs knockgate: configuration reloaded)"
         )
