@@ -4,7 +4,7 @@ notifiers' deliveries (see the package docstring for the flow).
 The hub follows the event log with a large buffer and does little per record (a kind
 check, an aggregator or digest update, a ``put`` on a bounded queue), so it keeps up with
 anything the log publishes; should it ever fall behind and be cut off, it follows again
-at once and counts the gap. ``digest_now`` (SIGUSR1) asks every mail notifier for a
+at once (with a warning). ``digest_now`` (SIGUSR1) asks every mail notifier for a
 digest at the hub's next pass (within a second). ``stop`` flushes what is held and
 queued for at most :data:`FLUSH_SECONDS`, then gives up: a shutdown never hangs on a
 receiver.
